@@ -1,0 +1,86 @@
+"""The operator's command line: `otacoap <command> ...`.
+
+Every command module registers its subcommands through `register(subparsers)`; each
+handler returns an exit code. All refusals end here as one line on stderr and a
+non-zero exit (never a traceback): OtaError and CliError carry a human message,
+OSError says which file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ..core.errors import OtaError
+
+
+class CliError(Exception):
+    """A refusal by the CLI itself (bad argument combination, missing file, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line plus a pointer to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import manifest_cmds, server_cmds
+
+    parser = _Parser(
+        prog="otacoap",
+        description=(
+            "Secure over-the-air updates for constrained devices: SUIT manifests and "
+            "block-wise firmware over CoAP/DTLS."
+        ),
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    manifest_cmds.register(sub)
+    server_cmds.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (OtaError, CliError) as exc:
+        _fail(args, str(exc))
+    except BrokenPipeError:
+        # A reader such as `head` went away: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except FileNotFoundError as exc:
+        _fail(args, f"{exc.filename}: no such file")
+    except PermissionError as exc:
+        _fail(args, f"{exc.filename}: permission denied")
+    except IsADirectoryError as exc:
+        _fail(args, f"{exc.filename}: is a directory")
+    except OSError as exc:
+        _fail(args, f"{getattr(exc, 'filename', None) or ''} {exc.strerror or exc}".strip())
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    prog = "otacoap " + " ".join(getattr(args, "_cmd_path", [args.command]))
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if os.environ.get("OTACOAP_TRACEBACK"):
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

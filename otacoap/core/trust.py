@@ -1,0 +1,332 @@
+"""The trust gate: the only code that turns envelope bytes into a VerifiedManifest.
+
+Modelled on python-tuf's TrustedMetadataSet (DESIGN principle 2). It either returns a
+VerifiedManifest or raises an OtaError subclass whose `reason` is a SUIT report code
+(principle 3: nothing half-verified escapes). Order follows manifest-34 §6.1-6.2:
+size cap, then authenticate (digest over the bstr-wrapped manifest, then a COSE block
+from a trust anchor) *before* the manifest is interpreted, then version, freshness,
+severable digests, identity, and local policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import cbor2
+
+from . import cbor, cose, suit
+from .errors import (
+    AlreadyInstalled,
+    AuthenticationError,
+    IncompatibleError,
+    LimitExceeded,
+    ManifestError,
+    PolicyError,
+    RollbackError,
+    SeveredElementError,
+)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One payload the manifest describes, as seen by a static walk of its sequences."""
+
+    component: int
+    digest: suit.SuitDigest | None
+    size: int | None
+    uri: str | None
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Everything the gate compares against; safe defaults, passed in (principle 8).
+
+    `None` means "not checked here" (e.g. `manifest verify` has no device to compare
+    against); a device sets all of them.
+    """
+
+    anchors: tuple[cose.TrustAnchor, ...]
+    max_envelope_size: int = cbor.DEFAULT_MAX_SIZE
+    max_depth: int = cbor.DEFAULT_MAX_DEPTH
+    # Freshness (manifest-34 §8.4.2, ATTACKS.md #4, #5, #7)
+    current_sequence: int | None = None
+    current_manifest_digest: bytes | None = None
+    max_sequence_jump: int | None = None
+    # Identity (ATTACKS.md #9)
+    vendor_id: bytes | None = None
+    class_id: bytes | None = None
+    device_id: bytes | None = None
+    # Local policy (ATTACKS.md #13, #16, #17)
+    max_image_size: int | None = None
+    max_components: int | None = None
+    allowed_components: frozenset[tuple[bytes, ...]] | None = None
+    allow_relative_uris: bool = True
+    allowed_uri_prefixes: tuple[str, ...] | None = None  # None: any absolute URI
+
+    def __post_init__(self) -> None:
+        # An empty trust set is an error, not "trust nothing" or "trust all" (principle 10).
+        if not self.anchors:
+            raise AuthenticationError("no trust anchors configured")
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    envelope: suit.Envelope
+    envelope_bytes: bytes = field(repr=False)
+    manifest_digest: suit.SuitDigest
+    signer: str  # key id of the anchor that vouched
+    images: tuple[ImageInfo, ...]
+    vendor_ids: tuple[bytes, ...]
+    class_ids: tuple[bytes, ...]
+    _token: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._token is not _GATE:
+            raise TypeError("VerifiedManifest is only made by trust.accept()")
+
+    @property
+    def manifest(self) -> suit.Manifest:
+        return self.envelope.manifest
+
+    @property
+    def sequence_number(self) -> int:
+        return self.envelope.manifest.sequence_number
+
+    def payload_images(self) -> tuple[ImageInfo, ...]:
+        """Images the update fetches (those with a URI)."""
+        return tuple(i for i in self.images if i.uri is not None)
+
+
+_GATE = object()
+
+
+def accept(data: bytes, policy: TrustPolicy) -> VerifiedManifest:
+    """Authenticate and check an envelope; return it verified or raise."""
+    if len(data) > policy.max_envelope_size:
+        raise LimitExceeded(
+            f"envelope of {len(data)} bytes exceeds the {policy.max_envelope_size}-byte cap"
+        )
+    digest_raw, blocks, manifest_raw = _outer(data, policy)
+
+    # 1. Authenticate before interpreting (manifest-34 §6.2 step 5, §8.3).
+    digest = suit.decode_digest(cbor.loads(digest_raw, max_size=policy.max_envelope_size))
+    if not digest.matches(cbor.bstr_wrap(manifest_raw)):
+        raise AuthenticationError("manifest digest does not match the manifest")
+    if not blocks:
+        raise AuthenticationError("envelope has no authentication block")
+    signer: cose.TrustAnchor | None = None
+    for block in blocks:
+        try:
+            signer = cose.verify_block(block, digest_raw, policy.anchors)
+            break
+        except AuthenticationError as exc:
+            last: AuthenticationError = exc
+    if signer is None:
+        raise last
+
+    # 2. Parse the now-authentic bytes strictly (version first, manifest-34 §6.1).
+    envelope = suit.decode_envelope(
+        data, max_size=policy.max_envelope_size, max_depth=policy.max_depth
+    )
+    manifest = envelope.manifest
+    manifest_digest = envelope.manifest_digest
+
+    # 3. Freshness.
+    _check_sequence(manifest.sequence_number, manifest_digest.value, policy)
+
+    # 4. Severable elements must match the digests the signed manifest holds (§8.4.12).
+    _check_severable(envelope)
+
+    # 5. Identity and local policy, from a static walk of every sequence.
+    images, vendors, classes, devices = summarize(envelope)
+    _check_identity(vendors, classes, devices, policy)
+    _check_policy(envelope, images, policy)
+
+    return VerifiedManifest(
+        envelope, bytes(data), manifest_digest, signer.key_id, images, vendors, classes, _GATE
+    )
+
+
+def _outer(data: bytes, policy: TrustPolicy) -> tuple[bytes, list[bytes], bytes]:
+    value = cbor.loads(data, max_size=policy.max_envelope_size, max_depth=policy.max_depth)
+    if isinstance(value, cbor2.CBORTag):
+        if value.tag != suit.ENVELOPE_TAG:
+            raise ManifestError(f"CBOR tag {value.tag} is not a SUIT envelope")
+        value = value.value
+    if not isinstance(value, dict):
+        raise ManifestError("SUIT_Envelope must be a map")
+    auth_raw, manifest_raw = value.get(suit.ENV_AUTH), value.get(suit.ENV_MANIFEST)
+    if not isinstance(auth_raw, bytes) or not isinstance(manifest_raw, bytes):
+        raise ManifestError("envelope lacks a bstr-wrapped authentication wrapper or manifest")
+    auth = cbor.loads(auth_raw, max_size=policy.max_envelope_size)
+    if not (isinstance(auth, list) and auth and all(isinstance(x, bytes) for x in auth)):
+        raise ManifestError("SUIT_Authentication must be [bstr digest, * bstr block]")
+    return auth[0], auth[1:], manifest_raw
+
+
+def _check_sequence(seq: int, digest: bytes, policy: TrustPolicy) -> None:
+    current = policy.current_sequence
+    if current is None:
+        return
+    if seq < current:
+        raise RollbackError(f"sequence number {seq} is lower than the installed {current}")
+    if seq == current:
+        if policy.current_manifest_digest is not None and digest == policy.current_manifest_digest:
+            raise AlreadyInstalled(f"sequence number {seq} is already installed")
+        raise RollbackError(
+            f"sequence number {seq} equals the installed one but the manifest differs"
+        )
+    if policy.max_sequence_jump is not None and seq - current > policy.max_sequence_jump:
+        raise RollbackError(
+            f"sequence number jumps by {seq - current}, more than the "
+            f"allowed {policy.max_sequence_jump}"
+        )
+
+
+def _check_severable(envelope: suit.Envelope) -> None:
+    manifest = envelope.manifest
+    for key, content in envelope.severable:
+        expected = manifest.severed_digest(key)
+        if expected is None:
+            # Present in the envelope but not vouched for by the manifest: splice attempt.
+            raise SeveredElementError(f"envelope element {key} is not covered by the manifest")
+        if not expected.matches(cbor.bstr_wrap(content)):
+            raise SeveredElementError(f"severable element {key} does not match its digest")
+        suit.severed_member(envelope, key)  # must also parse
+
+
+def summarize(
+    envelope: suit.Envelope,
+) -> tuple[tuple[ImageInfo, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
+    """Walk every available sequence statically: images, vendor, class and device ids."""
+    manifest = envelope.manifest
+    n = suit.component_count(manifest.common)
+    params: list[dict[int, Any]] = [{} for _ in range(n)]
+    uris: list[str | None] = [None] * n
+    vendors: list[bytes] = []
+    classes: list[bytes] = []
+    devices: list[bytes] = []
+
+    def walk(seq: suit.CommandSequence, current: list[int]) -> None:
+        for cmd in seq.commands:
+            if cmd.code == suit.CMD_SET_COMPONENT_INDEX:
+                arg = cmd.arg
+                wanted = range(n) if arg is True else ([arg] if isinstance(arg, int) else arg)
+                current[:] = [i for i in wanted if 0 <= i < n]
+            elif cmd.code in (suit.CMD_OVERRIDE_PARAMETERS, suit.CMD_SET_PARAMETERS):
+                for i in current:
+                    for k, v in cmd.arg.items:
+                        params[i][k] = v
+                        if k == suit.P_VENDOR_ID and isinstance(v, bytes):
+                            vendors.append(v)
+                        elif k == suit.P_CLASS_ID:
+                            classes.append(v)
+                        elif k == suit.P_DEVICE_ID:
+                            devices.append(v)
+            elif cmd.code == suit.CMD_FETCH:
+                for i in current:
+                    uris[i] = params[i].get(suit.P_URI, uris[i])
+            elif cmd.code == suit.CMD_RUN_SEQUENCE:
+                for i in list(current):
+                    walk(cmd.arg, [i])
+            elif cmd.code == suit.CMD_TRY_EACH:
+                for i in list(current):
+                    for alt in cmd.arg:
+                        if alt is not None:
+                            walk(alt, [i])
+
+    keys = [
+        suit.M_DEPENDENCY_RESOLUTION,
+        suit.M_PAYLOAD_FETCH,
+        suit.M_CANDIDATE_VERIFICATION,
+        suit.M_INSTALL,
+        suit.M_VALIDATE,
+        suit.M_LOAD,
+        suit.M_INVOKE,
+    ]
+    if manifest.common.shared_sequence is not None:
+        walk(manifest.common.shared_sequence, [0] if n == 1 else [])
+    for key in keys:
+        seq = manifest.sequence(key)
+        if seq is None and manifest.severed_digest(key) is not None:
+            seq = suit.severed_member(envelope, key)
+        if seq is not None:
+            walk(seq, [0] if n == 1 else [])
+    images = []
+    for i in range(n):
+        digest, size = params[i].get(suit.P_IMAGE_DIGEST), params[i].get(suit.P_IMAGE_SIZE)
+        if digest is not None or size is not None or uris[i] is not None:
+            images.append(ImageInfo(i, digest, size, uris[i]))
+    return tuple(images), _unique(vendors), _unique(classes), _unique(devices)
+
+
+def _unique(items: Sequence[bytes]) -> tuple[bytes, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _check_identity(
+    vendors: tuple[bytes, ...],
+    classes: tuple[bytes, ...],
+    devices: tuple[bytes, ...],
+    policy: TrustPolicy,
+) -> None:
+    # RFC 9124 REQ.SEC.COMPATIBLE: checked before anything is downloaded. A manifest
+    # that names no vendor or class cannot prove it is meant for this device.
+    for name, declared, mine in (
+        ("vendor", vendors, policy.vendor_id),
+        ("class", classes, policy.class_id),
+    ):
+        if mine is None:
+            continue
+        if not declared:
+            raise IncompatibleError(f"manifest does not name a {name} identifier")
+        if any(d != mine for d in declared):
+            raise IncompatibleError(f"manifest is for another {name}")
+    if devices and policy.device_id is not None and any(d != policy.device_id for d in devices):
+        raise IncompatibleError("manifest is for another device")
+
+
+def _check_policy(
+    envelope: suit.Envelope, images: tuple[ImageInfo, ...], policy: TrustPolicy
+) -> None:
+    components = envelope.manifest.common.components
+    if policy.max_components is not None and len(components) > policy.max_components:
+        raise PolicyError(
+            f"manifest has {len(components)} components, the device {policy.max_components}"
+        )
+    if policy.allowed_components is not None:
+        for comp in components:
+            if comp not in policy.allowed_components:
+                raise PolicyError(
+                    "manifest targets a component this device does not allow to be written"
+                )
+    for image in images:
+        if image.uri is None:
+            continue
+        if policy.max_image_size is not None:
+            if image.size is None:
+                raise PolicyError("a fetched image has no image-size")
+            if not 0 < image.size <= policy.max_image_size:
+                raise PolicyError(
+                    f"image-size {image.size} does not fit the {policy.max_image_size}-byte slot"
+                )
+        _check_uri(envelope, image.uri, policy)
+
+
+def _check_uri(envelope: suit.Envelope, uri: str, policy: TrustPolicy) -> None:
+    if uri.startswith("#"):
+        if envelope.integrated_payload(uri) is None:
+            raise PolicyError(f"integrated payload {uri!r} is not in the envelope")
+        return
+    parts = urlsplit(uri)
+    if not parts.scheme and not parts.netloc:
+        if not policy.allow_relative_uris or not uri.startswith("/"):
+            raise PolicyError(f"relative URI {uri!r} is not allowed")
+        return
+    if policy.allowed_uri_prefixes is not None and not any(
+        uri.startswith(p) for p in policy.allowed_uri_prefixes
+    ):
+        raise PolicyError(f"URI {uri!r} is outside the allowed origins")
