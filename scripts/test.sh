@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh clone: set-up (idempotent), lint, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+.venv/bin/ruff check --quiet .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
