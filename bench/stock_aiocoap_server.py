@@ -1,0 +1,54 @@
+"""The baseline: stock aiocoap serving an image with its automatic block-wise handling.
+
+A plain `aiocoap.resource.Resource` returns the whole image; aiocoap slices Block2 and
+keeps the assembled response in its block-wise cache. DTLS-PSK via aiocoap's
+tinydtls_server, devices given as identity:pskhex pairs in a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.credentials import DTLS, CredentialsMap
+
+
+class Image(resource.Resource):
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(payload=self.data)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--devices", required=True, help="JSON file: [[identity, pskhex], ...]")
+    ap.add_argument("--plain", action="store_true")
+    args = ap.parse_args()
+    site = resource.Site()
+    site.add_resource(["fw", "image"], Image(open(args.image, "rb").read()))
+    creds = CredentialsMap()
+    for ident, psk in json.load(open(args.devices)):
+        creds[f":{ident}"] = DTLS(psk=bytes.fromhex(psk), client_identity=ident.encode())
+    # aiocoap binds tinydtls_server at the given port + 1 (the coap/coaps pair), so ask
+    # for port - 1 to listen where clients are told to go.
+    transports = ["udp6"] if args.plain else ["tinydtls_server"]
+    await aiocoap.Context.create_server_context(
+        site,
+        bind=("127.0.0.1", args.port - (0 if args.plain else 1)),
+        transports=transports,
+        server_credentials=creds,
+    )
+    print("ready", flush=True)
+    await asyncio.get_running_loop().create_future()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
