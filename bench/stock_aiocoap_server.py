@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 
 import aiocoap
 import aiocoap.resource as resource
@@ -33,9 +34,9 @@ async def main() -> None:
     ap.add_argument("--plain", action="store_true")
     args = ap.parse_args()
     site = resource.Site()
-    site.add_resource(["fw", "image"], Image(open(args.image, "rb").read()))
+    site.add_resource(["fw", "image"], Image(Path(args.image).read_bytes()))
     creds = CredentialsMap()
-    for ident, psk in json.load(open(args.devices)):
+    for ident, psk in json.loads(Path(args.devices).read_text()):
         creds[f":{ident}"] = DTLS(psk=bytes.fromhex(psk), client_identity=ident.encode())
     # aiocoap binds tinydtls_server at the given port + 1 (the coap/coaps pair), so ask
     # for port - 1 to listen where clients are told to go.
