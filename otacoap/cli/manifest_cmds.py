@@ -207,7 +207,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     data = read_envelope_file(args.envelope)
     envelope = suit.decode_envelope(data)
     m = envelope.manifest
-    images, vendors, classes, _ = trust.summarize(envelope)
+    summary = trust.summarize(envelope)
+    images, vendors, classes = summary.images, summary.vendor_ids, summary.class_ids
     out = sys.stdout
     print(
         f"envelope: {len(data)} bytes, {'tagged 107' if envelope.tagged else 'untagged'}", file=out

@@ -53,6 +53,9 @@ def server_slice(total: int, num: int, szx: int, max_szx: int = MAX_SZX) -> tupl
     offset = num * size_of(szx)  # validates SZX as well
     szx_used = min(szx, max_szx)
     size = size_of(szx_used)
+    if offset // size > MAX_NUM:
+        # The lowered block size would need a NUM wider than the option's 20 bits.
+        raise BlockError(f"block {num} cannot be answered with {size}-byte blocks")
     if total == 0 and offset == 0:
         return szx_used, Slice(0, 0, False)
     if offset >= total:

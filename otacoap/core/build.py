@@ -35,8 +35,8 @@ class Release:
 
 
 def build_manifest(release: Release) -> suit.Manifest:
-    if release.image_size <= 0:
-        raise ValueError("image size must be positive")
+    if not 0 < release.image_size < 1 << 64:
+        raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
         raise ValueError("sequence number must be an unsigned 64-bit integer")
     vendor = ids.vendor_id(release.vendor_domain)

@@ -64,6 +64,27 @@ def _head(data: bytes, pos: int) -> tuple[int, int, int]:
     return major, arg, pos + n
 
 
+def _item_end(data: bytes, pos: int) -> int:
+    """Where the item starting at pos ends; iterative, every length checked."""
+    end = len(data)
+    remaining = 1
+    while remaining:
+        remaining -= 1
+        major, arg, pos = _head(data, pos)
+        if major in (_MT_BSTR, _MT_TSTR):
+            if arg > end - pos:
+                raise ManifestError("CBOR string length exceeds the input")
+            pos += arg
+        elif major in (_MT_ARRAY, _MT_MAP):
+            count = arg * 2 if major == _MT_MAP else arg
+            if count > end - pos:
+                raise ManifestError("CBOR container count exceeds the input")
+            remaining += count
+        elif major == _MT_TAG:
+            remaining += 1
+    return pos
+
+
 def scan(
     data: bytes,
     *,
@@ -95,8 +116,14 @@ def scan(
             frame[3] = not frame[3]
         start = pos
         major, arg, pos = _head(data, pos)
-        if is_key and major in (_MT_MAP, _MT_SIMPLE):
-            raise ManifestError("CBOR map key is a map, float or simple value")
+        if is_key:
+            if major in (_MT_MAP, _MT_SIMPLE):
+                raise ManifestError("CBOR map key is a map, float or simple value")
+            # Compare whole keys: an array or tagged key spans more than its head.
+            key = data[start : _item_end(data, start)]
+            if key in frame[2]:
+                raise ManifestError("duplicate key in CBOR map")
+            frame[2].add(key)
         if major in (_MT_BSTR, _MT_TSTR):
             if arg > end - pos:
                 raise ManifestError("CBOR string length exceeds the input")
@@ -122,11 +149,6 @@ def scan(
                 stack.append([count, depth + 1, set() if major == _MT_MAP else None, True])
         elif major == _MT_SIMPLE and (arg not in (20, 21, 22) or data[start] & 0x1F >= 24):
             raise ManifestError("CBOR float or simple value is not allowed")
-        if is_key:
-            key = data[start:pos]
-            if key in frame[2]:
-                raise ManifestError("duplicate key in CBOR map")
-            frame[2].add(key)
     if pos != end:
         raise ManifestError(f"{end - pos} trailing bytes after the CBOR item")
 

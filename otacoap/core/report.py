@@ -112,7 +112,7 @@ def decode_report(data: bytes) -> Report:
     result = value.get(K_RESULT, True)
     if result is True:
         reason = ReportReason.OK
-    elif isinstance(result, dict) and isinstance(result.get(K_RESULT_REASON), int):
+    elif isinstance(result, dict) and type(result.get(K_RESULT_REASON)) is int:
         try:
             reason = ReportReason(result[K_RESULT_REASON])
         except ValueError:

@@ -273,6 +273,9 @@ class Parameters:
     def keys(self) -> tuple[int, ...]:
         return tuple(k for k, _ in self.items)
 
+    def __contains__(self, key: object) -> bool:
+        return any(k == key for k, _ in self.items)
+
     def to_cbor(self) -> dict[int, Any]:
         out: dict[int, Any] = {}
         for k, v in self.items:

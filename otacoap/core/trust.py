@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import cbor2
 
@@ -78,7 +78,8 @@ class VerifiedManifest:
     envelope_bytes: bytes = field(repr=False)
     manifest_digest: suit.SuitDigest
     signer: str  # key id of the anchor that vouched
-    images: tuple[ImageInfo, ...]
+    images: tuple[ImageInfo, ...]  # per component, for display
+    fetches: tuple[ImageInfo, ...]  # every fetch, with the parameters in force then
     vendor_ids: tuple[bytes, ...]
     class_ids: tuple[bytes, ...]
     _token: object = field(default=None, repr=False, compare=False)
@@ -141,12 +142,20 @@ def accept(data: bytes, policy: TrustPolicy) -> VerifiedManifest:
     _check_severable(envelope)
 
     # 5. Identity and local policy, from a static walk of every sequence.
-    images, vendors, classes, devices = summarize(envelope)
-    _check_identity(vendors, classes, devices, policy)
-    _check_policy(envelope, images, policy)
+    summary = summarize(envelope)
+    _check_identity(summary.vendor_ids, summary.class_ids, summary.device_ids, policy)
+    _check_policy(envelope, summary, policy)
 
     return VerifiedManifest(
-        envelope, bytes(data), manifest_digest, signer.key_id, images, vendors, classes, _GATE
+        envelope,
+        bytes(data),
+        manifest_digest,
+        signer.key_id,
+        summary.images,
+        summary.fetches,
+        summary.vendor_ids,
+        summary.class_ids,
+        _GATE,
     )
 
 
@@ -198,17 +207,33 @@ def _check_severable(envelope: suit.Envelope) -> None:
         suit.severed_member(envelope, key)  # must also parse
 
 
-def summarize(
-    envelope: suit.Envelope,
-) -> tuple[tuple[ImageInfo, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
-    """Walk every available sequence statically: images, vendor, class and device ids."""
+@dataclass(frozen=True)
+class Summary:
+    """What a static walk of every sequence found.
+
+    `images` has one entry per component (its final parameters and last fetched URI),
+    for display. The policy checks use `fetches` and `uris` instead: every fetch with
+    the parameters in force at that moment, and every URI set anywhere, including all
+    try-each alternatives, so an early fetch cannot hide behind a later one.
+    """
+
+    images: tuple[ImageInfo, ...]
+    fetches: tuple[ImageInfo, ...]
+    uris: tuple[str, ...]
+    vendor_ids: tuple[bytes, ...]
+    class_ids: tuple[bytes, ...]
+    device_ids: tuple[bytes, ...]
+
+
+def summarize(envelope: suit.Envelope) -> Summary:
+    """Walk every available sequence statically (all try-each alternatives included)."""
     manifest = envelope.manifest
     n = suit.component_count(manifest.common)
     params: list[dict[int, Any]] = [{} for _ in range(n)]
-    uris: list[str | None] = [None] * n
-    vendors: list[bytes] = []
-    classes: list[bytes] = []
-    devices: list[bytes] = []
+    last_uri: list[str | None] = [None] * n
+    fetches: list[ImageInfo] = []
+    uris: list[str] = []
+    ids: dict[int, list[bytes]] = {suit.P_VENDOR_ID: [], suit.P_CLASS_ID: [], suit.P_DEVICE_ID: []}
 
     def walk(seq: suit.CommandSequence, current: list[int]) -> None:
         for cmd in seq.commands:
@@ -220,15 +245,18 @@ def summarize(
                 for i in current:
                     for k, v in cmd.arg.items:
                         params[i][k] = v
-                        if k == suit.P_VENDOR_ID and isinstance(v, bytes):
-                            vendors.append(v)
-                        elif k == suit.P_CLASS_ID:
-                            classes.append(v)
-                        elif k == suit.P_DEVICE_ID:
-                            devices.append(v)
+                        if k in ids and isinstance(v, bytes):
+                            ids[k].append(v)
+                        elif k == suit.P_URI:
+                            uris.append(v)
             elif cmd.code == suit.CMD_FETCH:
                 for i in current:
-                    uris[i] = params[i].get(suit.P_URI, uris[i])
+                    p = params[i]
+                    uri = p.get(suit.P_URI)
+                    last_uri[i] = uri if uri is not None else last_uri[i]
+                    fetches.append(
+                        ImageInfo(i, p.get(suit.P_IMAGE_DIGEST), p.get(suit.P_IMAGE_SIZE), uri)
+                    )
             elif cmd.code == suit.CMD_RUN_SEQUENCE:
                 for i in list(current):
                     walk(cmd.arg, [i])
@@ -258,12 +286,19 @@ def summarize(
     images = []
     for i in range(n):
         digest, size = params[i].get(suit.P_IMAGE_DIGEST), params[i].get(suit.P_IMAGE_SIZE)
-        if digest is not None or size is not None or uris[i] is not None:
-            images.append(ImageInfo(i, digest, size, uris[i]))
-    return tuple(images), _unique(vendors), _unique(classes), _unique(devices)
+        if digest is not None or size is not None or last_uri[i] is not None:
+            images.append(ImageInfo(i, digest, size, last_uri[i]))
+    return Summary(
+        tuple(images),
+        tuple(fetches),
+        _unique(uris),
+        _unique(ids[suit.P_VENDOR_ID]),
+        _unique(ids[suit.P_CLASS_ID]),
+        _unique(ids[suit.P_DEVICE_ID]),
+    )
 
 
-def _unique(items: Sequence[bytes]) -> tuple[bytes, ...]:
+def _unique(items: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(items))
 
 
@@ -289,9 +324,7 @@ def _check_identity(
         raise IncompatibleError("manifest is for another device")
 
 
-def _check_policy(
-    envelope: suit.Envelope, images: tuple[ImageInfo, ...], policy: TrustPolicy
-) -> None:
+def _check_policy(envelope: suit.Envelope, summary: Summary, policy: TrustPolicy) -> None:
     components = envelope.manifest.common.components
     if policy.max_components is not None and len(components) > policy.max_components:
         raise PolicyError(
@@ -303,17 +336,16 @@ def _check_policy(
                 raise PolicyError(
                     "manifest targets a component this device does not allow to be written"
                 )
-    for image in images:
-        if image.uri is None:
-            continue
-        if policy.max_image_size is not None:
-            if image.size is None:
+    if policy.max_image_size is not None:
+        for fetch in summary.fetches:
+            if fetch.size is None:
                 raise PolicyError("a fetched image has no image-size")
-            if not 0 < image.size <= policy.max_image_size:
+            if not 0 < fetch.size <= policy.max_image_size:
                 raise PolicyError(
-                    f"image-size {image.size} does not fit the {policy.max_image_size}-byte slot"
+                    f"image-size {fetch.size} does not fit the {policy.max_image_size}-byte slot"
                 )
-        _check_uri(envelope, image.uri, policy)
+    for uri in summary.uris:
+        _check_uri(envelope, uri, policy)
 
 
 def _check_uri(envelope: suit.Envelope, uri: str, policy: TrustPolicy) -> None:
@@ -323,10 +355,28 @@ def _check_uri(envelope: suit.Envelope, uri: str, policy: TrustPolicy) -> None:
         return
     parts = urlsplit(uri)
     if not parts.scheme and not parts.netloc:
-        if not policy.allow_relative_uris or not uri.startswith("/"):
+        # A relative reference resolves against the server the envelope came from.
+        if not policy.allow_relative_uris:
             raise PolicyError(f"relative URI {uri!r} is not allowed")
         return
     if policy.allowed_uri_prefixes is not None and not any(
-        uri.startswith(p) for p in policy.allowed_uri_prefixes
+        _within(parts, p) for p in policy.allowed_uri_prefixes
     ):
         raise PolicyError(f"URI {uri!r} is outside the allowed origins")
+
+
+def _within(parts: SplitResult, prefix: str) -> bool:
+    """Same scheme and exact host:port as `prefix`, path under its path (RFC 3986 §6.2).
+
+    A plain string prefix would let coaps://fw.example.com.evil.net/ or
+    coaps://fw.example.com@evil.net/ through.
+    """
+    allowed = urlsplit(prefix)
+    if parts.username is not None or parts.password is not None:
+        return False
+    if parts.scheme.lower() != allowed.scheme.lower():
+        return False
+    if parts.netloc.lower() != allowed.netloc.lower():
+        return False
+    base = allowed.path if allowed.path.endswith("/") else allowed.path + "/"
+    return parts.path == allowed.path or parts.path.startswith(base) or not allowed.path

@@ -1,0 +1,132 @@
+"""What a fleet run produced: per-device outcomes, the summary an operator plans with,
+the JSON report and the completions-over-time plot.
+
+Kept apart from the runner so the figures can be recomputed from a saved report and
+tested without a network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from otacoap.fsutil import atomic_write
+
+
+@dataclass
+class DeviceOutcome:
+    device: str
+    outcome: str  # "updated" | "failed" | "rejected" | "timeout"
+    reason: str = ""
+    seconds: float | None = None  # time to complete, from the run's start
+    bytes: int = 0
+    blocks: int = 0
+    retransmissions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "updated"
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (no interpolation: every figure is one a device had)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class FleetReport:
+    devices: list[DeviceOutcome]
+    wall_seconds: float
+    image_size: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        done = [d for d in self.devices if d.ok]
+        times = [d.seconds for d in done if d.seconds is not None]
+        blocks = sum(d.blocks for d in self.devices)
+        n = len(self.devices)
+        return {
+            "devices": n,
+            "completed": len(done),
+            "failed": n - len(done),
+            "success_rate": len(done) / n if n else 0.0,
+            "p50_seconds": percentile(times, 50),
+            "p95_seconds": percentile(times, 95),
+            "p99_seconds": percentile(times, 99),
+            "max_seconds": max(times) if times else None,
+            "wall_seconds": self.wall_seconds,
+            "blocks": blocks,
+            "blocks_per_second": blocks / self.wall_seconds if self.wall_seconds else 0.0,
+            "bytes": sum(d.bytes for d in self.devices),
+            "retransmissions": sum(d.retransmissions for d in self.devices),
+            "image_size": self.image_size,
+            "failure_reasons": _count(d.reason or d.outcome for d in self.devices if not d.ok),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "settings": self.settings,
+            "server": self.server,
+            "per_device": [asdict(d) for d in self.devices],
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        atomic_write(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+
+    def write_plot(self, path: str | Path) -> None:
+        """PNG of cumulative completions over time (matplotlib, headless)."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        times = sorted(d.seconds for d in self.devices if d.ok and d.seconds is not None)
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        ax.step(
+            [0.0, *times],
+            list(range(len(times) + 1)),
+            where="post",
+            label=f"updated ({len(times)}/{len(self.devices)})",
+        )
+        ax.axhline(len(self.devices), color="grey", linestyle=":", label="fleet size")
+        s = self.summary()
+        for key, style in (("p50_seconds", "--"), ("p95_seconds", "-.")):
+            if s[key] is not None:
+                ax.axvline(
+                    s[key],
+                    color="tab:orange",
+                    linestyle=style,
+                    label=f"{key.split('_')[0]} {s[key]:.1f} s",
+                )
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel("devices updated")
+        ax.set_title(
+            f"otacoap fleet: {len(self.devices)} devices, "
+            f"{self.image_size} B image, success {s['success_rate']:.1%}"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write(path, buf.getvalue())
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
