@@ -1,0 +1,222 @@
+"""Start, run and stop the update server.
+
+`OtaServer` is the embeddable part (start/stop inside a running loop, used by tests);
+`run` is what `otacoap serve` calls: choose the loop (uvloop by default), start, print
+"listening on coaps://ADDR:PORT" once the socket is bound, and stop cleanly on SIGINT
+or SIGTERM (in-flight uploads are dropped with their temp files, the DB is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+import aiocoap
+from aiocoap.util import hostportjoin
+
+from ..store import Config, DataDir
+from ..store.errors import StoreError
+from .resources import ManifestResource, build_site
+from .state import ServerState
+from .transport import DTLSServerInterface, PlainServerInterface, add_transport
+from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
+
+log = logging.getLogger(__name__)
+
+_SWEEP_INTERVAL = 5.0
+_STALE_TEMP = 3600.0
+LOCK_NAME = "serve.lock"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bind: str = "127.0.0.1"
+    port: int = 5684
+    loop: str = "uvloop"
+    plain_coap: bool = False
+    plain_port: int = 5683
+    plain_identity: str | None = None
+
+
+class OtaServer:
+    def __init__(self, datadir: DataDir, config: Config, options: ServeOptions) -> None:
+        self.datadir = datadir
+        self.config = config
+        self.options = options
+        self.state: ServerState | None = None
+        self.context: aiocoap.Context | None = None
+        self.manifest: ManifestResource | None = None
+        self.dtls: DTLSServerInterface | None = None
+        self.plain: PlainServerInterface | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.uploads: Uploads | None = None
+        self.staged: StagedImages | None = None
+        self._lock: TextIO | None = None
+
+    @property
+    def dtls_port(self) -> int:
+        assert self.dtls is not None
+        return self.dtls.port
+
+    @property
+    def plain_port(self) -> int | None:
+        return self.plain.port if self.plain else None
+
+    @property
+    def dtls_uri(self) -> str:
+        return "coaps://" + hostportjoin(self.options.bind, self.dtls_port)
+
+    async def start(self) -> None:
+        """Bind and start serving; on any failure everything started is undone."""
+        opts = self.options
+        if opts.bind in ("", "0.0.0.0", "::"):
+            # aiocoap's DTLS server learns its reply address from the bind address.
+            raise OSError(f"bind to one address, not {opts.bind or 'the any-address'}")
+        self.datadir.check()
+        self._lock = _lock_datadir(self.datadir)
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        opts, cfg = self.options, self.config
+        blobs = self.datadir.blobs
+        # Half-done uploads of an earlier run are never published (ATTACKS.md #49):
+        # delete them all; old CLI temp files too (a crash left them).
+        removed = blobs.clean_tmp(prefix=UPLOAD_PREFIX)
+        removed += blobs.clean_tmp(older_than=_STALE_TEMP)
+        if removed:
+            log.info("removed %d stale temporary upload file(s)", removed)
+        state = self.state = ServerState(self.datadir, cfg, plain_identity=opts.plain_identity)
+        self.uploads = Uploads(state.blobs, cfg.uploads)
+        self.staged = StagedImages(cfg.uploads)
+        site, self.manifest = build_site(state, self.uploads, self.staged)
+        loop = asyncio.get_running_loop()
+        ctx = self.context = aiocoap.Context(
+            loop=loop, serversite=site, loggername="otacoap.coap", server_credentials=state.psks
+        )
+        s = cfg.server
+        self.dtls = await add_transport(
+            ctx,
+            lambda mman: DTLSServerInterface.create_bound(
+                (opts.bind, opts.port), mman, ctx.log, loop, state.psks, s.max_dtls_sessions
+            ),
+            s.dedup_max_entries,
+            s.dedup_lifetime,
+        )
+        if opts.plain_coap:
+            self.plain = await add_transport(
+                ctx,
+                lambda mman: PlainServerInterface.create_bound(
+                    (opts.bind, opts.plain_port), mman, ctx.log, loop
+                ),
+                s.dedup_max_entries,
+                s.dedup_lifetime,
+            )
+        self._tasks = [
+            asyncio.create_task(state.poll(), name="otacoap store poll"),
+            asyncio.create_task(self._sweep(), name="otacoap upload sweep"),
+        ]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            if self.uploads is not None:
+                self.uploads.sweep()
+            if self.staged is not None:
+                self.staged.sweep()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self.context is not None:
+            if self.context.request_interfaces:  # aiocoap cannot shut down an empty one
+                await self.context.shutdown()
+            self.context = None
+        if self.uploads is not None:
+            self.uploads.close()
+        if self.staged is not None:
+            self.staged.close()
+        if self.state is not None:
+            await self.state.close()
+            self.state = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def run(datadir: DataDir, config: Config, options: ServeOptions) -> int:
+    """Serve until SIGINT/SIGTERM; the exit code for `otacoap serve`."""
+    _default_logging()
+    loop_factory = None
+    if options.loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(datadir, config, options))
+
+
+async def _serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = OtaServer(datadir, config, options)
+    await server.start()
+    try:
+        if options.plain_coap:
+            warning = (
+                "WARNING: --insecure-plain-coap: unencrypted, unauthenticated CoAP on "
+                f"coap://{hostportjoin(options.bind, server.plain_port)}"
+            )
+            if options.plain_identity:
+                warning += f"; EVERY plain request acts as {options.plain_identity!r}"
+            else:
+                warning += "; everything but /.well-known/core answers 4.01 there"
+            log.warning(warning)
+            print(warning, file=sys.stderr, flush=True)
+        log.info("serving %s from %s (%s loop)", server.dtls_uri, datadir.root, options.loop)
+        print(f"listening on {server.dtls_uri}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print("stopped", flush=True)
+    return 0
+
+
+def _default_logging() -> None:
+    """A server logs its publishes, refusals and reports at info level by default."""
+    ota = logging.getLogger("otacoap")
+    if ota.getEffectiveLevel() > logging.INFO:
+        ota.setLevel(logging.INFO)
+    if logging.getLogger().level > logging.DEBUG:
+        # aiocoap logs every failed handshake and shutdown race at warning level;
+        # keep that for -vv.
+        logging.getLogger("otacoap.coap").setLevel(logging.ERROR)
+
+
+def _lock_datadir(datadir: DataDir) -> TextIO:
+    """One server per data directory: its upload temp files and caches assume it."""
+    f = open(datadir.root / LOCK_NAME, "a")  # noqa: SIM115 - held until stop()
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StoreError(f"another 'otacoap serve' is already using {datadir.root}") from None
+    return f

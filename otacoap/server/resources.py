@@ -1,0 +1,455 @@
+"""The CoAP resources. Each is thin: decode the request, call the store/core, render.
+
+The device contract (DTLS-PSK on the port `otacoap serve` prints; identity = device id):
+
+  GET  /m          2.05 the SUIT envelope of this device's release (CF 60), ETag =
+                   8 bytes of SHA-256(envelope); 2.03 if the ETag matches; 4.04 when
+                   there is none. Observe (RFC 7641): a notification whenever the
+                   release changes. Larger than one block: Block2 like /fw.
+  GET  /fw/<id>    the image (CF 42), one Block2 block per request, any block first,
+                   SZX 0..6; Size2 = image size, ETag = 8 bytes of the image SHA-256.
+                   4.00 for a block past the end or SZX 7; 4.04 unless the image is in
+                   this device's release.
+  POST /r          a report (otacoap.core.report, CF 60, <= 1024 bytes, no Block1):
+                   2.04 once it is committed; 4.09 if its counter is not above the last
+                   accepted one (the identical last report again is 2.04, not stored
+                   twice); 4.00 malformed; 4.13 too large; 4.15 wrong format.
+  POST /admin/image, /admin/release   operators only (4.03 for devices), see below.
+
+Every resource does its own block-wise handling (`needs_blockwise_assembly` is False):
+aiocoap's automatic Block2 would render the whole image into memory and cache it per
+client, and its Block1 spool is unbounded and keyed without our caps.
+
+Authorisation: the principal comes from the DTLS session (state.principal_of). No
+principal: 4.01. A device asking for something that is not its own: 4.04 (no
+enumeration oracle, ATTACKS.md #32). A device on an operator resource: 4.03.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.numbers.codes import Code
+from aiocoap.protocol import ServerObservation
+
+from ..core import blockwise, cbor, ids, protocol
+from ..core.errors import ManifestError, OtaError
+from ..core.report import MAX_REPORT_SIZE, decode_report
+from ..store import Principal, Publisher, ReleaseRecord, Role, TempBlob
+from ..store.errors import NotFound, StoreError
+from .state import ServerState
+from .uploads import Block, StagedImages, UploadBusy, Uploads, UploadTooLarge
+
+log = logging.getLogger(__name__)
+
+Message = aiocoap.Message
+
+
+def _error(code: int, text: str) -> Message:
+    # RFC 7252 §5.5.2: a diagnostic payload is human-readable text without a format.
+    return Message(code=Code(code), payload=text.encode("utf-8", "replace")[:200])
+
+
+def _ota_error(exc: OtaError) -> Message:
+    msg = _error(exc.coap_code, str(exc))
+    if isinstance(exc, UploadTooLarge):
+        msg.opt.size1 = exc.cap  # RFC 7959 §2.9.3: 4.13 tells the limit in Size1
+    if isinstance(exc, UploadBusy):
+        msg.opt.max_age = exc.max_age  # RFC 7252 §5.9.3.4: retry after Max-Age
+    return msg
+
+
+def _max_szx(state: ServerState, request: Message) -> int:
+    remote_max = getattr(request.remote, "maximum_block_size_exp", blockwise.MAX_SZX)
+    return min(state.config.server.max_block_szx, remote_max, blockwise.MAX_SZX)
+
+
+def block2_response(
+    state: ServerState,
+    request: Message,
+    total: int,
+    read: Any,
+    content_format: int,
+    etag: bytes,
+) -> Message:
+    """Answer one Block2 request statelessly (RFC 7959 §2.4): read only that block.
+
+    Without a Block2 option a body that fits one block is sent whole; a larger one is
+    sent as block 0 (the server may start block-wise on its own, §2.4). Size2 tells
+    the total (§4).
+    """
+    max_szx = _max_szx(state, request)
+    asked = request.opt.block2
+    if asked is None and total <= blockwise.size_of(max_szx):
+        return Message(
+            code=Code.CONTENT, payload=read(0, total), content_format=content_format, etag=etag
+        )
+    num, szx = (0, max_szx) if asked is None else (asked.block_number, asked.size_exponent)
+    # Raises BlockError (4.00) for SZX 7 and for a block starting past the end: the
+    # file is never read outside [0, total) (ATTACKS.md #25).
+    szx_used, piece = blockwise.server_slice(total, num, szx, max_szx)
+    num_used = piece.offset // blockwise.size_of(szx_used)
+    response = Message(
+        code=Code.CONTENT,
+        payload=read(piece.offset, piece.length),
+        content_format=content_format,
+        etag=etag,
+        block2=(num_used, piece.more, szx_used),
+    )
+    response.opt.size2 = total
+    return response
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Base(resource.Resource):
+    """Shared plumbing: our own block handling and principal lookup."""
+
+    def __init__(self, state: ServerState) -> None:
+        super().__init__()
+        self.state = state
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return False
+
+    def principal(self, request: Message) -> Principal | None:
+        return self.state.principal_of(request.remote)
+
+
+class ManifestResource(_Base, resource.ObservableResource):
+    """/m: the envelope of this device's release, observable (RFC 7641)."""
+
+    ct = protocol.CF_ENVELOPE
+    rt = "otacoap.manifest"
+
+    def __init__(self, state: ServerState) -> None:
+        super().__init__(state)
+        # observation -> (device id, ETag last sent)
+        self._observers: dict[ServerObservation, tuple[str, bytes | None]] = {}
+        state.on_release_change(self.releases_changed)
+
+    def _release(self, request: Message) -> tuple[Principal | None, ReleaseRecord | None]:
+        principal = self.principal(request)
+        if principal is None or principal.role is not Role.DEVICE:
+            return principal, None
+        device = self.state.device(principal.name)
+        return principal, (self.state.release_for(device) if device else None)
+
+    async def add_observation(self, request: Message, serverobservation: ServerObservation) -> None:
+        # aiocoap calls the cancellation callback of every observation it offered,
+        # accepted or not, so always accept; declining is an early deregister.
+        principal, release = self._release(request)
+        if principal is None or release is None:
+            serverobservation.accept(_nothing)  # the 4.01/4.04 ends it (RFC 7641 §3.2)
+            return
+        cfg = self.state.config.server
+        mine = sum(1 for dev, _ in self._observers.values() if dev == principal.name)
+        if len(self._observers) >= cfg.max_observers or mine >= cfg.max_observers_per_device:
+            # RFC 7641 §4.1: a server may decline; the response then has no Observe.
+            log.info("not accepting another observation of /m from %s", principal)
+            serverobservation.accept(_nothing)
+            serverobservation.deregister()
+            return
+        self._observers[serverobservation] = (principal.name, release.etag)
+
+        def cancel(obs: ServerObservation = serverobservation) -> None:
+            self._observers.pop(obs, None)
+
+        serverobservation.accept(cancel)
+
+    def releases_changed(self) -> None:
+        """Notify each observer whose release actually changed."""
+        for obs, (device_id, etag) in list(self._observers.items()):
+            device = self.state.device(device_id)
+            release = self.state.release_for(device) if device else None
+            new_etag = release.etag if release else None
+            if new_etag != etag:
+                self._observers[obs] = (device_id, new_etag)
+                obs.trigger()
+
+    @property
+    def observer_count(self) -> int:
+        return len(self._observers)
+
+    async def render_get(self, request: Message) -> Message:
+        principal, release = self._release(request)
+        if principal is None:
+            return _error(Code.UNAUTHORIZED, "DTLS identity required")
+        if release is None:
+            log.debug("/m for %s: no release", principal)
+            return _error(Code.NOT_FOUND, "no release")
+        # RFC 7252 §5.10.6.2: a matching ETag gets 2.03 Valid without the body.
+        if request.opt.block2 is None and release.etag in (request.opt.etags or ()):
+            return Message(code=Code.VALID, etag=release.etag)
+        envelope = release.envelope
+        try:
+            response = block2_response(
+                self.state,
+                request,
+                len(envelope),
+                lambda off, n: envelope[off : off + n],
+                protocol.CF_ENVELOPE,
+                release.etag,
+            )
+        except OtaError as exc:
+            return _ota_error(exc)
+        log.debug("/m for %s: seq %d", principal, release.sequence_number)
+        return response
+
+
+class FirmwareResource(_Base, resource.PathCapable):
+    """/fw/<image id>: the image, one Block2 block per request, read from the blob store."""
+
+    async def render_get(self, request: Message) -> Message:
+        path = request.opt.uri_path
+        principal = self.principal(request)
+        if principal is None:
+            return _error(Code.UNAUTHORIZED, "DTLS identity required")
+        image_id = path[0] if len(path) == 1 else ""
+        release: ReleaseRecord | None = None
+        if principal.role is Role.DEVICE:
+            device = self.state.device(principal.name)
+            release = self.state.release_for(device) if device else None
+        # Exact match only: case, trailing slashes or encodings are other names.
+        if not ids.is_image_id(image_id) or release is None or release.image.image_id != image_id:
+            # ascii(): the path is attacker-chosen text headed for logs and the audit.
+            subject = ascii("/fw/" + "/".join(path))[1:-1][:60]
+            self.state.refused(str(principal), "fw.get", subject, "not this device's image")
+            return _error(Code.NOT_FOUND, "not found")
+        image = release.image
+        try:
+            response = block2_response(
+                self.state,
+                request,
+                image.size,
+                lambda off, n: self.state.blob_reader.read(image.digest, off, n),
+                protocol.CF_OCTET_STREAM,
+                image.etag,
+            )
+        except StoreError as exc:
+            log.error("reading image %s failed: %s", image.image_id, exc)
+            return _error(Code.INTERNAL_SERVER_ERROR, "image unavailable")
+        except OtaError as exc:
+            log.debug("/fw/%s for %s: %s", image_id, principal, exc)
+            return _ota_error(exc)
+        log.debug("/fw/%s for %s: %s", image_id, principal, response.opt.block2)
+        return response
+
+
+class ReportResource(_Base):
+    """/r: POST a status report; it is on disk before the 2.04 (ATTACKS.md #49)."""
+
+    ct = protocol.CF_REPORT
+    rt = "otacoap.report"
+
+    async def render_post(self, request: Message) -> Message:
+        principal = self.principal(request)
+        if principal is None:
+            return _error(Code.UNAUTHORIZED, "DTLS identity required")
+        if principal.role is not Role.DEVICE:
+            return _error(Code.FORBIDDEN, "only devices report")
+        if request.opt.content_format not in (None, protocol.CF_REPORT):
+            return _error(Code.UNSUPPORTED_CONTENT_FORMAT, "reports are application/cbor")
+        b1 = request.opt.block1
+        if len(request.payload) > MAX_REPORT_SIZE or (
+            b1 is not None and (b1.more or b1.block_number)
+        ):
+            response = _error(Code.REQUEST_ENTITY_TOO_LARGE, "report too large")
+            response.opt.size1 = MAX_REPORT_SIZE
+            return response
+        body = bytes(request.payload)
+        try:
+            # The body never names the device: the session does (ATTACKS.md #33).
+            report = decode_report(body)
+            outcome = await self.state.db(lambda s: s.record_report(principal.name, report, body))
+        except ManifestError as exc:
+            self.state.refused(str(principal), "report", principal.name, str(exc))
+            return _ota_error(exc)
+        except NotFound:
+            return _error(Code.UNAUTHORIZED, "unknown device")
+        except OtaError as exc:
+            self.state.refused(str(principal), "report", principal.name, str(exc))
+            return _ota_error(exc)
+        log.info(
+            "report from %s: #%d %s %s%s",
+            principal.name,
+            report.counter,
+            report.state.value,
+            report.reason.name,
+            "" if outcome.stored else " (repeat, not stored again)",
+        )
+        response = Message(code=Code.CHANGED)
+        if b1 is not None:
+            response.opt.block1 = b1
+        return response
+
+
+class _AdminUpload(_Base):
+    """Shared Block1 handling of /admin/image and /admin/release (operators only)."""
+
+    name = ""
+
+    def __init__(self, state: ServerState, uploads: Uploads, staged: StagedImages) -> None:
+        super().__init__(state)
+        self.uploads = uploads
+        self.staged = staged
+
+    def get_link_description(self) -> dict[str, str] | None:
+        return None  # not advertised in /.well-known/core
+
+    def cap(self) -> int:
+        raise NotImplementedError
+
+    async def complete(self, principal: Principal, blob: TempBlob) -> Message:
+        raise NotImplementedError
+
+    async def render_post(self, request: Message) -> Message:
+        principal = self.principal(request)
+        if principal is None:
+            return _error(Code.UNAUTHORIZED, "DTLS identity required")
+        if principal.role is not Role.OPERATOR:
+            self.state.refused(str(principal), "admin", self.name, "device on an operator resource")
+            return _error(Code.FORBIDDEN, "operators only")
+        b1 = request.opt.block1
+        block = Block(b1.block_number, bool(b1.more), b1.size_exponent) if b1 else None
+        key = (
+            principal.identity,
+            str(request.remote.hostinfo),
+            self.name,
+            b"".join(request.opt.request_tag or ()),
+        )
+        try:
+            blob = self.uploads.feed(
+                key, block, bytes(request.payload), self.cap(), request.opt.size1
+            )
+        except OtaError as exc:
+            self.state.refused(str(principal), "upload", self.name, str(exc))
+            return _ota_error(exc)
+        if blob is None:
+            # RFC 7959 §2.3: 2.31 Continue acknowledges the block, echoing Block1.
+            log.debug(
+                "upload %s from %s: block %d", self.name, principal, block.num if block else 0
+            )
+            return Message(code=Code.CONTINUE, block1=b1)
+        try:
+            response = await self.complete(principal, blob)
+        except OtaError as exc:
+            response = _ota_error(exc)
+        if b1 is not None:
+            response.opt.block1 = b1
+        return response
+
+
+class AdminImageResource(_AdminUpload):
+    """/admin/image: stage an image (Block1, application/octet-stream).
+
+    The response (2.04) carries CBOR [sha256 digest, size]; the image stays invisible
+    until an envelope naming it arrives at /admin/release.
+    """
+
+    name = "image"
+
+    def cap(self) -> int:
+        return self.state.config.publish.max_image_size
+
+    async def complete(self, principal: Principal, blob: TempBlob) -> Message:
+        try:
+            digest = await self.state.db(lambda _s: blob.finish())  # fsync off the loop
+            self.staged.put(principal.identity, blob)
+        except BaseException:
+            blob.discard()
+            raise
+        log.info(
+            "staged image sha256:%s (%d bytes) from %s", digest.hex()[:16], blob.size, principal
+        )
+        self.state.audit_soon(
+            str(principal),
+            "upload",
+            f"image sha256:{digest.hex()[:16]}",
+            "staged",
+            f"{blob.size} bytes",
+        )
+        return Message(
+            code=Code.CHANGED,
+            payload=cbor.dumps([digest, blob.size]),
+            content_format=protocol.CF_CBOR,
+        )
+
+
+class AdminReleaseResource(_AdminUpload):
+    """/admin/release: POST the envelope (Block1 if large) of a staged image.
+
+    The same Publisher checks as the local `otacoap publish` run on the reassembled
+    bytes (ATTACKS.md #27: signed artefacts are verified after reassembly). 2.04 with
+    CBOR {"class", "seq", "image"} on success; the refusal's code and reason otherwise.
+    """
+
+    name = "release"
+
+    def cap(self) -> int:
+        return self.state.config.publish.max_envelope_size
+
+    async def complete(self, principal: Principal, blob: TempBlob) -> Message:
+        try:
+            blob.finish()
+            with open(blob.path, "rb") as f:
+                envelope = f.read(self.cap() + 1)
+        finally:
+            blob.discard()
+        actor = str(principal)
+        cfg = self.state.config.publish
+        blobs = self.state.blobs
+        # Which staged image? Authenticate the envelope first (on the loop thread's
+        # read connection), then take the operator's own upload with that digest.
+        checker = Publisher(self.state.reader, blobs, cfg)
+        try:
+            digest = checker.image_digest_of(envelope)
+            staged = self.staged.take(principal.identity, digest)
+            if staged is None:
+                raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
+        except OtaError as exc:
+            err = exc
+            await self.state.db(lambda s: Publisher(s, blobs, cfg).refused(envelope, actor, err))
+            raise
+        try:
+            release = await self.state.db(
+                lambda s: Publisher(s, blobs, cfg).publish_staged(envelope, staged, actor)
+            )
+        finally:
+            staged.discard()
+        self.state.refresh()  # tell /m observers now rather than at the next poll
+        return Message(
+            code=Code.CHANGED,
+            payload=cbor.dumps(
+                {
+                    "class": release.class_label,
+                    "seq": release.sequence_number,
+                    "image": release.image.uri,
+                }
+            ),
+            content_format=protocol.CF_CBOR,
+        )
+
+
+def build_site(
+    state: ServerState, uploads: Uploads, staged: StagedImages
+) -> tuple[resource.Site, ManifestResource]:
+    site = resource.Site()
+    manifest = ManifestResource(state)
+    site.add_resource(
+        [".well-known", "core"],
+        resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
+    )
+    site.add_resource(list(protocol.PATH_MANIFEST), manifest)
+    site.add_resource(list(protocol.PATH_FIRMWARE), FirmwareResource(state))
+    site.add_resource(list(protocol.PATH_REPORT), ReportResource(state))
+    site.add_resource([*protocol.PATH_ADMIN, "image"], AdminImageResource(state, uploads, staged))
+    site.add_resource(
+        [*protocol.PATH_ADMIN, "release"], AdminReleaseResource(state, uploads, staged)
+    )
+    return site, manifest

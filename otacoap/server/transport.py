@@ -1,0 +1,279 @@
+"""aiocoap transports with bounds: DTLS-only listener on the port we say, a capped
+DTLS session table and a capped duplicate-detection cache.
+
+Why not `Context.create_server_context(transports=["tinydtls_server"])`: that public
+path (and AIOCOAP_SERVER_TRANSPORT=tinydtls_server) binds DTLS at *bind port + 1*
+(`MessageInterfaceSimpleServer.create_server` adds COAPS_PORT - COAP_PORT), so port 0
+would become port 1, and it keeps aiocoap's unbounded tables. We build the same
+stack by hand instead (TokenManager -> MessageManager -> message interface, exactly
+what `Context._append_tokenmanaged_messagemanaged_transport` does) with subclasses:
+
+- `_BoundedDTLSSocket`: aiocoap's `_DatagramServerSocketSimpleDTLS` has `max_sockets =
+  64` and a `_maybe_purge_sockets`, but nothing ever calls it, so every source address
+  (spoofable, ATTACKS.md #29/#30) keeps a tinydtls context forever. We purge before
+  admitting a new peer: least recently used first, half-open handshakes before
+  established sessions; an evicted device just handshakes again.
+- `BoundedMessageManager`: RFC 7252 §4.5 duplicate detection keeps every request's
+  response for EXCHANGE_LIFETIME (247 s) in `_recent_messages` plus one timer handle
+  each, so memory grows with the request rate (2.5-4 KB per request). We keep the same
+  semantics in an LRU with a hard entry cap and lazy expiry (no per-entry timers).
+  Under the cap nothing changes; beyond it the oldest entries are forgotten early,
+  which can only turn a late retransmission into a re-executed request. Our state-
+  changing requests are idempotent under that (a repeated report is recognised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from aiocoap import error
+from aiocoap.message import Message
+from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers.types import CON
+from aiocoap.protocol import Context
+from aiocoap.tokenmanager import TokenManager
+from aiocoap.transports.simplesocketserver import (
+    MessageInterfaceSimpleServer,
+    _DatagramServerSocketSimple,
+)
+from aiocoap.transports.tinydtls_server import (
+    GoingThroughMessageDecryption,
+    MessageInterfaceTinyDTLSServer,
+    _AddressDTLS,
+    _DatagramServerSocketSimpleDTLS,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DedupCache:
+    """(remote, message id) -> stored response, with lifetime and an entry cap."""
+
+    def __init__(self, max_entries: int, lifetime: float, clock: Callable[[], float]) -> None:
+        self._entries: OrderedDict[Any, list[Any]] = OrderedDict()
+        self._max = max_entries
+        self._lifetime = lifetime
+        self._clock = clock
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        entries = self._entries
+        # Insertion order is arrival order and the lifetime is fixed, so expired
+        # entries are always at the front.
+        while entries:
+            first = next(iter(entries.values()))
+            if first[0] > now:
+                break
+            entries.popitem(last=False)
+
+    def lookup(self, key: Any) -> tuple[bool, Message | None]:
+        self._expire()
+        entry = self._entries.get(key)
+        return (False, None) if entry is None else (True, entry[1])
+
+    def add(self, key: Any) -> None:
+        self._expire()
+        while len(self._entries) >= self._max:
+            self._entries.popitem(last=False)
+            self.evicted += 1
+        self._entries[key] = [self._clock() + self._lifetime, None]
+
+    def store_response(self, key: Any, response: Message) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[1] = response
+
+
+class BoundedMessageManager(MessageManager):
+    """aiocoap's MessageManager with a bounded duplicate-detection cache."""
+
+    def __init__(self, token_manager: TokenManager, max_entries: int, lifetime: float) -> None:
+        super().__init__(token_manager)
+        self.dedup = DedupCache(max_entries, lifetime, token_manager.loop.time)
+        self._recent_messages = None  # type: ignore[assignment]  # replaced by self.dedup
+
+    def _deduplicate_message(self, message: Message) -> bool:
+        """RFC 7252 §4.5: a CON with a known (endpoint, Message ID) gets the same response."""
+        key = (message.remote, message.mid)
+        known, response = self.dedup.lookup(key)
+        if known:
+            if message.mtype is CON and response is not None:
+                self.log.info("Duplicate CON received, sending old response again")
+                self._send_initially(response)
+            else:
+                self.log.info("Duplicate message received, no response to send (yet)")
+            return True
+        self.dedup.add(key)
+        return False
+
+    def _store_response_for_duplicates(self, message: Message) -> None:
+        self.dedup.store_response((message.remote, message.mid), message)
+
+
+class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
+    """A DTLS peer that remembers whether its handshake ever completed."""
+
+    established = False
+
+    def _read(self, sender: Any, data: bytes) -> int:
+        # tinydtls only hands us plaintext after the Finished messages verified.
+        self.established = True
+        return int(super()._read(sender, data))
+
+    def evict(self) -> None:
+        """Drop this session, telling an established peer with a close_notify alert
+        (RFC 6347 §4.2.7 / RFC 5246 §7.2.1) so its next request re-handshakes instead
+        of timing out."""
+        if self.established:
+            try:
+                self._dtls_socket.close(self._dtls_session)
+            except Exception:  # best effort: the peer may already be gone
+                log.debug("close_notify to %s failed", self.hostinfo, exc_info=True)
+        self._inject_error(error.LibraryShutdown("DTLS session evicted (table full)"))
+
+    def _inject_error(self, e: Exception) -> None:
+        # KeyError: already removed from the session table (evicted, then alerted).
+        with contextlib.suppress(KeyError):
+            super()._inject_error(e)
+
+
+async def _bind_exclusive(
+    cls: Any, bind: tuple[str, int], log: logging.Logger, loop: Any, interface: Any
+) -> Any:
+    """aiocoap's `_DatagramServerSocketSimple.create`, minus SO_REUSEPORT.
+
+    With SO_REUSEPORT a second server on the same port binds without error and the
+    kernel splits datagrams between the two, which breaks DTLS sessions at random; we
+    want "address already in use" instead.
+    """
+    ready = loop.create_future()
+    await loop.create_datagram_endpoint(
+        lambda: cls(ready.set_result, interface, log), local_addr=bind, reuse_port=False
+    )
+    self = await ready
+    self._loop = loop
+    return self
+
+
+class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
+    _Address = _SessionAddress
+    max_sockets = 256
+
+    @classmethod
+    async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
+        # As in aiocoap: incoming datagrams go through the per-peer DTLS state first.
+        wrapped = GoingThroughMessageDecryption(message_interface)
+        return await _bind_exclusive(cls, bind, log, loop, wrapped)
+
+    def datagram_received(self, data: bytes, sockaddr: Any) -> None:
+        if sockaddr not in self._connections:
+            self._make_room()
+        super().datagram_received(data, sockaddr)
+
+    def _make_room(self) -> None:
+        while len(self._connections) >= self.max_sockets:
+            conns = self._connections
+            victim = next((a for a in conns.values() if not a.established), None)
+            if victim is None:
+                victim = next(iter(conns.values()))
+            before = len(conns)
+            log.info(
+                "DTLS session table full (%d): dropping %s session with %s",
+                self.max_sockets,
+                "established" if victim.established else "half-open",
+                victim.hostinfo,
+            )
+            victim.evict()
+            if len(conns) == before:  # defensive: never loop forever
+                conns.pop(victim._underlying_address.address, None)
+
+
+class DTLSServerInterface(MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
+    _serversocket = _BoundedDTLSSocket
+
+    @classmethod
+    async def create_bound(
+        cls,
+        bind: tuple[str, int],
+        mman: MessageManager,
+        log: logging.Logger,
+        loop: asyncio.AbstractEventLoop,
+        server_credentials: Any,
+        max_sessions: int,
+    ) -> DTLSServerInterface:
+        """Listen for DTLS on exactly `bind` (port 0: the OS picks)."""
+        self = cls(mman, log, loop)
+        self._pool = await cls._serversocket.create(bind, log, loop, self)
+        self._pool._server_credentials = server_credentials
+        self._pool.max_sockets = max_sessions
+        _fix_hostinfo(self._pool, bind[0])
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self._pool._transport.get_extra_info("sockname")[1])
+
+    @property
+    def session_count(self) -> int:
+        return len(self._pool._connections)
+
+
+class _PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
+    @classmethod
+    async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
+        return await _bind_exclusive(cls, bind, log, loop, message_interface)
+
+
+class PlainServerInterface(MessageInterfaceSimpleServer):  # type: ignore[misc]
+    """Unencrypted CoAP, only with --insecure-plain-coap."""
+
+    _serversocket = _PlainSocket
+
+    @classmethod
+    async def create_bound(
+        cls,
+        bind: tuple[str, int],
+        mman: MessageManager,
+        log: logging.Logger,
+        loop: asyncio.AbstractEventLoop,
+    ) -> PlainServerInterface:
+        self = cls(mman, log, loop)
+        self._pool = await cls._serversocket.create(bind, log, loop, self)
+        _fix_hostinfo(self._pool, bind[0])
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self._pool._transport.get_extra_info("sockname")[1])
+
+
+def _fix_hostinfo(pool: Any, host: str) -> None:
+    from aiocoap.util import hostportjoin
+
+    port = pool._transport.get_extra_info("sockname")[1]
+    pool.hostinfo_local = hostportjoin(host, port)
+
+
+async def add_transport(
+    ctx: Context,
+    create: Callable[[MessageManager], Any],
+    max_entries: int,
+    lifetime: float,
+) -> Any:
+    """Wire a message interface under `ctx` like aiocoap does, with our MessageManager."""
+    tman = TokenManager(ctx)
+    mman = BoundedMessageManager(tman, max_entries, lifetime)
+    interface = await create(mman)
+    mman.message_interface = interface
+    tman.token_interface = mman
+    ctx.request_interfaces.append(tman)
+    return interface

@@ -1,0 +1,63 @@
+"""Refusals raised by the store, each a core `OtaError` so the CLI and the server
+render them the same way (DESIGN principle 7: one error root, a CoAP code each)."""
+
+from __future__ import annotations
+
+from ..core.errors import (
+    BAD_REQUEST,
+    CONFLICT,
+    INTERNAL_SERVER_ERROR,
+    NOT_FOUND,
+    OtaError,
+    ReportReason,
+)
+
+
+class StoreError(OtaError):
+    """Something about the data directory or its contents is wrong."""
+
+    coap_code = INTERNAL_SERVER_ERROR
+
+
+class NotInitialised(StoreError):
+    """The data directory is missing a piece `otacoap init` creates."""
+
+
+class ConfigError(StoreError):
+    """config.toml does not parse or holds a key/value we do not accept."""
+
+
+class InvalidName(OtaError):
+    """An identifier (device id, operator name, key id, label) breaks the naming rules."""
+
+    coap_code = BAD_REQUEST
+
+
+class NotFound(OtaError):
+    """The named record does not exist."""
+
+    coap_code = NOT_FOUND
+
+
+class AlreadyExists(OtaError):
+    """A record with that name exists; we never overwrite silently."""
+
+    coap_code = CONFLICT
+
+
+class ImageMismatch(OtaError):
+    """The image handed in is not the one the signed manifest describes."""
+
+    coap_code = BAD_REQUEST
+    reason = ReportReason.CONDITION_FAILED
+
+
+class ReportReplayed(OtaError):
+    """A status report whose counter is not above the last one accepted (ATTACKS.md #28)."""
+
+    coap_code = CONFLICT
+    reason = ReportReason.CONDITION_FAILED
+
+
+class AuditChainBroken(StoreError):
+    """The audit log's hash chain does not verify; the message names the entry."""

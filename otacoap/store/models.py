@@ -1,0 +1,162 @@
+"""Frozen records the store hands out; raw rows never leave the store (principle 6)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ..core import cose, ids, protocol
+
+ClassKey = tuple[bytes, bytes]
+"""(vendor_id, class_id): what a release is published for (manifest-34 §8.4.8.2)."""
+
+
+class Role(StrEnum):
+    DEVICE = "device"
+    OPERATOR = "operator"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is talking: the DTLS PSK identity resolved to a role and a name.
+
+    Instances are the `claims` the DTLS layer records for a session, so equality and
+    hashing must be by value.
+    """
+
+    role: Role
+    name: str
+
+    @property
+    def identity(self) -> str:
+        if self.role is Role.OPERATOR:
+            return protocol.operator_identity(self.name)
+        return self.name
+
+    def __str__(self) -> str:
+        return f"{self.role.value}:{self.name}" if self.role is Role.DEVICE else self.identity
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    vendor_domain: str
+    class_info: str
+    vendor_id: bytes
+    class_id: bytes
+    created_at: str
+    last_counter: int | None = None
+    assigned_release: int | None = None
+
+    @property
+    def class_key(self) -> ClassKey:
+        return (self.vendor_id, self.class_id)
+
+    @property
+    def class_label(self) -> str:
+        return f"{self.vendor_domain}/{self.class_info}"
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    name: str
+    created_at: str
+
+    @property
+    def identity(self) -> str:
+        return protocol.operator_identity(self.name)
+
+
+@dataclass(frozen=True)
+class AnchorRecord:
+    key_id: str
+    kind: str
+    added_at: str
+    anchor: cose.TrustAnchor = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    digest: bytes
+    size: int
+
+    @property
+    def image_id(self) -> str:
+        return ids.image_id(self.digest)
+
+    @property
+    def uri(self) -> str:
+        return ids.image_uri(self.digest)
+
+    @property
+    def etag(self) -> bytes:
+        return protocol.etag_for(self.digest)
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    id: int
+    vendor_id: bytes
+    class_id: bytes
+    class_label: str
+    sequence_number: int
+    manifest_digest: bytes
+    envelope: bytes = field(repr=False)
+    image: ImageRecord
+    signer: str
+    published_at: str
+    published_by: str
+
+    @property
+    def class_key(self) -> ClassKey:
+        return (self.vendor_id, self.class_id)
+
+    @functools.cached_property
+    def etag(self) -> bytes:
+        """ETag of the /m representation: a prefix of the envelope's SHA-256."""
+        return protocol.etag_for(hashlib.sha256(self.envelope).digest())
+
+
+@dataclass(frozen=True)
+class ReleaseCandidate:
+    """A release that passed every publish check and may be committed.
+
+    `previous_release_id` is what was current when the checks ran; the commit refuses
+    if another publisher moved the class meanwhile (optimistic concurrency, so the
+    sequence check cannot be raced).
+    """
+
+    vendor_id: bytes
+    class_id: bytes
+    class_label: str
+    sequence_number: int
+    manifest_digest: bytes
+    envelope: bytes = field(repr=False)
+    image: ImageRecord
+    signer: str
+    previous_release_id: int | None
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    id: int
+    device_id: str
+    counter: int
+    state: str
+    reason: int
+    sequence_number: int | None
+    manifest_digest: bytes | None
+    bytes_received: int | None
+    installed_sequence: int | None
+    detail: str
+    received_at: str
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What `record_report` did: `stored` is False for an exact retransmission."""
+
+    stored: bool
+    report_id: int

@@ -1,0 +1,708 @@
+"""The embedded store: one SQLite file in WAL mode with versioned migrations.
+
+Durability: WAL with synchronous=FULL and an explicit COMMIT per operation, so a
+status report or an upload is on disk before the server acknowledges it (ATTACKS.md
+#49). Every write transaction starts with BEGIN IMMEDIATE: it takes the write lock
+up front, which serialises the read-the-chain-head-then-append of the audit log and
+the check-then-publish of releases across processes (the CLI and the server share
+the file).
+
+One SQLiteStore wraps one connection and must be used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..core import cose, ids, protocol
+from ..core.errors import ManifestError, PolicyError, RollbackError
+from ..core.report import Report
+from . import audit as chain
+from .audit import AuditEntry
+from .errors import AlreadyExists, NotFound, ReportReplayed, StoreError
+from .models import (
+    AnchorRecord,
+    ClassKey,
+    DeviceRecord,
+    ImageRecord,
+    OperatorRecord,
+    Principal,
+    ReleaseCandidate,
+    ReleaseRecord,
+    ReportOutcome,
+    ReportRecord,
+    Role,
+)
+from .names import check_device_id, check_label, check_operator_name
+from .secrets import PskSealer
+
+log = logging.getLogger(__name__)
+
+# SQLite INTEGER is signed 64-bit; SUIT sequence numbers and report counters are
+# uint64. Values at or above 2^63 are refused (they are also fast-forward bait).
+MAX_DB_INT = (1 << 63) - 1
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "initial schema",
+        (
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            "INSERT INTO meta (key, value) VALUES "
+            "('principal_generation', 0), ('release_generation', 0), ('audit_count', 0)",
+            """CREATE TABLE trust_anchors (
+                key_id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                material BLOB NOT NULL,
+                added_at TEXT NOT NULL)""",
+            """CREATE TABLE images (
+                digest BLOB PRIMARY KEY,
+                image_id TEXT NOT NULL UNIQUE,
+                size INTEGER NOT NULL,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE releases (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                vendor_id BLOB NOT NULL,
+                class_id BLOB NOT NULL,
+                class_label TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                manifest_digest BLOB NOT NULL,
+                envelope BLOB NOT NULL,
+                image_digest BLOB NOT NULL REFERENCES images(digest),
+                signer TEXT NOT NULL,
+                published_at TEXT NOT NULL,
+                published_by TEXT NOT NULL,
+                UNIQUE (vendor_id, class_id, seq))""",
+            """CREATE TABLE current_releases (
+                vendor_id BLOB NOT NULL,
+                class_id BLOB NOT NULL,
+                release_id INTEGER NOT NULL REFERENCES releases(id),
+                PRIMARY KEY (vendor_id, class_id)) WITHOUT ROWID""",
+            """CREATE TABLE devices (
+                id TEXT PRIMARY KEY,
+                vendor_domain TEXT NOT NULL,
+                class_info TEXT NOT NULL,
+                vendor_id BLOB NOT NULL,
+                class_id BLOB NOT NULL,
+                psk_sealed BLOB NOT NULL,
+                created_at TEXT NOT NULL,
+                last_counter INTEGER,
+                last_report_hash BLOB,
+                assigned_release INTEGER REFERENCES releases(id))""",
+            "CREATE INDEX devices_by_class ON devices (vendor_id, class_id)",
+            """CREATE TABLE operators (
+                name TEXT PRIMARY KEY,
+                psk_sealed BLOB NOT NULL,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE reports (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                device_id TEXT NOT NULL,
+                counter INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                reason INTEGER NOT NULL,
+                seq INTEGER,
+                manifest_digest BLOB,
+                bytes_received INTEGER,
+                installed_seq INTEGER,
+                detail TEXT NOT NULL,
+                body BLOB NOT NULL,
+                received_at TEXT NOT NULL)""",
+            "CREATE INDEX reports_by_device ON reports (device_id, counter)",
+            """CREATE TABLE audit (
+                seq INTEGER PRIMARY KEY,
+                ts TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                prev_hash BLOB NOT NULL,
+                hash BLOB NOT NULL)""",
+            # Append-only through SQL; someone editing the file directly is what the
+            # hash chain is for.
+            """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+            """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_RELEASE_COLUMNS = (
+    "r.id, r.vendor_id, r.class_id, r.class_label, r.seq, r.manifest_digest, r.envelope, "
+    "r.image_digest, i.size, r.signer, r.published_at, r.published_by"
+)
+_DEVICE_COLUMNS = (
+    "id, vendor_domain, class_info, vendor_id, class_id, created_at, last_counter, assigned_release"
+)
+
+
+def _release(row: sqlite3.Row | tuple) -> ReleaseRecord:  # type: ignore[type-arg]
+    return ReleaseRecord(
+        id=row[0],
+        vendor_id=row[1],
+        class_id=row[2],
+        class_label=row[3],
+        sequence_number=row[4],
+        manifest_digest=row[5],
+        envelope=row[6],
+        image=ImageRecord(row[7], row[8]),
+        signer=row[9],
+        published_at=row[10],
+        published_by=row[11],
+    )
+
+
+def _device(row: tuple) -> DeviceRecord:  # type: ignore[type-arg]
+    return DeviceRecord(*row)
+
+
+def timestamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def class_key_of(vendor_domain: str, class_info: str) -> ClassKey:
+    vendor = ids.vendor_id(vendor_domain)
+    return vendor, ids.class_id(vendor, class_info)
+
+
+class SQLiteStore:
+    """`Store` over one SQLite connection."""
+
+    def __init__(
+        self,
+        path: Path,
+        sealer: PskSealer,
+        *,
+        clock: Callable[[], float] = time.time,
+        check_same_thread: bool = True,
+        migrate: bool = True,
+    ) -> None:
+        self.path = path
+        self._sealer = sealer
+        self._clock = clock
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=check_same_thread, timeout=10.0
+        )
+        self._depth = 0
+        self._data_version = -1
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: cannot switch SQLite to WAL mode (got {mode})")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged report survives
+        # power loss, not only a process crash (NORMAL only guarantees the latter).
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self.applied_migrations: list[int] = []
+        if migrate:
+            self.applied_migrations = self.migrate()
+        else:
+            self._check_version()
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _now(self) -> str:
+        return timestamp(self._clock())
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT); nested calls join it."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._db
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self._db
+        except BaseException:
+            self._depth = 0
+            self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self._db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+        ).fetchone()
+        if not exists:
+            return 0
+        row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def _check_version(self) -> None:
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version}, this otacoap needs {SCHEMA_VERSION}"
+            )
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations not yet recorded, each in its own transaction."""
+        applied: list[int] = []
+        with self._tx() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {current} is newer than this otacoap "
+                f"({SCHEMA_VERSION}); upgrade otacoap"
+            )
+        for version, name, statements in MIGRATIONS:
+            with self._tx() as db:
+                # Re-check under the write lock: another process may have migrated.
+                if self.schema_version() >= version:
+                    continue
+                for statement in statements:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, self._now()),
+                )
+                applied.append(version)
+        return applied
+
+    def _bump(self, key: str) -> None:
+        self._db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (key,))
+
+    def generations(self) -> tuple[int, int]:
+        rows = dict(
+            self._db.execute(
+                "SELECT key, value FROM meta WHERE key IN "
+                "('principal_generation', 'release_generation')"
+            ).fetchall()
+        )
+        return int(rows["principal_generation"]), int(rows["release_generation"])
+
+    def changed_elsewhere(self) -> bool:
+        # PRAGMA data_version changes when *another* connection commits; it costs no
+        # I/O beyond the WAL index, so polling it every second is cheap.
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    # --- audit ---------------------------------------------------------------------
+
+    def audit(
+        self, actor: str, action: str, subject: str, outcome: str, detail: str = ""
+    ) -> AuditEntry:
+        with self._tx() as db:
+            row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (1, chain.GENESIS)
+            entry = chain.make_entry(
+                seq, self._now(), actor, action, subject, outcome, detail[:500], prev
+            )
+            db.execute(
+                "INSERT INTO audit (seq, ts, actor, action, subject, outcome, detail, "
+                "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.seq,
+                    entry.ts,
+                    entry.actor,
+                    entry.action,
+                    entry.subject,
+                    entry.outcome,
+                    entry.detail,
+                    entry.prev_hash,
+                    entry.hash,
+                ),
+            )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'audit_count'", (seq,))
+        return entry
+
+    def audit_entries(self, limit: int | None = None) -> Sequence[AuditEntry]:
+        sql = (
+            "SELECT seq, ts, actor, action, subject, outcome, detail, prev_hash, hash "
+            "FROM audit ORDER BY seq"
+        )
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY seq"
+        return [AuditEntry(*row) for row in self._db.execute(sql)]
+
+    def verify_audit(self) -> tuple[int, bytes]:
+        # One read transaction so the chain and the count come from the same snapshot.
+        self._db.execute("BEGIN")
+        try:
+            count = int(
+                self._db.execute("SELECT value FROM meta WHERE key = 'audit_count'").fetchone()[0]
+            )
+            cursor = self._db.execute(
+                "SELECT seq, ts, actor, action, subject, outcome, detail, prev_hash, hash "
+                "FROM audit ORDER BY seq"
+            )
+            head = chain.verify_chain((AuditEntry(*row) for row in cursor), count)
+        finally:
+            self._db.execute("COMMIT")
+        return count, head
+
+    # --- trust anchors -------------------------------------------------------------
+
+    def add_anchor(self, anchor: cose.TrustAnchor, actor: str) -> AnchorRecord:
+        if anchor.kind == "hmac":
+            raise PolicyError("an HMAC key cannot be a server trust anchor (it could sign too)")
+        now = self._now()
+        with self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO trust_anchors (key_id, kind, material, added_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (anchor.key_id, anchor.kind, anchor.material, now),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"trust anchor {anchor.key_id} is already present") from None
+            self.audit(actor, "trust.add", anchor.key_id, "ok", anchor.kind)
+        return AnchorRecord(anchor.key_id, anchor.kind, now, anchor)
+
+    def remove_anchor(self, key_id: str, actor: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM trust_anchors WHERE key_id = ?", (key_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no trust anchor with key id {key_id!r}")
+            self.audit(actor, "trust.remove", key_id, "ok")
+
+    def list_anchors(self) -> list[AnchorRecord]:
+        rows = self._db.execute(
+            "SELECT key_id, kind, material, added_at FROM trust_anchors ORDER BY added_at, key_id"
+        ).fetchall()
+        return [
+            AnchorRecord(key_id, kind, added, cose.TrustAnchor(kind, key_id, material))
+            for key_id, kind, material, added in rows
+        ]
+
+    # --- principals ----------------------------------------------------------------
+
+    def add_device(
+        self, device_id: str, vendor_domain: str, class_info: str, psk: bytes, actor: str
+    ) -> DeviceRecord:
+        check_device_id(device_id)
+        check_label(vendor_domain, "vendor domain")
+        check_label(class_info, "class info")
+        vendor, klass = class_key_of(vendor_domain, class_info)
+        now = self._now()
+        with self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO devices (id, vendor_domain, class_info, vendor_id, class_id, "
+                    "psk_sealed, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        vendor_domain,
+                        class_info,
+                        vendor,
+                        klass,
+                        self._sealer.seal(device_id, psk),
+                        now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"device {device_id!r} is already registered") from None
+            self._bump("principal_generation")
+            self.audit(actor, "device.add", device_id, "ok", f"{vendor_domain}/{class_info}")
+        return DeviceRecord(device_id, vendor_domain, class_info, vendor, klass, now)
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        row = self._db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,)
+        ).fetchone()
+        return _device(row) if row else None
+
+    def list_devices(self) -> list[DeviceRecord]:
+        rows = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id").fetchall()
+        return [_device(r) for r in rows]
+
+    def remove_device(self, device_id: str, actor: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no device {device_id!r}")
+            self._bump("principal_generation")
+            self.audit(actor, "device.remove", device_id, "ok")
+
+    def add_operator(self, name: str, psk: bytes, actor: str) -> OperatorRecord:
+        check_operator_name(name)
+        identity = protocol.operator_identity(name)
+        now = self._now()
+        with self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO operators (name, psk_sealed, created_at) VALUES (?, ?, ?)",
+                    (name, self._sealer.seal(identity, psk), now),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"operator {name!r} already exists") from None
+            self._bump("principal_generation")
+            self.audit(actor, "operator.add", name, "ok")
+        return OperatorRecord(name, now)
+
+    def list_operators(self) -> list[OperatorRecord]:
+        rows = self._db.execute("SELECT name, created_at FROM operators ORDER BY name").fetchall()
+        return [OperatorRecord(*r) for r in rows]
+
+    def remove_operator(self, name: str, actor: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM operators WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no operator {name!r}")
+            self._bump("principal_generation")
+            self.audit(actor, "operator.remove", name, "ok")
+
+    def lookup_identity(self, identity: str) -> tuple[Principal, bytes] | None:
+        if identity.startswith(protocol.OPERATOR_IDENTITY_PREFIX):
+            name = identity[len(protocol.OPERATOR_IDENTITY_PREFIX) :]
+            row = self._db.execute(
+                "SELECT psk_sealed FROM operators WHERE name = ?", (name,)
+            ).fetchone()
+            principal = Principal(Role.OPERATOR, name)
+        else:
+            row = self._db.execute(
+                "SELECT psk_sealed FROM devices WHERE id = ?", (identity,)
+            ).fetchone()
+            principal = Principal(Role.DEVICE, identity)
+        if row is None:
+            return None
+        return principal, self._sealer.open(identity, row[0])
+
+    def principal_exists(self, principal: Principal) -> bool:
+        table = "devices WHERE id" if principal.role is Role.DEVICE else "operators WHERE name"
+        return (
+            self._db.execute(f"SELECT 1 FROM {table} = ?", (principal.name,)).fetchone() is not None
+        )
+
+    # --- releases ------------------------------------------------------------------
+
+    def class_has_devices(self, key: ClassKey) -> str | None:
+        row = self._db.execute(
+            "SELECT vendor_domain, class_info FROM devices WHERE vendor_id = ? AND class_id = ? "
+            "LIMIT 1",
+            key,
+        ).fetchone()
+        return f"{row[0]}/{row[1]}" if row else None
+
+    def _release_where(self, where: str, args: tuple) -> ReleaseRecord | None:  # type: ignore[type-arg]
+        row = self._db.execute(
+            f"SELECT {_RELEASE_COLUMNS} FROM releases r JOIN images i ON i.digest = r.image_digest "
+            f"WHERE {where}",
+            args,
+        ).fetchone()
+        return _release(row) if row else None
+
+    def current_release(self, key: ClassKey) -> ReleaseRecord | None:
+        return self._release_where(
+            "r.id = (SELECT release_id FROM current_releases WHERE vendor_id = ? AND class_id = ?)",
+            key,
+        )
+
+    def release_for_device(self, device_id: str) -> ReleaseRecord | None:
+        device = self.get_device(device_id)
+        if device is None:
+            return None
+        if device.assigned_release is not None:
+            return self.release_by_id(device.assigned_release)
+        return self.current_release(device.class_key)
+
+    def release_by_id(self, release_id: int) -> ReleaseRecord | None:
+        return self._release_where("r.id = ?", (release_id,))
+
+    def release_by_seq(self, key: ClassKey, seq: int) -> ReleaseRecord | None:
+        return self._release_where("r.vendor_id = ? AND r.class_id = ? AND r.seq = ?", (*key, seq))
+
+    def commit_release(self, candidate: ReleaseCandidate, actor: str) -> ReleaseRecord:
+        c = candidate
+        if c.sequence_number > MAX_DB_INT:
+            raise PolicyError(f"sequence number {c.sequence_number} is above 2^63-1")
+        key = (c.vendor_id, c.class_id)
+        now = self._now()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT release_id FROM current_releases WHERE vendor_id = ? AND class_id = ?", key
+            ).fetchone()
+            current_id = row[0] if row else None
+            if current_id != c.previous_release_id:
+                raise RollbackError(
+                    "another release was published for this class meanwhile; check again"
+                )
+            existing = db.execute(
+                "SELECT digest FROM images WHERE image_id = ?", (c.image.image_id,)
+            ).fetchone()
+            if existing is None:
+                db.execute(
+                    "INSERT INTO images (digest, image_id, size, created_at) VALUES (?, ?, ?, ?)",
+                    (c.image.digest, c.image.image_id, c.image.size, now),
+                )
+            elif existing[0] != c.image.digest:
+                # 64-bit prefix collision (ids.py): /fw/<id> would be ambiguous.
+                raise PolicyError(f"image id {c.image.image_id} already names another image")
+            cur = db.execute(
+                "INSERT INTO releases (vendor_id, class_id, class_label, seq, manifest_digest, "
+                "envelope, image_digest, signer, published_at, published_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.vendor_id,
+                    c.class_id,
+                    c.class_label,
+                    c.sequence_number,
+                    c.manifest_digest,
+                    c.envelope,
+                    c.image.digest,
+                    c.signer,
+                    now,
+                    actor,
+                ),
+            )
+            release_id = int(cur.lastrowid or 0)
+            db.execute(
+                "INSERT INTO current_releases (vendor_id, class_id, release_id) VALUES (?, ?, ?) "
+                "ON CONFLICT (vendor_id, class_id) DO UPDATE SET release_id = excluded.release_id",
+                (*key, release_id),
+            )
+            self._bump("release_generation")
+            self.audit(
+                actor,
+                "publish",
+                f"{c.class_label} seq {c.sequence_number}",
+                "ok",
+                f"image {c.image.image_id} ({c.image.size} bytes), signer {c.signer}, "
+                f"manifest {c.manifest_digest.hex()[:16]}",
+            )
+        return ReleaseRecord(
+            release_id,
+            c.vendor_id,
+            c.class_id,
+            c.class_label,
+            c.sequence_number,
+            c.manifest_digest,
+            c.envelope,
+            c.image,
+            c.signer,
+            now,
+            actor,
+        )
+
+    def list_releases(self, *, current_only: bool) -> list[ReleaseRecord]:
+        where = "r.id IN (SELECT release_id FROM current_releases)" if current_only else "1"
+        rows = self._db.execute(
+            f"SELECT {_RELEASE_COLUMNS} FROM releases r JOIN images i ON i.digest = r.image_digest "
+            f"WHERE {where} ORDER BY r.class_label, r.seq"
+        ).fetchall()
+        return [_release(r) for r in rows]
+
+    def image_referenced(self, digest: bytes) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM releases WHERE image_digest = ? LIMIT 1", (digest,)
+        ).fetchone()
+        return row is not None
+
+    def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None:
+        with self._tx() as db:
+            device = self.get_device(device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r}")
+            release_id = None
+            if sequence_number is not None:
+                release = self.release_by_seq(device.class_key, sequence_number)
+                if release is None:
+                    raise NotFound(
+                        f"no release with seq {sequence_number} for {device.class_label}"
+                    )
+                release_id = release.id
+            db.execute(
+                "UPDATE devices SET assigned_release = ? WHERE id = ?", (release_id, device_id)
+            )
+            self._bump("release_generation")
+            what = "class current" if sequence_number is None else f"seq {sequence_number}"
+            self.audit(actor, "release.assign", device_id, "ok", what)
+
+    # --- reports -------------------------------------------------------------------
+
+    def record_report(self, device_id: str, report: Report, body: bytes) -> ReportOutcome:
+        for name, value in (
+            ("counter", report.counter),
+            ("sequence", report.sequence_number),
+            ("bytes", report.bytes_received),
+            ("installed sequence", report.installed_sequence),
+        ):
+            if value is not None and value > MAX_DB_INT:
+                raise ManifestError(f"report {name} above 2^63-1")
+        body_hash = hashlib.sha256(body).digest()
+        now = self._now()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT last_counter, last_report_hash FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            last, last_hash = row
+            if last is not None and report.counter <= last:
+                if report.counter == last and last_hash == body_hash:
+                    # The same report again (a retransmission whose 2.04 was lost after
+                    # the duplicate cache forgot it): idempotent, nothing is counted twice.
+                    rid = db.execute(
+                        "SELECT MAX(id) FROM reports WHERE device_id = ? AND counter = ?",
+                        (device_id, last),
+                    ).fetchone()[0]
+                    return ReportOutcome(False, int(rid or 0))
+                raise ReportReplayed(
+                    f"report counter {report.counter} is not above the last accepted {last}"
+                )
+            digest = report.manifest_digest.value if report.manifest_digest else None
+            cur = db.execute(
+                "INSERT INTO reports (device_id, counter, state, reason, seq, manifest_digest, "
+                "bytes_received, installed_seq, detail, body, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    report.counter,
+                    report.state.value,
+                    int(report.reason),
+                    report.sequence_number,
+                    digest,
+                    report.bytes_received,
+                    report.installed_sequence,
+                    report.detail,
+                    body,
+                    now,
+                ),
+            )
+            db.execute(
+                "UPDATE devices SET last_counter = ?, last_report_hash = ? WHERE id = ?",
+                (report.counter, body_hash, device_id),
+            )
+            self.audit(
+                str(Principal(Role.DEVICE, device_id)),
+                "report",
+                device_id,
+                report.state.value,
+                f"counter {report.counter}, reason {report.reason.name}"
+                + (f", seq {report.sequence_number}" if report.sequence_number is not None else ""),
+            )
+        return ReportOutcome(True, int(cur.lastrowid or 0))
+
+    def list_reports(self, device_id: str | None, limit: int) -> list[ReportRecord]:
+        where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
+        rows = self._db.execute(
+            "SELECT id, device_id, counter, state, reason, seq, manifest_digest, bytes_received, "
+            f"installed_seq, detail, received_at FROM reports {where} "
+            f"ORDER BY id DESC LIMIT {int(limit)}",
+            args,
+        ).fetchall()
+        return [ReportRecord(*r) for r in reversed(rows)]

@@ -1,0 +1,163 @@
+"""Bounded resources (issue 3 §6): the duplicate-detection cache, the DTLS session
+table and observations stay under their caps, and clients keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import aiocoap
+import pytest
+from aiocoap.numbers.codes import Code
+from server_helpers import (
+    CLASS_A,
+    DeviceSpec,
+    Setup,
+    ThreadedServer,
+    coaps_client,
+    get,
+    make_image,
+    make_setup,
+    run,
+    threaded_server,
+)
+
+from otacoap.server.transport import BoundedMessageManager, DedupCache
+
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.filterwarnings("ignore:DTLS module did not shut down"),
+]
+
+CONFIG = """
+[server]
+max_dtls_sessions = 3
+dedup_max_entries = 20
+max_observers_per_device = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    s = make_setup(
+        tmp_path_factory.mktemp("bounds"),
+        devices=[DeviceSpec(f"d{i}") for i in range(6)],
+        config=CONFIG,
+    )
+    s.publish(s.release(CLASS_A, 1, make_image("b", 1500)))
+    return s
+
+
+@pytest.fixture(scope="module")
+def server(setup: Setup) -> Iterator[ThreadedServer]:
+    with threaded_server(setup.data) as srv:
+        yield srv
+
+
+def _mman(server: ThreadedServer) -> BoundedMessageManager:
+    ctx = server.server.context
+    assert ctx is not None
+    mman = ctx.request_interfaces[0].token_interface
+    assert isinstance(mman, BoundedMessageManager)
+    return mman
+
+
+def test_duplicate_cache_is_capped(setup: Setup, server: ThreadedServer) -> None:
+    async def go() -> None:
+        async with coaps_client(server.port, "d0", setup.devices["d0"].psk) as ctx:
+            for _ in range(60):
+                assert (await get(ctx, server.uri + "/m")).code == Code.CONTENT
+
+    run(go())
+    size, evicted = server.call(lambda: (len(_mman(server).dedup), _mman(server).dedup.evicted))  # type: ignore[misc]
+    assert size <= 20 and evicted >= 40
+
+
+def test_dedup_cache_expires_and_replays_stored_responses() -> None:
+    now = [0.0]
+    cache = DedupCache(max_entries=3, lifetime=10, clock=lambda: now[0])
+    cache.add("a")
+    assert cache.lookup("a") == (True, None)
+    msg = aiocoap.Message(code=Code.CONTENT, payload=b"r")
+    cache.store_response("a", msg)
+    assert cache.lookup("a") == (True, msg)
+    for key in "bcd":
+        cache.add(key)
+    assert cache.lookup("a") == (False, None) and cache.evicted == 1
+    now[0] = 11
+    assert cache.lookup("b") == (False, None) and len(cache) == 0
+
+
+def test_dtls_session_table_is_capped_and_evicted_peers_come_back(
+    setup: Setup, server: ThreadedServer
+) -> None:
+    async def go() -> list[int]:
+        counts = []
+        contexts = []
+        try:
+            for i in range(6):
+                ctx = await aiocoap.Context.create_client_context()
+                ctx.client_credentials.load_from_dict(
+                    {
+                        server.uri + "/*": {
+                            "dtls": {
+                                "psk": {"hex": setup.devices[f"d{i}"].psk.hex()},
+                                "client-identity": {"ascii": f"d{i}"},
+                            }
+                        }
+                    }
+                )
+                contexts.append(ctx)
+                r = await get(ctx, server.uri + "/m")
+                assert r.code == Code.CONTENT
+                counts.append(server.server.dtls.session_count)  # type: ignore[union-attr]
+            # d0 was evicted (told with close_notify); its next request re-handshakes.
+            r = await get(contexts[0], server.uri + "/m", timeout=5)
+            assert r.code == Code.CONTENT
+            counts.append(server.server.dtls.session_count)  # type: ignore[union-attr]
+        finally:
+            for ctx in contexts:
+                await ctx.shutdown()
+        return counts
+
+    counts = run(go())
+    assert max(counts) <= 3, counts  # type: ignore[call-overload]
+
+
+def test_psk_lookups_are_cached(setup: Setup, server: ThreadedServer) -> None:
+    async def go() -> None:
+        async with coaps_client(server.port, "d5", setup.devices["d5"].psk) as ctx:
+            assert (await get(ctx, server.uri + "/m")).code == Code.CONTENT
+
+    run(go())
+    cached = server.call(lambda: set(server.server.state.psks._cache))  # type: ignore[union-attr]
+    assert "d5" in cached  # type: ignore[operator]
+
+
+def test_observations_per_device_are_capped(setup: Setup, server: ThreadedServer) -> None:
+    async def go() -> list[int | None]:
+        async with coaps_client(server.port, "d1", setup.devices["d1"].psk) as ctx:
+            observes = []
+            requests = []
+            for _ in range(3):
+                msg = aiocoap.Message(code=Code.GET, uri=server.uri + "/m", observe=0)
+                req = ctx.request(msg, handle_blockwise=False)
+                requests.append(req)
+                r = await asyncio.wait_for(req.response, 5)
+                observes.append(r.opt.observe)
+            count = server.call(lambda: server.server.manifest.observer_count)  # type: ignore[union-attr]
+            assert count == 2
+            for req in requests:
+                if req.observation is not None and not req.observation.cancelled:
+                    req.observation.cancel()
+            return observes
+
+    observes = run(go())
+    assert observes == [0, 0, None]
+
+
+def test_one_server_per_data_dir(setup: Setup, server: ThreadedServer) -> None:
+    from otacoap.store.errors import StoreError
+
+    with pytest.raises(StoreError, match="already using"), threaded_server(setup.data):
+        pass

@@ -1,0 +1,159 @@
+"""PSK encryption at rest and the audit log's hash chain (issue 3 §2, §5)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from server_helpers import cli
+
+from otacoap.store import DataDir, SQLiteStore
+from otacoap.store.audit import GENESIS, make_entry, verify_chain
+from otacoap.store.errors import AuditChainBroken, StoreError
+from otacoap.store.secrets import PskSealer
+
+
+@pytest.fixture
+def datadir(tmp_path: Path) -> DataDir:
+    d = DataDir(tmp_path / "data")
+    d.init()
+    return d
+
+
+def _files(d: DataDir) -> bytes:
+    return b"".join(p.read_bytes() for p in d.root.glob("otacoap.db*"))
+
+
+def test_psks_are_not_stored_in_plain_text(datadir: DataDir) -> None:
+    psk_dev, psk_op = b"DEVICE-PSK-0001!", b"OPERATOR-PSK-01!"
+    store = datadir.open_store()
+    store.add_device("dev1", "example.com", "c1", psk_dev, "test")
+    store.add_operator("ops", psk_op, "test")
+    # While the connection is open the change may still sit in the WAL: check both.
+    assert psk_dev not in _files(datadir) and psk_op not in _files(datadir)
+    assert psk_dev.hex().encode() not in _files(datadir)
+    found = store.lookup_identity("dev1")
+    assert found is not None and found[1] == psk_dev
+    found = store.lookup_identity("operator:ops")
+    assert found is not None and found[1] == psk_op
+    assert store.lookup_identity("operator:dev1") is None
+    assert store.lookup_identity("nobody") is None
+    store.close()
+    assert psk_dev not in _files(datadir) and psk_op not in _files(datadir)
+
+
+def test_a_sealed_psk_moved_to_another_identity_does_not_open(datadir: DataDir) -> None:
+    store = datadir.open_store()
+    store.add_device("dev1", "example.com", "c1", b"A" * 16, "test")
+    store.add_device("dev2", "example.com", "c1", b"B" * 16, "test")
+    store.close()
+    db = sqlite3.connect(datadir.db_path)
+    sealed = db.execute("SELECT psk_sealed FROM devices WHERE id='dev1'").fetchone()[0]
+    db.execute("UPDATE devices SET psk_sealed=? WHERE id='dev2'", (sealed,))
+    db.commit()
+    db.close()
+    store = datadir.open_store()
+    with pytest.raises(StoreError, match="does not open"):
+        store.lookup_identity("dev2")
+    store.close()
+
+
+def test_decoy_keys_are_stable_and_secret_dependent() -> None:
+    a, b = PskSealer(b"a" * 32), PskSealer(b"b" * 32)
+    assert a.decoy(b"ghost", 16) == a.decoy(b"ghost", 16)
+    assert a.decoy(b"ghost", 16) != b.decoy(b"ghost", 16)
+    assert len(a.decoy(b"ghost", 16)) == 16
+
+
+def _store_with_entries(d: DataDir, n: int = 5) -> SQLiteStore:
+    store = d.open_store()
+    for i in range(n):
+        store.audit("tester", "action", f"subject {i}", "ok", f"detail {i}")
+    return store
+
+
+def _tamper(d: DataDir, *sql: str) -> None:
+    """What someone with write access to the file could do (bypassing the triggers)."""
+    db = sqlite3.connect(d.db_path)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("DROP TRIGGER audit_no_delete")
+    for statement in sql:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def test_chain_verifies_and_sql_cannot_change_it(datadir: DataDir) -> None:
+    store = _store_with_entries(datadir)
+    count, head = store.verify_audit()
+    assert count == 6  # init + 5
+    assert head == store.audit_entries()[-1].hash
+    store.close()
+    db = sqlite3.connect(datadir.db_path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE audit SET detail='x' WHERE seq=2")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit WHERE seq=2")
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        (["UPDATE audit SET detail='edited' WHERE seq=3"], "audit entry 3: content"),
+        (["UPDATE audit SET outcome='refused' WHERE seq=6"], "audit entry 6: content"),
+        (["DELETE FROM audit WHERE seq=3"], "audit entry 3 is missing"),
+        (["DELETE FROM audit WHERE seq=6"], "audit entry 6 is missing"),
+        (
+            # Swap the contents of entries 3 and 4 (keeping their positions).
+            [
+                "UPDATE audit SET seq=100 WHERE seq=3",
+                "UPDATE audit SET seq=3 WHERE seq=4",
+                "UPDATE audit SET seq=4 WHERE seq=100",
+            ],
+            "audit entry 3",
+        ),
+        (["DELETE FROM audit WHERE seq=1"], "audit entry 1 is missing"),
+    ],
+)
+def test_chain_detects_modification_deletion_reordering(
+    datadir: DataDir, sql: list[str], message: str
+) -> None:
+    _store_with_entries(datadir).close()
+    _tamper(datadir, *sql)
+    store = datadir.open_store()
+    with pytest.raises(AuditChainBroken, match=message):
+        store.verify_audit()
+    store.close()
+    result = cli("audit", "verify", "--data", datadir.root)
+    assert result.code == 1
+    assert result.err.count("\n") == 1 and message in result.err
+    assert "Traceback" not in result.err
+
+
+def test_a_rewritten_suffix_still_breaks_at_the_first_changed_entry(datadir: DataDir) -> None:
+    """Recomputing an edited entry's hash does not help: the next link breaks."""
+    store = _store_with_entries(datadir)
+    entries = list(store.audit_entries())
+    store.close()
+    e = entries[2]
+    forged = make_entry(e.seq, e.ts, e.actor, e.action, e.subject, "forged", e.detail, e.prev_hash)
+    _tamper(
+        datadir,
+        f"UPDATE audit SET outcome='forged', hash=x'{forged.hash.hex()}' WHERE seq={e.seq}",
+    )
+    store = datadir.open_store()
+    with pytest.raises(AuditChainBroken, match=f"audit entry {e.seq + 1}: link"):
+        store.verify_audit()
+    store.close()
+
+
+def test_verify_chain_counts_and_genesis() -> None:
+    a = make_entry(1, "t", "x", "y", "z", "ok", "", GENESIS)
+    b = make_entry(2, "t", "x", "y", "z", "ok", "", a.hash)
+    assert verify_chain([a, b], 2) == b.hash
+    with pytest.raises(AuditChainBroken, match="entry 3 is missing"):
+        verify_chain([a, b], 3)
+    with pytest.raises(AuditChainBroken, match="entry 1 is missing"):
+        verify_chain([b, a])
