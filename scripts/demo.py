@@ -33,10 +33,9 @@ def step(text: str) -> None:
 
 
 def run(cmd: list[str], *, show: bool = True) -> str:
-    shown = " ".join(c if c.startswith(("/", "-", ".")) is False else c for c in cmd)
+    shown = " ".join(cmd).replace(str(ROOT) + "/", "").replace(str(BIN) + "/", "")
     if show:
-        print("$ " + shown.replace(str(ROOT) + "/", "").replace(str(BIN) + "/", ""),
-              flush=True)
+        print("$ " + shown, flush=True)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if result.stdout.strip() and show:
         print("  " + result.stdout.strip().replace("\n", "\n  "), flush=True)
@@ -69,37 +68,102 @@ def main() -> int:
     run([OTACOAP, "keygen", "--alg", "es256", "--out", rel(work / "author")])
     run([OTACOAP, "trust", "add", "--data", rel(data), rel(work / "author.pub")])
     psk = os.urandom(16).hex()
-    run([OTACOAP, "device", "add", "--data", rel(data), DEVICE, "--vendor-domain", VENDOR,
-         "--class-info", CLASS, "--psk", psk])
+    run(
+        [
+            OTACOAP,
+            "device",
+            "add",
+            "--data",
+            rel(data),
+            DEVICE,
+            "--vendor-domain",
+            VENDOR,
+            "--class-info",
+            CLASS,
+            "--psk",
+            psk,
+        ]
+    )
 
     step("factory: release 1 provisioned into the device's flash")
     v1, v2 = firmware("1.0.0", 48 * 1024), firmware("2.0.0", 64 * 1024 + 123)
     (work / "fw-1.bin").write_bytes(v1)
     (work / "fw-2.bin").write_bytes(v2)
-    run([OTACOAP, "manifest", "build", "--image", rel(work / "fw-1.bin"), "--vendor-domain",
-         VENDOR, "--class-info", CLASS, "--seq", "1", "--key", rel(work / "author"),
-         "-o", rel(work / "fw-1.suit")])
-    run([*DEVICE_SIM, "provision", "--flash", rel(flash), "--id", DEVICE, "--psk", psk,
-         "--vendor-domain", VENDOR, "--class-info", CLASS, "--trust", rel(work / "author.pub"),
-         "--factory-image", rel(work / "fw-1.bin"),
-         "--factory-envelope", rel(work / "fw-1.suit")])
-    before = json.loads(run([*DEVICE_SIM, "status", "--flash", rel(flash), "--json"],
-                            show=False))
+    run(
+        [
+            OTACOAP,
+            "manifest",
+            "build",
+            "--image",
+            rel(work / "fw-1.bin"),
+            "--vendor-domain",
+            VENDOR,
+            "--class-info",
+            CLASS,
+            "--seq",
+            "1",
+            "--key",
+            rel(work / "author"),
+            "-o",
+            rel(work / "fw-1.suit"),
+        ]
+    )
+    run(
+        [
+            *DEVICE_SIM,
+            "provision",
+            "--flash",
+            rel(flash),
+            "--id",
+            DEVICE,
+            "--psk",
+            psk,
+            "--vendor-domain",
+            VENDOR,
+            "--class-info",
+            CLASS,
+            "--trust",
+            rel(work / "author.pub"),
+            "--factory-image",
+            rel(work / "fw-1.bin"),
+            "--factory-envelope",
+            rel(work / "fw-1.suit"),
+        ]
+    )
+    before = json.loads(run([*DEVICE_SIM, "status", "--flash", rel(flash), "--json"], show=False))
 
     step("operator: build, sign and publish release 2")
-    run([OTACOAP, "manifest", "build", "--image", rel(work / "fw-2.bin"), "--vendor-domain",
-         VENDOR, "--class-info", CLASS, "--seq", "2", "--key", rel(work / "author"),
-         "-o", rel(work / "fw-2.suit")])
-    run([OTACOAP, "manifest", "verify", rel(work / "fw-2.suit"), "--key",
-         rel(work / "author.pub")])
-    run([OTACOAP, "publish", "--data", rel(data), rel(work / "fw-2.suit"),
-         rel(work / "fw-2.bin")])
+    run(
+        [
+            OTACOAP,
+            "manifest",
+            "build",
+            "--image",
+            rel(work / "fw-2.bin"),
+            "--vendor-domain",
+            VENDOR,
+            "--class-info",
+            CLASS,
+            "--seq",
+            "2",
+            "--key",
+            rel(work / "author"),
+            "-o",
+            rel(work / "fw-2.suit"),
+        ]
+    )
+    run([OTACOAP, "manifest", "verify", rel(work / "fw-2.suit"), "--key", rel(work / "author.pub")])
+    run([OTACOAP, "publish", "--data", rel(data), rel(work / "fw-2.suit"), rel(work / "fw-2.bin")])
     run([OTACOAP, "release", "list", "--data", rel(data)])
 
     step("server: otacoap serve over DTLS on 127.0.0.1")
-    server = subprocess.Popen([OTACOAP, "-v", "serve", "--data", rel(data), "--bind",
-                               "127.0.0.1", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [OTACOAP, "-v", "serve", "--data", rel(data), "--bind", "127.0.0.1", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         uri = _wait_listening(server)
         print(f"  {uri}", flush=True)
@@ -116,18 +180,24 @@ def main() -> int:
             server.kill()
 
     step("what happened")
-    after = json.loads(run([*DEVICE_SIM, "status", "--flash", rel(flash), "--json"],
-                           show=False))
+    after = json.loads(run([*DEVICE_SIM, "status", "--flash", rel(flash), "--json"], show=False))
     run([OTACOAP, "report", "list", "--data", rel(data), "--device", DEVICE])
     run([OTACOAP, "audit", "verify", "--data", rel(data)])
     want = hashlib.sha256(v2).hexdigest()
     ok = after["sequence_number"] == 2 and after["image_digest"] == want
-    print(f"\n  device {DEVICE}: sequence {before['sequence_number']} -> "
-          f"{after['sequence_number']}, running image sha256 {after['image_digest'][:16]}...")
-    print(f"  release 2: {len(v2)} bytes over DTLS in {update_seconds:.1f} s "
-          f"(whole demo {time.monotonic() - started:.1f} s)")
-    print("\nDEMO OK: the device runs and has confirmed release 2" if ok else
-          "\nDEMO FAILED: the device does not run release 2")
+    print(
+        f"\n  device {DEVICE}: sequence {before['sequence_number']} -> "
+        f"{after['sequence_number']}, running image sha256 {after['image_digest'][:16]}..."
+    )
+    print(
+        f"  release 2: {len(v2)} bytes over DTLS in {update_seconds:.1f} s "
+        f"(whole demo {time.monotonic() - started:.1f} s)"
+    )
+    print(
+        "\nDEMO OK: the device runs and has confirmed release 2"
+        if ok
+        else "\nDEMO FAILED: the device does not run release 2"
+    )
     return 0 if ok else 1
 
 
@@ -140,8 +210,9 @@ def _wait_listening(server: subprocess.Popen[str], timeout: float = 30) -> str:
             raise SystemExit("demo: the server exited before it was ready")
         if "listening on coaps://" in line:
             uri = line.split("listening on ", 1)[1].split()[0]
-            threading.Thread(target=lambda: [None for _ in server.stdout or ()],
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda: [None for _ in server.stdout or ()], daemon=True
+            ).start()
             return uri.rstrip(".,")
     raise SystemExit("demo: the server did not start in time")
 
