@@ -1,0 +1,348 @@
+"""The simulated bootloader: secure boot, trial boot of a candidate, automatic revert.
+
+Choice: A/B slots with an *active-slot pointer* in the power-safe state record, no
+copy and no swap. Activating a candidate is one StateStore save (atomic: the old
+record stays valid until the new one is complete), so there is no scratch area and no
+swap-status journal to recover, and a power cut at any operation leaves either the old
+pointer or the new one.
+
+Every boot (every call of `boot`), in this order:
+
+1. identity and state are read; a damaged identity or two damaged state copies stop
+   the device (fail closed, never factory defaults);
+2. PENDING: the candidate slot is verified against its stored envelope exactly as the
+   agent did (trust.accept: signature from a ROM'd anchor, vendor/class/device,
+   freshness against the trusted sequence number, then the manifest's own validate
+   sequence: image-match over the slot = secure boot). Valid -> TESTING and it is
+   booted in test mode; invalid -> back to CONFIRMED with a "failed" report
+   (ATTACKS.md #18: a staged image or envelope changed after the agent checked it);
+3. TESTING at power-on means the previous trial boot never confirmed (crash, failed
+   start, power cut): revert to the active slot and report "reverted";
+4. the slot to run is verified again (secure boot on every boot, ATTACKS.md O2) and
+   its validate/invoke sequences are run by the core interpreter.
+
+Sequence-number policy (ATTACKS.md #47). The trusted sequence number moves only
+forward and only at two points: (a) when the agent confirms a trial boot (it becomes
+the new image's number), and (b) when a release is *given up*: its health check failed,
+or it has used up `max_trial_boots` unconfirmed trial boots. Then the trusted number
+stays at the failed release's (new) value while the device runs the old image, so that
+release can never be installed again and only a newer one can replace it. A revert
+after fewer unconfirmed trial boots (say a power cut during the trial) leaves the number
+unchanged and the same release may be retried, so power loss alone never makes a device
+refuse a good update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from otacoap.core import interpreter, suit, trust
+from otacoap.core.build import MAIN_COMPONENT
+from otacoap.core.errors import (
+    CommandError,
+    ConditionFailed,
+    OtaError,
+    ReportReason,
+)
+from otacoap.core.report import Report, State
+from otacoap.core.session import BootEvent, BootStatus, SessionError, boot_step
+from otacoap.core.writer import hash_region
+
+from . import firmware
+from .device_state import DeviceState, SlotInfo, StateFile, Trial, sha256
+from .flash import SimFlash
+from .layout import Identity, read_identity
+from .state import StateStoreError
+
+
+class BootError(Exception):
+    """Nothing bootable: the device is bricked. The tests count these; they must be 0."""
+
+
+class SlotInvalid(OtaError):
+    """A slot's image or envelope does not verify (secure boot refused it)."""
+
+    reason = ReportReason.CONDITION_FAILED
+
+
+def device_description(identity: Identity) -> interpreter.DeviceDescription:
+    return interpreter.DeviceDescription(
+        vendor_id=identity.vendor_id, class_id=identity.class_id, device_id=identity.device_uuid
+    )
+
+
+def trust_policy(
+    identity: Identity,
+    *,
+    sequence: int | None,
+    sequence_digest: bytes | None,
+    uri_prefixes: tuple[str, ...] | None,
+    max_envelope_size: int | None = None,
+) -> trust.TrustPolicy:
+    """The device's TrustPolicy: everything from the read-only identity and the state."""
+    kwargs = {} if max_envelope_size is None else {"max_envelope_size": max_envelope_size}
+    return trust.TrustPolicy(
+        anchors=identity.anchors(),
+        current_sequence=sequence,
+        current_manifest_digest=sequence_digest,
+        vendor_id=identity.vendor_id,
+        class_id=identity.class_id,
+        device_id=identity.device_uuid,
+        max_image_size=identity.layout.slot_size,
+        max_components=1,
+        # RFC 9124 REQ.SEC.ACCESS_CONTROL: the only writable component is the image
+        # slot; a manifest aimed at anything else (bootloader, ...) is refused (#17).
+        allowed_components=frozenset({MAIN_COMPONENT}),
+        allow_relative_uris=True,
+        allowed_uri_prefixes=uri_prefixes,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def read_envelope(flash: SimFlash, identity: Identity, slot: int, info: SlotInfo) -> bytes:
+    """The stored envelope of a slot, checked against the digest the state holds."""
+    lay = identity.layout
+    if not 0 < info.envelope_length <= lay.envelope_area_size:
+        raise SlotInvalid("stored envelope has an impossible length")
+    data = flash.read(lay.envelope_offset(slot), info.envelope_length)
+    if sha256(data) != info.envelope_sha256:
+        raise SlotInvalid("stored envelope was modified")
+    return data
+
+
+def check_image(
+    flash: SimFlash, identity: Identity, slot: int, action: interpreter.CheckImage
+) -> bool:
+    """condition-image-match (manifest-34 §8.4.9.2) over a slot: digest of exactly size bytes."""
+    size = action.size
+    if size is None or not 0 < size <= identity.layout.slot_size:
+        return False
+    digest = hash_region(flash, identity.layout.slot_offset(slot), size, action.digest.algorithm)
+    return digest == action.digest.value
+
+
+def run_procedure(
+    flash: SimFlash,
+    identity: Identity,
+    slot: int,
+    vm: trust.VerifiedManifest,
+    procedure: str,
+    fetch: Callable[[interpreter.Fetch], object] | None = None,
+) -> list[interpreter.Action]:
+    """Run a SUIT procedure synchronously with component 0 mapped onto `slot`."""
+
+    def answer(action: interpreter.Action) -> object:
+        if isinstance(action, interpreter.CheckImage):
+            if action.component != 0:
+                return False
+            return check_image(flash, identity, slot, action)
+        if isinstance(action, interpreter.Invoke):
+            return None
+        if isinstance(action, interpreter.Fetch) and fetch is not None:
+            return fetch(action)
+        if isinstance(action, interpreter.CheckCondition):
+            # manifest-34 §8.4.10: a condition this processor cannot judge fails.
+            return False
+        raise CommandError(f"{type(action).__name__} is not supported by this device")
+
+    gen = interpreter.run(vm.envelope, procedure, device_description(identity))
+    return interpreter.drive(gen, answer)
+
+
+def verify_slot(
+    flash: SimFlash,
+    identity: Identity,
+    state: DeviceState,
+    slot: int,
+    *,
+    candidate: bool,
+) -> SlotInfo:
+    """Secure boot of one slot: raise SlotInvalid (or the gate's OtaError) if it fails."""
+    info = state.slots[slot]
+    if info is None:
+        raise SlotInvalid(f"slot {slot} holds no image")
+    if info.factory:
+        # The factory image is vouched for by the digest in the read-only identity.
+        if candidate or slot != state.active:
+            raise SlotInvalid("a factory image is never a candidate")
+        if (info.image_size, info.image_digest) != (
+            identity.factory_size,
+            identity.factory_digest,
+        ):
+            raise SlotInvalid("factory slot record does not match the identity")
+        lay = identity.layout
+        if hash_region(flash, lay.slot_offset(slot), info.image_size) != info.image_digest:
+            raise SlotInvalid("factory image does not match its digest")
+        return info
+    envelope = read_envelope(flash, identity, slot, info)
+    policy = trust_policy(
+        identity,
+        sequence=state.sequence if candidate else None,
+        sequence_digest=state.sequence_digest if candidate else None,
+        uri_prefixes=None,
+    )
+    vm = trust.accept(envelope, policy)
+    if vm.manifest_digest.value != info.manifest_digest or vm.sequence_number != info.sequence:
+        raise SlotInvalid("stored envelope is not the one recorded for this slot")
+    if not candidate and info.sequence > state.sequence:
+        raise SlotInvalid("active image is newer than the trusted sequence number")
+    try:
+        actions = run_procedure(flash, identity, slot, vm, interpreter.INVOKE)
+    except ConditionFailed as exc:
+        raise SlotInvalid("image does not match its manifest") from exc
+    if not any(isinstance(a, interpreter.Invoke) for a in actions):
+        raise SlotInvalid("the manifest does not invoke the image")
+    return info
+
+
+def report_for(
+    state: DeviceState,
+    report_state: State,
+    info: SlotInfo | None,
+    reason: ReportReason = ReportReason.OK,
+    detail: str = "",
+) -> Callable[[int], bytes]:
+    """A report builder for DeviceState.with_report (the counter is allocated there)."""
+
+    def encode(counter: int) -> bytes:
+        digest = (
+            suit.SuitDigest(suit.DIGEST_SHA256, info.manifest_digest)
+            if info is not None and info.manifest_digest is not None
+            else None
+        )
+        return Report(
+            counter=counter,
+            state=report_state,
+            reason=reason,
+            sequence_number=info.sequence if info is not None else None,
+            manifest_digest=digest,
+            installed_sequence=state.sequence,
+            detail=detail,
+        ).encode()
+
+    return encode
+
+
+def revert(state: DeviceState, identity: Identity, event: BootEvent, detail: str) -> DeviceState:
+    """TESTING -> CONFIRMED on the old slot, with the sequence policy of the module doc."""
+    status, report_state = boot_step(state.boot, event)
+    info = state.slots[state.candidate]
+    trial = state.trial
+    give_up = event == BootEvent.HEALTH_FAILED or (
+        trial is not None and trial.boots >= identity.max_trial_boots
+    )
+    seq, seq_digest = state.sequence, state.sequence_digest
+    if give_up:
+        if info is not None and info.sequence > seq:
+            seq, seq_digest = info.sequence, info.manifest_digest
+        trial = None
+        detail += "; release given up"
+    new = replace(state, boot=status, sequence=seq, sequence_digest=seq_digest, trial=trial)
+    return new.with_report(
+        report_for(new, report_state, info, ReportReason.OPERATION_FAILED, detail)
+    )
+
+
+def confirm(state: DeviceState) -> DeviceState:
+    """TESTING -> CONFIRMED on the candidate; the one place the sequence number commits."""
+    status, report_state = boot_step(state.boot, BootEvent.CONFIRM)
+    cand = state.candidate
+    info = state.slots[cand]
+    if info is None or info.manifest_digest is None:
+        raise SessionError("confirm without a candidate")
+    if info.sequence < state.sequence:  # cannot happen: the gate checked freshness
+        raise SessionError("candidate is older than the trusted sequence number")
+    new = replace(
+        state,
+        boot=status,
+        active=cand,
+        sequence=info.sequence,
+        sequence_digest=info.manifest_digest,
+        trial=None,
+    )
+    return new.with_report(report_for(new, report_state, info))
+
+
+@dataclass(frozen=True)
+class BootResult:
+    slot: int
+    test_mode: bool
+    info: SlotInfo
+    behaviour: firmware.Behaviour
+    events: tuple[str, ...] = field(default=())
+
+
+class Bootloader:
+    """One power-on: decide what to run, persist that decision, verify, 'jump'."""
+
+    def __init__(self, flash: SimFlash) -> None:
+        self.flash = flash
+        self.identity = read_identity(flash)
+        self.state_file = StateFile(flash, self.identity.layout)
+
+    def boot(self) -> BootResult:
+        identity = self.identity
+        state = self.state_file.load()
+        events: list[str] = []
+        verified: SlotInfo | None = None
+        if state.boot == BootStatus.PENDING:
+            state, verified = self._try_candidate(state, events)
+        elif state.boot == BootStatus.TESTING:
+            reverted = revert(
+                state, identity, BootEvent.UNCONFIRMED_RESTART, "trial boot was not confirmed"
+            )
+            try:
+                self.state_file.save(reverted)
+                state = reverted
+            except StateStoreError:
+                # Cannot record the revert: boot the old image anyway; the record still
+                # says TESTING, so the next boot reverts again.
+                state = replace(state, boot=BootStatus.CONFIRMED)
+            events.append("reverted")
+        slot = state.running
+        test_mode = state.boot == BootStatus.TESTING
+        info = verified
+        if info is None:
+            try:
+                info = verify_slot(self.flash, identity, state, slot, candidate=test_mode)
+            except OtaError as exc:
+                raise BootError(f"slot {slot} does not verify: {exc}") from exc
+        head = self.flash.read(identity.layout.slot_offset(slot), firmware.HEADER_SIZE)
+        return BootResult(slot, test_mode, info, firmware.behaviour_of(head), tuple(events))
+
+    def _try_candidate(
+        self, state: DeviceState, events: list[str]
+    ) -> tuple[DeviceState, SlotInfo | None]:
+        """PENDING: verify the candidate; then TESTING (verified) or CONFIRMED (refused)."""
+        cand = state.candidate
+        info = state.slots[cand]
+        try:
+            verify_slot(self.flash, self.identity, state, cand, candidate=True)
+        except OtaError as exc:
+            status, report_state = boot_step(state.boot, BootEvent.CANDIDATE_INVALID)
+            new = replace(state, boot=status)
+            new = new.with_report(
+                report_for(new, report_state, info, exc.reason, f"secure boot: {exc}")
+            )
+            with contextlib.suppress(StateStoreError):  # else: refused again next boot
+                self.state_file.save(new)
+            events.append("candidate-invalid")
+            return replace(new, boot=status), None
+        assert info is not None and info.manifest_digest is not None
+        status, report_state = boot_step(state.boot, BootEvent.TRIAL_BOOT)
+        boots = 1
+        if state.trial is not None and state.trial.manifest_digest == info.manifest_digest:
+            boots = state.trial.boots + 1
+        new = replace(state, boot=status, trial=Trial(info.manifest_digest, boots))
+        new = new.with_report(report_for(new, report_state, info))
+        try:
+            self.state_file.save(new)
+        except StateStoreError:
+            # A trial that is not on record must not run (it could never be reverted
+            # properly): boot the active image, the candidate stays PENDING.
+            events.append("trial-deferred")
+            return replace(state, boot=BootStatus.CONFIRMED), None
+        events.append("trial-boot")
+        return new, info

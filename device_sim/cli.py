@@ -1,0 +1,356 @@
+"""`python -m device_sim provision | status | run`: the simulated device's command line.
+
+Every refusal is one line on stderr and a non-zero exit, never a traceback
+(OTACOAP_TRACEBACK=1 shows it for debugging). Exit codes: 0 success (updated, or
+nothing to do), 1 bad input or an unusable flash, 2 usage, 3 the update was refused,
+failed, was reverted, or the server could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from otacoap.core.errors import OtaError
+
+from .bootloader import BootError
+from .device_state import StateError
+from .flash import FlashError
+from .layout import (
+    DEFAULT_MAX_TRIAL_BOOTS,
+    DEFAULT_SECTOR_SIZE,
+    DEFAULT_SLOT_SIZE,
+    ProvisioningError,
+)
+from .state import StateStoreError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UPDATE_FAILED = 0, 1, 2, 3
+MAX_INPUT_FILE = 64 * 1024 * 1024
+MAX_SMALL_FILE = 256 * 1024
+
+
+class CliError(Exception):
+    """A refusal by the CLI itself (unreadable file, bad value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _size(text: str) -> int:
+    """A byte count: plain, or with a K/M suffix (powers of two)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t.endswith("K"):
+        mult, t = 1024, t[:-1]
+    elif t.endswith("M"):
+        mult, t = 1024 * 1024, t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("seconds must be a positive finite number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m device_sim",
+        description="A simulated OTA device: NOR flash with A/B slots, a secure "
+        "bootloader, and an update agent speaking CoAP over DTLS.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "provision",
+        help="create a provisioned flash image (identity, trust anchors, factory image)",
+        description="Write a new flash file: read-only identity (device id, PSK, vendor "
+        "and class, trust anchors), the factory image in slot 0 and the first state record.",
+    )
+    p.add_argument("--flash", required=True, metavar="FILE", help="flash image to create")
+    p.add_argument("--id", required=True, metavar="ID", help="device id (= DTLS PSK identity)")
+    p.add_argument("--psk", required=True, metavar="HEX", help="DTLS pre-shared key, hex")
+    p.add_argument("--vendor-domain", required=True, metavar="DOMAIN", help="vendor domain")
+    p.add_argument("--class-info", required=True, metavar="TEXT", help="device class")
+    p.add_argument(
+        "--trust",
+        required=True,
+        action="append",
+        metavar="AUTHOR.pub",
+        help="trust anchor: a PEM public key of a manifest author (repeatable)",
+    )
+    p.add_argument("--factory-image", required=True, metavar="FW.bin", help="factory image")
+    p.add_argument(
+        "--factory-envelope",
+        metavar="ENV",
+        help="SUIT envelope (CBOR or hex) for the factory image; its sequence number "
+        "becomes the device's (default: none, sequence number 0)",
+    )
+    p.add_argument(
+        "--slot-size",
+        type=_size,
+        default=DEFAULT_SLOT_SIZE,
+        metavar="BYTES",
+        help=f"size of each image slot (default {DEFAULT_SLOT_SIZE // 1024}K)",
+    )
+    p.add_argument(
+        "--sector-size",
+        type=_size,
+        default=DEFAULT_SECTOR_SIZE,
+        metavar="BYTES",
+        help=f"flash erase sector size (default {DEFAULT_SECTOR_SIZE})",
+    )
+    p.add_argument(
+        "--max-trial-boots",
+        type=int,
+        default=DEFAULT_MAX_TRIAL_BOOTS,
+        metavar="N",
+        help="unconfirmed trial boots before a release is given up "
+        f"(default {DEFAULT_MAX_TRIAL_BOOTS})",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing flash file")
+    p.set_defaults(handler=cmd_provision)
+
+    s = sub.add_parser(
+        "status",
+        help="show what the bootloader would boot",
+        description="Read the flash as the bootloader does (without writing to it): "
+        "installed sequence number, running slot and the SHA-256 of its image, "
+        "pending or partial updates.",
+    )
+    s.add_argument("--flash", required=True, metavar="FILE", help="flash image")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.set_defaults(handler=cmd_status)
+
+    r = sub.add_parser(
+        "run",
+        help="run the update agent against a server",
+        description="Power the device on (bootloader), then check the server for a "
+        "release and install it: verify the manifest before any download, fetch the "
+        "image block by block into the staging slot, reboot into it, confirm.",
+    )
+    r.add_argument("--flash", required=True, metavar="FILE", help="flash image")
+    r.add_argument("--server", required=True, metavar="coaps://HOST:PORT", help="the server")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="check once, update, exit (default)")
+    mode.add_argument(
+        "--watch", action="store_true", help="observe /m and update whenever a release appears"
+    )
+    r.add_argument(
+        "--max-time", type=_seconds, metavar="SECONDS", help="stop --watch after this long"
+    )
+    r.add_argument(
+        "--block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256, 512, 1024],
+        default=1024,
+        help="Block2 size to ask for (default 1024)",
+    )
+    r.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="--watch: also check this often without a notification (default 60)",
+    )
+    r.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    r.set_defaults(handler=cmd_run)
+    return parser
+
+
+def _read(path: str, cap: int) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"{path}: no such file")
+    with open(p, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise CliError(f"{path}: larger than {cap} bytes")
+    return data
+
+
+def _maybe_hex(data: bytes) -> bytes:
+    text = data.strip()
+    try:
+        if text and all(c in b"0123456789abcdefABCDEF\r\n\t " for c in text):
+            return bytes.fromhex(text.decode())
+    except ValueError:
+        pass
+    return data
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .provision import provision
+
+    try:
+        psk = bytes.fromhex(args.psk)
+    except ValueError:
+        raise CliError("--psk must be hex") from None
+    anchors = tuple(_read(t, MAX_SMALL_FILE) for t in args.trust)
+    image = _read(args.factory_image, MAX_INPUT_FILE)
+    envelope = (
+        _maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
+    )
+    result = provision(
+        args.flash,
+        device_id=args.id,
+        psk=psk,
+        vendor_domain=args.vendor_domain,
+        class_info=args.class_info,
+        anchors_pem=anchors,
+        factory_image=image,
+        factory_envelope=envelope,
+        slot_size=args.slot_size,
+        sector_size=args.sector_size,
+        max_trial_boots=args.max_trial_boots,
+        force=args.force,
+    )
+    print(
+        f"provisioned {result.identity.device_id} in {result.path}: "
+        f"seq {result.sequence}, image sha256 {result.image_digest.hex()}"
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .provision import inspect
+
+    info = inspect(args.flash)
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return EXIT_OK
+    print(f"device    {info['device_id']} ({info['vendor_domain']}, {info['class_info']})")
+    print(f"sequence  {info['sequence_number']} (trusted)")
+    print(
+        f"running   slot {info['running_slot']}: seq {info['running_sequence_number']}, "
+        f"{info['image_size']} bytes, sha256 {info['image_digest']}"
+    )
+    boot = info["boot_status"] + ("" if info["bootable"] else f" - NOT BOOTABLE: {info['problem']}")
+    print(f"boot      {boot}")
+    if info["pending"]:
+        pending = info["pending"]
+        print(f"pending   slot {pending['slot']}, seq {pending['sequence_number']}")
+    if info["download"]:
+        d = info["download"]
+        print(
+            f"partial   {d['bytes']}/{d['image_size']} bytes of manifest "
+            f"{d['manifest_digest'][:16]} in slot {d['slot']}"
+        )
+    print(f"reports   {info['queued_reports']} queued (counter {info['report_counter']})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from otacoap.core import blockwise
+
+    from .agent import AgentConfig, DeviceAgent, Outcome, RunResult
+    from .coap import normalize_base
+    from .fetcher import FetchConfig
+
+    try:
+        server = normalize_base(args.server)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.max_time is not None and not args.watch:
+        raise CliError("--max-time only applies to --watch")
+    config = AgentConfig(
+        fetch=FetchConfig(szx=blockwise.szx_of(args.block_size)),
+        poll_interval=args.poll_interval,
+    )
+
+    def show(result: RunResult) -> None:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "outcome": result.outcome.value,
+                        "reason": int(result.reason),
+                        "detail": result.detail,
+                        "sequence_number": result.sequence_number,
+                        "running_slot": result.running_slot,
+                        "image_digest": result.image_digest.hex(),
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            print(result.summary(), flush=True)
+
+    async def main() -> list[RunResult]:
+        device = DeviceAgent(args.flash, server, config=config)
+        try:
+            if args.watch:
+                return await device.watch(args.max_time, on_result=show)
+            result = await device.run_once()
+            show(result)
+            return [result]
+        finally:
+            await device.close()
+
+    results = _run_loop(main())
+    good = {Outcome.UPDATED, Outcome.UP_TO_DATE}
+    return EXIT_OK if results and results[-1].outcome in good else EXIT_UPDATE_FAILED
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # aiocoap warns about routine DTLS alerts (close_notify at shutdown); the
+        # device's own outcome line says what happened.
+        logging.getLogger("coap").setLevel(logging.ERROR)
+    try:
+        return int(args.handler(args))
+    except (
+        CliError,
+        ProvisioningError,
+        StateError,
+        BootError,
+        OtaError,
+        FlashError,
+        StateStoreError,
+        ValueError,
+    ) as exc:
+        _fail(args, str(exc))
+    except OSError as exc:
+        _fail(args, f"{getattr(exc, 'filename', None) or ''} {exc.strerror or exc}".strip())
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_ERROR
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    print(f"python -m device_sim {args.command}: error: {message}", file=sys.stderr)
+    if os.environ.get("OTACOAP_TRACEBACK"):
+        raise

@@ -1,0 +1,234 @@
+"""Factory provisioning and read-only inspection of a simulated device's flash.
+
+Provisioning is the one trusted step in a device's life: it writes the read-only
+identity (with the trust anchors), the factory image into slot 0, optionally the
+factory envelope that vouches for it, and the first state record. It builds the new
+flash in a temporary file and renames it into place only after a test boot succeeded,
+so a failed provisioning never leaves a half-made device behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from otacoap.core import trust
+from otacoap.core.errors import OtaError
+from otacoap.core.session import BootStatus
+
+from .bootloader import BootError, Bootloader, trust_policy, verify_slot
+from .device_state import DeviceState, SlotInfo, StateError, StateFile, sha256
+from .flash import SimFlash
+from .layout import (
+    DEFAULT_MAX_TRIAL_BOOTS,
+    DEFAULT_SECTOR_SIZE,
+    DEFAULT_SLOT_SIZE,
+    DEFAULT_WRITE_ALIGN,
+    FlashLayout,
+    Identity,
+    ProvisioningError,
+    open_flash,
+)
+
+_IO_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    path: Path
+    identity: Identity
+    sequence: int
+    image_digest: bytes
+
+
+def provision(
+    path: str | os.PathLike[str],
+    *,
+    device_id: str,
+    psk: bytes,
+    vendor_domain: str,
+    class_info: str,
+    anchors_pem: tuple[bytes, ...],
+    factory_image: bytes,
+    factory_envelope: bytes | None = None,
+    slot_size: int = DEFAULT_SLOT_SIZE,
+    sector_size: int = DEFAULT_SECTOR_SIZE,
+    write_align: int = DEFAULT_WRITE_ALIGN,
+    max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS,
+    force: bool = False,
+) -> ProvisionResult:
+    """Create a provisioned flash file at `path`; raise ProvisioningError on bad input."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise ProvisioningError(f"{target}: already exists (use --force to replace it)")
+    layout = FlashLayout(sector_size, write_align, slot_size)
+    if not factory_image:
+        raise ProvisioningError("factory image is empty")
+    if len(factory_image) > layout.slot_size:
+        raise ProvisioningError(
+            f"factory image of {len(factory_image)} bytes does not fit the "
+            f"{layout.slot_size}-byte slot"
+        )
+    image_digest = hashlib.sha256(factory_image).digest()
+    try:
+        identity = Identity(
+            device_id=device_id,
+            psk=psk,
+            vendor_domain=vendor_domain,
+            class_info=class_info,
+            anchors_pem=anchors_pem,
+            layout=layout,
+            factory_size=len(factory_image),
+            factory_digest=image_digest,
+            max_trial_boots=max_trial_boots,
+        )
+        identity.anchors()  # every anchor must load now, not at the first update
+    except OtaError as exc:
+        raise ProvisioningError(f"trust anchor: {exc}") from exc
+
+    sequence, manifest_digest = 0, None
+    if factory_envelope is not None:
+        try:
+            vm = trust.accept(
+                factory_envelope,
+                trust_policy(identity, sequence=None, sequence_digest=None, uri_prefixes=None),
+            )
+        except OtaError as exc:
+            raise ProvisioningError(f"factory envelope refused: {exc}") from exc
+        sequence, manifest_digest = vm.sequence_number, vm.manifest_digest.value
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        flash = SimFlash.create(tmp, layout.total_size, layout.sector_size, layout.write_align)
+        try:
+            flash.write(layout.identity_offset, identity.encode())
+            _write_padded(flash, layout.slot_offset(0), factory_image)
+            slot = SlotInfo(len(factory_image), image_digest, sequence, manifest_digest)
+            if factory_envelope is not None:
+                _write_padded(flash, layout.envelope_offset(0), factory_envelope)
+                slot = SlotInfo(
+                    len(factory_image),
+                    image_digest,
+                    sequence,
+                    manifest_digest,
+                    len(factory_envelope),
+                    sha256(factory_envelope),
+                )
+            state = DeviceState(
+                sequence=sequence,
+                sequence_digest=manifest_digest,
+                active=0,
+                boot=BootStatus.CONFIRMED,
+                slots=(slot, None),
+            )
+            StateFile(flash, layout).save(state)
+            if factory_envelope is not None:
+                _check_factory_envelope(flash, identity, state)
+            Bootloader(flash).boot()  # the device must boot before it leaves the factory
+        finally:
+            flash.close()
+        os.replace(tmp, target)
+    except BootError as exc:
+        raise ProvisioningError(f"provisioned device does not boot: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return ProvisionResult(target, identity, sequence, image_digest)
+
+
+def _check_factory_envelope(flash: SimFlash, identity: Identity, state: DeviceState) -> None:
+    try:
+        verify_slot(flash, identity, state, 0, candidate=False)
+    except OtaError as exc:
+        raise ProvisioningError(f"factory envelope does not vouch for the image: {exc}") from exc
+
+
+def _write_padded(flash: SimFlash, offset: int, data: bytes) -> None:
+    """Program data on erased flash in bounded chunks, padding the tail with 0xFF."""
+    align = flash.write_align
+    pos = 0
+    while pos < len(data):
+        chunk = data[pos : pos + _IO_CHUNK]
+        if len(chunk) % align:
+            chunk = chunk + b"\xff" * (align - len(chunk) % align)
+        flash.write(offset + pos, chunk)
+        pos += _IO_CHUNK
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the bootloader would see, without writing a single byte.
+
+    `sequence_number` is the trusted (installed) sequence number; `image_digest` is the
+    SHA-256 of the image the device runs, hashed from the flash.
+    """
+    flash, identity = open_flash(path)
+    try:
+        lay = identity.layout
+        try:
+            state = StateFile(flash, lay).load()
+        except StateError as exc:
+            raise ProvisioningError(str(exc)) from exc
+        running = state.running
+        info = state.slots[running]
+        if info is None:
+            raise ProvisioningError(f"running slot {running} holds no image")
+        digest = hashlib.sha256()
+        pos, end = 0, info.image_size
+        while pos < end:
+            n = min(4096, end - pos)
+            digest.update(flash.read(lay.slot_offset(running) + pos, n))
+            pos += n
+        bootable = True
+        problem = ""
+        try:
+            verify_slot(flash, identity, state, running, candidate=state.boot == BootStatus.TESTING)
+        except OtaError as exc:
+            bootable, problem = False, str(exc)
+        pending = None
+        if state.boot == BootStatus.PENDING:
+            cand = state.slots[state.candidate]
+            pending = {
+                "slot": state.candidate,
+                "sequence_number": cand.sequence if cand else None,
+            }
+        download = None
+        if state.download is not None:
+            d = state.download
+            download = {
+                "manifest_digest": d.manifest_digest.hex(),
+                "slot": d.slot,
+                "bytes": d.durable,
+                "image_size": d.image_size,
+            }
+        return {
+            "device_id": identity.device_id,
+            "vendor_domain": identity.vendor_domain,
+            "class_info": identity.class_info,
+            "sequence_number": state.sequence,
+            "running_sequence_number": info.sequence,
+            "running_slot": running,
+            "active_slot": state.active,
+            "image_size": info.image_size,
+            "image_digest": digest.hexdigest(),
+            "manifest_digest": info.manifest_digest.hex() if info.manifest_digest else None,
+            "boot_status": state.boot.value,
+            "bootable": bootable,
+            "problem": problem,
+            "pending": pending,
+            "download": download,
+            "trial_boots": state.trial.boots if state.trial else 0,
+            "report_counter": state.report_counter,
+            "queued_reports": len(state.reports),
+            "slot_size": lay.slot_size,
+            "flash_size": lay.total_size,
+        }
+    finally:
+        flash.close()

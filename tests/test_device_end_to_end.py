@@ -1,0 +1,135 @@
+"""End to end over real DTLS with the REAL server: provision, publish, update, confirm.
+
+Everything through the command lines a user would type: `otacoap init / trust add /
+device add / publish / serve` (via tests/server_helpers.py) and `python -m device_sim
+provision / run / status`. The server's own store must then hold the device's whole
+report sequence, and a release published while the device watches /m (RFC 7641
+Observe) must be installed without waiting for a poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+server_helpers = pytest.importorskip("server_helpers", reason="tests/server_helpers.py missing")
+
+from server_helpers import CLASS_A, DeviceSpec, make_image, make_setup, running_server  # noqa: E402
+
+from otacoap.store import DataDir  # noqa: E402
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "e2e-dev-1"
+PSK = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+
+
+def device_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "device_sim", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def status(flash: Path) -> dict[str, object]:
+    done = device_cli("status", "--flash", str(flash), "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def reports(data: Path) -> list[tuple[str, int, int | None]]:
+    store = DataDir(data).open_store()
+    try:
+        records = store.list_reports(DEVICE, 100)
+    finally:
+        store.close()
+    ordered = sorted(records, key=lambda r: r.counter)
+    return [(r.state, r.reason, r.sequence_number) for r in ordered]
+
+
+def test_provision_publish_update_confirm_and_watch(tmp_path: Path) -> None:
+    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)])
+    factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
+    flash = tmp_path / "device.flash"
+    done = device_cli(
+        "provision",
+        "--flash", str(flash),
+        "--id", DEVICE,
+        "--psk", PSK.hex(),
+        "--vendor-domain", setup.devices[DEVICE].vendor_domain,
+        "--class-info", CLASS_A,
+        "--trust", str(setup.key_pub),
+        "--factory-image", str(factory.image_path),
+        "--factory-envelope", str(factory.envelope_path),
+        "--slot-size", "128K",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert status(flash)["sequence_number"] == 1
+
+    v2 = setup.release(CLASS_A, 2, make_image("v2", 40_000))
+    setup.publish(v2)
+    with running_server(setup.data) as server:
+        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
+        assert run.returncode == 0, run.stderr + run.stdout
+        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 2
+        info = status(flash)
+        assert info["sequence_number"] == 2 and info["boot_status"] == "confirmed"
+        assert info["image_digest"] == hashlib.sha256(v2.image).hexdigest()
+        assert info["queued_reports"] == 0
+        assert reports(setup.data) == [
+            ("downloading", 0, 2),
+            ("downloaded", 0, 2),
+            ("installing", 0, 2),
+            ("installed", 0, 2),
+            ("confirmed", 0, 2),
+        ]
+
+        # Nothing new: a second run is a no-op.
+        again = device_cli("run", "--flash", str(flash), "--server", server.uri)
+        assert again.returncode == 0 and again.stdout.startswith("up-to-date"), again.stdout
+
+        # --watch: a release published while the device observes /m arrives by Observe,
+        # well before the (60 s) fallback poll.
+        watcher = subprocess.Popen(
+            [
+                sys.executable, "-m", "device_sim", "run", "--flash", str(flash),
+                "--server", server.uri, "--watch", "--max-time", "25", "--json",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert watcher.stdout is not None
+            first = json.loads(watcher.stdout.readline())
+            assert first["outcome"] == "up-to-date"
+            v3 = setup.release(CLASS_A, 3, make_image("v3", 20_000))
+            published = time.monotonic()
+            setup.publish(v3)
+            update: dict[str, object] = {}
+            for line in watcher.stdout:  # bounded by --max-time
+                update = json.loads(line)
+                if update["outcome"] != "up-to-date":
+                    break
+            latency = time.monotonic() - published
+            assert update["outcome"] == "updated" and update["sequence_number"] == 3, update
+            assert latency < 15, f"update took {latency:.1f} s: not driven by Observe?"
+        finally:
+            watcher.terminate()
+            watcher.wait(timeout=15)
+        info = status(flash)
+        assert info["sequence_number"] == 3
+        assert info["image_digest"] == hashlib.sha256(v3.image).hexdigest()
+        assert [r for r in reports(setup.data) if r[2] == 3][-1] == ("confirmed", 0, 3)
