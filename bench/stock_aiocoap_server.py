@@ -2,7 +2,9 @@
 
 A plain `aiocoap.resource.Resource` returns the whole image; aiocoap slices Block2 and
 keeps the assembled response in its block-wise cache. DTLS-PSK via aiocoap's
-tinydtls_server, devices given as identity:pskhex pairs in a JSON file.
+tinydtls_server, devices given as identity:pskhex pairs in a JSON file. `--loop uvloop`
+runs it on the same event loop `otacoap serve` uses by default, so a comparison measures
+the request handling, not the loop.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import aiocoap
@@ -26,13 +29,17 @@ class Image(resource.Resource):
         return aiocoap.Message(payload=self.data)
 
 
-async def main() -> None:
+def _args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--devices", required=True, help="JSON file: [[identity, pskhex], ...]")
     ap.add_argument("--plain", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    return ap.parse_args(argv)
+
+
+async def main(args: argparse.Namespace) -> None:
     site = resource.Site()
     site.add_resource(["fw", "image"], Image(Path(args.image).read_bytes()))
     creds = CredentialsMap()
@@ -52,4 +59,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    ARGS = _args(sys.argv[1:])
+    if ARGS.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main(ARGS))
+    else:
+        asyncio.run(main(ARGS))

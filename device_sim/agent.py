@@ -98,6 +98,25 @@ class AgentConfig:
     report_timeout: float = 5.0
     poll_interval: float = 60.0  # --watch: poll even without a notification
 
+    # The Block2 window lives in FetchConfig (one source of truth); these read it and
+    # `with_window` sets it, for callers that only hold an AgentConfig.
+    @property
+    def max_window(self) -> int:
+        """Most Block2 requests outstanding for the image (1 = RFC 7959 lock-step)."""
+        return self.fetch.max_window
+
+    @property
+    def window(self) -> int:
+        """Initial window once the first block is in (capped at `max_window`)."""
+        return min(self.fetch.window, self.fetch.max_window)
+
+    def with_window(self, max_window: int, window: int | None = None) -> AgentConfig:
+        """This config with a windowed image transfer of at most `max_window` requests."""
+        fetch = replace(self.fetch, max_window=max_window)
+        if window is not None:
+            fetch = replace(fetch, window=window)
+        return replace(self, fetch=fetch)
+
 
 class Outcome(StrEnum):
     UP_TO_DATE = "up-to-date"  # nothing new (or no release for this device)
@@ -310,8 +329,10 @@ class UpdateAgent:
             cap=self.config.max_envelope_size,
         )
         parts = bytearray()
-        async for _, payload in fetcher.blocks(0):
-            parts += payload
+        # Lock-step whatever the window: the envelope's size is unknown (see fetcher).
+        async with contextlib.aclosing(fetcher.blocks(0)) as stream:
+            async for _, payload in stream:
+                parts += payload
         return bytes(parts)
 
     def policy(self, state: DeviceState) -> trust.TrustPolicy:
@@ -551,14 +572,19 @@ class UpdateAgent:
                 self.transport, path, clock=self.clock, config=self.config.fetch, total=size
             )
             self.last_fetcher = fetcher
-            async for _, payload in fetcher.blocks(start):
-                writer.write(payload)
-                if writer.offset % self._checkpoint == 0 and writer.offset < size:
-                    state = self.load()
-                    assert state.download is not None
-                    self.save(
-                        replace(state, download=replace(state.download, durable=writer.offset))
-                    )
+            # Blocks arrive strictly in order whatever the window (the fetcher buffers
+            # out-of-order ones), so the writer, its hash and the checkpoints are the
+            # same as in lock-step. aclosing: a PowerCut or flash error raised here
+            # also ends the requests a windowed fetcher still has in flight.
+            async with contextlib.aclosing(fetcher.blocks(start)) as stream:
+                async for _, payload in stream:
+                    writer.write(payload)
+                    if writer.offset % self._checkpoint == 0 and writer.offset < size:
+                        state = self.load()
+                        assert state.download is not None
+                        self.save(
+                            replace(state, download=replace(state.download, durable=writer.offset))
+                        )
         try:
             writer.finish()
         except ConditionFailed:

@@ -72,6 +72,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _window(text: str) -> int:
+    from .fetcher import MAX_WINDOW
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_WINDOW:
+        raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m device_sim",
@@ -166,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[16, 32, 64, 128, 256, 512, 1024],
         default=1024,
         help="Block2 size to ask for (default 1024)",
+    )
+    r.add_argument(
+        "--window",
+        type=_window,
+        default=1,
+        metavar="N",
+        help="most Block2 requests outstanding for the image, adapted to loss and delay "
+        "by a congestion controller (1 = RFC 7959 lock-step, the default; e.g. 8 on a "
+        "long round trip)",
     )
     r.add_argument(
         "--poll-interval",
@@ -275,7 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_time is not None and not args.watch:
         raise CliError("--max-time only applies to --watch")
     config = AgentConfig(
-        fetch=FetchConfig(szx=blockwise.szx_of(args.block_size)),
+        fetch=FetchConfig(szx=blockwise.szx_of(args.block_size), max_window=args.window),
         poll_interval=args.poll_interval,
     )
 

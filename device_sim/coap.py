@@ -6,6 +6,9 @@ would hide the Block2 options the device must check itself (RFC 7959 §2.2-2.4).
 DTLS PSK identity is the device id and the key its PSK (RFC 7252 §9.1.3.1); identity
 comes only from the session, never from a URI or payload.
 
+Block2 GETs of a windowed transfer go out as NON requests (`get_nonconfirmable`); every
+other request is a CON, retransmitted by aiocoap (RFC 7252 §4.2).
+
 `reset()` throws the client context away, so the next request starts a new DTLS
 session: after a server restart or a long outage the old session is dead on the server
 side, and only a new handshake recovers.
@@ -35,6 +38,33 @@ _log = logging.getLogger(__name__)
 # young-generation collection every few exchanges bounds that garbage to those few
 # exchanges, which is what keeps the device's memory flat for any image size.
 COLLECT_EVERY = 4
+
+
+# RFC 7252 §4.3: reliability False makes aiocoap send the request as NON.
+_NON = aiocoap.Unreliable()
+
+
+def _noop() -> None:
+    return None
+
+
+def _release(request: Any) -> None:
+    """Break the reference cycle aiocoap 0.4 leaves behind a finished request.
+
+    The cycle is Request -> `_stop_interest` (a partial holding the `process` closure)
+    -> closure cell -> Request. Once the pipe has ended (`_event_callbacks is False`:
+    the response came, or the cancellation handler already unregistered the interest;
+    asyncio.wait_for runs that handler before it returns), `_stop_interest` has
+    nothing left to do, and replacing it lets reference counting free the request,
+    its pipe and both messages at once. Why it matters: with several requests in
+    flight (a windowed transfer), the `collect_every` young-generation collections
+    run while other requests are alive, promote them to the oldest generation, and
+    their cycles would then wait for a full collection (megabytes for a 1 MiB image).
+    Guarded with getattr: on another aiocoap the gc workaround still applies.
+    """
+    pipe = getattr(request, "_pipe", None)
+    if getattr(pipe, "_event_callbacks", None) is False and hasattr(request, "_stop_interest"):
+        request._stop_interest = _noop
 
 
 def normalize_base(uri: str) -> str:
@@ -109,6 +139,7 @@ class CoapTransport:
 
     async def _exchange(self, msg: Message, timeout: float) -> Response:
         ctx = await self._context()
+        request = None
         try:
             request = ctx.request(msg, handle_blockwise=False)
             raw = await asyncio.wait_for(request.response, timeout)
@@ -116,6 +147,9 @@ class CoapTransport:
             raise TransportError(f"no response within {timeout:.1f} s") from exc
         except (aiocoap.error.Error, OSError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if request is not None:
+                _release(request)
         self._remote = raw.remote
         response = _convert(raw)
         del raw, request
@@ -128,6 +162,23 @@ class CoapTransport:
         self, path: str, *, block2: tuple[int, int, int] | None, timeout: float
     ) -> Response:
         kwargs: dict[str, Any] = {}
+        if block2 is not None:
+            kwargs["block2"] = block2
+        return await self._exchange(Message(code=GET, uri=self._base + path, **kwargs), timeout)
+
+    async def get_nonconfirmable(
+        self, path: str, *, block2: tuple[int, int, int] | None, timeout: float
+    ) -> Response:
+        """GET as a NON request (RFC 7252 §4.3): sent at once, never retransmitted here.
+
+        For the windowed Block2 transfer (device_sim.fetcher): aiocoap's message layer
+        keeps one CON outstanding per peer (NSTART = 1, RFC 7252 §4.7) and queues the
+        rest, and retransmits every CON itself (§4.2). A window of CONs would go out
+        one at a time and be retransmitted by two layers. As NON, the fetcher's
+        congestion controller alone decides how many requests are out and when one
+        is asked again. The server answers a NON request with a NON response (§5.2.3).
+        """
+        kwargs: dict[str, Any] = {"transport_tuning": _NON}
         if block2 is not None:
             kwargs["block2"] = block2
         return await self._exchange(Message(code=GET, uri=self._base + path, **kwargs), timeout)

@@ -68,6 +68,17 @@ class Transport(Protocol):
         self, path: str, payload: bytes, *, content_format: int, timeout: float
     ) -> Response: ...
 
+    # Optional, looked up with getattr by the windowed fetcher (so wrappers and fakes
+    # written before it keep working):
+    #
+    #   async def get_nonconfirmable(self, path, *, block2, timeout) -> Response
+    #
+    # the same GET as a NON request, which a CoAP message layer neither queues behind
+    # other requests (NSTART) nor retransmits. A transport with a CoAP message layer
+    # should offer it, and a wrapper around one should forward it; without it the
+    # windowed fetcher uses `get`, which is right only for transports that have no
+    # message layer of their own (in-process, test fakes).
+
     def observe(self, path: str) -> AsyncIterator[Response]: ...
 
     async def reset(self) -> None:

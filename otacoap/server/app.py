@@ -22,6 +22,7 @@ from aiocoap.util import hostportjoin
 
 from ..store import Config, DataDir
 from ..store.errors import StoreError
+from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
 from .state import ServerState
 from .transport import DTLSServerInterface, PlainServerInterface, add_transport
@@ -54,6 +55,7 @@ class OtaServer:
         self.manifest: ManifestResource | None = None
         self.dtls: DTLSServerInterface | None = None
         self.plain: PlainServerInterface | None = None
+        self.fastpath: FirmwareFastPath | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.uploads: Uploads | None = None
         self.staged: StagedImages | None = None
@@ -99,6 +101,7 @@ class OtaServer:
         self.uploads = Uploads(state.blobs, cfg.uploads)
         self.staged = StagedImages(cfg.uploads)
         site, self.manifest = build_site(state, self.uploads, self.staged)
+        fast = self.fastpath = FirmwareFastPath(state)
         loop = asyncio.get_running_loop()
         ctx = self.context = aiocoap.Context(
             loop=loop, serversite=site, loggername="otacoap.coap", server_credentials=state.psks
@@ -112,6 +115,7 @@ class OtaServer:
             s.dedup_max_entries,
             s.dedup_lifetime,
         )
+        self.dtls.fast = fast
         if opts.plain_coap:
             self.plain = await add_transport(
                 ctx,
@@ -121,6 +125,7 @@ class OtaServer:
                 s.dedup_max_entries,
                 s.dedup_lifetime,
             )
+            self.plain.fast = fast
         self._tasks = [
             asyncio.create_task(state.poll(), name="otacoap store poll"),
             asyncio.create_task(self._sweep(), name="otacoap upload sweep"),
@@ -149,6 +154,9 @@ class OtaServer:
             self.uploads.close()
         if self.staged is not None:
             self.staged.close()
+        if self.fastpath is not None:
+            self.fastpath.close()
+            self.fastpath = None
         if self.state is not None:
             await self.state.close()
             self.state = None

@@ -55,6 +55,9 @@ class ServerState:
         self._class_releases: dict[ClassKey, ReleaseRecord | None] = {}
         self._releases_by_id: dict[int, ReleaseRecord | None] = {}
         self._release_listeners: list[Callable[[], None]] = []
+        # Bumped whenever the caches above are dropped, so caches derived from them
+        # elsewhere (the /fw fast path's grants) know to drop theirs too.
+        self.epoch = 0
         self._refusals: dict[tuple[str, str], float] = {}
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
@@ -184,6 +187,7 @@ class ServerState:
         if principals_changed or releases_changed:
             # Device rows carry the class and the pinned release: both kinds matter.
             self._devices.clear()
+            self.epoch += 1
         if principals_changed:
             self.psks.invalidate()
             self._operators.clear()

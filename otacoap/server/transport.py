@@ -20,6 +20,12 @@ what `Context._append_tokenmanaged_messagemanaged_transport` does) with subclass
   Under the cap nothing changes; beyond it the oldest entries are forgotten early,
   which can only turn a late retransmission into a re-executed request. Our state-
   changing requests are idempotent under that (a repeated report is recognised).
+- A fast path hook (`FastPath`, see fastpath.py): each message interface offers the
+  plaintext CoAP datagram to it first; a request it answers never reaches aiocoap's
+  MessageManager, TokenManager or Site. Anything it declines goes on as before.
+- `_Decrypting`: aiocoap cancels and re-creates a handshake-retransmission task for
+  every incoming datagram, even on established sessions where tinydtls has nothing to
+  retransmit; we ask tinydtls first and only create the task when it does.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiocoap import error
 from aiocoap.message import Message
@@ -49,6 +55,62 @@ from aiocoap.transports.tinydtls_server import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class FastPath(Protocol):
+    def handle(self, remote: Any, datagram: bytes) -> bytes | None:
+        """The response to send for a plaintext CoAP datagram, or None to decline."""
+        ...
+
+
+class _FastPathFirst:
+    """Message-interface mixin: offer each plaintext datagram to `fast` first."""
+
+    fast: FastPath | None = None
+    _mman: Any
+
+    def _received_datagram(self, address: Any, datagram: bytes) -> None:
+        fast = self.fast
+        if fast is not None and self._mman is not None:  # _mman None: shutting down
+            try:
+                response = fast.handle(address, datagram)
+            except Exception:  # a fast-path bug must not lose the request
+                log.exception("fast path failed; handing the request to aiocoap")
+                response = None
+            if response is not None:
+                address.send(response)
+                return
+        super()._received_datagram(address, datagram)  # type: ignore[misc]
+
+
+class _NoRetransmission:
+    """Stands in for aiocoap's per-session retransmission task when none is needed."""
+
+    @staticmethod
+    def cancel() -> bool:
+        return False
+
+
+_NO_RETRANSMISSION = _NoRetransmission()
+
+
+class _Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
+    """aiocoap's DTLS decryption adapter without a new task per datagram."""
+
+    def _received_datagram(self, address: Any, data: bytes) -> None:
+        task = address._retransmission_task
+        if task is not _NO_RETRANSMISSION:
+            task.cancel()
+        dtls = address._dtls_socket
+        dtls.handleMessage(address._dtls_session, data)
+        # aiocoap's task starts with this same call and ends at once when it is 0,
+        # which is always the case once the handshake is over.
+        if dtls.checkRetransmit() == 0:
+            address._retransmission_task = _NO_RETRANSMISSION
+        else:
+            address._retransmission_task = asyncio.create_task(
+                address._run_retransmissions(), name="DTLS server handshake retransmissions"
+            )
 
 
 class DedupCache:
@@ -120,14 +182,30 @@ class BoundedMessageManager(MessageManager):
 
 
 class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
-    """A DTLS peer that remembers whether its handshake ever completed."""
+    """A DTLS peer that remembers whether its handshake ever completed.
+
+    Its tinydtls callbacks go straight to their destinations: aiocoap's `_read` reaches
+    the plaintext interface through two adapter calls and `_write` the socket through
+    two more, on every record.
+    """
 
     established = False
+
+    def __init__(self, protocol: Any, underlying_address: Any) -> None:
+        super().__init__(protocol, underlying_address)
+        self._plaintext = protocol._message_interface._plaintext_interface
+        self._sendto = protocol._transport.sendto
+        self._peer = underlying_address
 
     def _read(self, sender: Any, data: bytes) -> int:
         # tinydtls only hands us plaintext after the Finished messages verified.
         self.established = True
-        return int(super()._read(sender, data))
+        self._plaintext._received_datagram(self, data)
+        return len(data)
+
+    def _write(self, recipient: Any, data: bytes) -> int:
+        self._sendto(data, self._peer)
+        return len(data)
 
     def evict(self) -> None:
         """Drop this session, telling an established peer with a close_notify alert
@@ -171,13 +249,19 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
     @classmethod
     async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
         # As in aiocoap: incoming datagrams go through the per-peer DTLS state first.
-        wrapped = GoingThroughMessageDecryption(message_interface)
+        wrapped = _Decrypting(message_interface)
         return await _bind_exclusive(cls, bind, log, loop, wrapped)
 
     def datagram_received(self, data: bytes, sockaddr: Any) -> None:
-        if sockaddr not in self._connections:
+        # aiocoap's, plus room-making before a new peer is admitted.
+        conns = self._connections
+        address = conns.get(sockaddr)
+        if address is None:
             self._make_room()
-        super().datagram_received(data, sockaddr)
+            address = conns[sockaddr] = self._Address(self, sockaddr)
+        else:
+            conns.move_to_end(sockaddr)
+        self._message_interface._received_datagram(address, data)
 
     def _make_room(self) -> None:
         while len(self._connections) >= self.max_sockets:
@@ -197,7 +281,7 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
                 conns.pop(victim._underlying_address.address, None)
 
 
-class DTLSServerInterface(MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
+class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
     _serversocket = _BoundedDTLSSocket
 
     @classmethod
@@ -233,7 +317,7 @@ class _PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
         return await _bind_exclusive(cls, bind, log, loop, message_interface)
 
 
-class PlainServerInterface(MessageInterfaceSimpleServer):  # type: ignore[misc]
+class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):  # type: ignore[misc]
     """Unencrypted CoAP, only with --insecure-plain-coap."""
 
     _serversocket = _PlainSocket

@@ -1,0 +1,302 @@
+"""GET /fw/<id> Block2 without aiocoap's per-request machinery: the hot path, made lean.
+
+Why: a device downloads an image as hundreds of identical-looking requests, one per
+block. Through aiocoap each costs a `Message` decode, a dedup-cache entry (kept 247 s,
+the RSS growth seen under load), a piggyback timer, a Pipe, a render task, Site's
+path-stripping `Message.copy`, a response `Message` and its option encoding. Profiled
+under Block2 load (bench/bench_block2_throughput.py) that machinery, not DTLS or disk,
+took ~90 % of the server's CPU: ~470 µs per block.
+
+What stays aiocoap: the DTLS sessions (tinydtls_server), the socket, and every request
+that is not the plain success case. The fast path sits at the message-interface
+boundary (plaintext CoAP bytes in, response bytes out) and answers only a request it
+fully understands: a CON GET whose options are exactly Uri-Path "fw", Uri-Path <id>
+and optionally Block2 (Uri-Host, Uri-Port and Size2 are tolerated, as aiocoap's Site
+ignores them), from a device whose current release has that image, for a block inside
+the image. Everything else (NON, any other option, a payload, an unauthorised or
+unknown identity, a bad block, a short read) returns None and aiocoap handles it
+exactly as before, so refusals, their 4.0x codes and their audit entries have one
+implementation.
+
+Semantics kept (ATTACKS.md #24/#25/#32): identity from the DTLS session's claims (or
+the one --insecure-plain-identity principal on plain CoAP), the same release
+lookup as FirmwareResource, Block2 arithmetic from `core.blockwise` (the one place
+for it), a pread of exactly the answered range, ETag/Content-Format/Block2/Size2 in
+the same order and encoding aiocoap would produce (tests compare the bytes).
+
+RFC 7252 §4.5: a duplicate CON is answered again instead of from a dedup cache. That
+rule "MAY be relaxed" for idempotent requests, and a GET of one block is idempotent
+and stateless, so nothing is remembered per request and memory does not grow with
+the request rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+from ..core import blockwise, ids, protocol
+from ..store import Principal, Role
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+
+OPT_URI_HOST, OPT_ETAG, OPT_URI_PORT, OPT_URI_PATH = 3, 4, 7, 11
+OPT_CONTENT_FORMAT, OPT_BLOCK2, OPT_SIZE2 = 12, 23, 28
+_TOLERATED = frozenset((OPT_URI_HOST, OPT_URI_PORT, OPT_SIZE2))
+_FW = ids.IMAGE_PATH_PREFIX.encode()
+_GET = 0x01
+_CONTENT = 0x45  # 2.05
+_MAX_IMAGES = 64  # open image files; the current releases' images, in practice
+_IMAGE_BITS = 6  # 1 << 6 == _MAX_IMAGES: an image's slot in a memo key
+_MAX_GRANTS = 8192  # principals with a cached verdict
+_MAX_MEMO = 1 << 15  # memoised blocks, all images (~250 bytes each: <= ~8 MB)
+
+
+def _uint(value: int) -> bytes:
+    """RFC 7252 §3.2 uint: minimal big-endian, zero is empty."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+def _option(delta: int, value: bytes) -> bytes:
+    """RFC 7252 §3.1 option header (extended delta/length) and value."""
+
+    def nibble(v: int) -> tuple[int, bytes]:
+        if v < 13:
+            return v, b""
+        if v < 269:
+            return 13, bytes((v - 13,))
+        return 14, (v - 269).to_bytes(2, "big")
+
+    d, dx = nibble(delta)
+    n, nx = nibble(len(value))
+    return bytes(((d << 4) | n,)) + dx + nx + value
+
+
+class _Image:
+    """One image as the fast path serves it: open file, constant options, block memo."""
+
+    def __init__(
+        self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any]
+    ) -> None:
+        self.digest = digest
+        self.size = size
+        self.image_id = ids.image_id(digest).encode()  # the Uri-Path segment naming it
+        # RFC 7252 §3.1: options in number order, so the constant ones (ETag 4,
+        # Content-Format 12) are encoded once; Block2 (23) varies; Size2 (28) is fixed.
+        etag = protocol.etag_for(digest)
+        self.head = _option(OPT_ETAG, etag) + _option(
+            OPT_CONTENT_FORMAT - OPT_ETAG, _uint(protocol.CF_OCTET_STREAM)
+        )
+        self.size2 = _option(OPT_SIZE2 - OPT_BLOCK2, _uint(size))
+        # (block2 request value, max SZX, slot) -> (offset, length, encoded options +
+        # payload marker). Deterministic per image, so computed once per block, not per
+        # request; shared by all images so that one cap bounds it.
+        self.slot = slot
+        self.memo = memo
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def block(self, block2: int, max_szx: int) -> tuple[int, int, bytes] | None:
+        """Where block `block2` (-1: no Block2 option) is and its response options."""
+        key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        total = self.size
+        if block2 < 0:
+            if total <= blockwise.size_of(max_szx):
+                return None  # the whole body without Block2: rare, left to aiocoap
+            num, szx = 0, max_szx
+        else:
+            num, szx = block2 >> 4, block2 & 0x07
+        try:
+            szx_used, piece = blockwise.server_slice(total, num, szx, max_szx)
+        except blockwise.BlockError:
+            return None  # 4.00 from FirmwareResource
+        if piece.length == 0:
+            return None
+        num_used = piece.offset // blockwise.size_of(szx_used)
+        b2 = _uint((num_used << 4) | (8 if piece.more else 0) | szx_used)
+        options = self.head + _option(OPT_BLOCK2 - OPT_CONTENT_FORMAT, b2) + self.size2 + b"\xff"
+        if len(self.memo) >= _MAX_MEMO:
+            self.memo.clear()
+        hit = self.memo[key] = (piece.offset, piece.length, options)
+        return hit
+
+
+def _claimed(remote: Any, plain: Principal | None) -> Principal | None:
+    """The principal the session claims (not yet checked against the store)."""
+    for claim in getattr(remote, "authenticated_claims", ()):
+        if isinstance(claim, Principal):
+            return claim
+    if plain is not None and getattr(remote, "scheme", None) == "coap":
+        return plain
+    return None
+
+
+class FirmwareFastPath:
+    """Answers GET /fw/<id> Block2 requests from raw CoAP bytes, or declines (None)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        # id(claimed principal) -> (that principal, its image or None). The entry
+        # holds the principal, so its id cannot be reused while the entry exists.
+        self._grants: dict[int, tuple[Principal, _Image | None]] = {}
+        self._images: dict[bytes, _Image] = {}
+        self._memo: dict[int, tuple[int, int, bytes]] = {}
+        self._epoch = state.epoch
+        self._max_szx = min(state.config.server.max_block_szx, blockwise.MAX_SZX)
+        self.served = 0
+
+    def close(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        self._grants.clear()
+        for image in self._images.values():
+            image.close()
+        self._images.clear()
+        self._memo.clear()  # keyed by image slots, which are reused from here on
+        self._epoch = self.state.epoch
+
+    def _grant(self, remote: Any) -> _Image | None:
+        if self._epoch != self.state.epoch:
+            # Principals or releases changed: everything cached may be stale.
+            self._forget()
+        claimed = _claimed(remote, self.state.plain_principal)
+        if claimed is None:
+            return None
+        hit = self._grants.get(id(claimed))
+        if hit is not None and hit[0] is claimed:
+            return hit[1]
+        image: _Image | None = None
+        # The same checks, in the same order, as FirmwareResource.render_get.
+        principal = self.state.principal_of(remote)
+        if principal is not None and principal.role is Role.DEVICE:
+            device = self.state.device(principal.name)
+            release = self.state.release_for(device) if device else None
+            if release is not None:
+                image = self._image(release.image.digest, release.image.size)
+        if len(self._grants) >= _MAX_GRANTS:
+            self._grants.clear()
+        self._grants[id(claimed)] = (claimed, image)
+        return image
+
+    def _image(self, digest: bytes, size: int) -> _Image | None:
+        image = self._images.get(digest)
+        if image is None:
+            if len(self._images) >= _MAX_IMAGES:
+                self._forget()
+            try:
+                path = self.state.blobs.path_of(digest)
+                image = _Image(digest, size, path, len(self._images), self._memo)
+            except OSError:
+                return None  # FirmwareResource reports it (5.00, logged)
+            self._images[digest] = image
+        return image
+
+    def handle(self, remote: Any, data: bytes) -> bytes | None:
+        """The encoded response to `data`, or None: aiocoap should handle it."""
+        n = len(data)
+        # RFC 7252 §3: version 1, type CON (0), TKL 0..8; code 0.01 GET.
+        if n < 4 or data[0] & 0xF0 != 0x40 or data[1] != _GET:
+            return None
+        tkl = data[0] & 0x0F
+        i = 4 + tkl
+        if tkl > 8 or i > n:
+            return None
+        # What devices send: Uri-Path "fw", Uri-Path <16 hex>, Block2 (0-3 bytes) and
+        # nothing else. Recognised by layout; any other shape takes the option walk.
+        end = i + _TYPICAL_LEN
+        rest = n - end
+        if data.startswith(_TYPICAL, i) and (
+            rest == 0 or (0 < rest <= 4 and data[end] >> 4 == 12 and rest == 1 + (data[end] & 0x0F))
+        ):
+            image_id = data[i + len(_TYPICAL) : end]
+            block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
+        else:
+            parsed = _walk_options(data, i)
+            if parsed is None:
+                return None
+            image_id, block2 = parsed
+        image = self._grant(remote)
+        if image is None or image_id != image.image_id:
+            return None  # 4.01/4.04 and the audit entry come from FirmwareResource
+        max_szx = self._max_szx
+        remote_max = getattr(remote, "maximum_block_size_exp", max_szx)
+        if remote_max < max_szx:
+            max_szx = remote_max
+        where = image.block(block2, max_szx)
+        if where is None:
+            return None
+        offset, length, options = where
+        payload = os.pread(image.fd, length, offset)
+        if len(payload) != length:
+            return None  # the blob is shorter than recorded: FirmwareResource logs it
+        self.served += 1
+        # RFC 7252 §5.2.1: a piggybacked ACK with the request's Message ID and token.
+        return b"".join((_ACK_CONTENT[tkl], data[2 : 4 + tkl], options, payload))
+
+
+# Uri-Path (delta 11, length 2) "fw", then Uri-Path (delta 0, length 13 + 3) <16 hex>.
+_TYPICAL = bytes((0xB2,)) + _FW + bytes((0x0D, ids.IMAGE_ID_HEX_CHARS - 13))
+_TYPICAL_LEN = len(_TYPICAL) + ids.IMAGE_ID_HEX_CHARS
+_ACK_CONTENT = [bytes((0x60 | tkl, _CONTENT)) for tkl in range(9)]
+
+
+def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
+    """(image id segment, Block2 value or -1) from a strict walk of the options, or
+    None for anything but two Uri-Path segments "fw"/<id>, at most one Block2 of up to
+    3 bytes, and the options aiocoap's Site ignores (Uri-Host, Uri-Port, Size2)."""
+    n = len(data)
+    number = 0
+    path: list[bytes] = []
+    block2 = -1
+    while i < n:
+        b = data[i]
+        if b == 0xFF:
+            return None  # a payload on a GET: aiocoap decides what that means
+        i += 1
+        delta, length = b >> 4, b & 0x0F
+        if delta >= 13:
+            if delta == 13 and i < n:
+                delta = data[i] + 13
+                i += 1
+            elif delta == 14 and i + 1 < n:
+                delta = (data[i] << 8 | data[i + 1]) + 269
+                i += 2
+            else:
+                return None  # 15 is reserved (a message format error) or truncated
+        if length >= 13:
+            if length == 13 and i < n:
+                length = data[i] + 13
+                i += 1
+            elif length == 14 and i + 1 < n:
+                length = (data[i] << 8 | data[i + 1]) + 269
+                i += 2
+            else:
+                return None
+        number += delta
+        end = i + length
+        if end > n:
+            return None
+        if number == OPT_URI_PATH:
+            if len(path) == 2:
+                return None
+            path.append(data[i:end])
+        elif number == OPT_BLOCK2:
+            if block2 >= 0 or length > 3:
+                return None
+            block2 = int.from_bytes(data[i:end], "big")
+        elif number not in _TOLERATED:
+            return None
+        i = end
+    if len(path) != 2 or path[0] != _FW:
+        return None
+    return path[1], block2
