@@ -539,12 +539,6 @@ def test_a_spoofed_client_hello_flood_keeps_memory_flat_and_the_device_served(
     assert _run(fresh_device()) == Code.CONTENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: per-peer DTLS state is allocated before the cookie is verified "
-    "(transport._BoundedDTLSSocket.datagram_received), so max_dtls_sessions spoofed "
-    "ClientHellos evict a device's half-open handshake (ATTACKS.md #29/#30)",
-)
 def test_spoofed_client_hellos_do_not_abort_a_device_handshake_in_progress(
     world: World,
 ) -> None:
@@ -614,12 +608,6 @@ def test_with_insecure_plain_coap_spoofed_sources_get_only_a_4_01_and_no_content
         assert shape(hvr)[1] == HS_HELLO_VERIFY and len(hvr) <= len(hello)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with --insecure-plain-coap, minimal requests from spoofable sources get "
-    "4.5x (GET /m: 4.01 'DTLS identity required'), 5.2x (GET /r: 4.05 'Error: Method not "
-    "allowed!') and 5.0x (GET /.well-known/core) their size back; ATTACKS.md #29: <= ~3x",
-)
 def test_with_insecure_plain_coap_no_reply_is_more_than_3x_its_request(
     plain_server: Plain,
 ) -> None:

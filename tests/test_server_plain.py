@@ -61,11 +61,11 @@ def test_no_plain_coap_without_the_flag(setup: Setup) -> None:
             assert not isinstance(outcome, Code), outcome
 
 
-def test_plain_listener_answers_4_01_except_discovery(setup: Setup) -> None:
+def test_plain_listener_answers_every_anonymous_request_4_01(setup: Setup) -> None:
     with running_server(setup.data, args=["--insecure-plain-coap", "--plain-port", "0"]) as server:
         assert "WARNING: --insecure-plain-coap" in server.log()
         base = server.plain_uri
-        assert run(_plain(base + "/.well-known/core")) == Code.CONTENT
+        assert run(_plain(base + "/.well-known/core")) == Code.UNAUTHORIZED
         assert run(_plain(base + "/m")) == Code.UNAUTHORIZED
         assert run(_plain(base + "/fw/" + "0" * 16)) == Code.UNAUTHORIZED
         report = Report(counter=1, state=State.CHECKING).encode()

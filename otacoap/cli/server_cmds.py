@@ -181,7 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--insecure-plain-coap",
         action="store_true",
         help="ALSO listen for unencrypted, unauthenticated CoAP (development only): "
-        "everything but /.well-known/core answers 4.01 there",
+        "every request answers a bare 4.01 there",
     )
     p.add_argument(
         "--plain-port",

@@ -193,7 +193,7 @@ async def _serve(datadir: DataDir, config: Config, options: ServeOptions) -> int
             if options.plain_identity:
                 warning += f"; EVERY plain request acts as {options.plain_identity!r}"
             else:
-                warning += "; everything but /.well-known/core answers 4.01 there"
+                warning += "; every request answers a bare 4.01 there"
             log.warning(warning)
             print(warning, file=sys.stderr, flush=True)
         log.info("serving %s from %s (%s loop)", server.dtls_uri, datadir.root, options.loop)

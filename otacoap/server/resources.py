@@ -436,15 +436,30 @@ class AdminReleaseResource(_AdminUpload):
         )
 
 
+class DiscoveryResource(resource.WKCResource):  # type: ignore[misc]
+    """/.well-known/core (RFC 6690), but only for an identified peer.
+
+    An anonymous (plain CoAP) source may be spoofed, and the link document is several
+    times the size of the request: serving it would make us an amplifier
+    (RFC 7252 §11.3, ATTACKS.md #29).
+    """
+
+    def __init__(self, state: ServerState, site: resource.Site) -> None:
+        super().__init__(site.get_resources_as_linkheader, impl_info=None)
+        self.state = state
+
+    async def render_get(self, request: Message) -> Message:
+        if self.state.principal_of(request.remote) is None:
+            return Message(code=Code.UNAUTHORIZED)
+        return await super().render_get(request)
+
+
 def build_site(
     state: ServerState, uploads: Uploads, staged: StagedImages
 ) -> tuple[resource.Site, ManifestResource]:
     site = resource.Site()
     manifest = ManifestResource(state)
-    site.add_resource(
-        [".well-known", "core"],
-        resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
-    )
+    site.add_resource([".well-known", "core"], DiscoveryResource(state, site))
     site.add_resource(list(protocol.PATH_MANIFEST), manifest)
     site.add_resource(list(protocol.PATH_FIRMWARE), FirmwareResource(state))
     site.add_resource(list(protocol.PATH_REPORT), ReportResource(state))

@@ -190,6 +190,9 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
     """
 
     established = False
+    # Set once tinydtls answers with a ServerHello rather than a HelloVerifyRequest:
+    # the peer echoed our cookie, so it can receive at its address (RFC 6347 §4.2.1).
+    cookie_verified = False
 
     def __init__(self, protocol: Any, underlying_address: Any) -> None:
         super().__init__(protocol, underlying_address)
@@ -204,6 +207,10 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
         return len(data)
 
     def _write(self, recipient: Any, data: bytes) -> int:
+        # DTLS record header is 13 bytes; content type 22 = handshake, then the
+        # handshake type: 2 = ServerHello (RFC 6347 §4.1, §4.2.2).
+        if not self.cookie_verified and len(data) > 13 and data[0] == 22 and data[13] == 2:
+            self.cookie_verified = True
         self._sendto(data, self._peer)
         return len(data)
 
@@ -264,9 +271,15 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
         self._message_interface._received_datagram(address, data)
 
     def _make_room(self) -> None:
+        """Evict in this order: peers that never proved their address (a spoofed
+        ClientHello costs the spoofer nothing, so it may only displace its own kind),
+        then the least recently used established session. A handshake that passed the
+        cookie exchange but has not finished is never evicted (ATTACKS.md #29, #30)."""
         while len(self._connections) >= self.max_sockets:
             conns = self._connections
-            victim = next((a for a in conns.values() if not a.established), None)
+            victim = next((a for a in conns.values() if not a.cookie_verified), None)
+            if victim is None:
+                victim = next((a for a in conns.values() if a.established), None)
             if victim is None:
                 victim = next(iter(conns.values()))
             before = len(conns)
@@ -338,6 +351,14 @@ class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):  # typ
     @property
     def port(self) -> int:
         return int(self._pool._transport.get_extra_info("sockname")[1])
+
+    def send(self, message: Message) -> None:
+        # An unauthenticated source address may be spoofed: error answers go out bare,
+        # without diagnostic text, so no reply is much larger than its request
+        # (RFC 7252 §11.3, ATTACKS.md #29).
+        if message.code.is_response() and not message.code.is_successful():
+            message.payload = b""
+        super().send(message)
 
 
 def _fix_hostinfo(pool: Any, host: str) -> None:
