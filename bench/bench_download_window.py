@@ -113,6 +113,7 @@ class Run:
     loss: float
     window: int
     outcome: str
+    detail: str
     download_s: float
     total_s: float
     fw_requests: int
@@ -130,14 +131,21 @@ def _size(text: str) -> int:
 
 
 async def one_run(
-    flash: Path, server_port: int, *, loss: float, window: int, delay_ms: float, seed: int
+    flash: Path,
+    server_port: int,
+    *,
+    loss: float,
+    window: int,
+    delay_ms: float,
+    seed: int,
+    attempts: int,
 ) -> Run:
     profile = LinkProfile(delay_ms=delay_ms, loss=loss)
     proxy = await UdpImpairmentProxy.start(("127.0.0.1", server_port), profile=profile, seed=seed)
     uri = f"coaps://127.0.0.1:{proxy.address[1]}"
     transport = TimingTransport(CoapTransport(uri, DEVICE, PSK))
     # No watchdog and a long deadline: the baseline at 10 % loss is slow on purpose.
-    fetch = FetchConfig(deadline=7200.0, min_throughput=0.0, max_window=window)
+    fetch = FetchConfig(deadline=7200.0, min_throughput=0.0, max_window=window, attempts=attempts)
     device = DeviceAgent(flash, uri, config=AgentConfig(fetch=fetch), transport=transport)
     t0 = time.monotonic()
     try:
@@ -158,6 +166,7 @@ async def one_run(
         loss=loss,
         window=window,
         outcome=result.outcome.value,
+        detail=result.detail,
         download_s=download,
         total_s=total,
         fw_requests=transport.fw_requests,
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8, help="max window of the windowed run")
     parser.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay (50)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--attempts", type=int, default=6, help="requests per block before giving up (6)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
     args = parser.parse_args(argv)
     losses = [float(x) for x in args.loss.split(",") if x.strip()]
@@ -203,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         rtt = 2 * args.delay_ms
         print(
             f"image {args.size} B ({-(-args.size // 1024)} blocks of 1 KiB), RTT {rtt:.0f} ms, "
-            f"windowed max_window {args.window} vs lock-step, seed {args.seed}",
+            f"windowed max_window {args.window} vs lock-step, seed {args.seed}, "
+            f"attempts {args.attempts}",
             flush=True,
         )
         header = (
@@ -225,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                             window=window,
                             delay_ms=args.delay_ms,
                             seed=args.seed,
+                            attempts=args.attempts,
                         )
                     )
                     pair[window] = run
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     if run.outcome != Outcome.UPDATED.value:
-                        print("  (update did not complete: the ratio below is not meaningful)")
+                        print(f"  (did not complete: {run.detail}; the ratio is not meaningful)")
                 base_run, win_run = pair[1], pair[args.window]
                 ratio = win_run.download_s / base_run.download_s
                 print(

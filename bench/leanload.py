@@ -312,14 +312,14 @@ class Load:
             events = ep.poll(0.05)
             self.now = now = time.monotonic()
             for fd, _ in events:
+                # One datagram per readiness: epoll is level-triggered, so anything
+                # left is reported by the next poll, and no recv ends in EAGAIN.
                 c = by_fd[fd]
-                recv = c.sock.recv
-                while True:
-                    try:
-                        data = recv(4096)
-                    except (BlockingIOError, ConnectionRefusedError):
-                        break
-                    c.received(data)
+                try:
+                    data = c.sock.recv(4096)
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue
+                c.received(data)
             if now - last_hk > 0.1:
                 last_hk = now
                 self.housekeeping(now)

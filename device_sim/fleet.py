@@ -57,9 +57,11 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -588,6 +590,7 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
     """Entry point of a worker process: provision, say ready, wait for go, run, reply."""
     logging.basicConfig(level=logging.WARNING)
     _quiet_aiocoap(0)
+    _sigterm_cleans_up()
     try:
         provision_worker(job)
         conn.send(("ready", None))
@@ -607,6 +610,17 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
         raise
     finally:
         conn.close()
+
+
+def _sigterm_cleans_up() -> None:
+    """SIGTERM (a CI runner, a parent giving up) unwinds like Ctrl-C: proxies and agents
+    are closed and the temporary flash directory is removed instead of left behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run_loop(coro: Any) -> Any:
@@ -906,11 +920,13 @@ def _local_setup(
     finally:
         store.close()
     s = config.server
-    if opts.concurrency > s.max_dtls_sessions:
+    if opts.devices > s.max_dtls_sessions:
+        # The server keeps each finished device's session until the table is full, and
+        # a full table can stop new handshakes altogether (seen with this simulator).
         _log.warning(
-            "--concurrency %d exceeds the server's max_dtls_sessions %d: sessions will be "
-            "evicted mid-update (raise it in %s/config.toml)",
-            opts.concurrency,
+            "%d devices but the server's max_dtls_sessions is %d: once the session "
+            "table is full new handshakes may stall; raise it in %s/config.toml",
+            opts.devices,
             s.max_dtls_sessions,
             opts.data,
         )
@@ -1035,7 +1051,8 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 "impairment options need a server on loopback (the netem proxy only "
                 f"relays to 127.0.0.0/8 or ::1, not {upstream[0]})"
             )
-    m = max(1, min(opts.processes, len(prepared.devices)))
+    # No worker without a device or without a concurrency slot of its own.
+    m = max(1, min(opts.processes, len(prepared.devices), opts.concurrency))
     shares = _split(prepared.devices, m)
     slot = -(-prepared.image_size // SECTOR_SIZE) * SECTOR_SIZE
     jobs = []
@@ -1563,6 +1580,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     import json
 
     _quiet_aiocoap(getattr(args, "verbose", 0))
+    _sigterm_cleans_up()
     opts = options_from_args(args)
     report = run_fleet(opts)
     s = report.summary()

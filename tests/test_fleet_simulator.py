@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 server_helpers = pytest.importorskip("server_helpers", reason="tests/server_helpers.py missing")
 
 from server_helpers import (  # noqa: E402
+    VENDOR,
     DeviceSpec,
     Setup,
     make_setup,
@@ -56,7 +60,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _check_report_consistent(report: dict[str, object]) -> list[dict[str, object]]:
+def _check_report_consistent(report: dict[str, Any]) -> list[dict[str, Any]]:
     per = report["per_device"]
     assert isinstance(per, list)
     done = [d for d in per if d["outcome"] == "updated"]
@@ -220,6 +224,83 @@ def test_operator_mode_publishes_over_the_network(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.network
+@pytest.mark.timeout(180)
+def test_given_release_is_published_and_installed(tmp_path: Path) -> None:
+    """--release ENVELOPE IMAGE: that exact release (seq 5 here) is what every device
+    ends up running; the factory gets seq 4."""
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    klass = "fleet-given-release"
+    release = setup.release(klass, 5, bytes(range(256)) * 20)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "device_sim.fleet",
+                "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+                "--devices", "3", "--class-info", klass, "--vendor-domain", VENDOR,
+                "--timeout", "60",
+                "--release", str(release.envelope_path), str(release.image_path),
+                "--report", str(out_json),
+            ],
+            cwd=ROOT, capture_output=True, text=True, timeout=170,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    assert report["completed"] == 3 and report["settings"]["release_seq"] == 5
+    assert report["settings"]["image_sha256"] == release.digest.hex()
+    assert all(d["flash_sequence"] == 5 and d["server_confirmed"] for d in report["per_device"])
+
+    # A release signed by a key the devices would not trust is refused up front.
+    other = make_setup(tmp_path / "other")
+    foreign = other.release(klass, 6, b"x" * 100)
+    bad = _cli(
+        "--server", "coaps://127.0.0.1:1", "--data", str(setup.data), "--key", str(key),
+        "--devices", "1", "--class-info", klass, "--vendor-domain", VENDOR,
+        "--release", str(foreign.envelope_path), str(foreign.image_path),
+    )  # fmt: skip
+    assert bad.returncode == 1 and "not signed by --key" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_sigterm_mid_run_cleans_up(tmp_path: Path) -> None:
+    """Stopped half-way (as a CI runner would), the run still closes its proxies and
+    agents and removes the temporary flash directory."""
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with running_server(setup.data) as server:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "device_sim.fleet",
+                "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+                "--devices", "200", "--image-size", "64K", "--concurrency", "5",
+                "--loss", "0.05", "--progress",
+            ],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # wait until the devices are running
+                if "running 200 devices" in line:
+                    break
+            assert any(scratch.iterdir()), "the flash files live in a temp dir"
+            time.sleep(2.0)
+            proc.terminate()
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode != 0
+    assert list(scratch.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -273,7 +354,7 @@ def test_summary_on_synthetic_data(tmp_path: Path) -> None:
 
 
 def test_fleet_run_report_adds_update_times() -> None:
-    devices = [
+    devices: list[DeviceOutcome] = [
         fleet.FleetDeviceOutcome(
             f"d{i}", "updated", seconds=10.0 + i, duration=float(i), attempts=1 + (i == 3)
         )
