@@ -316,17 +316,26 @@ def test_the_manifest_is_block2_too_when_asked_for_small_blocks(world: World) ->
 
 
 def test_a_removed_device_loses_access_on_its_open_session(world: World) -> None:
-    async def go() -> list[Code]:
+    async def code_of(ctx: aiocoap.Context, uri: str) -> Code | None:
+        # No answer at all (the session may be dropped with the device) is also no access.
+        try:
+            return (await get(ctx, uri, timeout=10.0)).code
+        except (TimeoutError, aiocoap.error.Error):
+            return None
+
+    async def go() -> list[Code | None]:
         async with coaps_client(world.server.port, "gone", world.psk("gone")) as ctx:
-            codes = [(await get(ctx, world.server.uri + "/m")).code]
+            codes = [await code_of(ctx, world.server.uri + "/m")]
             await asyncio.to_thread(cli_ok, "device", "remove", "--data", world.setup.data, "gone")
             for _ in range(40):  # the server polls the DB about once a second
-                code = (await get(ctx, world.server.uri + "/m")).code
+                code = await code_of(ctx, world.server.uri + "/m")
                 if code != Code.CONTENT:
                     break
                 await asyncio.sleep(0.1)
             codes.append(code)
-            codes.append((await get(ctx, world.server.uri + world.a.image_uri)).code)
+            codes.append(await code_of(ctx, world.server.uri + world.a.image_uri))
             return codes
 
-    assert run(go()) == [Code.CONTENT, Code.UNAUTHORIZED, Code.UNAUTHORIZED]
+    codes = run(go(), timeout=180.0)
+    assert codes[0] == Code.CONTENT
+    assert all(c in (Code.UNAUTHORIZED, None) for c in codes[1:]), codes
