@@ -11,7 +11,10 @@ other request is a CON, retransmitted by aiocoap (RFC 7252 §4.2).
 
 `reset()` throws the client context away, so the next request starts a new DTLS
 session: after a server restart or a long outage the old session is dead on the server
-side, and only a new handshake recovers.
+side, and only a new handshake recovers. Each context's DTLS connections get a
+handshake retransmission timer that survives tinydtls' clock re-basing
+(`_run_dtls_retransmissions`): without it, a lost client flight in any session after
+the first hung that handshake for good.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,6 +69,57 @@ def _release(request: Any) -> None:
     pipe = getattr(request, "_pipe", None)
     if getattr(pipe, "_event_callbacks", None) is False and hasattr(request, "_stop_interest"):
         request._stop_interest = _noop
+
+
+# How often a pending DTLS handshake retransmission is looked at (see below).
+DTLS_POLL = 0.1
+
+
+async def _run_dtls_retransmissions(self: Any) -> None:
+    """tinydtls' retransmission timer for one client connection, without the hang.
+
+    Why: DTLSSocket calls tinydtls' `dtls_init()` for every new DTLS object, which
+    resets tinydtls' process-wide clock base to `time(NULL)`; aiocoap converts
+    tinydtls' timestamps with a base taken once, at import. After the first session
+    the two disagree, so aiocoap's timer (`sleep(when - now)`) sleeps a negative time
+    and spins, sees the retransmission queue empty for an instant between two
+    handshake flights, and returns for good: a client flight lost after that (say
+    its Finished) is never retransmitted, and the handshake hangs until the fetcher
+    resets the transport, where it can happen again (it did, deterministically, in
+    bench/bench_download_window.py at 10 % loss). Here the timer asks tinydtls
+    (which retransmits whatever is due on its own clock) every DTLS_POLL seconds for
+    as long as the handshake runs or a retransmission is pending, and stops, like
+    aiocoap's, once connected with nothing pending.
+    """
+    while True:
+        pending = self._dtls_socket.checkRetransmit()  # retransmits what is due
+        if pending == 0 and self._queue is None:  # connected, nothing to retransmit
+            return
+        await asyncio.sleep(DTLS_POLL)
+
+
+def _harden_dtls(ctx: Any) -> None:
+    """Give this context's DTLS client connections `_run_dtls_retransmissions`.
+
+    Scoped to the contexts this module creates (an instance attribute on each new
+    connection, set before its handshake task first runs), not a global patch of
+    aiocoap. Guarded with getattr: on another aiocoap layout it changes nothing.
+    """
+    for interface in getattr(ctx, "request_interfaces", ()):
+        messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
+        connect = getattr(messages, "_connection_for_address", None)
+        if connect is None or not hasattr(messages, "_pool"):
+            continue
+
+        def connection_for_address(*args: Any, _connect: Any = connect) -> Any:
+            connection = _connect(*args)
+            if "_run_retransmissions" not in vars(connection):
+                connection._run_retransmissions = types.MethodType(
+                    _run_dtls_retransmissions, connection
+                )
+            return connection
+
+        messages._connection_for_address = connection_for_address
 
 
 def normalize_base(uri: str) -> str:
@@ -124,6 +179,7 @@ class CoapTransport:
         async with self._lock:
             if self._ctx is None:
                 ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+                _harden_dtls(ctx)
                 ctx.client_credentials.load_from_dict(
                     {
                         f"{self._base}/*": {

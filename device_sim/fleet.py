@@ -1232,7 +1232,18 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
         return report
     finally:
         if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove_tree(work)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the flash directory (thousands of files: seconds) even if a SIGTERM or a
+    Ctrl-C arrives while it is being removed; a few repeated interrupts still win."""
+    for _ in range(3):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _merge_network(parts: list[dict[str, dict[str, int]]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ per-request state, follows release changes, and answers like aiocoap on the wire
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -162,3 +163,31 @@ def test_a_new_release_moves_the_fast_path_with_it(setup: Setup, server: Threade
 
     assert run(whole()) == new.image
     assert _served(server) - before == 5
+
+
+def test_one_session_sees_the_release_change_too(setup: Setup, server: ThreadedServer) -> None:
+    """The verdict cached on a DTLS session is dropped when the release moves.
+
+    Runs last in this module (seq 10 and 11 stay above the earlier tests' releases)."""
+    current = setup.release(CLASS_A, 10, make_image("live-10", 5000))
+    new = setup.release(CLASS_A, 11, make_image("live-11", 3000))
+    setup.publish(current)
+
+    async def go() -> bytes:
+        async with coaps_client(server.port, "t1", setup.devices["t1"].psk) as ctx:
+            deadline = time.monotonic() + 10
+            while (
+                await get(ctx, server.uri + current.image_uri, block2=(0, 0, 6))
+            ).code != Code.CONTENT:
+                assert time.monotonic() < deadline, "the new release never showed"
+                await asyncio.sleep(0.2)
+            setup.publish(new)
+            deadline = time.monotonic() + 10
+            while (
+                await get(ctx, server.uri + current.image_uri, block2=(0, 0, 6))
+            ).code != Code.NOT_FOUND:
+                assert time.monotonic() < deadline, "the session kept the old image"
+                await asyncio.sleep(0.2)
+            return await fetch_blocks(ctx, server.uri + new.image_uri)
+
+    assert run(go()) == new.image

@@ -151,6 +151,9 @@ class FirmwareFastPath:
         self._images: dict[bytes, _Image] = {}
         self._memo: dict[int, tuple[int, int, bytes]] = {}
         self._epoch = state.epoch
+        # Bumped by every _forget (which closes the images' files): a verdict cached
+        # on a DTLS session object is only used while its generation is current.
+        self._generation = 0
         self._max_szx = min(state.config.server.max_block_szx, blockwise.MAX_SZX)
         self.served = 0
 
@@ -164,11 +167,23 @@ class FirmwareFastPath:
         self._images.clear()
         self._memo.clear()  # keyed by image slots, which are reused from here on
         self._epoch = self.state.epoch
+        self._generation += 1
 
     def _grant(self, remote: Any) -> _Image | None:
         if self._epoch != self.state.epoch:
             # Principals or releases changed: everything cached may be stale.
             self._forget()
+        # A DTLS session's claims never change (aiocoap's SecurityStore refuses a
+        # second identity), so its verdict can live on the session object itself.
+        cached = getattr(remote, "otacoap_fw_grant", None)
+        if cached is not None and cached[0] == self._generation:
+            return cached[1]  # type: ignore[no-any-return]
+        image = self._lookup(remote)
+        with contextlib.suppress(AttributeError):  # plain CoAP remotes are tuples
+            remote.otacoap_fw_grant = (self._generation, image)
+        return image
+
+    def _lookup(self, remote: Any) -> _Image | None:
         claimed = _claimed(remote, self.state.plain_principal)
         if claimed is None:
             return None
