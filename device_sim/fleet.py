@@ -920,13 +920,13 @@ def _local_setup(
     finally:
         store.close()
     s = config.server
-    if opts.devices > s.max_dtls_sessions:
-        # The server keeps each finished device's session until the table is full, and
-        # a full table can stop new handshakes altogether (seen with this simulator).
+    if opts.concurrency > s.max_dtls_sessions:
+        # Every device in flight needs a session; beyond the cap, newly admitted ones
+        # push out the least recently used, which may still be downloading.
         _log.warning(
-            "%d devices but the server's max_dtls_sessions is %d: once the session "
-            "table is full new handshakes may stall; raise it in %s/config.toml",
-            opts.devices,
+            "concurrency %d but the server's max_dtls_sessions is %d: devices in flight "
+            "will push each other's sessions out; raise it in %s/config.toml",
+            opts.concurrency,
             s.max_dtls_sessions,
             opts.data,
         )

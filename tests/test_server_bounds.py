@@ -4,7 +4,10 @@ table and observations stay under their caps, and clients keep being served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import aiocoap
 import pytest
@@ -111,7 +114,9 @@ def test_dtls_session_table_is_capped_and_evicted_peers_come_back(
                 r = await get(ctx, server.uri + "/m")
                 assert r.code == Code.CONTENT
                 counts.append(server.server.dtls.session_count)  # type: ignore[union-attr]
+                counts.append(server.server.dtls.unverified_count)  # type: ignore[union-attr]
             # d0 was evicted (told with close_notify); its next request re-handshakes.
+            # Both pools (sessions, and peers before the cookie) stay within the cap.
             r = await get(contexts[0], server.uri + "/m", timeout=5)
             assert r.code == Code.CONTENT
             counts.append(server.server.dtls.session_count)  # type: ignore[union-attr]
@@ -122,6 +127,90 @@ def test_dtls_session_table_is_capped_and_evicted_peers_come_back(
 
     counts = run(go())
     assert max(counts) <= 3, counts  # type: ignore[call-overload]
+
+
+def test_new_devices_get_in_when_the_table_is_full_of_finished_sessions(
+    setup: Setup, server: ThreadedServer
+) -> None:
+    """Three devices finish and stay quiet, filling the table (cap 3); three new ones
+    then arrive together. With one pool for both, each newcomer was "half-open" and
+    evicted the previous newcomer before its cookie came back, so each had to start
+    over (and, with a steady stream of newcomers, none got in at all). Now newcomers
+    wait in their own pool and, once their address is proven, push out the least
+    recently used finished sessions: no peer is ever admitted twice."""
+    admitted: list[Any] = []
+
+    def count_admissions() -> None:
+        pool = server.server.dtls._pool  # type: ignore[union-attr]
+        make = type(pool)._Address
+
+        def counted(protocol: Any, sockaddr: Any) -> Any:
+            admitted.append(sockaddr)
+            return make(protocol, sockaddr)
+
+        pool._Address = counted
+
+    async def go() -> list[Code]:
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(3):
+                ctx = await stack.enter_async_context(
+                    coaps_client(server.port, f"d{i}", setup.devices[f"d{i}"].psk)
+                )
+                assert (await get(ctx, server.uri + "/m")).code == Code.CONTENT
+            newcomers = [
+                await stack.enter_async_context(
+                    coaps_client(server.port, f"d{i}", setup.devices[f"d{i}"].psk)
+                )
+                for i in range(3, 6)
+            ]
+            server.call(count_admissions)
+            try:
+                responses = await asyncio.gather(
+                    *(get(ctx, server.uri + "/m", timeout=15) for ctx in newcomers)
+                )
+            finally:
+                server.call(lambda: vars(server.server.dtls._pool).pop("_Address"))  # type: ignore[union-attr]
+            return [r.code for r in responses]
+
+    assert run(go()) == [Code.CONTENT] * 3
+    assert len(admitted) == len(set(admitted)) >= 3, admitted
+    dropped = server.call(lambda: dict(server.server.dtls._pool.dropped))  # type: ignore[union-attr]
+    assert dropped["full"] >= 3, dropped  # type: ignore[index]
+
+
+def test_idle_sessions_expire_and_their_devices_come_back(
+    setup: Setup, server: ThreadedServer
+) -> None:
+    """A session silent for longer than dtls_idle_timeout is dropped at the next sweep
+    (with close_notify), and its device is served again on a new handshake."""
+
+    def pool() -> Any:
+        return server.server.dtls._pool  # type: ignore[union-attr]
+
+    async def go() -> tuple[int, Code]:
+        async with (
+            coaps_client(server.port, "d0", setup.devices["d0"].psk) as quiet,
+            coaps_client(server.port, "d1", setup.devices["d1"].psk) as active,
+        ):
+            assert (await get(quiet, server.uri + "/m")).code == Code.CONTENT
+            before = server.call(lambda: pool().dropped["idle"])
+            # Five minutes and a bit pass for the server (its clock only; the
+            # devices' retransmission timers are untouched).
+            skew = pool().idle_timeout + 5
+            server.call(lambda: setattr(pool(), "clock", lambda: time.monotonic() + skew))
+            server.call(lambda: setattr(pool(), "_next_sweep", 0.0))
+            try:
+                assert (await get(active, server.uri + "/m")).code == Code.CONTENT
+                expired = server.call(lambda: pool().dropped["idle"]) - before  # type: ignore[operator]
+                again = (await get(quiet, server.uri + "/m", timeout=10)).code
+            finally:
+                server.call(lambda: setattr(pool(), "clock", time.monotonic))
+            return expired, again  # type: ignore[return-value]
+
+    # Both were silent for 305 s by the server's clock: the sweep that `active`'s
+    # datagram triggers drops both, and `active` re-handshakes like `quiet` does.
+    expired, again = run(go())
+    assert expired >= 2 and again == Code.CONTENT
 
 
 def test_psk_lookups_are_cached(setup: Setup, server: ThreadedServer) -> None:

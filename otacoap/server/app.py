@@ -110,7 +110,13 @@ class OtaServer:
         self.dtls = await add_transport(
             ctx,
             lambda mman: DTLSServerInterface.create_bound(
-                (opts.bind, opts.port), mman, ctx.log, loop, state.psks, s.max_dtls_sessions
+                (opts.bind, opts.port),
+                mman,
+                ctx.log,
+                loop,
+                state.psks,
+                s.max_dtls_sessions,
+                s.dtls_idle_timeout,
             ),
             s.dedup_max_entries,
             s.dedup_lifetime,

@@ -10,9 +10,9 @@ what `Context._append_tokenmanaged_messagemanaged_transport` does) with subclass
 
 - `_BoundedDTLSSocket`: aiocoap's `_DatagramServerSocketSimpleDTLS` has `max_sockets =
   64` and a `_maybe_purge_sockets`, but nothing ever calls it, so every source address
-  (spoofable, ATTACKS.md #29/#30) keeps a tinydtls context forever. We purge before
-  admitting a new peer: least recently used first, half-open handshakes before
-  established sessions; an evicted device just handshakes again.
+  (spoofable, ATTACKS.md #29/#30) keeps a tinydtls context forever. We keep peers
+  that have not proved their address apart from sessions, cap both, and expire idle
+  ones; an evicted device just handshakes again.
 - `BoundedMessageManager`: RFC 7252 §4.5 duplicate detection keeps every request's
   response for EXCHANGE_LIFETIME (247 s) in `_recent_messages` plus one timer handle
   each, so memory grows with the request rate (2.5-4 KB per request). We keep the same
@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -182,7 +183,7 @@ class BoundedMessageManager(MessageManager):
 
 
 class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
-    """A DTLS peer that remembers whether its handshake ever completed.
+    """A DTLS peer that remembers how far its handshake got and when it last spoke.
 
     Its tinydtls callbacks go straight to their destinations: aiocoap's `_read` reaches
     the plaintext interface through two adapter calls and `_write` the socket through
@@ -193,6 +194,7 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
     # Set once tinydtls answers with a ServerHello rather than a HelloVerifyRequest:
     # the peer echoed our cookie, so it can receive at its address (RFC 6347 §4.2.1).
     cookie_verified = False
+    seen = 0.0  # the socket's clock at this peer's last datagram
 
     def __init__(self, protocol: Any, underlying_address: Any) -> None:
         super().__init__(protocol, underlying_address)
@@ -214,7 +216,7 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
         self._sendto(data, self._peer)
         return len(data)
 
-    def evict(self) -> None:
+    def evict(self, why: str) -> None:
         """Drop this session, telling an established peer with a close_notify alert
         (RFC 6347 §4.2.7 / RFC 5246 §7.2.1) so its next request re-handshakes instead
         of timing out."""
@@ -223,9 +225,12 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
                 self._dtls_socket.close(self._dtls_session)
             except Exception:  # best effort: the peer may already be gone
                 log.debug("close_notify to %s failed", self.hostinfo, exc_info=True)
-        self._inject_error(error.LibraryShutdown("DTLS session evicted (table full)"))
+        self._inject_error(error.LibraryShutdown(f"DTLS session dropped ({why})"))
 
     def _inject_error(self, e: Exception) -> None:
+        unverified = self._protocol._unverified
+        if unverified.get(self._peer) is self:
+            del unverified[self._peer]
         # KeyError: already removed from the session table (evicted, then alerted).
         with contextlib.suppress(KeyError):
             super()._inject_error(e)
@@ -250,8 +255,37 @@ async def _bind_exclusive(
 
 
 class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
+    """aiocoap's DTLS server socket with two bounded pools and idle expiry.
+
+    Peers that have not echoed a cookie (spoofable: a ClientHello costs the sender
+    nothing, ATTACKS.md #29) live in their own pool of `max_sockets` and only ever
+    displace each other, least recently heard first. A peer that proves its address
+    (RFC 6347 §4.2.1) moves to the session pool of `max_sockets`; if that is full, the
+    least recently used *established* session gives way (close_notify; the device
+    just handshakes again), never a handshake in progress unless nothing else is left.
+    One pool shared by both, as before, livelocked: once it held `max_sockets`
+    finished sessions, every newcomer was "half-open" and evicted the previous
+    newcomer, so no new device could ever get in.
+
+    Sessions also expire when idle (`idle_timeout` once established, HANDSHAKE_IDLE
+    before), checked at most once a second as datagrams arrive: `_connections` is kept
+    in last-heard order, so the sweep stops at the first peer heard recently.
+    """
+
     _Address = _SessionAddress
     max_sockets = 256
+    idle_timeout = 300.0
+    # A handshake peer silent this long has given up: tinydtls' client retransmits
+    # with a doubling timer from 1 s and stops after 7 tries (RFC 6347 §4.2.4.1).
+    HANDSHAKE_IDLE = 60.0
+    SWEEP_EVERY = 1.0
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unverified: OrderedDict[Any, _SessionAddress] = OrderedDict()
+        self._next_sweep = 0.0
+        self.dropped: dict[str, int] = {"idle": 0, "full": 0, "spoofable": 0}
 
     @classmethod
     async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
@@ -260,38 +294,64 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
         return await _bind_exclusive(cls, bind, log, loop, wrapped)
 
     def datagram_received(self, data: bytes, sockaddr: Any) -> None:
-        # aiocoap's, plus room-making before a new peer is admitted.
+        # aiocoap's, plus the pools and the idle sweep.
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_EVERY
+            self._expire(now)
         conns = self._connections
         address = conns.get(sockaddr)
         if address is None:
-            self._make_room()
-            address = conns[sockaddr] = self._Address(self, sockaddr)
+            unverified = self._unverified
+            while len(unverified) >= self.max_sockets:
+                self._drop(next(iter(unverified.values())), "spoofable")
+            address = conns[sockaddr] = unverified[sockaddr] = self._Address(self, sockaddr)
         else:
             conns.move_to_end(sockaddr)
+        address.seen = now
+        if address.cookie_verified:
+            self._message_interface._received_datagram(address, data)
+            return
+        unverified = self._unverified
+        unverified.move_to_end(sockaddr)
         self._message_interface._received_datagram(address, data)
+        if address.cookie_verified and unverified.pop(sockaddr, None) is address:
+            self._admit(address)
 
-    def _make_room(self) -> None:
-        """Evict in this order: peers that never proved their address (a spoofed
-        ClientHello costs the spoofer nothing, so it may only displace its own kind),
-        then the least recently used established session. A handshake that passed the
-        cookie exchange but has not finished is never evicted (ATTACKS.md #29, #30)."""
-        while len(self._connections) >= self.max_sockets:
-            conns = self._connections
-            victim = next((a for a in conns.values() if not a.cookie_verified), None)
-            if victim is None:
-                victim = next((a for a in conns.values() if a.established), None)
-            if victim is None:
-                victim = next(iter(conns.values()))
-            before = len(conns)
-            log.info(
-                "DTLS session table full (%d): dropping %s session with %s",
-                self.max_sockets,
-                "established" if victim.established else "half-open",
-                victim.hostinfo,
-            )
-            victim.evict()
-            if len(conns) == before:  # defensive: never loop forever
-                conns.pop(victim._underlying_address.address, None)
+    def _admit(self, newcomer: _SessionAddress) -> None:
+        """Make room in the session pool for a peer that just proved its address."""
+        conns = self._connections
+        while len(conns) - len(self._unverified) > self.max_sockets:
+            victim = next((a for a in conns.values() if a.established), None)
+            if victim is None:  # only handshakes: the longest-silent one, not the newcomer
+                victim = next(a for a in conns.values() if a.cookie_verified)
+            if victim is newcomer:
+                break
+            self._drop(victim, "full")
+
+    def _expire(self, now: float) -> None:
+        for address in list(self._connections.values()):
+            idle = now - address.seen
+            if idle < min(self.idle_timeout, self.HANDSHAKE_IDLE):
+                break  # last-heard order: everyone after has spoken more recently
+            if idle >= (self.idle_timeout if address.established else self.HANDSHAKE_IDLE):
+                self._drop(address, "idle")
+
+    def _drop(self, victim: _SessionAddress, why: str) -> None:
+        self.dropped[why] += 1
+        log.info("dropping %s DTLS session with %s (%s)", _stage(victim), victim.hostinfo, why)
+        victim.evict(why)
+        key = victim._peer
+        if self._connections.get(key) is victim:  # defensive: never loop forever
+            del self._connections[key]
+        if self._unverified.get(key) is victim:
+            del self._unverified[key]
+
+
+def _stage(address: _SessionAddress) -> str:
+    if address.established:
+        return "established"
+    return "handshaking" if address.cookie_verified else "unverified"
 
 
 class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
@@ -306,12 +366,14 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # ty
         loop: asyncio.AbstractEventLoop,
         server_credentials: Any,
         max_sessions: int,
+        idle_timeout: float = _BoundedDTLSSocket.idle_timeout,
     ) -> DTLSServerInterface:
         """Listen for DTLS on exactly `bind` (port 0: the OS picks)."""
         self = cls(mman, log, loop)
         self._pool = await cls._serversocket.create(bind, log, loop, self)
         self._pool._server_credentials = server_credentials
         self._pool.max_sockets = max_sessions
+        self._pool.idle_timeout = idle_timeout
         _fix_hostinfo(self._pool, bind[0])
         return self
 
@@ -321,7 +383,13 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # ty
 
     @property
     def session_count(self) -> int:
-        return len(self._pool._connections)
+        """Peers past the cookie exchange: handshaking or established."""
+        return len(self._pool._connections) - len(self._pool._unverified)
+
+    @property
+    def unverified_count(self) -> int:
+        """Peers that have not echoed a cookie yet (their own pool, same cap)."""
+        return len(self._pool._unverified)
 
 
 class _PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]

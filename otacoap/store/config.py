@@ -21,9 +21,10 @@ class ServerConfig:
     bind: str = "127.0.0.1"
     port: int = 5684
     loop: str = "uvloop"
-    # Concurrent DTLS sessions; beyond this the least recently used one is dropped,
-    # sessions that never finished their handshake first.
+    # Concurrent DTLS sessions; beyond this the least recently used established one
+    # is dropped. Peers still before the cookie exchange have a pool of their own.
     max_dtls_sessions: int = 256
+    dtls_idle_timeout: float = 300.0  # seconds of silence before a session is dropped
     # RFC 7252 §4.5 duplicate detection keeps each response for EXCHANGE_LIFETIME
     # (§4.8.2: 247 s); we cap the number of entries instead of trusting traffic levels.
     dedup_max_entries: int = 4096
@@ -72,6 +73,7 @@ class Config:
             raise ConfigError("server.max_block_szx must be 0..6 (RFC 7959 §2.2)")
         positive = {
             "server.max_dtls_sessions": s.max_dtls_sessions,
+            "server.dtls_idle_timeout": s.dtls_idle_timeout,
             "server.dedup_max_entries": s.dedup_max_entries,
             "server.dedup_lifetime": s.dedup_lifetime,
             "server.max_observers": s.max_observers,
@@ -105,7 +107,8 @@ DEFAULT_TOML = """\
 bind = "127.0.0.1"           # one address: aiocoap's DTLS server cannot bind 0.0.0.0/::
 port = 5684                  # the DTLS (coaps) port devices connect to
 loop = "uvloop"              # or "asyncio"
-max_dtls_sessions = 256      # LRU-evicted beyond this, half-open handshakes first
+max_dtls_sessions = 256      # beyond this the least recently used session is dropped
+dtls_idle_timeout = 300.0    # seconds of silence before a DTLS session is dropped
 dedup_max_entries = 4096     # RFC 7252 §4.5 duplicate-detection cache (entries)
 dedup_lifetime = 247.0       # seconds, RFC 7252 §4.8.2 EXCHANGE_LIFETIME
 max_block_szx = 6            # largest Block2 size served: 16 << 6 = 1024 bytes
