@@ -74,7 +74,14 @@ from .bootloader import (
     trust_policy,
 )
 from .device_state import DeviceState, Download, SlotInfo, StateFile, sha256
-from .fetcher import BlockFetcher, FetchConfig, NotFound, ServerUnreachable
+from .fetcher import (
+    BlockFetcher,
+    DeadlineExceeded,
+    FetchConfig,
+    NotFound,
+    ServerUnreachable,
+    SlowRetrieval,
+)
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .state import StateStoreError
@@ -359,7 +366,9 @@ class UpdateAgent:
         except NotFound:
             session.fire(Event.NO_UPDATE)
             return self.snapshot(Outcome.UP_TO_DATE, detail="no release for this device")
-        except (ServerUnreachable, TransportError) as exc:
+        except (ServerUnreachable, TransportError, SlowRetrieval, DeadlineExceeded) as exc:
+            # A manifest that trickles in is a link (or server) problem, not a refusal
+            # of anything signed: try again at the next poll, like a silent server.
             session.fire(Event.UNREACHABLE, ReportReason.OPERATION_FAILED, str(exc))
             return self.snapshot(Outcome.UNREACHABLE, ReportReason.OPERATION_FAILED, str(exc))
         except OtaError as exc:

@@ -494,6 +494,46 @@ def test_14_slow_retrieval_on_a_fake_clock(tmp_path: Path) -> None:
     assert asyncio.run(resume()) == Outcome.UPDATED
 
 
+def test_14_a_trickling_manifest_is_unreachable_not_a_refusal(tmp_path: Path) -> None:
+    """The same watchdog on /m: a slow link is not a signed release refused, so the
+    outcome is "unreachable" (retried at the next poll), nothing is reported as a
+    rejection, and no flash is touched."""
+    from device_sim.transport import FakeClock
+
+    rig = make_rig(tmp_path, seq=OLD_SEQ)
+    image = new_image(6000)
+    env = sign(manifest_bytes(image=image, seq=6), rig.key)
+    clock = FakeClock()
+    server = InProcessServer(envelope=env)
+    server.add_image(uri_of(image), image)
+
+    def slow(path: str, block2: Any) -> None:
+        if path == "/m":
+            clock.advance(2.0)
+
+    server.on_request = slow
+    # 16-byte blocks, so the envelope takes many 2-second requests.
+    fetch = FetchConfig(szx=0, watchdog_window=10.0, min_throughput=1024.0, deadline=600.0)
+
+    async def go() -> Any:
+        device = DeviceAgent(
+            rig.path,
+            "coaps://x",
+            config=AgentConfig(fetch=fetch),
+            clock=clock,
+            transport=InProcessTransport(server),
+        )
+        try:
+            return await device.run_once()
+        finally:
+            await device.close()
+
+    result = asyncio.run(go())
+    assert result.outcome == Outcome.UNREACHABLE and "slow retrieval" in result.detail
+    assert not [r for r in server.reports if r.state.value == "rejected"]
+    assert rig.info()["sequence_number"] == OLD_SEQ
+
+
 def test_15_multi_component_manifest_is_refused(tmp_path: Path) -> None:
     """One writable component only: a bundle cannot be half-installed (mix-and-match)."""
     image = new_image()
