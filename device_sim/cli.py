@@ -16,11 +16,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from otacoap.core.errors import OtaError
 
 from .bootloader import BootError
+from .cliargs import Parser, positive_seconds, size_type, whole_number
 from .device_state import StateError
 from .flash import FlashError
 from .layout import (
@@ -40,58 +41,23 @@ class CliError(Exception):
     """A refusal by the CLI itself (unreadable file, bad value)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _size(text: str) -> int:
-    """A byte count: plain, or with a K/M suffix (powers of two)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t.endswith("K"):
-        mult, t = 1024, t[:-1]
-    elif t.endswith("M"):
-        mult, t = 1024 * 1024, t[:-1]
-    try:
-        value = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError("seconds must be a positive finite number")
-    return value
-
-
 def _window(text: str) -> int:
     from .fetcher import MAX_WINDOW
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = whole_number(text)
     if not 1 <= value <= MAX_WINDOW:
         raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m device_sim",
         description="A simulated OTA device: NOR flash with A/B slots, a secure "
         "bootloader, and an update agent speaking CoAP over DTLS.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser(
@@ -121,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--slot-size",
-        type=_size,
+        type=size_type(),
         default=DEFAULT_SLOT_SIZE,
         metavar="BYTES",
         help=f"size of each image slot (default {DEFAULT_SLOT_SIZE // 1024}K)",
     )
     p.add_argument(
         "--sector-size",
-        type=_size,
+        type=size_type(),
         default=DEFAULT_SECTOR_SIZE,
         metavar="BYTES",
         help=f"flash erase sector size (default {DEFAULT_SECTOR_SIZE})",
@@ -170,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", action="store_true", help="observe /m and update whenever a release appears"
     )
     r.add_argument(
-        "--max-time", type=_seconds, metavar="SECONDS", help="stop --watch after this long"
+        "--max-time", type=positive_seconds, metavar="SECONDS", help="stop --watch after this long"
     )
     r.add_argument(
         "--block-size",
@@ -190,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--poll-interval",
-        type=_seconds,
+        type=positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="--watch: also check this often without a notification (default 60)",

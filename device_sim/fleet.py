@@ -66,11 +66,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from otacoap.core.errors import OtaError
 
+from .cliargs import (
+    Parser,
+    non_negative_float,
+    positive_float_type,
+    positive_int,
+    probability,
+    size_type,
+)
 from .fleet_report import DeviceOutcome, FleetReport, percentile
 from .transport import Response, TransportError
 
@@ -1283,73 +1291,10 @@ def _settings(
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t.endswith("K"):
-        mult, t = 1024, t[:-1]
-    elif t.endswith("M"):
-        mult, t = 1024 * 1024, t[:-1]
-    try:
-        value = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if not 0 < value <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size must be 1..{MAX_IMAGE_SIZE} bytes")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError("must be finite")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a probability must be in [0, 1], not {text}")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("seconds must be positive")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("rate must be positive")
-    return value
+# The fleet's own limits; parsing and wording are shared with `python -m device_sim`.
+_size = size_type(MAX_IMAGE_SIZE)  # a generated image must fit the server's publish limit
+_seconds = positive_float_type("seconds")
+_rate = positive_float_type("rate")
 
 
 def _psk(text: str) -> bytes:
@@ -1374,7 +1319,7 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """All options of the fleet command (shared by `register` and `main`)."""
     p.add_argument("--server", required=True, metavar="coaps://HOST:PORT", help="the server")
-    p.add_argument("--devices", required=True, type=_positive_int, metavar="N", help="fleet size")
+    p.add_argument("--devices", required=True, type=positive_int, metavar="N", help="fleet size")
     p.add_argument(
         "--key",
         required=True,
@@ -1428,29 +1373,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     rel.add_argument(
         "--seq",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         metavar="N",
         help="sequence number of the generated release; the factory gets N-1 (default 2)",
     )
     link = p.add_argument_group("link impairment (any of them puts a netem proxy in between)")
-    link.add_argument("--loss", type=_probability, default=0.0, metavar="P", help="loss, 0..1")
-    link.add_argument("--delay", type=_milliseconds, default=0.0, metavar="MS", help="one-way")
-    link.add_argument("--jitter", type=_milliseconds, default=0.0, metavar="MS", help="jitter")
-    link.add_argument("--duplicate", type=_probability, default=0.0, metavar="P")
-    link.add_argument("--reorder", type=_probability, default=0.0, metavar="P")
+    link.add_argument("--loss", type=probability, default=0.0, metavar="P", help="loss, 0..1")
+    link.add_argument("--delay", type=non_negative_float, default=0.0, metavar="MS", help="one-way")
+    link.add_argument("--jitter", type=non_negative_float, default=0.0, metavar="MS", help="jitter")
+    link.add_argument("--duplicate", type=probability, default=0.0, metavar="P")
+    link.add_argument("--reorder", type=probability, default=0.0, metavar="P")
     link.add_argument("--rate", type=_rate, metavar="KBPS", help="per-device link rate")
     run = p.add_argument_group("run")
     run.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CONCURRENCY,
         metavar="K",
         help=f"devices updating at once, all processes together (default {DEFAULT_CONCURRENCY})",
     )
     run.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="M",
         help="worker processes, each with its own event loop (default 1)",
@@ -1478,7 +1423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--attempts",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_ATTEMPTS,
         metavar="N",
         help="agent runs per device within its deadline, like polls after a failure "
@@ -1615,7 +1560,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog=PROG, description=DESCRIPTION)
+    parser = Parser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     add_arguments(parser)
     args = parser.parse_args(argv)

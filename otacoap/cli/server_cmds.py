@@ -9,6 +9,7 @@ refusals are OtaError/CliError and end as one line on stderr (see cli/__init__.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 from pathlib import Path
@@ -227,8 +228,13 @@ def _datadir(args: argparse.Namespace) -> DataDir:
     return DataDir(Path(args.data))
 
 
-def _open(args: argparse.Namespace) -> SQLiteStore:
-    return _datadir(args).open_store()
+def _store(args: argparse.Namespace) -> contextlib.closing[SQLiteStore]:
+    """The data directory's store, for `with`: closed however the command ends.
+
+    Every command is one short session on the store, and a refusal (OtaError,
+    CliError) must not leave the SQLite connection open behind it.
+    """
+    return contextlib.closing(_datadir(args).open_store())
 
 
 def _psk(args: argparse.Namespace) -> tuple[bytes, bool]:
@@ -249,21 +255,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_trust_add(args: argparse.Namespace) -> int:
     anchor = load_anchor(args.key)
-    store = _open(args)
-    try:
+    with _store(args) as store:
         rec = store.add_anchor(anchor, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"trusted {rec.kind} key {rec.key_id}")
     return 0
 
 
 def cmd_trust_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         anchors = store.list_anchors()
-    finally:
-        store.close()
     if not anchors:
         print("no trust anchors (publishing refuses everything until one is added)")
     for a in anchors:
@@ -272,22 +272,16 @@ def cmd_trust_list(args: argparse.Namespace) -> int:
 
 
 def cmd_trust_remove(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         store.remove_anchor(args.key_id, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"removed trust anchor {args.key_id}")
     return 0
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     psk, generated = _psk(args)
-    store = _open(args)
-    try:
+    with _store(args) as store:
         dev = store.add_device(args.device_id, args.vendor_domain, args.class_info, psk, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"registered device {dev.id} ({dev.class_label})")
     if generated:
         # Shown once: only the sealed form is stored.
@@ -296,11 +290,8 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         devices = store.list_devices()
-    finally:
-        store.close()
     for dev in devices:
         counter = "-" if dev.last_counter is None else str(dev.last_counter)
         print(f"{dev.id}  {dev.class_label}  last-report-counter {counter}")
@@ -308,14 +299,11 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_show(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         dev = store.get_device(args.device_id)
         if dev is None:
             raise CliError(f"no device {args.device_id!r}")
         release = store.release_for_device(dev.id)
-    finally:
-        store.close()
     print(f"id: {dev.id}")
     print(f"dtls identity: {dev.id}")
     print(f"vendor domain: {dev.vendor_domain} (vendor-id {ids.uuid_str(dev.vendor_id)})")
@@ -331,22 +319,16 @@ def cmd_device_show(args: argparse.Namespace) -> int:
 
 
 def cmd_device_remove(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         store.remove_device(args.device_id, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"removed device {args.device_id}")
     return 0
 
 
 def cmd_operator_add(args: argparse.Namespace) -> int:
     psk, generated = _psk(args)
-    store = _open(args)
-    try:
+    with _store(args) as store:
         op = store.add_operator(args.name, psk, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"added operator {op.name} (DTLS identity {op.identity})")
     if generated:
         print(f"psk {psk.hex()}")
@@ -354,22 +336,16 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 
 
 def cmd_operator_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         ops = store.list_operators()
-    finally:
-        store.close()
     for op in ops:
         print(f"{op.name}  identity {op.identity}  added {op.created_at}")
     return 0
 
 
 def cmd_operator_remove(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         store.remove_operator(args.name, _CLI_ACTOR)
-    finally:
-        store.close()
     print(f"removed operator {args.name}")
     return 0
 
@@ -382,13 +358,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise CliError("--identity and --psk only make sense with --server")
     datadir = _datadir(args)
     config = datadir.config()
-    store = datadir.open_store()
-    try:
+    with contextlib.closing(datadir.open_store()) as store:
         release = Publisher(store, datadir.blobs, config.publish).publish_file(
             envelope, Path(args.image), _CLI_ACTOR
         )
-    finally:
-        store.close()
     print(
         f"published {release.class_label} seq {release.sequence_number}: image "
         f"{release.image.uri} ({release.image.size} bytes), signed by {release.signer}"
@@ -414,12 +387,9 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
 
 
 def cmd_release_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         releases = store.list_releases(current_only=not args.all)
         current = {r.id for r in store.list_releases(current_only=True)}
-    finally:
-        store.close()
     if not releases:
         print("no releases")
     for r in releases:
@@ -440,22 +410,16 @@ def cmd_release_assign(args: argparse.Namespace) -> int:
             seq = int(args.seq)
         except ValueError:
             raise CliError(f"{args.seq!r} is neither a sequence number nor 'current'") from None
-    store = _open(args)
-    try:
+    with _store(args) as store:
         store.assign_release(args.device_id, seq, _CLI_ACTOR)
-    finally:
-        store.close()
     target = "its class's current release" if seq is None else f"seq {seq}"
     print(f"device {args.device_id} now gets {target}")
     return 0
 
 
 def cmd_report_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         reports = store.list_reports(args.device, args.limit)
-    finally:
-        store.close()
     for r in reports:
         seq = "" if r.sequence_number is None else f" seq {r.sequence_number}"
         print(
@@ -466,11 +430,8 @@ def cmd_report_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         entries = store.audit_entries(args.limit)
-    finally:
-        store.close()
     for e in entries:
         detail = f"  {_safe(e.detail)}" if e.detail else ""
         print(
@@ -481,11 +442,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    store = _open(args)
-    try:
+    with _store(args) as store:
         count, head = store.verify_audit()
-    finally:
-        store.close()
     print(f"audit log OK: {count} entries, head {head.hex()}")
     return 0
 

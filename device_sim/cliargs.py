@@ -1,0 +1,137 @@
+"""The argparse pieces shared by device_sim's command lines.
+
+`python -m device_sim` (device_sim.cli) and `python -m device_sim.fleet` (which is also
+the `fleet` subcommand of the former) promise the same things: a usage error is one
+line on stderr and exit 2, and a bad option value is refused by argparse with a
+message naming the limit. Keeping the parser class and the value types here means the
+two cannot drift apart; each command still decides its own limits (e.g. the fleet caps
+image sizes, provisioning does not) by parameter, not by a copy.
+
+The messages are user-visible and kept exactly as they were when each command had
+its own copy; where two commands worded a refusal differently, both wordings stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+_KIB = 1024
+_MIB = 1024 * 1024
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line plus a pointer to --help, exit 2.
+
+    The stock error() prints the whole usage block first; our commands promise one
+    line on stderr per refusal, which scripts and the tests rely on.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------- integers
+
+
+def whole_number(text: str) -> int:
+    """Any int; the common first step of the bounded integer types."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (devices, workers, attempts, ...)."""
+    value = whole_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def size_type(limit: int | None = None) -> Callable[[str], int]:
+    """A byte-count type: plain, or with a K/M suffix (powers of two), at least 1.
+
+    With `limit` the value must also be at most `limit` bytes (the fleet's images must
+    fit what the server accepts); without it only positivity is checked (flash
+    geometry is checked later, by the layout code, with a better message).
+    """
+
+    def size(text: str) -> int:
+        t = text.strip().upper().removesuffix("B").removesuffix("I")
+        mult = 1
+        if t.endswith("K"):
+            mult, t = _KIB, t[:-1]
+        elif t.endswith("M"):
+            mult, t = _MIB, t[:-1]
+        try:
+            value = int(t) * mult
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        if limit is None:
+            if value <= 0:
+                raise argparse.ArgumentTypeError("size must be positive")
+        elif not 0 < value <= limit:
+            raise argparse.ArgumentTypeError(f"size must be 1..{limit} bytes")
+        return value
+
+    return size
+
+
+# --------------------------------------------------------------------------- floats
+
+
+def _parse_float(text: str, noun: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {noun}: {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """Any finite float: "nan" and "inf" parse as floats but are never a sane setting."""
+    value = _parse_float(text, "number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("must be finite")
+    return value
+
+
+def probability(text: str) -> float:
+    """A per-datagram probability in [0, 1] (loss, duplication, reordering)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability must be in [0, 1], not {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite value >= 0, such as a delay in milliseconds (0 = none)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def positive_float_type(noun: str) -> Callable[[str], float]:
+    """A type for a finite value > 0 whose refusal names it ("{noun} must be positive")."""
+
+    def positive_float(text: str) -> float:
+        value = finite_float(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{noun} must be positive")
+        return value
+
+    return positive_float
+
+
+def positive_seconds(text: str) -> float:
+    """A finite duration > 0, worded as `python -m device_sim run` has always worded it."""
+    value = _parse_float(text, "number of seconds")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("seconds must be a positive finite number")
+    return value
