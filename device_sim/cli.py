@@ -21,8 +21,9 @@ from typing import Any
 from otacoap.core.errors import OtaError
 
 from .bootloader import BootError
-from .cliargs import Parser, positive_seconds, size_type, whole_number
+from .cliargs import Parser, positive_seconds, size_type, window
 from .device_state import StateError
+from .fetcher import DEFAULT_MAX_WINDOW
 from .flash import FlashError
 from .layout import (
     DEFAULT_MAX_TRIAL_BOOTS,
@@ -39,15 +40,6 @@ MAX_SMALL_FILE = 256 * 1024
 
 class CliError(Exception):
     """A refusal by the CLI itself (unreadable file, bad value)."""
-
-
-def _window(text: str) -> int:
-    from .fetcher import MAX_WINDOW
-
-    value = whole_number(text)
-    if not 1 <= value <= MAX_WINDOW:
-        raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--window",
-        type=_window,
-        default=1,
+        type=window,
+        default=DEFAULT_MAX_WINDOW,
         metavar="N",
         help="most Block2 requests outstanding for the image, adapted to loss and delay "
-        "by a congestion controller (1 = RFC 7959 lock-step, the default; e.g. 8 on a "
-        "long round trip)",
+        f"by a congestion controller (default {DEFAULT_MAX_WINDOW}; 1 = RFC 7959 "
+        "lock-step)",
     )
     r.add_argument(
         "--poll-interval",

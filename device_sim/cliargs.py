@@ -135,3 +135,13 @@ def positive_seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError("seconds must be a positive finite number")
     return value
+
+
+def window(text: str) -> int:
+    """A Block2 window: 1 (RFC 7959 lock-step) up to the fetcher's MAX_WINDOW."""
+    from .fetcher import MAX_WINDOW
+
+    value = whole_number(text)
+    if not 1 <= value <= MAX_WINDOW:
+        raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
+    return value

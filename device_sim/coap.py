@@ -71,6 +71,26 @@ def _release(request: Any) -> None:
         request._stop_interest = _noop
 
 
+def _abandon(request: Any) -> None:
+    """Stop listening for a request we no longer wait for, before cancelling it.
+
+    Why: aiocoap unregisters a cancelled request in a done-callback of its response
+    future, which asyncio runs one loop step *after* the cancel; a response that
+    arrives in between (common in a windowed transfer, whose retransmission timer
+    gives up on requests all the time) makes aiocoap call set_result on the
+    cancelled future, and the InvalidStateError escapes through tinydtls' read
+    callback into the event loop. So `_exchange` waits on a shield and, when it
+    stops waiting, does what aiocoap's `_response_cancellation_handler` does, now.
+    """
+    response = request.response
+    if response.done():
+        return
+    if getattr(request, "_runner", None) is not None and hasattr(request, "_stop_interest"):
+        request._runner = None
+        request._stop_interest()
+    response.cancel()
+
+
 # How often a pending DTLS handshake retransmission is looked at (see below).
 DTLS_POLL = 0.1
 
@@ -198,13 +218,14 @@ class CoapTransport:
         request = None
         try:
             request = ctx.request(msg, handle_blockwise=False)
-            raw = await asyncio.wait_for(request.response, timeout)
+            raw = await asyncio.wait_for(asyncio.shield(request.response), timeout)
         except TimeoutError as exc:
             raise TransportError(f"no response within {timeout:.1f} s") from exc
         except (aiocoap.error.Error, OSError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             if request is not None:
+                _abandon(request)
                 _release(request)
         self._remote = raw.remote
         response = _convert(raw)

@@ -78,7 +78,9 @@ from .cliargs import (
     positive_int,
     probability,
     size_type,
+    window,
 )
+from .fetcher import DEFAULT_MAX_WINDOW
 from .fleet_report import DeviceOutcome, FleetReport, percentile
 from .transport import Response, TransportError
 
@@ -164,6 +166,7 @@ class FleetOptions:
     concurrency: int = DEFAULT_CONCURRENCY
     processes: int = 1
     block_size: int = 1024
+    max_window: int = DEFAULT_MAX_WINDOW  # Block2 requests outstanding per device
     seed: int = 0
     timeout: float = DEFAULT_TIMEOUT
     max_time: float | None = None
@@ -346,6 +349,7 @@ class WorkerJob:
     factory_envelope: bytes
     slot_size: int
     szx: int
+    max_window: int
     concurrency: int
     timeout: float
     attempts: int
@@ -434,7 +438,8 @@ async def run_worker(
         )
         host, port = proxy.address
         target = f"coaps://{host}:{port}"
-    config = AgentConfig(fetch=FetchConfig(szx=job.szx, deadline=job.timeout))
+    fetch = FetchConfig(szx=job.szx, deadline=job.timeout, max_window=job.max_window)
+    config = AgentConfig(fetch=fetch)
     sem = asyncio.Semaphore(job.concurrency)
     rng = random.Random(job.seed)
 
@@ -1082,6 +1087,7 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 factory_envelope=prepared.factory_envelope,
                 slot_size=slot,
                 szx=blockwise.szx_of(opts.block_size),
+                max_window=opts.max_window,
                 concurrency=max(1, conc),
                 timeout=opts.timeout,
                 attempts=opts.attempts,
@@ -1277,6 +1283,7 @@ def _settings(
         "image_id": prepared.image_id,
         "image_sha256": prepared.image_digest.hex(),
         "block_size": opts.block_size,
+        "max_window": opts.max_window,
         "concurrency": opts.concurrency,
         "processes": processes,
         "timeout": opts.timeout,
@@ -1407,6 +1414,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="Block2 size the devices ask for (default 1024)",
     )
+    run.add_argument(
+        "--window",
+        type=window,
+        default=DEFAULT_MAX_WINDOW,
+        metavar="N",
+        help="most Block2 requests each device keeps outstanding, adapted by its "
+        f"congestion controller (default {DEFAULT_MAX_WINDOW}; 1 = RFC 7959 lock-step)",
+    )
     run.add_argument("--seed", type=int, metavar="N", help="seed for the link model and retries")
     run.add_argument(
         "--timeout",
@@ -1521,6 +1536,7 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         concurrency=args.concurrency,
         processes=args.processes,
         block_size=args.block_size,
+        max_window=args.window,
         seed=args.seed if args.seed is not None else secrets.randbelow(1 << 31),
         timeout=args.timeout,
         max_time=args.max_time,
