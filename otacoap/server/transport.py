@@ -330,12 +330,16 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
             self._drop(victim, "full")
 
     def _expire(self, now: float) -> None:
-        for address in list(self._connections.values()):
+        floor = min(self.idle_timeout, self.HANDSHAKE_IDLE)
+        expired = []
+        for address in self._connections.values():
             idle = now - address.seen
-            if idle < min(self.idle_timeout, self.HANDSHAKE_IDLE):
+            if idle < floor:
                 break  # last-heard order: everyone after has spoken more recently
             if idle >= (self.idle_timeout if address.established else self.HANDSHAKE_IDLE):
-                self._drop(address, "idle")
+                expired.append(address)
+        for address in expired:
+            self._drop(address, "idle")
 
     def _drop(self, victim: _SessionAddress, why: str) -> None:
         self.dropped[why] += 1
