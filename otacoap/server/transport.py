@@ -313,7 +313,8 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
             self._message_interface._received_datagram(address, data)
             return
         unverified = self._unverified
-        unverified.move_to_end(sockaddr)
+        if sockaddr in unverified:  # always, unless a callback dropped it meanwhile
+            unverified.move_to_end(sockaddr)
         self._message_interface._received_datagram(address, data)
         if address.cookie_verified and unverified.pop(sockaddr, None) is address:
             self._admit(address)
