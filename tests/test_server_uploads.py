@@ -155,6 +155,28 @@ def test_idle_uploads_expire(blobs: BlobStore) -> None:
     up.close()
 
 
+def test_a_drip_fed_upload_ends_at_max_duration(blobs: BlobStore) -> None:
+    """One block every 9 s never trips the 10 s idle timeout; the overall limit ends
+    it (ATTACKS.md #37), and the sweep frees its slot even if no block comes."""
+    clock = Clock()
+    config = UploadConfig(idle_timeout=10, max_duration=30, max_concurrent=1)
+    up = Uploads(blobs, config, clock)
+    up.feed(_key(b"drip"), Block(0, True, 0), b"x" * 16, 10_000)
+    for num in range(1, 4):
+        clock.now = 9.0 * num
+        assert up.feed(_key(b"drip"), Block(num, True, 0), b"x" * 16, 10_000) is None
+    clock.now = 36
+    with pytest.raises(UploadIncomplete, match="longer than 30 s"):
+        up.feed(_key(b"drip"), Block(4, True, 0), b"x" * 16, 10_000)
+    assert len(up) == 0 and blobs.temp_files() == []
+    up.feed(_key(b"again"), Block(0, True, 0), b"x" * 16, 10_000)
+    for num in range(1, 4):
+        clock.now = 36 + 9.0 * num
+        up.feed(_key(b"again"), Block(num, True, 0), b"x" * 16, 10_000)
+    clock.now = 36 + 31  # 4 s since its last block: not idle, but over 30 s in all
+    assert up.sweep() == 1 and blobs.temp_files() == []
+
+
 def test_staged_images_expire_and_belong_to_their_uploader(blobs: BlobStore) -> None:
     clock = Clock()
     staged = StagedImages(UploadConfig(staged_ttl=60, max_staged=1), clock)

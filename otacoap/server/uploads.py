@@ -84,6 +84,7 @@ class _Assembly:
     peer: str
     next_offset: int = 0
     last_seen: float = field(default=0.0)
+    started: float = field(default=0.0)
 
 
 class Uploads:
@@ -140,11 +141,18 @@ class Uploads:
         if block.num == 0:
             self._drop(key)  # a new body with the same tag replaces the old one
             self._admit(key[1])
-            self._active[key] = _Assembly(self._blobs.temp(prefix=UPLOAD_PREFIX), key[1], 0, now)
+            temp = self._blobs.temp(prefix=UPLOAD_PREFIX)
+            self._active[key] = _Assembly(temp, key[1], 0, now, now)
         assembly = self._active.get(key)
         if assembly is None:
             raise UploadIncomplete(
                 f"block {block.num} without an upload in progress (start at block 0)"
+            )
+        if now - assembly.started > self._config.max_duration:
+            # A drip-feed just inside the idle timeout would hold a slot for ever.
+            self._drop(key)
+            raise UploadIncomplete(
+                f"upload took longer than {self._config.max_duration:.0f} s; start again"
             )
         offset = block.num * size
         if offset != assembly.next_offset:
@@ -182,9 +190,11 @@ class Uploads:
             assembly.blob.discard()
 
     def sweep(self) -> int:
-        """Drop uploads idle for longer than the timeout; return how many."""
-        deadline = self._clock() - self._config.idle_timeout
-        stale = [k for k, a in self._active.items() if a.last_seen < deadline]
+        """Drop uploads idle for longer than the timeout or running for longer than
+        max_duration; return how many."""
+        now = self._clock()
+        idle, old = now - self._config.idle_timeout, now - self._config.max_duration
+        stale = [k for k, a in self._active.items() if a.last_seen < idle or a.started < old]
         for key in stale:
             log.info("dropping idle upload from %s (%s)", key[0], key[2])
             self._drop(key)

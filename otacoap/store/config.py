@@ -52,6 +52,7 @@ class UploadConfig:
     max_concurrent: int = 8  # Block1 reassemblies in flight, all peers (RFC 7959 §7.1)
     max_per_peer: int = 2
     idle_timeout: float = 60.0  # seconds without a block before an upload is dropped
+    max_duration: float = 3600.0  # seconds from block 0 to the last block, at most
     staged_ttl: float = 600.0  # an uploaded image waits this long for its envelope
     max_staged: int = 4  # uploaded images waiting for an envelope, all operators
     busy_max_age: int = 30  # Max-Age on 5.03 when the reassembly slots are full
@@ -85,6 +86,7 @@ class Config:
             "uploads.max_concurrent": u.max_concurrent,
             "uploads.max_per_peer": u.max_per_peer,
             "uploads.idle_timeout": u.idle_timeout,
+            "uploads.max_duration": u.max_duration,
             "uploads.staged_ttl": u.staged_ttl,
             "uploads.max_staged": u.max_staged,
             "uploads.busy_max_age": u.busy_max_age,
@@ -126,6 +128,7 @@ max_envelope_size = 65536    # bytes
 max_concurrent = 8           # Block1 reassemblies in flight (RFC 7959 §7.1)
 max_per_peer = 2
 idle_timeout = 60.0          # seconds without a block before an upload is dropped
+max_duration = 3600.0        # seconds an upload may take from first to last block
 staged_ttl = 600.0           # seconds an uploaded image waits for its envelope
 max_staged = 4
 busy_max_age = 30            # Max-Age of the 5.03 sent when all slots are busy
