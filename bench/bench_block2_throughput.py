@@ -11,7 +11,7 @@ transport and client count.
 Columns:
 - resp/s, errors: successful 2.05 Block2 responses per second, and errors + timeouts.
 - x stock: resp/s relative to stock aiocoap.
-- srv ms/1k: server CPU seconds per 1000 responses (utime+stime from /proc over the
+- srv s/1k: server CPU seconds per 1000 responses (utime+stime from /proc over the
   measured window). The fairest figure: the load generator shares the two cores, so
   resp/s is capped by the machine once both processes are busy, CPU per response not.
 - srv %, lg %: CPU use of the server and of the load generator(s), % of one core.
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADER = (
     f"{'target':<8} {'transport':<9} {'clients':>7} {'resp/s':>9} {'errors':>6} "
-    f"{'x stock':>7} {'srv ms/1k':>9} {'x stock':>7} {'srv %':>6} {'lg %':>6} "
-    f"{'rest %':>6} {'lg ms/1k':>8} {'RSS MiB':>7} {'bound':<8}"
+    f"{'x stock':>7} {'srv s/1k':>9} {'x stock':>7} {'srv %':>6} {'lg %':>6} "
+    f"{'rest %':>6} {'lg s/1k':>8} {'RSS MiB':>7} {'bound':<8}"
 )
 
 

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'target':<8} {'start MiB':>9} {'max MiB':>8} {'final MiB':>9} {'x stock':>7} "
-        f"{'responses':>10} {'resp/s':>8} {'errors':>6} {'srv ms/1k':>9} {'srv %':>5} "
+        f"{'responses':>10} {'resp/s':>8} {'errors':>6} {'srv s/1k':>9} {'srv %':>5} "
         f"{'rest %':>6} {'<=150 MB':>8}"
     )
     for t in traces:
