@@ -174,8 +174,9 @@ def test_new_devices_get_in_when_the_table_is_full_of_finished_sessions(
 
     assert run(go()) == [Code.CONTENT] * 3
     assert len(admitted) == len(set(admitted)) >= 3, admitted
-    dropped = server.call(lambda: dict(server.server.dtls._pool.dropped))  # type: ignore[union-attr]
-    assert dropped["full"] >= 3, dropped  # type: ignore[index]
+    figures = server.call(lambda: server.server.load_figures())  # type: ignore[union-attr]
+    assert figures["dropped_full"] >= 3, figures  # type: ignore[index]
+    assert figures["dtls_sessions"] <= 3 and figures["dtls_unverified"] <= 3, figures  # type: ignore[index]
 
 
 def test_idle_sessions_expire_and_their_devices_come_back(

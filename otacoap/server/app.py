@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import aiocoap
 from aiocoap.util import hostportjoin
@@ -31,6 +31,7 @@ from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 log = logging.getLogger(__name__)
 
 _SWEEP_INTERVAL = 5.0
+_LOAD_LOG_INTERVAL = 60.0  # seconds between 'load:' log lines (only when changed)
 _STALE_TEMP = 3600.0
 LOCK_NAME = "serve.lock"
 
@@ -138,12 +139,36 @@ class OtaServer:
         ]
 
     async def _sweep(self) -> None:
+        logged: dict[str, Any] = {}
+        next_log = asyncio.get_running_loop().time() + _LOAD_LOG_INTERVAL
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
             if self.uploads is not None:
                 self.uploads.sweep()
             if self.staged is not None:
                 self.staged.sweep()
+            if asyncio.get_running_loop().time() >= next_log:
+                next_log += _LOAD_LOG_INTERVAL
+                figures = self.load_figures()
+                if figures != logged:  # an idle server stays quiet
+                    log.info("load: %s", " ".join(f"{k}={v}" for k, v in figures.items()))
+                    logged = figures
+
+    def load_figures(self) -> dict[str, Any]:
+        """What an operator sizing the server wants to see: DTLS sessions in use and
+        why sessions were dropped (raise max_dtls_sessions if `dropped_full` climbs),
+        Block2 answers from the fast path, and uploads in progress."""
+        figures: dict[str, Any] = {}
+        if self.dtls is not None:
+            figures["dtls_sessions"] = self.dtls.session_count
+            figures["dtls_unverified"] = self.dtls.unverified_count
+            for why, n in self.dtls.dropped.items():
+                figures[f"dropped_{why}"] = n
+        if self.fastpath is not None:
+            figures["fw_blocks_served"] = self.fastpath.served
+        if self.uploads is not None:
+            figures["uploads"] = len(self.uploads)
+        return figures
 
     async def stop(self) -> None:
         for task in self._tasks:

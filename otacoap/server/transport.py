@@ -344,7 +344,9 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
 
     def _drop(self, victim: _SessionAddress, why: str) -> None:
         self.dropped[why] += 1
-        log.info("dropping %s DTLS session with %s (%s)", _stage(victim), victim.hostinfo, why)
+        # Debug only: a spoofed flood would otherwise write a line per datagram. The
+        # server logs the counters once a minute instead (OtaServer.load_figures).
+        log.debug("dropping %s DTLS session with %s (%s)", _stage(victim), victim.hostinfo, why)
         victim.evict(why)
         key = victim._peer
         if self._connections.get(key) is victim:  # defensive: never loop forever
@@ -395,6 +397,12 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # ty
     def unverified_count(self) -> int:
         """Peers that have not echoed a cookie yet (their own pool, same cap)."""
         return len(self._pool._unverified)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Sessions dropped so far, by why: idle, full (pushed out by a newcomer whose
+        address was proven) or spoofable (an unverified peer pushed out by another)."""
+        return dict(self._pool.dropped)
 
 
 class _PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
