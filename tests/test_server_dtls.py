@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import cbor2
@@ -339,3 +340,59 @@ def test_a_removed_device_loses_access_on_its_open_session(world: World) -> None
     codes = run(go(), timeout=180.0)
     assert codes[0] == Code.CONTENT
     assert all(c in (Code.UNAUTHORIZED, None) for c in codes[1:]), codes
+
+
+def test_a_lost_server_finished_is_sent_again_when_the_client_repeats_its_flight(
+    world: World,
+) -> None:
+    """RFC 6347 §4.2.4: a server whose last flight (ChangeCipherSpec, Finished) was
+    lost must send it again when the client retransmits its own final flight. A relay
+    drops exactly that flight of the first handshake; the device's request must still
+    succeed on that handshake, in about one client retransmission (~1-2 s), not after
+    the device gives up on the session."""
+    from device_sim.coap import CoapTransport
+
+    async def go() -> tuple[float, int, int]:
+        loop = asyncio.get_running_loop()
+        state = {"dropping": True, "dropped": 0, "client_hellos": 0}
+
+        class Relay(asyncio.DatagramProtocol):
+            client: Any = None
+
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if addr[1] == world.server.port:
+                    # DTLS record header: type, version, epoch (bytes 3-4), ... (§4.1).
+                    # The server's final flight: ChangeCipherSpec (20), then Finished
+                    # (handshake, 22) in epoch 1.
+                    final = data[0] == 20 or (data[0] == 22 and data[3:5] == b"\x00\x01")
+                    if state["dropping"] and final:
+                        state["dropped"] += 1
+                        if state["dropped"] == 2:
+                            state["dropping"] = False
+                        return
+                    self.transport.sendto(data, self.client)
+                    return
+                self.client = addr
+                if data[0] == 22 and data[3:5] == b"\x00\x00" and data[13] == 1:
+                    state["client_hellos"] += 1
+                self.transport.sendto(data, ("127.0.0.1", world.server.port))
+
+        relay, _ = await loop.create_datagram_endpoint(Relay, local_addr=("127.0.0.1", 0))
+        port = relay.get_extra_info("sockname")[1]
+        transport = CoapTransport(f"coaps://127.0.0.1:{port}", "t2", world.psk("t2"))
+        try:
+            t0 = loop.time()
+            resp = await transport.get("/m", block2=(0, 0, 6), timeout=10.0)
+            assert resp.code == Code.CONTENT
+            return loop.time() - t0, state["dropped"], state["client_hellos"]
+        finally:
+            await transport.close()
+            relay.close()
+
+    took, dropped, hellos = run(go())
+    assert dropped >= 1, "the relay saw the server's final flight"
+    assert hellos <= 2, "one handshake (ClientHello, then again with the cookie)"
+    assert took < 6.0
