@@ -50,10 +50,11 @@ from .transport import NOT_FOUND, Clock, Response, Transport, TransportError, co
 # A window this wide already hides a 1 s round trip at 16 KiB/s with 1 KiB blocks; more
 # would only buy memory (the buffer is up to max_window blocks) and server load.
 MAX_WINDOW = 64
-# What the commands people run (`device_sim run`, the fleet simulator) use by default.
-# FetchConfig itself stays at 1, RFC 7959 lock-step, the baseline the attack tests pin
-# request by request. Measured at 100 ms RTT for 1 MiB (bench/RESULTS.md): 7.6x faster
-# than lock-step at 0 % loss, 10x at 2 %; memory grows by at most 8 blocks.
+# What `device_sim run` (one device, one process) uses by default. FetchConfig itself
+# stays at 1, RFC 7959 lock-step, the baseline the attack tests pin request by request;
+# so does the fleet simulator (many devices share one process's CPU). Measured at 100 ms
+# RTT for 1 MiB (bench/RESULTS.md): 7.6x faster than lock-step at 0 % loss, 10x at 2 %;
+# memory grows by at most 8 blocks.
 DEFAULT_MAX_WINDOW = 8
 
 
