@@ -33,10 +33,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 from aiocoap.numbers.codes import Code
@@ -454,3 +455,34 @@ def coap_client(
         cmd += ["-o", str(out)]
     cmd += [*args, uri]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+
+
+@contextlib.asynccontextmanager
+async def dtls_relay(
+    server_port: int, forward: Callable[[bytes, bool], bool]
+) -> AsyncIterator[int]:
+    """A UDP relay on loopback in front of `server_port` for one client; yields its port.
+
+    `forward(datagram, from_server)` decides, datagram by datagram, whether it goes on:
+    the way to lose exactly one DTLS record of a handshake, deterministically.
+    """
+    loop = asyncio.get_running_loop()
+
+    class Relay(asyncio.DatagramProtocol):
+        client: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            from_server = addr[1] == server_port
+            if not from_server:
+                self.client = addr
+            if forward(data, from_server):
+                self.transport.sendto(data, self.client if from_server else (HOST, server_port))
+
+    relay, _ = await loop.create_datagram_endpoint(Relay, local_addr=(HOST, 0))
+    try:
+        yield relay.get_extra_info("sockname")[1]
+    finally:
+        relay.close()

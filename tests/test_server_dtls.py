@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiocoap
 import cbor2
@@ -25,6 +24,7 @@ from server_helpers import (
     cli_ok,
     coap_client,
     coaps_client,
+    dtls_relay,
     fetch_blocks,
     get,
     make_image,
@@ -356,41 +356,30 @@ def test_a_lost_server_finished_is_sent_again_when_the_client_repeats_its_flight
         loop = asyncio.get_running_loop()
         state = {"dropping": True, "dropped": 0, "client_hellos": 0}
 
-        class Relay(asyncio.DatagramProtocol):
-            client: Any = None
-
-            def connection_made(self, transport: Any) -> None:
-                self.transport = transport
-
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                if addr[1] == world.server.port:
-                    # DTLS record header: type, version, epoch (bytes 3-4), ... (§4.1).
-                    # The server's final flight: ChangeCipherSpec (20), then Finished
-                    # (handshake, 22) in epoch 1.
-                    final = data[0] == 20 or (data[0] == 22 and data[3:5] == b"\x00\x01")
-                    if state["dropping"] and final:
-                        state["dropped"] += 1
-                        if state["dropped"] == 2:
-                            state["dropping"] = False
-                        return
-                    self.transport.sendto(data, self.client)
-                    return
-                self.client = addr
+        def forward(data: bytes, from_server: bool) -> bool:
+            # DTLS record header: type, version, epoch (bytes 3-4), ... (RFC 6347 §4.1).
+            if not from_server:
                 if data[0] == 22 and data[3:5] == b"\x00\x00" and data[13] == 1:
                     state["client_hellos"] += 1
-                self.transport.sendto(data, ("127.0.0.1", world.server.port))
+                return True
+            # The server's final flight: ChangeCipherSpec (20), then Finished
+            # (handshake, 22) in epoch 1.
+            final = data[0] == 20 or (data[0] == 22 and data[3:5] == b"\x00\x01")
+            if state["dropping"] and final:
+                state["dropped"] += 1
+                state["dropping"] = state["dropped"] < 2
+                return False
+            return True
 
-        relay, _ = await loop.create_datagram_endpoint(Relay, local_addr=("127.0.0.1", 0))
-        port = relay.get_extra_info("sockname")[1]
-        transport = CoapTransport(f"coaps://127.0.0.1:{port}", "t2", world.psk("t2"))
-        try:
-            t0 = loop.time()
-            resp = await transport.get("/m", block2=(0, 0, 6), timeout=10.0)
-            assert resp.code == Code.CONTENT
-            return loop.time() - t0, state["dropped"], state["client_hellos"]
-        finally:
-            await transport.close()
-            relay.close()
+        async with dtls_relay(world.server.port, forward) as port:
+            transport = CoapTransport(f"coaps://127.0.0.1:{port}", "t2", world.psk("t2"))
+            try:
+                t0 = loop.time()
+                resp = await transport.get("/m", block2=(0, 0, 6), timeout=10.0)
+                assert resp.code == Code.CONTENT
+                return loop.time() - t0, state["dropped"], state["client_hellos"]
+            finally:
+                await transport.close()
 
     took, dropped, hellos = run(go())
     assert dropped >= 1, "the relay saw the server's final flight"

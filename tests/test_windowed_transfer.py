@@ -887,6 +887,7 @@ def test_dtls_handshake_after_a_reset_survives_a_lost_client_finished(
     """
     from aiocoap.transports import tinydtls
     from evil_server import DEVICE_ID, PSK
+    from server_helpers import dtls_relay
 
     from device_sim.coap import CoapTransport
 
@@ -899,40 +900,29 @@ def test_dtls_handshake_after_a_reset_survives_a_lost_client_finished(
         async with EvilServer(script=Script(envelope=b"\xa0" * 100)) as server:
             state = {"armed": False, "seen": 0, "dropped": 0}
 
-            class Relay(asyncio.DatagramProtocol):
-                client: Any = None
+            def forward(data: bytes, from_server: bool) -> bool:
+                if from_server or not state["armed"]:
+                    return True
+                state["seen"] += 1
+                # ClientHello, ClientHello+cookie, ClientKeyExchange, ChangeCipherSpec,
+                # then the 5th: the client's Finished.
+                if state["seen"] == 5:
+                    state["dropped"] += 1
+                    return False
+                return True
 
-                def connection_made(self, transport: Any) -> None:
-                    self.transport = transport
-
-                def datagram_received(self, data: bytes, addr: Any) -> None:
-                    if addr[1] == server.port:
-                        self.transport.sendto(data, self.client)
-                        return
-                    self.client = addr
-                    if state["armed"]:
-                        state["seen"] += 1
-                        # ClientHello, ClientHello+cookie, ClientKeyExchange,
-                        # ChangeCipherSpec, then the 5th: the client's Finished.
-                        if state["seen"] == 5:
-                            state["dropped"] += 1
-                            return
-                    self.transport.sendto(data, ("127.0.0.1", server.port))
-
-            relay, _ = await loop.create_datagram_endpoint(Relay, local_addr=("127.0.0.1", 0))
-            port = relay.get_extra_info("sockname")[1]
-            transport = CoapTransport(f"coaps://127.0.0.1:{port}", DEVICE_ID, PSK)
-            try:
-                await transport.get("/m", block2=(0, 0, 6), timeout=5.0)
-                await transport.reset()
-                state["armed"] = True
-                t0 = loop.time()
-                resp = await transport.get("/m", block2=(0, 0, 6), timeout=8.0)
-                assert resp.successful and state["dropped"] == 1
-                return loop.time() - t0
-            finally:
-                await transport.close()
-                relay.close()
+            async with dtls_relay(server.port, forward) as port:
+                transport = CoapTransport(f"coaps://127.0.0.1:{port}", DEVICE_ID, PSK)
+                try:
+                    await transport.get("/m", block2=(0, 0, 6), timeout=5.0)
+                    await transport.reset()
+                    state["armed"] = True
+                    t0 = loop.time()
+                    resp = await transport.get("/m", block2=(0, 0, 6), timeout=8.0)
+                    assert resp.successful and state["dropped"] == 1
+                    return loop.time() - t0
+                finally:
+                    await transport.close()
 
     took = run(go)
     assert took < 6.0, "repaired by tinydtls' own retransmission (~1-3 s), not a reset"
