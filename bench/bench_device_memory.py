@@ -5,8 +5,8 @@
 
 What is measured: the tracemalloc peak of one whole update (`DeviceAgent.run_once`:
 manifest, download, stage, reboot, trial boot, confirm, reports) above what was
-allocated before it, measured the way tests/test_device_memory.py does (free lists
-filled first, the server outside the traced allocations). The claim under test: the
+allocated before it, by tests/memory_probe.py, the same code
+tests/test_device_memory.py asserts the bound with. The claim under test: the
 device holds a bounded number of blocks, so the peak does not grow with the image;
 windowed, it holds up to `max_window` blocks plus each outstanding request's state.
 
@@ -15,7 +15,7 @@ Links:
 * `jitter`: the same server behind a seeded 0.5 +- 0.5 ms delay per answer, so answers
   overtake each other and the reorder buffer fills up (the windowed worst case);
 * `dtls` (--dtls): 1 MiB over real DTLS-PSK on loopback, the H1 honest server in a
-  child process, uvloop as the CLI uses (see test_device_memory.py for why).
+  child process, uvloop as the CLI uses (see tests/memory_probe.py for why).
 
 Ratios are against the 64 KiB peak of the same window and link, in the same run.
 """
@@ -24,43 +24,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import hashlib
 import random
-import subprocess
 import sys
 import tempfile
-import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from evil_server import free_udp_port, make_rig, manifest_bytes, release, sign  # noqa: E402
+from memory_probe import Measured, dtls_update_peak, inprocess_update_peak  # noqa: E402
 
-from device_sim.agent import AgentConfig, DeviceAgent, Outcome  # noqa: E402
+from bench.common import ForwardingTransport  # noqa: E402
+from device_sim.agent import AgentConfig, Outcome  # noqa: E402
 from device_sim.fetcher import FetchConfig  # noqa: E402
-from device_sim.firmware import make_image  # noqa: E402
-from device_sim.inprocess import GeneratedImage, InProcessServer, InProcessTransport  # noqa: E402
+from device_sim.inprocess import InProcessTransport  # noqa: E402
 from device_sim.transport import Response  # noqa: E402
-from otacoap.core import ids  # noqa: E402
 
 SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1 << 20, "16 MiB": 16 << 20}
 
 
-class JitterTransport:
+class JitterTransport(ForwardingTransport):
     """InProcessTransport whose answers take 0.5 +- 0.5 ms (seeded): they reorder."""
 
-    def __init__(self, server: InProcessServer, seed: int) -> None:
-        self.inner = InProcessTransport(server)
+    def __init__(self, inner: InProcessTransport, seed: int) -> None:
+        super().__init__(inner)
         self.rng = random.Random(seed)
-
-    @property
-    def base_uri(self) -> str:
-        return self.inner.base_uri
 
     async def get(
         self, path: str, *, block2: tuple[int, int, int] | None, timeout: float
@@ -69,40 +58,11 @@ class JitterTransport:
         await asyncio.sleep(0.001 * self.rng.random())
         return resp
 
-    async def post(
-        self, path: str, payload: bytes, *, content_format: int, timeout: float
-    ) -> Response:
-        return await self.inner.post(path, payload, content_format=content_format, timeout=timeout)
 
-    async def observe(self, path: str) -> AsyncIterator[Response]:
-        async for note in self.inner.observe(path):
-            yield note
-
-    async def reset(self) -> None:
-        await self.inner.reset()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-def _fill_free_lists() -> None:
-    junk = [tuple(range(n)) for n in range(1, 20) for _ in range(2100)]
-    junk.clear()
-
-
-async def _measure(device: DeviceAgent, warm_up: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
-    device.power_on()
-    await warm_up()
-    gc.collect()
-    _fill_free_lists()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        result = await device.run_once()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    return peak, result
+def _updated(m: Measured) -> int:
+    if m.result.outcome != Outcome.UPDATED:
+        raise RuntimeError(f"update failed: {m.result}")
+    return m.peak
 
 
 def config_for(window: int) -> AgentConfig:
@@ -112,76 +72,15 @@ def config_for(window: int) -> AgentConfig:
 
 
 def inprocess_peak(tmp: Path, size: int, window: int, link: str) -> int:
-    rig = make_rig(tmp, slot_size=size + 4096)
-    image = GeneratedImage(size, seed=size)
-    server = InProcessServer(
-        envelope=sign(manifest_bytes(digest=image.digest, size=size, seq=6), rig.key)
-    )
-    server.add_image(ids.image_uri(image.digest), image)
-    transport: Any = (
-        InProcessTransport(server) if link == "in-process" else JitterTransport(server, size)
-    )
-    device = DeviceAgent(
-        rig.path, "coaps://in-process", config=config_for(window), transport=transport
-    )
+    def wrap(transport: InProcessTransport) -> object:
+        return transport if link == "in-process" else JitterTransport(transport, size)
 
-    async def go() -> int:
-        try:
-            peak, result = await _measure(device, lambda: asyncio.sleep(0))
-        finally:
-            await device.close()
-        if result.outcome != Outcome.UPDATED:
-            raise RuntimeError(f"update failed: {result}")
-        return peak
-
-    return asyncio.run(go())
+    return _updated(inprocess_update_peak(tmp, size, config_for(window), wrap))
 
 
 def dtls_peak(tmp: Path, size: int, window: int) -> int:
-    import uvloop
-
-    rig = make_rig(tmp, slot_size=size + 4096)
-    image = make_image(size, version=6)
-    envelope, _ = release(rig.key, image, 6)
-    (tmp / "env").write_bytes(envelope)
-    (tmp / "img").write_bytes(image)
-    port = free_udp_port()
-    path = ids.image_uri(hashlib.sha256(image).digest())
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "evil_server.py"),
-            str(port),
-            str(tmp / "env"),
-            f"{path}={tmp / 'img'}",
-        ],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != b"ready":
-            raise RuntimeError("H1 server did not start")
-        fetch = FetchConfig(max_window=window)
-        device = DeviceAgent(rig.path, f"coaps://127.0.0.1:{port}", config=AgentConfig(fetch=fetch))
-
-        async def go() -> tuple[int, Any]:
-            async def warm_up() -> None:
-                assert device.agent is not None
-                await device.agent.fetch_envelope()
-
-            try:
-                return await _measure(device, warm_up)
-            finally:
-                await device.close()
-
-        peak, result = uvloop.run(go())
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    if result.outcome != Outcome.UPDATED:
-        raise RuntimeError(f"update failed: {result}")
-    return peak
+    config = AgentConfig(fetch=FetchConfig(max_window=window))
+    return _updated(dtls_update_peak(tmp, size, config))
 
 
 def main(argv: list[str] | None = None) -> int:

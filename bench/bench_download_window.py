@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from server_helpers import CLASS_A, DeviceSpec, make_image, make_setup, running_server  # noqa: E402
 
+from bench.common import ForwardingTransport  # noqa: E402
 from device_sim.agent import AgentConfig, DeviceAgent, Outcome  # noqa: E402
 from device_sim.coap import CoapTransport  # noqa: E402
 from device_sim.fetcher import FetchConfig  # noqa: E402
@@ -51,7 +51,7 @@ DEVICE = "bench-window-1"
 PSK = bytes.fromhex("a1b2c3d4e5f60718293a4b5c6d7e8f90")
 
 
-class TimingTransport:
+class TimingTransport(ForwardingTransport):
     """CoapTransport plus the times of the first /fw request and the last /fw answer.
 
     Forwards `get_nonconfirmable` (the windowed fetcher's NON GET) so wrapping does not
@@ -59,14 +59,10 @@ class TimingTransport:
     """
 
     def __init__(self, inner: CoapTransport) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.first: float | None = None
         self.last: float | None = None
         self.fw_requests = 0
-
-    @property
-    def base_uri(self) -> str:
-        return self.inner.base_uri
 
     def _start(self, path: str) -> None:
         if path.startswith("/fw/"):
@@ -91,21 +87,6 @@ class TimingTransport:
         self._start(path)
         resp = await self.inner.get_nonconfirmable(path, block2=block2, timeout=timeout)
         return self._done(path, resp)
-
-    async def post(
-        self, path: str, payload: bytes, *, content_format: int, timeout: float
-    ) -> Response:
-        return await self.inner.post(path, payload, content_format=content_format, timeout=timeout)
-
-    async def observe(self, path: str) -> AsyncIterator[Response]:
-        async for note in self.inner.observe(path):
-            yield note
-
-    async def reset(self) -> None:
-        await self.inner.reset()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @dataclass

@@ -15,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -227,3 +228,35 @@ def running(
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "load":
     load_main()
+
+
+class ForwardingTransport:
+    """A device transport (device_sim.transport.Transport) that hands everything to
+    `inner`; a bench subclasses it to time or disturb `get` alone.
+
+    No `get_nonconfirmable` here: the windowed fetcher uses NON requests only where
+    the transport offers them, so a subclass offers it only if its inner one does.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def base_uri(self) -> str:
+        return str(self.inner.base_uri)
+
+    async def get(self, path: str, *, block2: tuple[int, int, int] | None, timeout: float) -> Any:
+        return await self.inner.get(path, block2=block2, timeout=timeout)
+
+    async def post(self, path: str, payload: bytes, *, content_format: int, timeout: float) -> Any:
+        return await self.inner.post(path, payload, content_format=content_format, timeout=timeout)
+
+    async def observe(self, path: str) -> AsyncIterator[Any]:
+        async for note in self.inner.observe(path):
+            yield note
+
+    async def reset(self) -> None:
+        await self.inner.reset()
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -15,13 +15,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from otacoap.core.errors import OtaError
 
 from .bootloader import BootError
-from .cliargs import Parser, positive_seconds, size_type, window
+from .cliargs import Parser, maybe_hex, positive_seconds, read_small_file, size_type, window
 from .device_state import StateError
 from .fetcher import DEFAULT_MAX_WINDOW
 from .flash import FlashError
@@ -163,24 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read(path: str, cap: int) -> bytes:
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"{path}: no such file")
-    with open(p, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise CliError(f"{path}: larger than {cap} bytes")
-    return data
-
-
-def _maybe_hex(data: bytes) -> bytes:
-    text = data.strip()
     try:
-        if text and all(c in b"0123456789abcdefABCDEF\r\n\t " for c in text):
-            return bytes.fromhex(text.decode())
-    except ValueError:
-        pass
-    return data
+        return read_small_file(path, cap)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -193,7 +178,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     anchors = tuple(_read(t, MAX_SMALL_FILE) for t in args.trust)
     image = _read(args.factory_image, MAX_INPUT_FILE)
     envelope = (
-        _maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
+        maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
     )
     result = provision(
         args.flash,

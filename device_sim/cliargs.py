@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2
@@ -145,3 +146,28 @@ def window(text: str) -> int:
     if not 1 <= value <= MAX_WINDOW:
         raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
     return value
+
+
+def read_small_file(path: str | Path, cap: int) -> bytes:
+    """A file's bytes, refusing a missing file or one over `cap` bytes without reading
+    it all; the ValueError's text is the one-line message the commands print."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file")
+    with open(p, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError(f"{path}: larger than {cap} bytes")
+    return data
+
+
+def maybe_hex(data: bytes) -> bytes:
+    """Key and envelope files may hold hex text (as the other tools print them) or
+    raw bytes; hex is decoded, anything else is returned as it is."""
+    text = data.strip()
+    if text and all(c in b"0123456789abcdefABCDEF\r\n\t " for c in text):
+        try:
+            return bytes.fromhex(text.decode())
+        except ValueError:
+            pass
+    return data

@@ -73,10 +73,12 @@ from otacoap.core.errors import OtaError
 
 from .cliargs import (
     Parser,
+    maybe_hex,
     non_negative_float,
     positive_float_type,
     positive_int,
     probability,
+    read_small_file,
     size_type,
     window,
 )
@@ -753,21 +755,10 @@ class Prepared:
 
 
 def _read(path: Path, cap: int, what: str) -> bytes:
-    if not path.is_file():
-        raise FleetError(f"{what} {path}: no such file")
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise FleetError(f"{what} {path}: larger than {cap} bytes")
-    return data
-
-
-def _maybe_hex(data: bytes) -> bytes:
-    text = data.strip()
-    if text and all(c in b"0123456789abcdefABCDEF\r\n\t " for c in text):
-        with contextlib.suppress(ValueError):
-            return bytes.fromhex(text.decode())
-    return data
+    try:
+        return read_small_file(path, cap)
+    except ValueError as exc:
+        raise FleetError(f"{what} {exc}") from None
 
 
 def _load_key(path: Path) -> Any:
@@ -828,7 +819,7 @@ def prepare(opts: FleetOptions, work: Path, progress: Progress) -> tuple[Prepare
 
     if opts.release is not None:
         env_path, img_path = opts.release
-        envelope = _maybe_hex(_read(env_path, 64 * 1024, "--release envelope"))
+        envelope = maybe_hex(_read(env_path, 64 * 1024, "--release envelope"))
         try:
             vm = trust.accept(envelope, trust.TrustPolicy(anchors=(key.public,)))
         except OtaError as exc:

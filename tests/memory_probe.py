@@ -1,0 +1,137 @@
+"""The device's peak memory during one whole update, measured one way for the test
+that asserts the bound (test_device_memory.py) and the bench that reports it
+(bench/bench_device_memory.py).
+
+What is measured: the tracemalloc peak of `DeviceAgent.run_once` (manifest, download,
+stage, reboot, trial boot, confirm, reports) above what was allocated before it, with
+this hygiene, each for a reason:
+* CPython's free lists are filled before tracing starts: memory parked on a free list
+  stays attributed to its first allocation site, so a free list filling up during the
+  run would look like growth;
+* over DTLS, the server (H1, evil_server.py) runs in a child process, so only the
+  device's allocations count, and the device runs on uvloop (as the CLI does):
+  asyncio's selector transport calls recvfrom with a 256 KiB Python buffer for every
+  datagram, which tracemalloc would report as a transient that is not the agent's;
+* over DTLS the aiocoap context and the DTLS session are up before tracing starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evil_server import Rig, free_udp_port, make_rig, manifest_bytes, release, sign
+
+from device_sim.agent import AgentConfig, DeviceAgent, RunResult
+from device_sim.firmware import make_image
+from device_sim.inprocess import GeneratedImage, InProcessServer, InProcessTransport
+from otacoap.core import ids
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Measured:
+    peak: int  # bytes above the allocations before the update
+    result: RunResult
+    rig: Rig
+    image_digest: bytes
+
+
+def _fill_free_lists() -> None:
+    junk = [tuple(range(n)) for n in range(1, 20) for _ in range(2100)]
+    junk.clear()
+
+
+async def _measure(device: DeviceAgent, warm_up: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
+    device.power_on()
+    await warm_up()
+    gc.collect()
+    _fill_free_lists()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = await device.run_once()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+def inprocess_update_peak(
+    tmp: Path,
+    size: int,
+    config: AgentConfig | None = None,
+    wrap: Callable[[InProcessTransport], Any] = lambda transport: transport,
+) -> Measured:
+    """One update of a generated `size`-byte image through InProcessTransport (which
+    `wrap` may put behind something, e.g. a jittered link)."""
+    rig = make_rig(tmp, slot_size=size + 4096)
+    image = GeneratedImage(size, seed=size)
+    server = InProcessServer(
+        envelope=sign(manifest_bytes(digest=image.digest, size=size, seq=6), rig.key)
+    )
+    server.add_image(ids.image_uri(image.digest), image)
+    device = DeviceAgent(
+        rig.path,
+        "coaps://in-process",
+        config=config or AgentConfig(),
+        transport=wrap(InProcessTransport(server)),
+    )
+
+    async def go() -> tuple[int, Any]:
+        try:
+            return await _measure(device, lambda: asyncio.sleep(0))
+        finally:
+            await device.close()
+
+    peak, result = asyncio.run(go())
+    return Measured(peak, result, rig, image.digest)
+
+
+def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) -> Measured:
+    """One update of a `size`-byte image over real DTLS-PSK on loopback."""
+    import uvloop
+
+    rig = make_rig(tmp, slot_size=size + 4096)
+    image = make_image(size, version=6)
+    envelope, _ = release(rig.key, image, 6)
+    (tmp / "env").write_bytes(envelope)
+    (tmp / "img").write_bytes(image)
+    port = free_udp_port()
+    path = ids.image_uri(hashlib.sha256(image).digest())
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "evil_server.py"), str(port), str(tmp / "env"),
+         f"{path}={tmp / 'img'}"],
+        stdout=subprocess.PIPE,
+        cwd=HERE.parent,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("H1 server did not start")
+        device = DeviceAgent(rig.path, f"coaps://127.0.0.1:{port}", config=config or AgentConfig())
+
+        async def go() -> tuple[int, Any]:
+            async def warm_up() -> None:
+                assert device.agent is not None
+                await device.agent.fetch_envelope()
+
+            try:
+                return await _measure(device, warm_up)
+            finally:
+                await device.close()
+
+        peak, result = uvloop.run(go())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return Measured(peak, result, rig, hashlib.sha256(image).digest())
