@@ -44,6 +44,7 @@ class Measured:
     result: RunResult
     rig: Rig
     image_digest: bytes
+    buffered: int = 0  # most blocks the fetcher held out of order (windowed)
 
 
 def _fill_free_lists() -> None:
@@ -51,7 +52,9 @@ def _fill_free_lists() -> None:
     junk.clear()
 
 
-async def _measure(device: DeviceAgent, warm_up: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
+async def _measure(
+    device: DeviceAgent, warm_up: Callable[[], Awaitable[Any]]
+) -> tuple[int, Any, int]:
     device.power_on()
     await warm_up()
     gc.collect()
@@ -63,7 +66,8 @@ async def _measure(device: DeviceAgent, warm_up: Callable[[], Awaitable[Any]]) -
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    return peak, result
+    fetcher = device.agent.last_fetcher if device.agent else None
+    return peak, result, fetcher.peak_buffered if fetcher else 0
 
 
 def inprocess_update_peak(
@@ -87,14 +91,14 @@ def inprocess_update_peak(
         transport=wrap(InProcessTransport(server)),
     )
 
-    async def go() -> tuple[int, Any]:
+    async def go() -> tuple[int, Any, int]:
         try:
             return await _measure(device, lambda: asyncio.sleep(0))
         finally:
             await device.close()
 
-    peak, result = asyncio.run(go())
-    return Measured(peak, result, rig, image.digest)
+    peak, result, buffered = asyncio.run(go())
+    return Measured(peak, result, rig, image.digest, buffered)
 
 
 def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) -> Measured:
@@ -120,7 +124,7 @@ def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) ->
             raise RuntimeError("H1 server did not start")
         device = DeviceAgent(rig.path, f"coaps://127.0.0.1:{port}", config=config or AgentConfig())
 
-        async def go() -> tuple[int, Any]:
+        async def go() -> tuple[int, Any, int]:
             async def warm_up() -> None:
                 assert device.agent is not None
                 await device.agent.fetch_envelope()
@@ -130,8 +134,8 @@ def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) ->
             finally:
                 await device.close()
 
-        peak, result = uvloop.run(go())
+        peak, result, buffered = uvloop.run(go())
     finally:
         server.terminate()
         server.wait(timeout=10)
-    return Measured(peak, result, rig, hashlib.sha256(image).digest())
+    return Measured(peak, result, rig, hashlib.sha256(image).digest(), buffered)

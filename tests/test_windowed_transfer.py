@@ -17,10 +17,8 @@ What these show, and why each matters:
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import random
-import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +38,7 @@ from evil_server import (
     sign,
     wrong_num,
 )
+from memory_probe import inprocess_update_peak
 
 from device_sim.agent import AgentConfig, DeviceAgent, Outcome
 from device_sim.fetcher import (
@@ -52,7 +51,7 @@ from device_sim.fetcher import (
 )
 from device_sim.firmware import make_image
 from device_sim.flash import FlashFaults, PowerCut
-from device_sim.inprocess import GeneratedImage, InProcessServer, InProcessTransport
+from device_sim.inprocess import InProcessServer, InProcessTransport
 from device_sim.netem import LinkProfile, UdpImpairmentProxy
 from device_sim.transport import FakeClock, RealClock, Response, TransportError
 from otacoap.core import blockwise, ids
@@ -646,37 +645,16 @@ def test_power_cut_mid_windowed_download_then_resume(tmp_path: Path, cut_after: 
 
 
 def _peak(tmp: Path, size: int, window: int) -> tuple[int, int]:
-    """tracemalloc peak of one whole update (as test_device_memory.py measures it)."""
-    rig = make_rig(tmp, slot_size=size + 4096)
-    image = GeneratedImage(size, seed=size)
-    server = InProcessServer(
-        envelope=sign(manifest_bytes(digest=image.digest, size=size, seq=6), rig.key)
-    )
-    server.add_image(ids.image_uri(image.digest), image)
-    # Jitter makes answers overtake each other, so the reorder buffer really fills up.
-    link = Impaired(server, seed=size, delay=0.0005, jitter=0.0005, record=False)
+    """tracemalloc peak of one whole update and the most blocks held out of order."""
     config = AgentConfig(fetch=replace(QUICK, max_window=window))
-    device = DeviceAgent(rig.path, "coaps://in-process", config=config, transport=link)
 
-    async def go() -> tuple[int, int]:
-        device.power_on()
-        await asyncio.sleep(0)
-        gc.collect()
-        junk = [tuple(range(n)) for n in range(1, 20) for _ in range(2100)]
-        junk.clear()  # fill CPython's free lists first (see test_device_memory.py)
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            result = await device.run_once()
-            peak = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
-            buffered = device.agent.last_fetcher.peak_buffered if device.agent else 0
-            await device.close()
-        assert result.outcome == Outcome.UPDATED, result
-        return peak, buffered
+    def jittered(transport: InProcessTransport) -> Impaired:
+        # Jitter makes answers overtake each other, so the reorder buffer really fills up.
+        return Impaired(transport.server, seed=size, delay=0.0005, jitter=0.0005, record=False)
 
-    return run(go)  # type: ignore[no-any-return]
+    m = inprocess_update_peak(tmp, size, config, jittered)
+    assert m.result.outcome == Outcome.UPDATED, m.result
+    return m.peak, m.buffered
 
 
 def test_memory_is_bounded_by_the_window_not_the_image(tmp_path: Path) -> None:
