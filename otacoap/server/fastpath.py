@@ -277,26 +277,10 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
         b = data[i]
         if b == 0xFF:
             return None  # a payload on a GET: aiocoap decides what that means
-        i += 1
-        delta, length = b >> 4, b & 0x0F
-        if delta >= 13:
-            if delta == 13 and i < n:
-                delta = data[i] + 13
-                i += 1
-            elif delta == 14 and i + 1 < n:
-                delta = (data[i] << 8 | data[i + 1]) + 269
-                i += 2
-            else:
-                return None  # 15 is reserved (a message format error) or truncated
-        if length >= 13:
-            if length == 13 and i < n:
-                length = data[i] + 13
-                i += 1
-            elif length == 14 and i + 1 < n:
-                length = (data[i] << 8 | data[i + 1]) + 269
-                i += 2
-            else:
-                return None
+        delta, i = _extended(b >> 4, data, i + 1)
+        length, i = _extended(b & 0x0F, data, i)
+        if delta < 0 or length < 0:
+            return None  # 15 is reserved (a message format error) or truncated
         number += delta
         end = i + length
         if end > n:
@@ -315,3 +299,15 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
     if len(path) != 2 or path[0] != _FW:
         return None
     return path[1], block2
+
+
+def _extended(nibble: int, data: bytes, i: int) -> tuple[int, int]:
+    """An option delta or length nibble with its extended bytes (RFC 7252 §3.1): the
+    value and the index after it, or -1 for 15 (reserved) or a truncated field."""
+    if nibble < 13:
+        return nibble, i
+    if nibble == 13 and i < len(data):
+        return data[i] + 13, i + 1
+    if nibble == 14 and i + 1 < len(data):
+        return (data[i] << 8 | data[i + 1]) + 269, i + 2
+    return -1, i
