@@ -83,6 +83,7 @@ from .cliargs import (
     window,
 )
 from .fleet_report import DeviceOutcome, FleetReport, percentile
+from .netem import LinkProfile
 from .transport import Response, TransportError
 
 _log = logging.getLogger(__name__)
@@ -123,31 +124,6 @@ class FleetError(ValueError):
 
 
 @dataclass(frozen=True)
-class Impairment:
-    """The link between each device and the server (both directions), netem-style."""
-
-    loss: float = 0.0
-    delay_ms: float = 0.0
-    jitter_ms: float = 0.0
-    duplicate: float = 0.0
-    reorder: float = 0.0
-    rate_kbps: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return any(
-            (
-                self.loss,
-                self.delay_ms,
-                self.jitter_ms,
-                self.duplicate,
-                self.reorder,
-                self.rate_kbps is not None,
-            )
-        )
-
-
-@dataclass(frozen=True)
 class FleetOptions:
     """Everything a run needs, validated once (DESIGN principle 8)."""
 
@@ -163,7 +139,8 @@ class FleetOptions:
     seq: int = 2
     image_size: int = DEFAULT_IMAGE_SIZE
     release: tuple[Path, Path] | None = None
-    impairment: Impairment = field(default_factory=Impairment)
+    # Both directions of every device's link; all zero: no proxy in between.
+    impairment: LinkProfile = field(default_factory=LinkProfile)
     concurrency: int = DEFAULT_CONCURRENCY
     processes: int = 1
     block_size: int = 1024
@@ -342,7 +319,7 @@ class WorkerJob:
     index: int
     server_uri: str  # the real server (coaps://HOST:PORT)
     upstream: tuple[str, int] | None  # where the proxy relays to, when impaired
-    impairment: Impairment
+    impairment: LinkProfile
     seed: int
     devices: tuple[tuple[str, bytes], ...]  # (device id, PSK)
     flash_dir: str
@@ -409,7 +386,7 @@ async def run_worker(
     """
     from .agent import AgentConfig
     from .fetcher import FetchConfig
-    from .netem import LinkProfile, UdpImpairmentProxy
+    from .netem import UdpImpairmentProxy
 
     tally = _Tally()
     outcomes = [
@@ -420,17 +397,9 @@ async def run_worker(
     ]
     proxy = None
     target = job.server_uri
-    if job.impairment.active:
+    if job.impairment != LinkProfile():
         assert job.upstream is not None
-        imp = job.impairment
-        profile = LinkProfile(
-            loss=imp.loss,
-            delay_ms=imp.delay_ms,
-            jitter_ms=imp.jitter_ms,
-            duplicate=imp.duplicate,
-            reorder=imp.reorder,
-            rate_kbps=imp.rate_kbps,
-        )
+        profile = job.impairment
         proxy = await UdpImpairmentProxy.start(
             upstream=job.upstream,
             listen=("127.0.0.1", 0),
@@ -1048,7 +1017,7 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
     from otacoap.core import blockwise
 
     upstream = None
-    if opts.impairment.active:
+    if opts.impairment != LinkProfile():
         upstream = _server_address(server)
         import ipaddress
 
@@ -1283,7 +1252,7 @@ def _settings(
         "max_time": opts.run_deadline(),
         "attempts": opts.attempts,
         "seed": opts.seed,
-        "impairment": asdict(imp) if imp.active else None,
+        "impairment": asdict(imp) if imp != LinkProfile() else None,
         "work_dir": str(kept) if kept is not None else None,
     }
 
@@ -1505,7 +1474,7 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         raise FleetError(f"--key {args.key}: no such file")
     if local and not args.data.is_dir():
         raise FleetError(f"--data {args.data}: no such directory")
-    imp = Impairment(
+    imp = LinkProfile(
         loss=args.loss,
         delay_ms=args.delay,
         jitter_ms=args.jitter,
