@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -43,6 +44,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from otacoap.core import interpreter, protocol, suit, trust
+from otacoap.core.check_pacing import CheckPacer, PacingConfig
 from otacoap.core.errors import (
     AlreadyInstalled,
     CommandError,
@@ -85,7 +87,7 @@ from .fetcher import (
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .state import StateStoreError
-from .transport import Clock, RealClock, Transport, TransportError
+from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ class AgentConfig:
     max_envelope_size: int = protocol.MAX_ENVELOPE_SIZE
     report_timeout: float = 5.0
     poll_interval: float = 60.0  # --watch: poll even without a notification
+    # --watch: how soon checks may follow each other, whatever the server notifies
+    # (a notification storm must not become a flash-write storm; core.check_pacing).
+    pacing: PacingConfig = field(default_factory=PacingConfig)
 
     # The Block2 window lives in FetchConfig (one source of truth); these read it and
     # `with_window` sets it, for callers that only hold an AgentConfig.
@@ -162,6 +167,48 @@ def default_health_check(boot: BootResult) -> bool:
     return boot.behaviour != firmware.Behaviour.UNHEALTHY
 
 
+class RefusalMemory:
+    """Envelopes this device refused lately, by SHA-256 and by the ETag they came with.
+
+    RAM only and bounded (a reboot forgets it, which costs one more verification).
+    A refusal of a given envelope is final: its signature, sequence number, class and
+    URIs do not change, and the trusted sequence number only grows. So the same
+    envelope is never verified and reported again, and a notification that carries it
+    (or its ETag) triggers no check: a server replaying it cannot make the device write
+    a report per notification.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._by_digest: OrderedDict[bytes, tuple[ReportReason, str]] = OrderedDict()
+        self._etags: OrderedDict[bytes, None] = OrderedDict()
+
+    def remember(
+        self, envelope: bytes, etag: bytes | None, reason: ReportReason, detail: str
+    ) -> None:
+        _bounded_put(self._by_digest, sha256(envelope), (reason, detail), self._size)
+        if etag:
+            _bounded_put(self._etags, etag, None, self._size)
+
+    def verdict(self, envelope: bytes) -> tuple[ReportReason, str] | None:
+        """(reason, detail) of the earlier refusal of exactly these bytes, if any."""
+        return self._by_digest.get(sha256(envelope))
+
+    def covers(self, note: Response) -> bool:
+        """Does an Observe notification carry an envelope already refused?"""
+        if note.etag and note.etag in self._etags:
+            return True
+        whole = note.block2 is None or (note.block2[0] == 0 and not note.block2[1])
+        return whole and note.successful and sha256(note.payload) in self._by_digest
+
+
+def _bounded_put(table: OrderedDict[bytes, Any], key: bytes, value: Any, size: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > size:
+        table.popitem(last=False)
+
+
 class UpdateAgent:
     """Update logic for one powered-on device. Holds no state outside flash."""
 
@@ -189,6 +236,8 @@ class UpdateAgent:
         )
         self.last_fetcher: BlockFetcher | None = None
         self._unqueued: list[bytes] = []  # reports the flash refused to store
+        self.refused = RefusalMemory()
+        self._envelope_etag: bytes | None = None
 
     # -- state helpers -------------------------------------------------------------------
 
@@ -244,7 +293,7 @@ class UpdateAgent:
         bytes_received: int | None = None,
         detail: str = "",
     ) -> DeviceState:
-        def encode(counter: int) -> bytes:
+        def encode(counter: int, lost: int) -> bytes:
             return Report(
                 counter=counter,
                 state=report_state,
@@ -254,6 +303,7 @@ class UpdateAgent:
                 bytes_received=bytes_received,
                 installed_sequence=state.sequence,
                 detail=detail,
+                lost=lost,
             ).encode()
 
         return state.with_report(encode)
@@ -340,6 +390,7 @@ class UpdateAgent:
         async with contextlib.aclosing(fetcher.blocks(0)) as stream:
             async for _, payload in stream:
                 parts += payload
+        self._envelope_etag = fetcher.etag
         return bytes(parts)
 
     def policy(self, state: DeviceState) -> trust.TrustPolicy:
@@ -377,6 +428,11 @@ class UpdateAgent:
             self._report_transition(t, None)
             return self.snapshot(Outcome.REJECTED, exc.reason, str(exc))
 
+        earlier = self.refused.verdict(envelope)
+        if earlier is not None:
+            # Refused before, and a refusal is final: no verification, no report, no
+            # flash write (a server replaying it must not wear the flash out).
+            return self.snapshot(Outcome.REJECTED, earlier[0], earlier[1])
         state = self.load()
         try:
             vm = trust.accept(envelope, self.policy(state))
@@ -387,26 +443,23 @@ class UpdateAgent:
                 return self.snapshot(Outcome.UP_TO_DATE)
             # The trusted number was raised by a release that was given up (#47).
             reason = ReportReason.CONDITION_FAILED
-            t = session.fire(Event.REFUSED, reason, "release was reverted and given up")
-            self._report_transition(t, None)
-            return self.snapshot(Outcome.REJECTED, reason, "release was reverted and given up")
+            return self._refuse(session, envelope, reason, "release was reverted and given up")
         except OtaError as exc:
             _log.info("manifest refused: %s (%s)", exc, exc.detail or "")
-            t = session.fire(Event.REFUSED, exc.reason, str(exc))
-            self._report_transition(t, None)
-            return self.snapshot(Outcome.REJECTED, exc.reason, str(exc))
+            return self._refuse(session, envelope, exc.reason, str(exc))
         session.fire(Event.ACCEPTED)
         try:
             fetched = await self._run_update(vm, session)
         except OtaError as exc:
-            event = Event.ERROR
             if session.phase == Phase.VERIFIED and isinstance(exc, ConditionFailed | PolicyError):
-                event = Event.REFUSED  # failed before a byte was fetched: a refusal
-            t = session.fire(event, exc.reason, str(exc))
-            self._report_transition(t, vm)
+                # Failed before a byte was fetched: a refusal of the manifest.
+                result = self._refuse(session, envelope, exc.reason, str(exc), vm)
+            else:
+                t = session.fire(Event.ERROR, exc.reason, str(exc))
+                self._report_transition(t, vm)
+                result = self.snapshot(Outcome.FAILED, exc.reason, str(exc))
             await self.flush_reports()
-            outcome = Outcome.REJECTED if event == Event.REFUSED else Outcome.FAILED
-            return self.snapshot(outcome, exc.reason, str(exc))
+            return result
         except StateStoreError as exc:
             t = session.fire(Event.ERROR, ReportReason.OPERATION_FAILED, f"flash: {exc}")
             self._report_transition(t, vm)
@@ -474,6 +527,20 @@ class UpdateAgent:
         except StopIteration:
             pass
         return fetched
+
+    def _refuse(
+        self,
+        session: UpdateSession,
+        envelope: bytes,
+        reason: ReportReason,
+        detail: str,
+        vm: trust.VerifiedManifest | None = None,
+    ) -> RunResult:
+        """Report a refused envelope once and remember it (RefusalMemory)."""
+        t = session.fire(Event.REFUSED, reason, detail)
+        self._report_transition(t, vm)
+        self.refused.remember(envelope, self._envelope_etag, reason, detail)
+        return self.snapshot(Outcome.REJECTED, reason, detail)
 
     def _resolve(self, uri: str) -> str:
         """The path on this server for a manifest URI.
@@ -740,28 +807,42 @@ class DeviceAgent:
         max_time: float | None = None,
         on_result: Callable[[RunResult], None] | None = None,
     ) -> list[RunResult]:
-        """Observe /m (RFC 7641) and update whenever a release appears; poll as fallback."""
+        """Observe /m (RFC 7641) and update whenever a release appears; poll as fallback.
+
+        A notification only asks for a check; `CheckPacer` decides when it may start
+        (a minimum gap, doubled after every check that did not end well), so however
+        fast a server notifies, checks and the flash writes they cause stay bounded.
+        """
         self.power_on()
         assert self._transport is not None
         trigger = asyncio.Event()
         observer = asyncio.create_task(self._observe(trigger))
-        deadline = None if max_time is None else self.clock.now() + max_time
+        pacer = CheckPacer(self.config.pacing)
+        clock = self.clock
+        deadline = None if max_time is None else clock.now() + max_time
         results: list[RunResult] = []
         try:
             while True:
+                hold = pacer.earliest() - clock.now()
+                if deadline is not None and clock.now() + max(hold, 0.0) >= deadline:
+                    break
+                if hold > 0:
+                    await clock.sleep(hold)
                 trigger.clear()
+                pacer.started(clock.now())
                 result = await self.run_once()
+                pacer.finished(result.outcome in (Outcome.UP_TO_DATE, Outcome.UPDATED))
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
                 wait = self.config.poll_interval
                 if deadline is not None:
-                    wait = min(wait, deadline - self.clock.now())
+                    wait = min(wait, deadline - clock.now())
                     if wait <= 0:
                         break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(trigger.wait(), wait)
-                if deadline is not None and self.clock.now() >= deadline:
+                if deadline is not None and clock.now() >= deadline:
                     break
         finally:
             observer.cancel()
@@ -770,17 +851,18 @@ class DeviceAgent:
         return results
 
     async def _observe(self, trigger: asyncio.Event) -> None:
-        assert self._transport is not None
+        assert self._transport is not None and self.agent is not None
+        refused = self.agent.refused
         registrations = 0
         while True:
             registrations += 1
             try:
                 first = True
-                async for _ in self._transport.observe(MANIFEST_PATH):
+                async for note in self._transport.observe(MANIFEST_PATH):
                     # The first answer of the first registration is the state the loop
                     # just checked; after a re-registration a change may have been
                     # missed while the observation was down, so it counts.
-                    if not (first and registrations == 1):
+                    if not (first and registrations == 1) and not refused.covers(note):
                         trigger.set()
                     first = False
             except TransportError as exc:

@@ -51,7 +51,7 @@ from otacoap.core.session import BootEvent, BootStatus, SessionError, boot_step
 from otacoap.core.writer import hash_region
 
 from . import firmware
-from .device_state import DeviceState, SlotInfo, StateFile, Trial, sha256
+from .device_state import DeviceState, ReportEncoder, SlotInfo, StateFile, Trial, sha256
 from .flash import SimFlash
 from .layout import Identity, read_identity
 from .state import StateStoreError
@@ -203,10 +203,10 @@ def report_for(
     info: SlotInfo | None,
     reason: ReportReason = ReportReason.OK,
     detail: str = "",
-) -> Callable[[int], bytes]:
+) -> ReportEncoder:
     """A report builder for DeviceState.with_report (the counter is allocated there)."""
 
-    def encode(counter: int) -> bytes:
+    def encode(counter: int, lost: int) -> bytes:
         digest = (
             suit.SuitDigest(suit.DIGEST_SHA256, info.manifest_digest)
             if info is not None and info.manifest_digest is not None
@@ -220,6 +220,7 @@ def report_for(
             manifest_digest=digest,
             installed_sequence=state.sequence,
             detail=detail,
+            lost=lost,
         ).encode()
 
     return encode

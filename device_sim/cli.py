@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
 
 from .bootloader import BootError
@@ -152,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="--watch: also check this often without a notification (default 60)",
     )
+    r.add_argument(
+        "--min-check-interval",
+        type=positive_seconds,
+        default=PacingConfig.min_gap,
+        metavar="SECONDS",
+        help="--watch: never start checks closer together than this, however often the "
+        f"server notifies; doubled after each check that fails, up to --max-check-backoff "
+        f"(default {PacingConfig.min_gap:g})",
+    )
+    r.add_argument(
+        "--max-check-backoff",
+        type=positive_seconds,
+        default=PacingConfig.max_gap,
+        metavar="SECONDS",
+        help=f"--watch: longest gap after repeated failed checks "
+        f"(default {PacingConfig.max_gap:g})",
+    )
     r.add_argument("--json", action="store_true", help="print each result as a JSON line")
     r.set_defaults(handler=cmd_run)
 
@@ -242,9 +260,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.max_time is not None and not args.watch:
         raise CliError("--max-time only applies to --watch")
+    if args.min_check_interval > args.max_check_backoff:
+        raise CliError("--min-check-interval must not exceed --max-check-backoff")
+    pacing = PacingConfig(args.min_check_interval, args.max_check_backoff)
     config = AgentConfig(
         fetch=FetchConfig(szx=blockwise.szx_of(args.block_size), max_window=args.window),
         poll_interval=args.poll_interval,
+        pacing=pacing,
     )
 
     def show(result: RunResult) -> None:

@@ -13,8 +13,18 @@ report uses, the slot it activates) become durable together or not at all:
 * `download`: a partial download, keyed by manifest digest (ATTACKS.md #50), with the
   number of bytes that are durable in the staging slot.
 * `trial`: unconfirmed trial boots of one manifest; too many and the release is given up.
-* `report_counter` and `reports`: the outbox of status reports (bounded), each already
-  encoded with its counter, so a report survives power cuts and offline periods.
+* `report_counter` and `reports`: the outbox of status reports, each already encoded
+  with its counter, so a report survives power cuts and offline periods. The outbox is
+  bounded in count *and bytes* (`MAX_QUEUED_REPORTS`, `MAX_OUTBOX_BYTES`); the oldest
+  reports make way first and are counted in `reports_lost`, which every later report
+  carries (report key K_LOST), so the server learns that reports were lost.
+
+The record can never outgrow its space: every field has a bounded size, the worst
+case (`worst_case_record_size`) fits the smallest state copy a layout may have
+(`layout.MIN_STATE_COPY_SIZE`, checked by a test), and `StateFile.save` drops queued
+reports rather than fail if a record were still too large. An unauthenticated server
+that makes the device refuse envelopes with long messages, and then never accepts a
+report, can therefore fill the outbox but never the state record (the outbox brick).
 
 `load` falls back to the other StateStore copy on damage; when neither copy is valid
 it raises instead of inventing defaults (ATTACKS.md #45: never "factory default =
@@ -24,6 +34,7 @@ accept seq 0").
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,10 +43,16 @@ from otacoap.core.session import BootStatus
 
 from .flash import SimFlash
 from .layout import FlashLayout
-from .state import StateStore
+from .state import RecordTooLarge, StateStore
 
 STATE_FORMAT = 1
 MAX_QUEUED_REPORTS = 16
+MAX_OUTBOX_BYTES = 2048
+"""Bytes of encoded reports the outbox may hold (report.MAX_REPORT_SIZE is 1024)."""
+MAX_DIGEST_SIZE = 64  # SHA-512, the longest SUIT digest this device knows
+
+ReportEncoder = Callable[[int, int], bytes]
+"""Builds one report body from (counter, reports lost so far)."""
 
 
 class StateError(Exception):
@@ -133,6 +150,7 @@ class DeviceState:
     trial: Trial | None = None
     report_counter: int = 0
     reports: tuple[bytes, ...] = field(default=())
+    reports_lost: int = 0
 
     @property
     def candidate(self) -> int:
@@ -144,16 +162,33 @@ class DeviceState:
         """The slot the device is executing now (the candidate while on trial)."""
         return self.candidate if self.boot == BootStatus.TESTING else self.active
 
-    def with_report(self, encode: Any) -> DeviceState:
-        """Append a report to the outbox; `encode(counter) -> bytes` builds it.
+    def with_report(self, encode: ReportEncoder) -> DeviceState:
+        """Append a report to the outbox; `encode(counter, lost) -> bytes` builds it.
 
         The counter is allocated here, in the same record as the report, so it is
         durable before the report can be sent and is never reused (ATTACKS.md #28).
-        The outbox is bounded; the oldest report goes first when it is full.
+        The outbox is bounded in count and in bytes; the oldest reports make way and
+        are counted, and the new report already carries the count it caused.
         """
         counter = self.report_counter + 1
-        queue = (*self.reports, encode(counter))[-MAX_QUEUED_REPORTS:]
-        return replace(self, report_counter=counter, reports=queue)
+        queue, lost = self.reports, self.reports_lost
+        while True:
+            body = encode(counter, lost)
+            if len(body) > MAX_OUTBOX_BYTES:
+                raise ValueError("a single report larger than the outbox")
+            drop = _overflow(queue, body)
+            if not drop:
+                break
+            queue, lost = queue[drop:], lost + drop
+        return replace(
+            self, report_counter=counter, reports=(*queue, body), reports_lost=lost
+        )
+
+    def without_oldest_report(self) -> DeviceState:
+        """The same state with the oldest queued report dropped (and counted as lost)."""
+        if not self.reports:
+            raise ValueError("the outbox is empty")
+        return replace(self, reports=self.reports[1:], reports_lost=self.reports_lost + 1)
 
     def encode(self) -> bytes:
         return cbor.dumps(
@@ -168,6 +203,7 @@ class DeviceState:
                 "trial": self.trial.to_cbor() if self.trial else None,
                 "rc": self.report_counter,
                 "q": list(self.reports),
+                "rl": self.reports_lost,
             }
         )
 
@@ -196,7 +232,46 @@ class DeviceState:
             trial=Trial.from_cbor(v["trial"]),
             report_counter=_u(v["rc"]),
             reports=tuple(queue),
+            # Absent in records written before the outbox was bounded in bytes.
+            reports_lost=_u(v.get("rl", 0)),
         )
+
+
+def _overflow(queue: tuple[bytes, ...], new: bytes) -> int:
+    """How many of the oldest queued reports must go so that `new` fits the outbox."""
+    total = len(new) + sum(len(r) for r in queue)
+    drop = max(0, len(queue) + 1 - MAX_QUEUED_REPORTS)
+    total -= sum(len(r) for r in queue[:drop])
+    while total > MAX_OUTBOX_BYTES:
+        total -= len(queue[drop])
+        drop += 1
+    return drop
+
+
+def worst_case_record_size() -> int:
+    """The largest record `DeviceState.encode` can produce, full outbox included.
+
+    Every integer at its 64-bit maximum, every digest at MAX_DIGEST_SIZE, and an outbox
+    of MAX_OUTBOX_BYTES spread over MAX_QUEUED_REPORTS reports (CBOR byte-string heads
+    of 3 bytes each, the most a report up to 1024 bytes needs).
+    """
+    top = (1 << 64) - 1
+    digest = b"\xff" * MAX_DIGEST_SIZE
+    slot = SlotInfo(top, digest, top, digest, top, digest)
+    state = DeviceState(
+        sequence=top,
+        sequence_digest=digest,
+        active=1,
+        boot=BootStatus.TESTING,
+        slots=(slot, slot),
+        download=Download(digest, 1, top, top, top, digest),
+        trial=Trial(digest, top),
+        report_counter=top,
+        reports=(),
+        reports_lost=top,
+    )
+    # The empty array head (1 byte) grows to at most 3 bytes for MAX_QUEUED_REPORTS.
+    return len(state.encode()) + 2 + MAX_OUTBOX_BYTES + 3 * MAX_QUEUED_REPORTS
 
 
 def _expect(cond: bool, what: str) -> None:
@@ -241,8 +316,23 @@ class StateFile:
             raise StateError("no valid state record in either copy")
         return DeviceState.decode(loaded[1])
 
-    def save(self, state: DeviceState) -> None:
-        self._store.save(state.encode())
+    def save(self, state: DeviceState) -> DeviceState:
+        """Persist `state`; returns what was saved.
+
+        The outbox bound keeps every record within `worst_case_record_size`; should a
+        record still not fit this store, the oldest reports give way (counted as lost),
+        because a state that cannot be saved stops the device, and a lost report only
+        costs the server some history. Raises RecordTooLarge (a StateStoreError) only
+        when even an empty outbox does not fit, and StateStoreError when flash fails.
+        """
+        data = state.encode()
+        while len(data) > self._store.max_payload and state.reports:
+            state = state.without_oldest_report()
+            data = state.encode()
+        if len(data) > self._store.max_payload:
+            raise RecordTooLarge(f"state record of {len(data)} bytes does not fit its area")
+        self._store.save(data)
+        return state
 
 
 def sha256(data: bytes) -> bytes:

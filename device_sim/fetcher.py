@@ -442,6 +442,11 @@ class BlockFetcher:
 
     # -- the stream ----------------------------------------------------------------------
 
+    @property
+    def etag(self) -> bytes | None:
+        """The ETag the resource was served with (None before the first block)."""
+        return self._etag
+
     def blocks(self, start: int = 0) -> AsyncGenerator[tuple[int, bytes], None]:
         """Yield (offset, payload) from `start` (a multiple of the block size) to the end.
 

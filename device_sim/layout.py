@@ -46,6 +46,8 @@ DEFAULT_SECTOR_SIZE = 4096
 DEFAULT_WRITE_ALIGN = 4
 DEFAULT_SLOT_SIZE = 1024 * 1024
 DEFAULT_STATE_COPY_SIZE = 8 * 1024
+MIN_STATE_COPY_SIZE = 4096
+"""Each state copy must hold device_state.worst_case_record_size() (a test checks)."""
 IDENTITY_AREA_SIZE = 4096
 ENVELOPE_AREA_SIZE = protocol.MAX_ENVELOPE_SIZE
 DEFAULT_MAX_TRIAL_BOOTS = 3
@@ -79,8 +81,10 @@ class FlashLayout:
             raise ProvisioningError("write alignment must divide the sector size (<= 16)")
         if self.slot_size <= 0 or self.slot_size % ss:
             raise ProvisioningError(f"slot size must be a positive multiple of {ss} bytes")
-        if self.state_copy_size <= 0 or self.state_copy_size % ss:
-            raise ProvisioningError("state copy size must be whole sectors")
+        if self.state_copy_size < MIN_STATE_COPY_SIZE or self.state_copy_size % ss:
+            raise ProvisioningError(
+                f"state copy size must be whole sectors of at least {MIN_STATE_COPY_SIZE} bytes"
+            )
 
     @property
     def identity_offset(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,29 @@ def _write_padded(flash: SimFlash, offset: int, data: bytes) -> None:
         pos += _IO_CHUNK
 
 
+def _next_boot_problem(path: str | os.PathLike[str]) -> str:
+    """What stops the next power-on, or "" if it boots: found by really booting a copy.
+
+    Checking the running slot alone is not the truth: a boot can also fail on its
+    way there (a state record it cannot save, a candidate it must judge). So the
+    bootloader runs on a scratch copy of the flash, and the original stays untouched.
+    """
+    with tempfile.TemporaryDirectory(prefix="otacoap-status-") as tmp:
+        scratch = Path(tmp) / "flash"
+        shutil.copyfile(path, scratch)
+        try:
+            flash, _ = open_flash(scratch)
+        except (ProvisioningError, OSError, ValueError) as exc:
+            return f"flash does not open: {exc}"
+        try:
+            Bootloader(flash).boot()
+        except Exception as exc:  # whatever stops a boot is the answer, typed or not
+            return str(exc) or type(exc).__name__
+        finally:
+            flash.close()
+    return ""
+
+
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the bootloader would see, without writing a single byte.
 
@@ -186,12 +210,8 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             n = min(4096, end - pos)
             digest.update(flash.read(lay.slot_offset(running) + pos, n))
             pos += n
-        bootable = True
-        problem = ""
-        try:
-            verify_slot(flash, identity, state, running, candidate=state.boot == BootStatus.TESTING)
-        except OtaError as exc:
-            bootable, problem = False, str(exc)
+        problem = _next_boot_problem(path)
+        bootable = not problem
         pending = None
         if state.boot == BootStatus.PENDING:
             cand = state.slots[state.candidate]
@@ -227,6 +247,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             "trial_boots": state.trial.boots if state.trial else 0,
             "report_counter": state.report_counter,
             "queued_reports": len(state.reports),
+            "reports_lost": state.reports_lost,
             "slot_size": lay.slot_size,
             "flash_size": lay.total_size,
         }

@@ -52,6 +52,15 @@ class StateStoreError(Exception):
     """The new record could not be written; the previous one is still intact."""
 
 
+class RecordTooLarge(StateStoreError, ValueError):
+    """The payload does not fit a copy; nothing was written, the old record stands.
+
+    A StateStoreError like every other failure to save, so the callers that must keep
+    the device bootable (bootloader, agent) handle it; also a ValueError, because
+    it is the caller's data that is wrong.
+    """
+
+
 class _VerifyError(Exception):
     """Read-back differs from what was programmed (a dropped or corrupted write)."""
 
@@ -140,13 +149,13 @@ class StateStore:
     def save(self, payload: bytes) -> int:
         """Write payload as the new newest record and return its counter.
 
-        Raises ValueError if the payload cannot fit, StateStoreError if writing kept
-        failing (the previous record is then still what ``load`` returns). PowerCut
+        Raises RecordTooLarge if the payload cannot fit, StateStoreError if writing
+        kept failing (in both cases the previous record is still what ``load`` returns). PowerCut
         always propagates: there is nothing to recover in a device without power.
         """
         payload = bytes(payload)
         if len(payload) > self.max_payload:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}")
+            raise RecordTooLarge(f"payload of {len(payload)} bytes exceeds {self.max_payload}")
         newest = self._newest()
         counter = 1 if newest is None else newest.counter + 1
         if counter > MAX_COUNTER:

@@ -35,6 +35,7 @@ from device_sim.agent import AgentConfig, DeviceAgent, Outcome
 from device_sim.fetcher import FetchConfig
 from device_sim.firmware import make_image
 from otacoap.core import blockwise, ids
+from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import ReportReason
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
@@ -237,7 +238,7 @@ def test_server_restart_mid_transfer_needs_a_new_dtls_session(tmp_path: Path) ->
 
 def test_watch_updates_when_a_release_appears(tmp_path: Path) -> None:
     rig = make_rig(tmp_path, seq=5)
-    config = replace(FAST, poll_interval=0.3)
+    config = replace(FAST, poll_interval=0.3, pacing=PacingConfig(min_gap=0.2, max_gap=1.0))
 
     async def go() -> None:
         async with EvilServer() as server:

@@ -21,7 +21,13 @@ from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, make_rig, manifest_bytes,
 from device_sim.bootloader import Bootloader
 from device_sim.device_state import StateError, StateFile
 from device_sim.firmware import make_image
-from device_sim.layout import FlashLayout, Identity, ProvisioningError, open_flash
+from device_sim.layout import (
+    MIN_STATE_COPY_SIZE,
+    FlashLayout,
+    Identity,
+    ProvisioningError,
+    open_flash,
+)
 from device_sim.provision import inspect, provision
 from otacoap.core import cose
 
@@ -43,7 +49,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("sector", [256, 1024, 4096])
 def test_layout_areas_are_disjoint_whole_sectors_in_order(sector: int) -> None:
-    lay = FlashLayout(sector_size=sector, slot_size=16 * sector, state_copy_size=2 * sector)
+    state = max(2 * sector, MIN_STATE_COPY_SIZE)  # the worst-case state record must fit
+    lay = FlashLayout(sector_size=sector, slot_size=16 * sector, state_copy_size=state)
     areas = list(lay.areas().values())
     end = 0
     for offset, length in areas:
@@ -62,6 +69,7 @@ def test_layout_areas_are_disjoint_whole_sectors_in_order(sector: int) -> None:
         {"slot_size": 4097},
         {"write_align": 3},
         {"state_copy_size": 100},
+        {"sector_size": 1024, "state_copy_size": 2048},  # too small for the state record
     ],
 )
 def test_bad_layouts_are_refused(kwargs: dict[str, int]) -> None:

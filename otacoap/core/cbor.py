@@ -25,6 +25,7 @@ from typing import Any
 import cbor2
 
 from .errors import LimitExceeded, ManifestError
+from .untrusted import describe
 
 DEFAULT_MAX_SIZE = 64 * 1024
 DEFAULT_MAX_DEPTH = 16
@@ -138,7 +139,7 @@ def scan(
                 raise LimitExceeded(f"CBOR nesting deeper than {max_depth}")
             if major == _MT_TAG:
                 if arg not in allowed_tags:
-                    raise ManifestError(f"CBOR tag {arg} is not allowed here")
+                    raise ManifestError(f"CBOR tag {describe(arg)} is not allowed here")
                 stack.append([1, depth + 1, None, False])
             else:
                 count = arg * 2 if major == _MT_MAP else arg

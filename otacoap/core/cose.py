@@ -24,6 +24,7 @@ from cwt import COSEKey
 
 from . import cbor
 from .errors import AlgorithmError, AuthenticationError, ManifestError
+from .untrusted import describe
 
 ES256 = -7
 ESP256 = -9
@@ -172,7 +173,7 @@ def parse_block(raw: bytes) -> ParsedBlock:
     if value.tag in (TAG_SIGN, TAG_MAC):
         raise AlgorithmError("multi-signer COSE_Sign/COSE_Mac is not supported")
     if value.tag not in (TAG_SIGN1, TAG_MAC0):
-        raise AlgorithmError(f"CBOR tag {value.tag} is not a COSE signature or MAC")
+        raise AlgorithmError(f"CBOR tag {describe(value.tag)} is not a COSE signature or MAC")
     body = value.value
     if not (isinstance(body, list) and len(body) == 4):
         raise AlgorithmError("COSE message must have four elements")
@@ -200,7 +201,7 @@ def parse_block(raw: bytes) -> ParsedBlock:
         else (_ALGS_FOR_KIND["p256"] + _ALGS_FOR_KIND["ed25519"])
     )
     if alg not in allowed:
-        raise AlgorithmError(f"COSE algorithm {alg!r} is not allowed for tag {value.tag}")
+        raise AlgorithmError(f"COSE algorithm {describe(alg)} is not allowed for tag {value.tag}")
     return ParsedBlock(value.tag, alg, protected_raw, signature)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from . import cbor
 from .errors import ManifestError, ReportReason
 from .suit import SuitDigest, decode_digest
+from .untrusted import describe
 
 MAX_REPORT_SIZE = 1024
 
@@ -28,8 +29,16 @@ K_BYTES = -3
 K_COUNTER = -4
 K_DETAIL = -5
 K_INSTALLED_SEQUENCE = -6
+K_LOST = -7  # reports the device dropped from its outbox before this one (cumulative)
 
 MAX_DETAIL = 200
+"""Longest detail in UTF-8 *bytes*: a cut by characters could be four times as long."""
+
+
+def cut_detail(text: str) -> str:
+    """`text` cut to at most MAX_DETAIL UTF-8 bytes, never inside a character."""
+    # "replace": a lone surrogate would make the CBOR encoder fail on the device.
+    return text.encode("utf-8", "replace")[:MAX_DETAIL].decode("utf-8", "ignore")
 
 
 class State(StrEnum):
@@ -58,6 +67,7 @@ class Report:
     bytes_received: int | None = None
     installed_sequence: int | None = None
     detail: str = ""
+    lost: int = 0
 
     @property
     def ok(self) -> bool:
@@ -75,7 +85,9 @@ class Report:
         if self.installed_sequence is not None:
             body[K_INSTALLED_SEQUENCE] = self.installed_sequence
         if self.detail:
-            body[K_DETAIL] = self.detail[:MAX_DETAIL]
+            body[K_DETAIL] = cut_detail(self.detail)
+        if self.lost:
+            body[K_LOST] = self.lost
         return cbor.dumps(body)
 
 
@@ -99,10 +111,11 @@ def decode_report(data: bytes) -> Report:
         K_COUNTER,
         K_DETAIL,
         K_INSTALLED_SEQUENCE,
+        K_LOST,
     }
     for k in value:
         if not isinstance(k, int) or (k > 0 and k not in known):
-            raise ManifestError(f"unknown report field {k!r}")
+            raise ManifestError(f"unknown report field {describe(k)}")
     if K_COUNTER not in value or K_STATE not in value:
         raise ManifestError("report lacks its counter or state")
     try:
@@ -126,7 +139,7 @@ def decode_report(data: bytes) -> Report:
             raise ManifestError("report reference must be [uri, digest]")
         uri, digest = ref[0], decode_digest(ref[1])
     detail = value.get(K_DETAIL, "")
-    if not isinstance(detail, str) or len(detail) > MAX_DETAIL:
+    if not isinstance(detail, str) or len(detail.encode("utf-8", "replace")) > MAX_DETAIL:
         raise ManifestError("report detail must be a short text string")
 
     def opt(key: int, name: str) -> int | None:
@@ -142,4 +155,5 @@ def decode_report(data: bytes) -> Report:
         bytes_received=opt(K_BYTES, "bytes"),
         installed_sequence=opt(K_INSTALLED_SEQUENCE, "installed sequence"),
         detail=detail,
+        lost=opt(K_LOST, "lost") or 0,
     )

@@ -25,6 +25,7 @@ import cbor2
 
 from . import cbor
 from .errors import ManifestError, UnsupportedElement
+from .untrusted import describe
 
 # --- numbers (shared/suit/DIGEST.md) -------------------------------------------------
 
@@ -247,14 +248,14 @@ class SuitDigest:
 def hash_bytes(algorithm: int, data: bytes) -> bytes:
     name = _HASHES.get(algorithm)
     if name is None:
-        raise UnsupportedElement(f"digest algorithm {algorithm} is not supported")
+        raise UnsupportedElement(f"digest algorithm {describe(algorithm)} is not supported")
     return hashlib.new(name, data).digest()
 
 
 def new_hasher(algorithm: int) -> Any:
     name = _HASHES.get(algorithm)
     if name is None:
-        raise UnsupportedElement(f"digest algorithm {algorithm} is not supported")
+        raise UnsupportedElement(f"digest algorithm {describe(algorithm)} is not supported")
     return hashlib.new(name)
 
 
@@ -519,7 +520,7 @@ def decode_parameters(value: Any, max_size: int) -> Parameters:
         elif k == P_UPDATE_PRIORITY:
             _expect(_is_int(v), "update-priority must be an integer")
         elif k > 0:
-            raise UnsupportedElement(f"unknown SUIT parameter {k}")
+            raise UnsupportedElement(f"unknown SUIT parameter {describe(k)}")
         items.append((k, v))
     return Parameters(tuple(items))
 
@@ -602,7 +603,7 @@ def _decode_common(raw: bytes, max_size: int) -> Common:
         elif _is_int(k) and k < 0:
             continue
         else:
-            raise UnsupportedElement(f"unknown critical SUIT_Common element {k!r}")
+            raise UnsupportedElement(f"unknown critical SUIT_Common element {describe(k)}")
     _expect(components is not None, "SUIT_Common lacks the components list")
     assert components is not None
     return Common(components, shared, deps, bytes(raw))
@@ -627,7 +628,7 @@ def decode_manifest(raw: bytes, *, max_size: int = cbor.DEFAULT_MAX_SIZE) -> Man
     version = value.get(M_VERSION)
     _expect(version is not None, "manifest-version is missing")
     if version != 1:
-        raise UnsupportedElement(f"manifest-version {version!r} is not supported (only 1)")
+        raise UnsupportedElement(f"manifest-version {describe(version)} is not supported (only 1)")
     seq = value.get(M_SEQUENCE_NUMBER)
     _expect(_is_uint(seq), "manifest-sequence-number must be an unsigned 64-bit integer")
     _expect(M_COMMON in value, "manifest lacks the common element")
@@ -655,7 +656,7 @@ def decode_manifest(raw: bytes, *, max_size: int = cbor.DEFAULT_MAX_SIZE) -> Man
         elif _is_int(k) and k < 0:
             extensions.append((k, v))
         else:
-            raise UnsupportedElement(f"unknown critical manifest element {k!r}")
+            raise UnsupportedElement(f"unknown critical manifest element {describe(k)}")
     return Manifest(version, seq, common, tuple(members), ref_uri, comp_id, tuple(extensions))
 
 
@@ -677,7 +678,7 @@ def decode_envelope(
     value = cbor.loads(data, max_size=max_size, max_depth=max_depth)
     tagged = False
     if isinstance(value, cbor2.CBORTag):
-        _expect(value.tag == ENVELOPE_TAG, f"CBOR tag {value.tag} is not a SUIT envelope")
+        _expect(value.tag == ENVELOPE_TAG, f"CBOR tag {describe(value.tag)} is not a SUIT envelope")
         value, tagged = value.value, True
     _expect(isinstance(value, dict), "SUIT_Envelope must be a map")
     _expect(ENV_AUTH in value, "envelope lacks the authentication wrapper")
@@ -696,12 +697,12 @@ def decode_envelope(
             _expect(isinstance(v, bytes), f"severable element {k} must be a bstr")
             severable.append((k, v))
         elif isinstance(k, str):
-            _expect(isinstance(v, bytes), f"integrated payload {k!r} must be a bstr")
+            _expect(isinstance(v, bytes), f"integrated payload {describe(k)} must be a bstr")
             integrated.append((k, v))
         elif _is_int(k) and k < 0:
             extensions.append((k, v))
         else:
-            raise UnsupportedElement(f"unknown critical envelope element {k!r}")
+            raise UnsupportedElement(f"unknown critical envelope element {describe(k)}")
     return Envelope(
         auth,
         manifest,

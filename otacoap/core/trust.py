@@ -28,6 +28,7 @@ from .errors import (
     RollbackError,
     SeveredElementError,
 )
+from .untrusted import describe
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _outer(data: bytes, policy: TrustPolicy) -> tuple[bytes, list[bytes], bytes]
     value = cbor.loads(data, max_size=policy.max_envelope_size, max_depth=policy.max_depth)
     if isinstance(value, cbor2.CBORTag):
         if value.tag != suit.ENVELOPE_TAG:
-            raise ManifestError(f"CBOR tag {value.tag} is not a SUIT envelope")
+            raise ManifestError(f"CBOR tag {describe(value.tag)} is not a SUIT envelope")
         value = value.value
     if not isinstance(value, dict):
         raise ManifestError("SUIT_Envelope must be a map")
@@ -201,9 +202,13 @@ def _check_severable(envelope: suit.Envelope) -> None:
         expected = manifest.severed_digest(key)
         if expected is None:
             # Present in the envelope but not vouched for by the manifest: splice attempt.
-            raise SeveredElementError(f"envelope element {key} is not covered by the manifest")
+            raise SeveredElementError(
+                f"envelope element {describe(key)} is not covered by the manifest"
+            )
         if not expected.matches(cbor.bstr_wrap(content)):
-            raise SeveredElementError(f"severable element {key} does not match its digest")
+            raise SeveredElementError(
+                f"severable element {describe(key)} does not match its digest"
+            )
         suit.severed_member(envelope, key)  # must also parse
 
 
