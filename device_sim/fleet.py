@@ -914,7 +914,7 @@ def _local_setup(
 
 
 def _remote_publish(opts: FleetOptions, envelope: bytes, image_path: Path) -> None:
-    from otacoap.server.client import publish
+    from otacoap.operator.client import publish
 
     assert opts.operator is not None and opts.operator_psk is not None
     try:

@@ -372,7 +372,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     if not args.identity or not args.psk:
         raise CliError("--server needs --identity NAME and --psk HEX")
-    from ..server.client import publish_remote
+    from ..operator.client import publish_remote
 
     result = publish_remote(
         args.server,
