@@ -20,8 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..config import Config
 from ..core.errors import OtaError
-from ..store import Config, DataDir, DeviceRecord, Principal, ReleaseRecord, Role, SQLiteStore
+from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, SQLiteStore
 from ..store.models import ClassKey
 from .credentials import PskDirectory
 

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+from ..config import PublishConfig
 from ..core import ids, suit, trust
 from ..core.errors import (
     AlreadyInstalled,
@@ -28,7 +29,6 @@ from ..core.errors import (
     RollbackError,
 )
 from .blobs import BlobStore, TempBlob
-from .config import PublishConfig
 from .errors import ImageMismatch, NotFound
 from .interface import Store
 from .models import ImageRecord, ReleaseCandidate, ReleaseRecord
