@@ -180,7 +180,9 @@ def _section(cls: type[Any], data: Any, name: str) -> Any:
             raise ConfigError(f"{name}.{key} must be a {type(default).__name__}")
         if not isinstance(value, expected):
             raise ConfigError(f"{name}.{key} must be a {type(default).__name__}")
-        values[key] = float(value) if isinstance(default, float) else value
+        if isinstance(default, float) and isinstance(value, int):
+            value = float(value)  # TOML writes 10 for 10.0
+        values[key] = value
     return cls(**values)
 
 
