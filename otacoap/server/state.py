@@ -8,8 +8,8 @@ its own connection, so an fsync never stalls the loop and writes stay serialised
 Change detection: a cheap poll (`Store.changed_elsewhere`; SQLite's `PRAGMA
 data_version`) notices commits made by any other connection (the CLI in another
 process, or our own writer thread); then the generation counters say whether
-principals or releases changed, and only those caches
-are dropped and /m observers told.
+principals or releases changed, and only those caches are dropped and /m observers
+told.
 """
 
 from __future__ import annotations
