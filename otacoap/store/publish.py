@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import PublishConfig
-from ..core import ids, suit, trust
+from ..core import cose, ids, suit, trust
 from ..core.errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -72,6 +72,11 @@ class Publisher:
         if not anchors:
             # Principle 10: an empty trust set is an error, never "accept anything".
             raise AuthenticationError("no trust anchors configured (otacoap trust add KEY.pem)")
+        return self._policy(anchors)
+
+    def _policy(self, anchors: tuple[cose.TrustAnchor, ...]) -> trust.TrustPolicy:
+        """What every release must meet whatever its class; `check` adds the class's."""
+        cfg = self._config
         return trust.TrustPolicy(
             anchors=anchors,
             max_envelope_size=cfg.max_envelope_size,
@@ -86,11 +91,7 @@ class Publisher:
         No signature is verified here: `authentic` says it was, by `authenticate`.
         """
         cfg = self._config
-        base = trust.TrustPolicy(
-            anchors=authentic.anchors,
-            max_envelope_size=cfg.max_envelope_size,
-            max_image_size=cfg.max_image_size,
-        )
+        base = self._policy(authentic.anchors)
         # 1. The class-independent policy, and which class the release is for.
         first = trust.admit(authentic, base)
         if len(first.vendor_ids) != 1 or len(first.class_ids) != 1:
