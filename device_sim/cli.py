@@ -9,14 +9,13 @@ failed, was reverted, or the server could not be reached.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
+from otacoap import eventloop
 from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
 
@@ -298,17 +297,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             await device.close()
 
-    results = _run_loop(main())
+    results = eventloop.run(main())
     good = {Outcome.UPDATED, Outcome.UP_TO_DATE}
     return EXIT_OK if results and results[-1].outcome in good else EXIT_UPDATE_FAILED
-
-
-def _run_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -869,8 +869,8 @@ def _local_setup(
 ) -> dict[str, Any]:
     """Register through the store (as `otacoap device add`) and publish (as
     `otacoap publish`); the server notices both through its store poll."""
+    from otacoap.core.ids import class_key_of
     from otacoap.store import DataDir, Publisher
-    from otacoap.store.sqlite import class_key_of
 
     assert opts.data is not None
     datadir = DataDir(opts.data)
@@ -914,7 +914,7 @@ def _local_setup(
 
 
 def _remote_publish(opts: FleetOptions, envelope: bytes, image_path: Path) -> None:
-    from otacoap.server.client import publish
+    from otacoap.operator.client import publish
 
     assert opts.operator is not None and opts.operator_psk is not None
     try:

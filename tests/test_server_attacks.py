@@ -55,7 +55,7 @@ from server_helpers import (
 
 from otacoap.core import protocol
 from otacoap.core.report import Report, State
-from otacoap.server.client import post_blockwise
+from otacoap.operator.client import post_blockwise
 
 pytestmark = [
     pytest.mark.network,

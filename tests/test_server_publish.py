@@ -32,7 +32,7 @@ from server_helpers import (
 )
 
 from otacoap.core import protocol
-from otacoap.server.client import post_blockwise
+from otacoap.operator.client import post_blockwise
 
 pytestmark = [
     pytest.mark.network,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from otacoap.config import UploadConfig
 from otacoap.server.uploads import (
     Block,
     StagedImages,
@@ -17,7 +18,7 @@ from otacoap.server.uploads import (
     Uploads,
     UploadTooLarge,
 )
-from otacoap.store import BlobStore, UploadConfig
+from otacoap.store import BlobStore
 
 
 class Clock:

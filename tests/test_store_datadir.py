@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from otacoap.store import DataDir, parse_config
-from otacoap.store.config import DEFAULT_TOML, Config
-from otacoap.store.errors import ConfigError, NotInitialised, StoreError
+from otacoap.config import Config, ConfigError, default_toml, parse_config
+from otacoap.store import DataDir
+from otacoap.store.errors import NotInitialised, StoreError
 from otacoap.store.sqlite import SCHEMA_VERSION
 
 
@@ -92,8 +93,48 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def test_default_config_text_is_the_default_config() -> None:
-    assert parse_config(DEFAULT_TOML) == Config()
+    assert parse_config(default_toml()) == Config()
     assert parse_config("") == Config()
+
+
+# The defaults file as it was written by hand before it was generated (issue 9): the
+# generated one must say the same, key for key.
+_HAND_WRITTEN_DEFAULTS = """
+[server]
+bind = "127.0.0.1"
+port = 5684
+loop = "uvloop"
+max_dtls_sessions = 256
+dtls_idle_timeout = 300.0
+dedup_max_entries = 4096
+dedup_lifetime = 247.0
+max_block_szx = 6
+max_observers = 4096
+max_observers_per_device = 4
+observe_poll_interval = 1.0
+refusal_audit_interval = 10.0
+[publish]
+max_sequence_jump = 1000
+max_image_size = 16777216
+max_envelope_size = 65536
+[uploads]
+max_concurrent = 8
+max_per_peer = 2
+idle_timeout = 60.0
+max_duration = 3600.0
+staged_ttl = 600.0
+max_staged = 4
+busy_max_age = 30
+"""
+
+
+def test_generated_defaults_say_what_the_hand_written_file_said() -> None:
+    generated = tomllib.loads(default_toml())
+    assert generated == tomllib.loads(_HAND_WRITTEN_DEFAULTS)
+    # Every key carries its help text as a comment on its line.
+    for line in default_toml().splitlines():
+        if "=" in line:
+            assert "# " in line.split("=", 1)[1], line
 
 
 @pytest.mark.parametrize(

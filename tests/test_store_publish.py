@@ -173,8 +173,8 @@ def test_concurrent_publisher_cannot_race_the_sequence_check(setup: Setup) -> No
     pub = Publisher(store, d.blobs, d.config().publish)
     a = setup.release(CLASS_A, 11, make_image("a", 100))
     b = setup.release(CLASS_A, 12, make_image("b", 100))
-    cand_a = pub.check(a.envelope, a.digest, 100)
-    cand_b = pub.check(b.envelope, b.digest, 100)
+    cand_a = pub.check(pub.authenticate(a.envelope), a.digest, 100)
+    cand_b = pub.check(pub.authenticate(b.envelope), b.digest, 100)
     store.commit_release(cand_b, "test")
     with pytest.raises(RollbackError, match="meanwhile"):
         store.commit_release(cand_a, "test")

@@ -14,6 +14,7 @@ import getpass
 import os
 from pathlib import Path
 
+from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
@@ -177,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--port", type=_port, metavar="N", help="DTLS port devices use (0: pick a free one)"
     )
-    p.add_argument("--loop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
+    p.add_argument("--loop", choices=EVENT_LOOPS, help="event loop (default from config: uvloop)")
     p.add_argument(
         "--insecure-plain-coap",
         action="store_true",
@@ -372,15 +373,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     if not args.identity or not args.psk:
         raise CliError("--server needs --identity NAME and --psk HEX")
-    from ..server.client import publish_remote
+    from .. import eventloop
+    from ..operator.client import publish
 
-    result = publish_remote(
-        args.server,
-        args.identity,
-        parse_psk_hex(args.psk),
-        envelope,
-        Path(args.image),
-        timeout=args.timeout,
+    result = eventloop.run(
+        publish(
+            args.server,
+            args.identity,
+            parse_psk_hex(args.psk),
+            envelope,
+            Path(args.image),
+            timeout=args.timeout,
+        )
     )
     print(result)
     return 0
@@ -449,27 +453,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..server.app import ServeOptions, run
+    from .. import eventloop
+    from ..server.app import ServeOptions, serve
 
     datadir = _datadir(args)
     config = datadir.config()
-    s = config.server
     if args.insecure_plain_identity and not args.insecure_plain_coap:
         raise CliError("--insecure-plain-identity needs --insecure-plain-coap")
-    port = s.port if args.port is None else args.port
-    # Plain CoAP sits beside DTLS like 5683 beside 5684 (RFC 7252 §6.1/§6.2).
-    plain_port = args.plain_port if args.plain_port is not None else max(port - 1, 0)
     options = ServeOptions(
-        bind=args.bind or s.bind,
-        port=port,
-        loop=args.loop or s.loop,
+        bind=args.bind or None,
+        port=args.port,
+        loop=args.loop,
         plain_coap=args.insecure_plain_coap,
-        plain_port=plain_port,
+        plain_port=args.plain_port,
         plain_identity=args.insecure_plain_identity,
     )
+    server = options.apply(config).server
     try:
-        return run(datadir, config, options)
+        # DESIGN.md: the command line chooses the event loop (uvloop by default).
+        return eventloop.run(serve(datadir, config, options), server.loop)
     except OtaError:
         raise
     except OSError as exc:
-        raise CliError(f"cannot serve on {options.bind}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot serve on {server.bind}: {exc.strerror or exc}") from None

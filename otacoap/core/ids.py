@@ -16,6 +16,13 @@ def class_id(vendor: bytes, class_info: str) -> bytes:
     return uuid.uuid5(uuid.UUID(bytes=vendor), class_info).bytes
 
 
+def class_key_of(vendor_domain: str, class_info: str) -> tuple[bytes, bytes]:
+    """(vendor-id, class-id) of a device registered with these names: the key a class's
+    releases are filed under, and what its manifests must name (manifest-34 §8.4.8.2)."""
+    vendor = vendor_id(vendor_domain)
+    return vendor, class_id(vendor, class_info)
+
+
 def uuid_str(raw: bytes | None) -> str | None:
     return str(uuid.UUID(bytes=raw)) if isinstance(raw, bytes) and len(raw) == 16 else None
 

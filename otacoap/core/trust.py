@@ -6,6 +6,12 @@ VerifiedManifest or raises an OtaError subclass whose `reason` is a SUIT report 
 size cap, then authenticate (digest over the bstr-wrapped manifest, then a COSE block
 from a trust anchor) *before* the manifest is interpreted, then version, freshness,
 severable digests, identity, and local policy.
+
+Two steps, as python-tuf splits "verify the signatures" from "is it newer, unexpired":
+`authenticate` (size, signature, strict parse) makes an AuthenticatedManifest once;
+`admit` checks it against one recipient's policy (freshness, severable elements,
+identity, local policy). `accept` is both, for a device; the server's publisher
+authenticates once and admits against the class it publishes to.
 """
 
 from __future__ import annotations
@@ -74,7 +80,30 @@ class TrustPolicy:
 
 
 @dataclass(frozen=True)
+class AuthenticatedManifest:
+    """Step 1 of the gate: bytes whose manifest a trust anchor vouched for, parsed strictly.
+
+    Nothing about the recipient has been checked yet (freshness, identity, local
+    policy): `admit` does that. Only `authenticate` makes one, so holding one proves
+    that the COSE signature was verified exactly once, with `anchors` and `limits`.
+    """
+
+    envelope: suit.Envelope
+    envelope_bytes: bytes = field(repr=False)
+    signer: cose.TrustAnchor
+    anchors: tuple[cose.TrustAnchor, ...] = field(repr=False)
+    limits: tuple[int, int]  # (max_envelope_size, max_depth) it was parsed under
+    _token: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._token is not _GATE:
+            raise TypeError("AuthenticatedManifest is only made by trust.authenticate()")
+
+
+@dataclass(frozen=True)
 class VerifiedManifest:
+    """Step 2 of the gate: an authentic manifest admitted by one recipient's policy."""
+
     envelope: suit.Envelope
     envelope_bytes: bytes = field(repr=False)
     manifest_digest: suit.SuitDigest
@@ -87,7 +116,7 @@ class VerifiedManifest:
 
     def __post_init__(self) -> None:
         if self._token is not _GATE:
-            raise TypeError("VerifiedManifest is only made by trust.accept()")
+            raise TypeError("VerifiedManifest is only made by trust.admit()")
 
     @property
     def manifest(self) -> suit.Manifest:
@@ -106,14 +135,29 @@ _GATE = object()
 
 
 def accept(data: bytes, policy: TrustPolicy) -> VerifiedManifest:
-    """Authenticate and check an envelope; return it verified or raise."""
+    """Authenticate and check an envelope; return it verified or raise.
+
+    The device's and the bootloader's whole gate: `authenticate` then `admit` with the
+    same policy, in the order manifest-34 §6.1-6.2 gives.
+    """
+    return admit(authenticate(data, policy), policy)
+
+
+def authenticate(data: bytes, policy: TrustPolicy) -> AuthenticatedManifest:
+    """Size cap, signature, strict parse: everything that does not depend on the recipient.
+
+    Only `policy.anchors`, `policy.max_envelope_size` and `policy.max_depth` are used
+    here. A publisher calls this once and then `admit`s the result against each policy
+    it needs, so the signature is verified once per envelope (python-tuf verifies a
+    metadata file's signatures once, then checks its version and expiry).
+    """
     if len(data) > policy.max_envelope_size:
         raise LimitExceeded(
             f"envelope of {len(data)} bytes exceeds the {policy.max_envelope_size}-byte cap"
         )
     digest_raw, blocks, manifest_raw = _outer(data, policy)
 
-    # 1. Authenticate before interpreting (manifest-34 §6.2 step 5, §8.3).
+    # Authenticate before interpreting (manifest-34 §6.2 step 5, §8.3).
     digest = suit.decode_digest(cbor.loads(digest_raw, max_size=policy.max_envelope_size))
     if not digest.matches(cbor.bstr_wrap(manifest_raw)):
         raise AuthenticationError("manifest digest does not match the manifest")
@@ -129,35 +173,54 @@ def accept(data: bytes, policy: TrustPolicy) -> VerifiedManifest:
     if signer is None:
         raise last
 
-    # 2. Parse the now-authentic bytes strictly (version first, manifest-34 §6.1).
+    # Parse the now-authentic bytes strictly (version first, manifest-34 §6.1).
     envelope = suit.decode_envelope(
         data, max_size=policy.max_envelope_size, max_depth=policy.max_depth
     )
+    return AuthenticatedManifest(
+        envelope, bytes(data), signer, policy.anchors, _limits(policy), _GATE
+    )
+
+
+def admit(authentic: AuthenticatedManifest, policy: TrustPolicy) -> VerifiedManifest:
+    """Is this authentic manifest fresh and allowed for this recipient? Return it or raise.
+
+    Freshness, severable digests, identity and local policy, in that order. `policy`
+    must trust the same anchors under the same limits as the one `authentic` was made
+    with: admitting with another trust set would launder a signature it never checked.
+    """
+    if policy.anchors != authentic.anchors or _limits(policy) != authentic.limits:
+        raise ValueError("admit() needs the anchors and limits the manifest was authenticated with")
+    envelope = authentic.envelope
     manifest = envelope.manifest
     manifest_digest = envelope.manifest_digest
 
-    # 3. Freshness.
+    # Freshness (manifest-34 §8.4.2).
     _check_sequence(manifest.sequence_number, manifest_digest.value, policy)
 
-    # 4. Severable elements must match the digests the signed manifest holds (§8.4.12).
+    # Severable elements must match the digests the signed manifest holds (§8.4.12).
     _check_severable(envelope)
 
-    # 5. Identity and local policy, from a static walk of every sequence.
+    # Identity and local policy, from a static walk of every sequence.
     summary = summarize(envelope)
     _check_identity(summary.vendor_ids, summary.class_ids, summary.device_ids, policy)
     _check_policy(envelope, summary, policy)
 
     return VerifiedManifest(
         envelope,
-        bytes(data),
+        authentic.envelope_bytes,
         manifest_digest,
-        signer.key_id,
+        authentic.signer.key_id,
         summary.images,
         summary.fetches,
         summary.vendor_ids,
         summary.class_ids,
         _GATE,
     )
+
+
+def _limits(policy: TrustPolicy) -> tuple[int, int]:
+    return (policy.max_envelope_size, policy.max_depth)
 
 
 def _outer(data: bytes, policy: TrustPolicy) -> tuple[bytes, list[bytes], bytes]:

@@ -1,15 +1,17 @@
 """Start, run and stop the update server.
 
 `OtaServer` is the embeddable part (start/stop inside a running loop, used by tests);
-`run` is what `otacoap serve` calls: choose the loop (uvloop by default), start, print
-"listening on coaps://ADDR:PORT" once the socket is bound, and stop cleanly on SIGINT
-or SIGTERM (in-flight uploads are dropped with their temp files, the DB is closed).
+`serve` is what `otacoap serve` runs on the loop the CLI chose (otacoap.eventloop):
+start, print "listening on coaps://ADDR:PORT" once the socket is bound, and stop
+cleanly on SIGINT or SIGTERM (in-flight uploads are dropped with their temp files, the
+DB is closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import signal
@@ -20,7 +22,8 @@ from typing import Any, TextIO
 import aiocoap
 from aiocoap.util import hostportjoin
 
-from ..store import Config, DataDir
+from ..config import Config
+from ..store import DataDir
 from ..store.errors import StoreError
 from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
@@ -38,18 +41,38 @@ LOCK_NAME = "serve.lock"
 
 @dataclass(frozen=True)
 class ServeOptions:
-    bind: str = "127.0.0.1"
-    port: int = 5684
-    loop: str = "uvloop"
+    """What `otacoap serve`'s command line adds to config.toml.
+
+    `bind`, `port` and `loop` override [server] (None keeps the configured value).
+    The plain CoAP listener has no config key on purpose: a dangerous development
+    mode is switched on by a loudly named option each time (DESIGN principle 10).
+    """
+
+    bind: str | None = None
+    port: int | None = None
+    loop: str | None = None
     plain_coap: bool = False
-    plain_port: int = 5683
+    plain_port: int | None = None  # None: the DTLS port - 1, like 5683 beside 5684
     plain_identity: str | None = None
+
+    def apply(self, config: Config) -> Config:
+        """`config` with this command line's [server] overrides (validated again)."""
+        overrides = {
+            name: value
+            for name in ("bind", "port", "loop")
+            if (value := getattr(self, name)) is not None
+        }
+        return dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+
+    def plain_port_for(self, dtls_port: int) -> int:
+        # RFC 7252 §6.1/§6.2: plain CoAP sits beside DTLS as 5683 beside 5684.
+        return self.plain_port if self.plain_port is not None else max(dtls_port - 1, 0)
 
 
 class OtaServer:
     def __init__(self, datadir: DataDir, config: Config, options: ServeOptions) -> None:
         self.datadir = datadir
-        self.config = config
+        self.config = options.apply(config)
         self.options = options
         self.state: ServerState | None = None
         self.context: aiocoap.Context | None = None
@@ -73,14 +96,14 @@ class OtaServer:
 
     @property
     def dtls_uri(self) -> str:
-        return "coaps://" + hostportjoin(self.options.bind, self.dtls_port)
+        return "coaps://" + hostportjoin(self.config.server.bind, self.dtls_port)
 
     async def start(self) -> None:
         """Bind and start serving; on any failure everything started is undone."""
-        opts = self.options
-        if opts.bind in ("", "0.0.0.0", "::"):
+        bind = self.config.server.bind
+        if bind in ("", "0.0.0.0", "::"):
             # aiocoap's DTLS server learns its reply address from the bind address.
-            raise OSError(f"bind to one address, not {opts.bind or 'the any-address'}")
+            raise OSError(f"bind to one address, not {bind or 'the any-address'}")
         self.datadir.check()
         self._lock = _lock_datadir(self.datadir)
         try:
@@ -111,7 +134,7 @@ class OtaServer:
         self.dtls = await add_transport(
             ctx,
             lambda mman: DTLSServerInterface.create_bound(
-                (opts.bind, opts.port),
+                (s.bind, s.port),
                 mman,
                 ctx.log,
                 loop,
@@ -127,7 +150,7 @@ class OtaServer:
             self.plain = await add_transport(
                 ctx,
                 lambda mman: PlainServerInterface.create_bound(
-                    (opts.bind, opts.plain_port), mman, ctx.log, loop
+                    (s.bind, opts.plain_port_for(s.port)), mman, ctx.log, loop
                 ),
                 s.dedup_max_entries,
                 s.dedup_lifetime,
@@ -196,19 +219,9 @@ class OtaServer:
             self._lock = None
 
 
-def run(datadir: DataDir, config: Config, options: ServeOptions) -> int:
+async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM; the exit code for `otacoap serve`."""
     _default_logging()
-    loop_factory = None
-    if options.loop == "uvloop":
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(datadir, config, options))
-
-
-async def _serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -219,7 +232,7 @@ async def _serve(datadir: DataDir, config: Config, options: ServeOptions) -> int
         if options.plain_coap:
             warning = (
                 "WARNING: --insecure-plain-coap: unencrypted, unauthenticated CoAP on "
-                f"coap://{hostportjoin(options.bind, server.plain_port)}"
+                f"coap://{hostportjoin(server.config.server.bind, server.plain_port)}"
             )
             if options.plain_identity:
                 warning += f"; EVERY plain request acts as {options.plain_identity!r}"
@@ -227,7 +240,9 @@ async def _serve(datadir: DataDir, config: Config, options: ServeOptions) -> int
                 warning += "; every request answers a bare 4.01 there"
             log.warning(warning)
             print(warning, file=sys.stderr, flush=True)
-        log.info("serving %s from %s (%s loop)", server.dtls_uri, datadir.root, options.loop)
+        log.info(
+            "serving %s from %s (%s loop)", server.dtls_uri, datadir.root, server.config.server.loop
+        )
         print(f"listening on {server.dtls_uri}", flush=True)
         await stop.wait()
         log.info("shutting down")

@@ -27,6 +27,7 @@ enumeration oracle, ATTACKS.md #32). A device on an operator resource: 4.03.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -46,6 +47,7 @@ from .uploads import Block, StagedImages, UploadBusy, Uploads, UploadTooLarge
 log = logging.getLogger(__name__)
 
 Message = aiocoap.Message
+_TAKE_TIMEOUT = 10.0  # seconds; taking a staged image is one dict lookup on the loop
 
 
 def _error(code: int, text: str) -> Message:
@@ -401,27 +403,11 @@ class AdminReleaseResource(_AdminUpload):
                 envelope = f.read(self.cap() + 1)
         finally:
             blob.discard()
-        actor = str(principal)
-        cfg = self.state.config.publish
-        blobs = self.state.blobs
-        # Which staged image? Authenticate the envelope first (on the loop thread's
-        # read connection), then take the operator's own upload with that digest.
-        checker = Publisher(self.state.reader, blobs, cfg)
-        try:
-            digest = checker.image_digest_of(envelope)
-            staged = self.staged.take(principal.identity, digest)
-            if staged is None:
-                raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
-        except OtaError as exc:
-            err = exc
-            await self.state.db(lambda s: Publisher(s, blobs, cfg).refused(envelope, actor, err))
-            raise
-        try:
-            release = await self.state.db(
-                lambda s: Publisher(s, blobs, cfg).publish_staged(envelope, staged, actor)
-            )
-        finally:
-            staged.discard()
+        blobs, cfg = self.state.blobs, self.state.config.publish
+        staged = _OwnUploads(self.staged, principal.identity, asyncio.get_running_loop())
+        release = await self.state.db(
+            lambda s: Publisher(s, blobs, cfg).publish_uploaded(envelope, staged, str(principal))
+        )
         self.state.refresh()  # tell /m observers now rather than at the next poll
         return Message(
             code=Code.CHANGED,
@@ -434,6 +420,26 @@ class AdminReleaseResource(_AdminUpload):
             ),
             content_format=protocol.CF_CBOR,
         )
+
+
+class _OwnUploads:
+    """One operator's staged images, as the publisher on the DB thread sees them.
+
+    StagedImages belongs to the event loop (the sweep runs there), so `take` hops onto
+    the loop; the loop is free meanwhile, awaiting the DB thread.
+    """
+
+    def __init__(self, staged: StagedImages, owner: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._staged = staged
+        self._owner = owner
+        self._loop = loop
+
+    def take(self, digest: bytes) -> TempBlob | None:
+        async def on_loop() -> TempBlob | None:
+            return self._staged.take(self._owner, digest)
+
+        # Bounded: a loop stopped meanwhile must not leave the DB thread waiting forever.
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(_TAKE_TIMEOUT)
 
 
 class DiscoveryResource(resource.WKCResource):  # type: ignore[misc]

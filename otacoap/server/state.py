@@ -5,10 +5,11 @@ synchronous tinydtls callback, so they cannot await) and small caches in front o
 Every write (reports, audit entries, publishes) runs on one dedicated DB thread with
 its own connection, so an fsync never stalls the loop and writes stay serialised.
 
-Change detection: a cheap poll of `PRAGMA data_version` notices commits made by any
-other connection (the CLI in another process, or our own writer thread); then the
-generation counters say whether principals or releases changed, and only those caches
-are dropped and /m observers told.
+Change detection: a cheap poll (`Store.changed_elsewhere`; SQLite's `PRAGMA
+data_version`) notices commits made by any other connection (the CLI in another
+process, or our own writer thread); then the generation counters say whether
+principals or releases changed, and only those caches are dropped and /m observers
+told.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..config import Config
 from ..core.errors import OtaError
-from ..store import Config, DataDir, DeviceRecord, Principal, ReleaseRecord, Role, SQLiteStore
+from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
 from ..store.models import ClassKey
 from .credentials import PskDirectory
 
@@ -44,11 +46,11 @@ class ServerState:
         self.config = config
         self.blobs = datadir.blobs
         self.blob_reader = self.blobs.reader()
-        self.reader = datadir.open_store()
+        self.reader: Store = datadir.open_store()
         self._sealer = datadir.sealer()
         self._clock = clock
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="otacoap-db")
-        self._writer: SQLiteStore | None = None
+        self._writer: Store | None = None
         self.psks = PskDirectory(self.reader.lookup_identity, self._sealer.decoy)
         self._devices: dict[str, DeviceRecord | None] = {}
         self._operators: dict[str, bool] = {}
@@ -70,12 +72,12 @@ class ServerState:
 
     # --- DB thread -----------------------------------------------------------------
 
-    def _in_db(self, fn: Callable[[SQLiteStore], T]) -> T:
+    def _in_db(self, fn: Callable[[Store], T]) -> T:
         if self._writer is None:
             self._writer = self.datadir.open_store()
         return fn(self._writer)
 
-    async def db(self, fn: Callable[[SQLiteStore], T]) -> T:
+    async def db(self, fn: Callable[[Store], T]) -> T:
         """Run `fn(writer_store)` on the DB thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db_executor, self._in_db, fn)

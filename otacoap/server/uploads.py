@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import UploadConfig
 from ..core.blockwise import BlockError, size_of
 from ..core.errors import (
     BAD_REQUEST,
@@ -28,7 +29,7 @@ from ..core.errors import (
     LimitExceeded,
     OtaError,
 )
-from ..store import BlobStore, TempBlob, UploadConfig
+from ..store import BlobStore, TempBlob
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ the audit log, behind the `Store` interface (DESIGN.md layering: imports only co
 from __future__ import annotations
 
 from .blobs import BlobReader, BlobStore, TempBlob
-from .config import Config, PublishConfig, ServerConfig, UploadConfig, parse_config
 from .datadir import DEFAULT_DATA_DIR, DataDir
 from .interface import Store
 from .models import (
@@ -29,13 +28,11 @@ __all__ = [
     "BlobReader",
     "BlobStore",
     "ClassKey",
-    "Config",
     "DataDir",
     "DeviceRecord",
     "ImageRecord",
     "OperatorRecord",
     "Principal",
-    "PublishConfig",
     "Publisher",
     "ReleaseCandidate",
     "ReleaseRecord",
@@ -43,9 +40,6 @@ __all__ = [
     "ReportRecord",
     "Role",
     "SQLiteStore",
-    "ServerConfig",
     "Store",
     "TempBlob",
-    "UploadConfig",
-    "parse_config",
 ]

@@ -12,9 +12,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config, default_toml, load_config
 from ..fsutil import atomic_write
 from .blobs import BlobStore
-from .config import DEFAULT_TOML, Config, load_config
 from .errors import NotInitialised, StoreError
 from .secrets import PskSealer, create_secret, load_secret
 from .sqlite import SQLiteStore
@@ -55,7 +55,7 @@ class DataDir:
             self.root.mkdir(mode=0o700, parents=True)
             created.append(str(self.root))
         if not self.config_path.exists():
-            atomic_write(self.config_path, DEFAULT_TOML.encode(), mode=0o644)
+            atomic_write(self.config_path, default_toml().encode(), mode=0o644)
             created.append(CONFIG_NAME)
         else:
             load_config(self.config_path)  # refuse to go on with a broken config

@@ -23,10 +23,6 @@ class NotInitialised(StoreError):
     """The data directory is missing a piece `otacoap init` creates."""
 
 
-class ConfigError(StoreError):
-    """config.toml does not parse or holds a key/value we do not accept."""
-
-
 class InvalidName(OtaError):
     """An identifier (device id, operator name, key id, label) breaks the naming rules."""
 

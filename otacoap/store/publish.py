@@ -11,11 +11,14 @@ The local CLI (`otacoap publish`) and the network path (`/admin/release`) both e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
+from typing import Protocol
 
-from ..core import ids, suit, trust
+from ..config import PublishConfig
+from ..core import cose, ids, suit, trust
 from ..core.errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -26,8 +29,7 @@ from ..core.errors import (
     RollbackError,
 )
 from .blobs import BlobStore, TempBlob
-from .config import PublishConfig
-from .errors import ImageMismatch
+from .errors import ImageMismatch, NotFound
 from .interface import Store
 from .models import ImageRecord, ReleaseCandidate, ReleaseRecord
 
@@ -36,14 +38,31 @@ log = logging.getLogger(__name__)
 _COPY_CHUNK = 1 << 16
 
 
+class StagedImages(Protocol):
+    """Where a network publish finds the image its envelope names (server/uploads.py).
+
+    `take` hands over the caller's own upload with this SHA-256, or None; once taken,
+    the blob is the publisher's to commit or discard.
+    """
+
+    def take(self, digest: bytes) -> TempBlob | None: ...
+
+
 class Publisher:
     def __init__(self, store: Store, blobs: BlobStore, config: PublishConfig) -> None:
         self._store = store
         self._blobs = blobs
         self._config = config
 
-    def check(self, envelope: bytes, image_digest: bytes, image_size: int) -> ReleaseCandidate:
-        """Validate a release without side effects; return what may be committed."""
+    def authenticate(self, envelope: bytes) -> trust.AuthenticatedManifest:
+        """Verify the envelope's signature against the store's anchors: once per publish.
+
+        The policy here carries only what does not depend on the class (anchors and
+        size limits, image-size cap); `check` admits the result for its class.
+        """
+        return trust.authenticate(envelope, self._base_policy(envelope))
+
+    def _base_policy(self, envelope: bytes) -> trust.TrustPolicy:
         cfg = self._config
         if len(envelope) > cfg.max_envelope_size:
             raise LimitExceeded(
@@ -53,13 +72,28 @@ class Publisher:
         if not anchors:
             # Principle 10: an empty trust set is an error, never "accept anything".
             raise AuthenticationError("no trust anchors configured (otacoap trust add KEY.pem)")
-        # 1. Authenticate (and parse strictly) before looking at what the manifest says.
-        base = trust.TrustPolicy(
+        return self._policy(anchors)
+
+    def _policy(self, anchors: tuple[cose.TrustAnchor, ...]) -> trust.TrustPolicy:
+        """What every release must meet whatever its class; `check` adds the class's."""
+        cfg = self._config
+        return trust.TrustPolicy(
             anchors=anchors,
             max_envelope_size=cfg.max_envelope_size,
             max_image_size=cfg.max_image_size,
         )
-        first = trust.accept(envelope, base)
+
+    def check(
+        self, authentic: trust.AuthenticatedManifest, image_digest: bytes, image_size: int
+    ) -> ReleaseCandidate:
+        """Validate a release without side effects; return what may be committed.
+
+        No signature is verified here: `authentic` says it was, by `authenticate`.
+        """
+        cfg = self._config
+        base = self._policy(authentic.anchors)
+        # 1. The class-independent policy, and which class the release is for.
+        first = trust.admit(authentic, base)
         if len(first.vendor_ids) != 1 or len(first.class_ids) != 1:
             raise IncompatibleError(
                 "a release must name exactly one vendor-id and one class-id "
@@ -75,10 +109,8 @@ class Publisher:
         # 2. Freshness against the class's current release, through the same gate the
         # devices use (seq must be above it; equal is refused; bounded jump).
         current = self._store.current_release(key)
-        policy = trust.TrustPolicy(
-            anchors=anchors,
-            max_envelope_size=cfg.max_envelope_size,
-            max_image_size=cfg.max_image_size,
+        policy = dataclasses.replace(
+            base,
             current_sequence=current.sequence_number if current else None,
             current_manifest_digest=current.manifest_digest if current else None,
             max_sequence_jump=cfg.max_sequence_jump,
@@ -86,7 +118,7 @@ class Publisher:
             class_id=key[1],
         )
         try:
-            verified = trust.accept(envelope, policy)
+            verified = trust.admit(authentic, policy)
         except (RollbackError, AlreadyInstalled) as exc:
             now = current.sequence_number if current else "none"
             raise RollbackError(
@@ -94,12 +126,7 @@ class Publisher:
                 "a new release needs a higher one"
             ) from None
         # 3. Exactly one fetched image, and it is the one handed in.
-        fetched = verified.payload_images()
-        if len(fetched) != 1:
-            raise PolicyError(
-                f"a release must fetch exactly one image; this manifest fetches {len(fetched)}"
-            )
-        image = fetched[0]
+        image = _the_image(verified)
         uri = image.uri or ""
         if uri.startswith("#"):
             raise PolicyError("integrated payloads are not published; give the image a /fw/ URI")
@@ -130,25 +157,11 @@ class Publisher:
             class_label=label,
             sequence_number=verified.sequence_number,
             manifest_digest=verified.manifest_digest.value,
-            envelope=bytes(envelope),
+            envelope=authentic.envelope_bytes,
             image=ImageRecord(image_digest, image_size),
             signer=verified.signer,
             previous_release_id=current.id if current else None,
         )
-
-    def image_digest_of(self, envelope: bytes) -> bytes:
-        """The SHA-256 of the one image an authentic envelope fetches (or raise)."""
-        anchors = tuple(a.anchor for a in self._store.list_anchors())
-        if not anchors:
-            raise AuthenticationError("no trust anchors configured (otacoap trust add KEY.pem)")
-        verified = trust.accept(
-            envelope,
-            trust.TrustPolicy(anchors=anchors, max_envelope_size=self._config.max_envelope_size),
-        )
-        fetched = verified.payload_images()
-        if len(fetched) != 1 or fetched[0].digest is None:
-            raise PolicyError("a release must fetch exactly one image with a digest")
-        return fetched[0].digest.value
 
     def publish_file(self, envelope: bytes, image_path: Path, actor: str) -> ReleaseRecord:
         """Stream an image file into a temp blob, check, commit; audit either way."""
@@ -158,21 +171,47 @@ class Publisher:
                     while chunk := f.read(_COPY_CHUNK):
                         blob.write(chunk)
                 blob.finish()
-                return self._check_and_commit(envelope, blob, actor)
+                return self._check_and_commit(self.authenticate(envelope), blob, actor)
         except OtaError as exc:
             self.refused(envelope, actor, exc)
             raise
 
-    def publish_staged(self, envelope: bytes, blob: TempBlob, actor: str) -> ReleaseRecord:
-        """Publish an image already streamed into a temp blob (network upload)."""
+    def publish_uploaded(self, envelope: bytes, staged: StagedImages, actor: str) -> ReleaseRecord:
+        """The network publish (/admin/release): the envelope names its staged image.
+
+        Authenticate once; the one image the authentic manifest fetches names the
+        operator's upload to take; check and commit that (ATTACKS.md #27: signed
+        artefacts are verified after reassembly). Audited either way.
+        """
         try:
-            blob.finish()
-            return self._check_and_commit(envelope, blob, actor)
+            authentic = self.authenticate(envelope)
+            blob = staged.take(self._image_digest(authentic))
+            if blob is None:
+                raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
+            try:
+                blob.finish()
+                return self._check_and_commit(authentic, blob, actor)
+            finally:
+                blob.discard()
         except OtaError as exc:
             self.refused(envelope, actor, exc)
             raise
-        finally:
-            blob.discard()
+
+    def _image_digest(self, authentic: trust.AuthenticatedManifest) -> bytes:
+        """The SHA-256 of the one image an authentic envelope fetches (or raise).
+
+        Only what names the upload is checked here; `check` applies the rest.
+        """
+        verified = trust.admit(
+            authentic,
+            trust.TrustPolicy(
+                anchors=authentic.anchors, max_envelope_size=self._config.max_envelope_size
+            ),
+        )
+        image = _the_image(verified)
+        if image.digest is None:
+            raise PolicyError("a release must fetch exactly one image with a digest")
+        return image.digest.value
 
     def refused(self, envelope: bytes, actor: str, exc: OtaError) -> None:
         subject = "envelope sha256:" + hashlib.sha256(envelope).hexdigest()[:16]
@@ -180,8 +219,10 @@ class Publisher:
         log.info("publish refused by %s: %s: %s", actor, subject, detail)
         self._store.audit(actor, "publish", subject, "refused", detail)
 
-    def _check_and_commit(self, envelope: bytes, blob: TempBlob, actor: str) -> ReleaseRecord:
-        candidate = self.check(envelope, blob.digest, blob.size)
+    def _check_and_commit(
+        self, authentic: trust.AuthenticatedManifest, blob: TempBlob, actor: str
+    ) -> ReleaseRecord:
+        candidate = self.check(authentic, blob.digest, blob.size)
         created = self._blobs.commit(blob)
         try:
             release = self._store.commit_release(candidate, actor)
@@ -199,3 +240,12 @@ class Publisher:
             actor,
         )
         return release
+
+
+def _the_image(verified: trust.VerifiedManifest) -> trust.ImageInfo:
+    fetched = verified.payload_images()
+    if len(fetched) != 1:
+        raise PolicyError(
+            f"a release must fetch exactly one image; this manifest fetches {len(fetched)}"
+        )
+    return fetched[0]

@@ -169,11 +169,6 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-def class_key_of(vendor_domain: str, class_info: str) -> ClassKey:
-    vendor = ids.vendor_id(vendor_domain)
-    return vendor, ids.class_id(vendor, class_info)
-
-
 class SQLiteStore:
     """`Store` over one SQLite connection."""
 
@@ -397,7 +392,7 @@ class SQLiteStore:
         check_device_id(device_id)
         check_label(vendor_domain, "vendor domain")
         check_label(class_info, "class info")
-        vendor, klass = class_key_of(vendor_domain, class_info)
+        vendor, klass = ids.class_key_of(vendor_domain, class_info)
         now = self._now()
         with self._tx() as db:
             try:

@@ -155,10 +155,3 @@ async def publish(
         return f"published {info['class']} seq {info['seq']}: image {info['image']} via {base}"
     except (OtaError, KeyError, TypeError):
         return f"published via {base}"
-
-
-def publish_remote(
-    server: str, operator: str, psk: bytes, envelope: bytes, image: Path, *, timeout: float = 30.0
-) -> str:
-    """Synchronous wrapper for the CLI."""
-    return asyncio.run(publish(server, operator, psk, envelope, image, timeout=timeout))
