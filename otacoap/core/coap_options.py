@@ -23,11 +23,16 @@ def _nibble(value: int) -> tuple[int, bytes]:
     return 14, (value - 269).to_bytes(2, "big")
 
 
-def option(delta: int, value: bytes) -> bytes:
-    """One option: its header (delta from the previous number, length) and its value."""
+def header(delta: int, length: int) -> bytes:
+    """An option's header: the delta from the previous option's number, the length."""
     d, dx = _nibble(delta)
-    n, nx = _nibble(len(value))
-    return bytes(((d << 4) | n,)) + dx + nx + value
+    n, nx = _nibble(length)
+    return bytes(((d << 4) | n,)) + dx + nx
+
+
+def option(delta: int, value: bytes) -> bytes:
+    """One option: its header and its value."""
+    return header(delta, len(value)) + value
 
 
 def options(items: Iterable[tuple[int, bytes]]) -> bytes:
