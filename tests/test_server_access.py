@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiocoap
 import pytest
@@ -22,7 +21,7 @@ from server_helpers import (
     CLASS_B,
     DeviceSpec,
     ReleaseFiles,
-    Setup,
+    SessionRemote,
     cli_ok,
     make_image,
     make_setup,
@@ -36,23 +35,16 @@ from otacoap.store import DataDir, ImageRecord, Principal, Role
 
 
 @dataclass
-class Remote:
-    authenticated_claims: list[Any]
-    scheme: str = "coaps"
-    maximum_block_size_exp: int = 6
-
-
-@dataclass
 class World:
-    setup: Setup
     state: ServerState
-    a1: ReleaseFiles
-    a2: ReleaseFiles
+    a1: ReleaseFiles  # pinned's release
+    a2: ReleaseFiles  # class A's current release
 
     def principal(self, identity: str) -> Principal:
-        _, principal = self.state.psks.find_dtls_psk(identity.encode())
-        assert isinstance(principal, Principal)
-        return principal
+        """The principal a DTLS session with this PSK identity claims."""
+        found = self.state.psks.find_dtls_psk(identity.encode())[1]
+        assert isinstance(found, Principal)
+        return found
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     datadir = DataDir(setup.data)
     state = ServerState(datadir, datadir.config())
     try:
-        yield World(setup, state, a1, a2)
+        yield World(state, a1, a2)
     finally:
         asyncio.run(state.close())
 
@@ -114,7 +106,7 @@ def _request(image_id: str) -> bytes:
     return bytes(msg.encode())
 
 
-def _resource_code(state: ServerState, remote: Remote, data: bytes) -> Code:
+def _resource_code(state: ServerState, remote: SessionRemote, data: bytes) -> Code:
     async def go() -> Code:
         request = aiocoap.Message.decode(data, remote)
         request.opt.uri_path = request.opt.uri_path[1:]  # what Site hands the resource
@@ -127,7 +119,7 @@ def _resource_code(state: ServerState, remote: Remote, data: bytes) -> Code:
 
 def _verdicts(world: World, identity: str) -> dict[str, tuple[bool, Code]]:
     """For each published image: (fast path answers, resource's code)."""
-    remote = Remote([world.principal(identity)])
+    remote = SessionRemote([world.principal(identity)])
     fast = FirmwareFastPath(world.state)
     try:
         out = {}

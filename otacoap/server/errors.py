@@ -5,7 +5,7 @@ the way aiocoap's `RenderableError.to_message` works, so no handler builds an er
 response by hand. The error itself says its code and any options it carries
 (`OtaError.coap_code`, `OtaError.coap_options`); `str()` of it is the outward-safe
 diagnostic payload. The refusals only the server makes (no identity, wrong role, wrong
-Content-Format, image unreadable) are defined here.
+Content-Format) are defined here.
 """
 
 from __future__ import annotations
@@ -39,12 +39,6 @@ class UnsupportedFormat(OtaError):
     """4.15: a request body in a Content-Format the resource does not take."""
 
     coap_code = coap_numbers.UNSUPPORTED_CONTENT_FORMAT
-
-
-class Unavailable(OtaError):
-    """5.00: the server cannot read what it should serve; the cause goes to the log."""
-
-    coap_code = coap_numbers.INTERNAL_SERVER_ERROR
 
 
 def error_response(exc: OtaError) -> aiocoap.Message:

@@ -20,15 +20,17 @@ Every resource does its own block-wise handling (`needs_blockwise_assembly` is F
 aiocoap's automatic Block2 would render the whole image into memory and cache it per
 client, and its Block1 spool is unbounded and keyed without our caps.
 
-Authorisation: the principal comes from the DTLS session (state.principal_of). No
-principal: 4.01. A device asking for something that is not its own: 4.04 (no
-enumeration oracle, ATTACKS.md #32). A device on an operator resource: 4.03.
+Authorisation: the principal comes from the DTLS session (state.principal_of); what
+it is served and may read, from the one rule in server.access. No principal: 4.01.
+A device asking for something that is not its own: 4.04 (no enumeration oracle,
+ATTACKS.md #32). A device on an operator resource: 4.03. Handlers raise refusals;
+server.errors renders them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import aiocoap
 import aiocoap.resource as resource
@@ -41,7 +43,7 @@ from ..core.report import MAX_REPORT_SIZE, decode_report
 from ..store import Principal, Publisher, Role, TempBlob
 from ..store.errors import NotFound, StoreError
 from . import access
-from .errors import Unauthenticated, Unavailable, UnsupportedFormat, WrongRole, error_response
+from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
 from .state import ServerState
 from .uploads import Block, StagedImages, Uploads, UploadTooLarge
 
@@ -55,11 +57,11 @@ def _max_szx(state: ServerState, request: Message) -> int:
     return min(state.config.server.max_block_szx, remote_max, blockwise.MAX_SZX)
 
 
-def block2_response(
+def _block2_response(
     state: ServerState,
     request: Message,
     total: int,
-    read: Any,
+    read: Callable[[int, int], bytes],
     content_format: int,
     etag: bytes,
 ) -> Message:
@@ -177,7 +179,7 @@ class ManifestResource(_Base, resource.ObservableResource):
         if request.opt.block2 is None and release.etag in (request.opt.etags or ()):
             return Message(code=Code.VALID, etag=release.etag)
         envelope = release.envelope
-        response = block2_response(
+        response = _block2_response(
             self.state,
             request,
             len(envelope),
@@ -203,7 +205,7 @@ class FirmwareResource(_Base, resource.PathCapable):
             self.state.refused(str(principal), "fw.get", subject, "not this device's image")
             raise NotFound("not found")
         try:
-            response = block2_response(
+            response = _block2_response(
                 self.state,
                 request,
                 image.size,
@@ -213,7 +215,7 @@ class FirmwareResource(_Base, resource.PathCapable):
             )
         except StoreError as exc:
             log.error("reading image %s failed: %s", image.image_id, exc)
-            raise Unavailable("image unavailable") from None
+            raise StoreError("image unavailable") from None  # 5.00; the cause is logged
         except OtaError as exc:
             log.debug("/fw/%s for %s: %s", image.image_id, principal, exc)
             raise
