@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import blockwise, coap_numbers
-from .coap_options import option, uint
+from .coap_options import options, uint
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +42,15 @@ class Block2Answer:
         """The options as they go on the wire, then the payload marker if a payload
         follows (RFC 7252 §3.1: options by number: ETag 4, Content-Format 12, Block2 23,
         Size2 28; no marker before an empty payload)."""
-        out = option(coap_numbers.OPT_ETAG, self.etag) + option(
-            coap_numbers.OPT_CONTENT_FORMAT - coap_numbers.OPT_ETAG, uint(self.content_format)
-        )
+        items = [
+            (coap_numbers.OPT_ETAG, self.etag),
+            (coap_numbers.OPT_CONTENT_FORMAT, uint(self.content_format)),
+        ]
         if self.block2 is not None:
-            out += option(
-                coap_numbers.OPT_BLOCK2 - coap_numbers.OPT_CONTENT_FORMAT,
-                uint(blockwise.block_value(*self.block2)),
-            )
+            items.append((coap_numbers.OPT_BLOCK2, uint(blockwise.block_value(*self.block2))))
             if self.size2 is not None:
-                out += option(coap_numbers.OPT_SIZE2 - coap_numbers.OPT_BLOCK2, uint(self.size2))
+                items.append((coap_numbers.OPT_SIZE2, uint(self.size2)))
+        out = options(items)
         if self.length:
             out += bytes((coap_numbers.PAYLOAD_MARKER,))
         return out

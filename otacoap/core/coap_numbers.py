@@ -7,9 +7,9 @@ no aiocoap (DESIGN "Layers"), and the fast path builds bytes from them directly.
 
 from __future__ import annotations
 
-# RFC 7252 §3: the header's Version is 1; Type is one of these four.
+# RFC 7252 §3: the header's Version is 1; Type 0 is Confirmable, 2 Acknowledgement.
 VERSION = 1
-TYPE_CON, TYPE_NON, TYPE_ACK, TYPE_RST = 0, 1, 2, 3
+TYPE_CON, TYPE_ACK = 0, 2
 
 # RFC 7252 §3.1: the byte that separates the options from the payload.
 PAYLOAD_MARKER = 0xFF
@@ -32,13 +32,10 @@ def code_str(value: int) -> str:
 
 # RFC 7252 §12.1.1: method codes.
 GET = code(0, 1)
-POST = code(0, 2)
 
-# RFC 7252 §12.1.2: response codes; RFC 7959 §2.9 adds 2.31, 4.08 and 4.13's Size1.
+# RFC 7252 §12.1.2: response codes; RFC 7959 §2.9.2 adds 4.08, §2.9.3 Size1 on 4.13.
 CHANGED = code(2, 4)
 CONTENT = code(2, 5)
-VALID = code(2, 3)
-CONTINUE = code(2, 31)  # RFC 7959 §2.9.1
 BAD_REQUEST = code(4, 0)
 UNAUTHORIZED = code(4, 1)
 FORBIDDEN = code(4, 3)
@@ -51,20 +48,16 @@ UNSUPPORTED_CONTENT_FORMAT = code(4, 15)
 INTERNAL_SERVER_ERROR = code(5, 0)
 SERVICE_UNAVAILABLE = code(5, 3)  # RFC 7252 §5.9.3.4: Max-Age says when to retry
 
-# RFC 7252 §12.2 option numbers, with RFC 7641 §2 (Observe), RFC 7959 §2.1 and §4
-# (Block2, Block1, Size2, Size1) and RFC 9175 §3.2 (Request-Tag).
+# RFC 7252 §12.2 option numbers, with RFC 7959 §2.1 and §4 (Block2, Size2, Size1).
 OPT_URI_HOST = 3
 OPT_ETAG = 4
-OPT_OBSERVE = 6
 OPT_URI_PORT = 7
 OPT_URI_PATH = 11
 OPT_CONTENT_FORMAT = 12
 OPT_MAX_AGE = 14
 OPT_BLOCK2 = 23
-OPT_BLOCK1 = 27
 OPT_SIZE2 = 28
 OPT_SIZE1 = 60
-OPT_REQUEST_TAG = 292
 
 # IANA "CoAP Content-Formats" registry (RFC 7252 §12.3, RFC 8949 §9.5 for CBOR).
 CF_OCTET_STREAM = 42

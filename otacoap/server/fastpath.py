@@ -12,17 +12,19 @@ that is not the plain success case. The fast path sits at the message-interface
 boundary (plaintext CoAP bytes in, response bytes out) and answers only a request it
 fully understands: a CON GET whose options are exactly Uri-Path "fw", Uri-Path <id>
 and optionally Block2 (Uri-Host, Uri-Port and Size2 are tolerated, as aiocoap's Site
-ignores them), from a device whose current release has that image, for a block inside
-the image. Everything else (NON, any other option, a payload, an unauthorised or
-unknown identity, a bad block, a short read) returns None and aiocoap handles it
-exactly as before, so refusals, their 4.0x codes and their audit entries have one
-implementation.
+ignores them), from a principal that may read that image (server.access, the rule
+FirmwareResource applies too), for a block the Block2 responder answers. Everything
+else (NON, any other option, a payload, an unauthorised or unknown identity, a bad
+block, a short read) returns None and aiocoap handles it exactly as before, so
+refusals, their 4.0x codes and their audit entries have one implementation.
 
 Semantics kept (ATTACKS.md #24/#25/#32): identity from the DTLS session's claims (or
-the one --insecure-plain-identity principal on plain CoAP), the same release
-lookup as FirmwareResource, Block2 arithmetic from `core.blockwise` (the one place
-for it), a pread of exactly the answered range, ETag/Content-Format/Block2/Size2 in
-the same order and encoding aiocoap would produce (tests compare the bytes).
+the one --insecure-plain-identity principal on plain CoAP), the one access rule
+(`server.access.readable_image`), the answer from `core.block2_responder` (which
+FirmwareResource renders through aiocoap), a pread of exactly the answered range,
+its options encoded as aiocoap would (tests compare the bytes). The responder's
+answer and its encoded options are memoised per block, so a request costs a lookup,
+a pread and a join.
 
 RFC 7252 §4.5: a duplicate CON is answered again instead of from a dedup cache. That
 rule "MAY be relaxed" for idempotent requests, and a GET of one block is idempotent
