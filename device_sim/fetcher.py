@@ -43,9 +43,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from otacoap.core import blockwise
+from otacoap.core.coap_numbers import NOT_FOUND, code_class, code_str
 from otacoap.core.errors import LimitExceeded, TransferError
 
-from .transport import NOT_FOUND, Clock, Response, Transport, TransportError, code_class, code_str
+from .transport import Clock, Response, Transport, TransportError
 
 # A window this wide already hides a 1 s round trip at 16 KiB/s with 1 KiB blocks; more
 # would only buy memory (the buffer is up to max_window blocks) and server load.

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from otacoap.core import blockwise, protocol
+from otacoap.core.coap_numbers import BAD_REQUEST, CHANGED, CONTENT, NOT_FOUND
 from otacoap.core.errors import OtaError
 from otacoap.core.report import Report, decode_report
 
-from .transport import BAD_REQUEST, CHANGED, CONTENT, NOT_FOUND, Response
+from .transport import Response
 
 
 class ImageSource(Protocol):

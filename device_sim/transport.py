@@ -19,20 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-# CoAP response codes (RFC 7252 §12.1.2) as (class << 5) | detail.
-CHANGED = (2 << 5) | 4
-CONTENT = (2 << 5) | 5
-BAD_REQUEST = (4 << 5) | 0
-NOT_FOUND = (4 << 5) | 4
-SERVICE_UNAVAILABLE = (5 << 5) | 3
-
-
-def code_class(code: int) -> int:
-    return code >> 5
-
-
-def code_str(code: int) -> str:
-    return f"{code >> 5}.{code & 0x1F:02d}"
+from otacoap.core.coap_numbers import code_class
 
 
 class TransportError(Exception):

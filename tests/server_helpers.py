@@ -221,6 +221,16 @@ def make_setup(
     return setup
 
 
+@dataclass
+class SessionRemote:
+    """What the server reads of an aiocoap remote: its DTLS session's claims, its scheme
+    and its block-size limit. For calling a resource or the /fw fast path without sockets."""
+
+    authenticated_claims: list[Any]
+    scheme: str = "coaps"
+    maximum_block_size_exp: int = 6
+
+
 # --- a server subprocess ------------------------------------------------------------
 
 

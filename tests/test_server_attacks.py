@@ -1138,7 +1138,7 @@ def test_network_uploads_only_create_content_addressed_blobs(world: World) -> No
             code=Code.POST,
             uri=world.server.uri,
             payload=payload,
-            content_format=protocol.CF_OCTET_STREAM,
+            content_format=protocol.CF_IMAGE,
             block1=(0, False, 6),
         )
         m.opt.uri_path = tuple(path)
@@ -1166,7 +1166,7 @@ def test_network_uploads_only_create_content_addressed_blobs(world: World) -> No
             image = rel.image
             up = await post_blockwise(
                 ctx, uri + "/admin/image?name=../../../escape.bin", io.BytesIO(image),
-                len(image), content_format=protocol.CF_OCTET_STREAM, timeout=5,
+                len(image), content_format=protocol.CF_IMAGE, timeout=5,
                 request_tag=b"../../etc/passwd\x00",
             )  # fmt: skip
             env = await post_blockwise(
@@ -1201,7 +1201,7 @@ def _upload_block(uri: str, num: int, more: bool, tag: bytes) -> aiocoap.Message
         code=Code.POST,
         uri=uri + "/admin/image",
         payload=os.urandom(1024),
-        content_format=protocol.CF_OCTET_STREAM,
+        content_format=protocol.CF_IMAGE,
         block1=(num, more, 6),
     )
     msg.opt.request_tag = [tag]

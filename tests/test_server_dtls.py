@@ -115,7 +115,7 @@ def test_explicit_block2_from_any_block_and_any_size(world: World) -> None:
             assert r.opt.block2.block_number == 4000 and r.opt.block2.more
             assert r.opt.size2 == len(image)
             assert r.opt.etag == protocol.etag_for(world.a.digest)
-            assert r.opt.content_format == protocol.CF_OCTET_STREAM
+            assert r.opt.content_format == protocol.CF_IMAGE
             # No Block2 option: the server starts block-wise itself with 1024 bytes.
             r = await get(ctx, uri)
             assert r.payload == image[:1024] and r.opt.block2 == (0, 1, 6)
@@ -282,7 +282,7 @@ def test_devices_get_4_03_on_admin_and_nothing_is_created(world: World) -> None:
     async def go() -> None:
         async with coaps_client(world.server.port, "t1", world.psk("t1")) as ctx:
             for path in ("/admin/image", "/admin/release"):
-                msg = _post(world.server.uri + path, b"x" * 64, cf=protocol.CF_OCTET_STREAM)
+                msg = _post(world.server.uri + path, b"x" * 64, cf=protocol.CF_IMAGE)
                 msg.opt.block1 = (0, True, 2)
                 r = await request(ctx, msg)
                 assert r.code == Code.FORBIDDEN

@@ -1,8 +1,8 @@
 """The /fw fast path answers exactly what aiocoap's FirmwareResource path would, byte for
 byte, and declines everything else (otacoap/server/fastpath.py).
 
-The oracle is the slow path itself: aiocoap decodes the request, `block2_response`
-renders it as FirmwareResource does, and aiocoap encodes the piggybacked ACK. No sockets.
+The oracle is the slow path itself: aiocoap decodes the request, FirmwareResource
+renders it, and aiocoap encodes the piggybacked ACK. No sockets.
 """
 
 from __future__ import annotations
@@ -18,24 +18,22 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import ACK, CON, NON
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import CLASS_A, CLASS_B, DeviceSpec, Setup, make_image, make_setup
+from server_helpers import (
+    CLASS_A,
+    CLASS_B,
+    DeviceSpec,
+    SessionRemote,
+    Setup,
+    make_image,
+    make_setup,
+)
 
-from otacoap.core import protocol
 from otacoap.server.fastpath import FirmwareFastPath
-from otacoap.server.resources import block2_response
+from otacoap.server.resources import FirmwareResource
 from otacoap.server.state import ServerState
 from otacoap.store import DataDir
 
 IMAGE_SIZE = 5000  # 5 blocks of 1024, the last one short
-
-
-@dataclass
-class Remote:
-    """What the fast path reads of an aiocoap remote."""
-
-    authenticated_claims: list[Any]
-    scheme: str = "coaps"
-    maximum_block_size_exp: int = 6
 
 
 @dataclass
@@ -47,9 +45,9 @@ class World:
     image_id: str
     other_id: str
 
-    def remote(self, identity: str) -> Remote:
+    def remote(self, identity: str) -> SessionRemote:
         _, principal = self.state.psks.find_dtls_psk(identity.encode())
-        return Remote([principal])
+        return SessionRemote([principal])
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +93,15 @@ def request(
     return msg.encode()
 
 
-def oracle(world: World, remote: Remote, data: bytes) -> bytes:
+def oracle(world: World, remote: SessionRemote, data: bytes) -> bytes:
     """The slow path's answer: aiocoap decode, FirmwareResource's rendering, encode."""
     req = aiocoap.Message.decode(data, remote)
     assert req.code == Code.GET and req.mtype is CON
     assert req.opt.uri_path == ("fw", world.image_id)
-    device = world.state.device("t1")
-    release = world.state.release_for(device) if device else None
-    assert release is not None
-    image = release.image
-    resp = block2_response(
-        world.state,
-        req,
-        image.size,
-        lambda off, n: world.state.blob_reader.read(image.digest, off, n),
-        protocol.CF_OCTET_STREAM,
-        image.etag,
-    )
+    # As aiocoap's Site hands it to the resource: the resource's own path stripped.
+    stripped = req.copy(uri_path=req.opt.uri_path[1:])
+    resp = asyncio.run(FirmwareResource(world.state).render(stripped))
+    assert resp.code == Code.CONTENT
     resp.mtype, resp.mid, resp.token = ACK, req.mid, req.token
     return bytes(resp.encode())
 
@@ -202,8 +192,8 @@ def test_everything_else_is_left_to_aiocoap(world: World, identity: str, data_fn
 
 def test_no_identity_no_fast_answer(world: World) -> None:
     data = request(fw(world), block2=(0, 0, 6))
-    assert world.fast.handle(Remote([None]), data) is None
-    assert world.fast.handle(Remote([], scheme="coap"), data) is None
+    assert world.fast.handle(SessionRemote([None]), data) is None
+    assert world.fast.handle(SessionRemote([], scheme="coap"), data) is None
 
 
 def test_malformed_bytes_are_left_to_aiocoap(world: World) -> None:

@@ -96,7 +96,7 @@ def _upload_msg(
     uri: str, chunk: bytes, num: int, more: bool, tag: bytes, szx: int = 6
 ) -> aiocoap.Message:
     msg = aiocoap.Message(code=Code.POST, uri=uri, payload=chunk, block1=(num, more, szx))
-    msg.opt.content_format = protocol.CF_OCTET_STREAM
+    msg.opt.content_format = protocol.CF_IMAGE
     msg.opt.request_tag = [tag]
     return msg
 
@@ -149,7 +149,7 @@ def test_a_refused_network_publish_leaves_nothing(world: World) -> None:
         async with coaps_client(world.server.port, "operator:ops", world.ops) as ctx:
             up = await post_blockwise(
                 ctx, world.server.uri + "/admin/image", io.BytesIO(image), len(image),
-                content_format=protocol.CF_OCTET_STREAM, timeout=5,
+                content_format=protocol.CF_IMAGE, timeout=5,
             )  # fmt: skip
             rel = await post_blockwise(
                 ctx, world.server.uri + "/admin/release", io.BytesIO(stale.envelope),

@@ -107,7 +107,7 @@ def test_sigkill_loses_no_acknowledged_report_and_no_half_upload_survives(tmp_pa
             async with coaps_client(server.port, "operator:ops", ops) as octx:
                 msg = aiocoap.Message(
                     code=Code.POST, uri=server.uri + "/admin/image", payload=b"x" * 1024,
-                    content_format=protocol.CF_OCTET_STREAM, block1=(0, True, 6),
+                    content_format=protocol.CF_IMAGE, block1=(0, True, 6),
                 )  # fmt: skip
                 assert (await request(octx, msg)).code == Code.CONTINUE
             async with coaps_client(server.port, "t1", psk) as ctx:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import BAD_REQUEST, TransferError
+from .coap_numbers import BAD_REQUEST
+from .errors import TransferError
 
 MAX_NUM = (1 << 20) - 1  # RFC 7959 §2.2: NUM is at most 20 bits
 MIN_SZX, MAX_SZX = 0, 6  # RFC 7959 §2.2: SZX 7 is reserved
@@ -27,6 +28,16 @@ def szx_of(size: int) -> int:
         if 16 << szx == size:
             return szx
     raise ValueError(f"block size {size} is not a power of two in 16..1024")
+
+
+def block_value(num: int, more: bool, szx: int) -> int:
+    """The uint value of a Block1/Block2 option (RFC 7959 §2.2: NUM, M, SZX)."""
+    return (num << 4) | (8 if more else 0) | szx
+
+
+def parse_block_value(value: int) -> tuple[int, bool, int]:
+    """(NUM, M, SZX) of a Block1/Block2 option's uint value (RFC 7959 §2.2)."""
+    return value >> 4, bool(value & 0x08), value & 0x07
 
 
 def block_count(total: int, szx: int) -> int:

@@ -1,14 +1,23 @@
 """One error root for everything otacoap refuses.
 
 Each subclass stands for what the caller does next (DESIGN principle 7): the server
-maps `coap_code` onto its response, the device puts `reason` into its SUIT report,
-and the CLI prints `str(error)` as its one line. Detail that would help an attacker
+renders `coap_code` and `coap_options()` as its response (in one place:
+otacoap.server.errors), the device puts `reason` into its SUIT report, and the CLI
+prints `str(error)` as its one line. Detail that would help an attacker
 stays in `detail` for the log; `str()` is safe to show outward.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+
+from .coap_numbers import (
+    BAD_REQUEST,
+    CONFLICT,
+    FORBIDDEN,
+    PRECONDITION_FAILED,
+    REQUEST_ENTITY_TOO_LARGE,
+)
 
 
 class ReportReason(IntEnum):
@@ -29,20 +38,6 @@ class ReportReason(IntEnum):
     INVOKE_PENDING = 12
 
 
-# CoAP response codes as (class << 5) | detail (RFC 7252 §3), kept numeric so the core
-# needs no aiocoap import.
-BAD_REQUEST = (4 << 5) | 0
-UNAUTHORIZED = (4 << 5) | 1
-FORBIDDEN = (4 << 5) | 3
-NOT_FOUND = (4 << 5) | 4
-CONFLICT = (4 << 5) | 9
-PRECONDITION_FAILED = (4 << 5) | 12
-REQUEST_ENTITY_TOO_LARGE = (4 << 5) | 13
-UNSUPPORTED_CONTENT_FORMAT = (4 << 5) | 15
-INTERNAL_SERVER_ERROR = (5 << 5) | 0
-SERVICE_UNAVAILABLE = (5 << 5) | 3
-
-
 class OtaError(Exception):
     """Root of every refusal. `str()` is the one-line, outward-safe message."""
 
@@ -53,6 +48,11 @@ class OtaError(Exception):
         super().__init__(message)
         self.message = message
         self.detail = detail
+
+    def coap_options(self) -> tuple[tuple[int, int], ...]:
+        """The uint options (number, value) its CoAP response carries besides the code
+        and the diagnostic payload; most refusals carry none."""
+        return ()
 
 
 class ManifestError(OtaError):

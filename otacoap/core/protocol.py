@@ -7,6 +7,7 @@ drift apart.
 from __future__ import annotations
 
 from . import ids
+from .coap_numbers import CF_CBOR, CF_OCTET_STREAM
 
 # Resource paths (DESIGN.md "The system in one picture").
 PATH_MANIFEST = ("m",)
@@ -14,13 +15,11 @@ PATH_REPORT = ("r",)
 PATH_FIRMWARE = (ids.IMAGE_PATH_PREFIX,)  # /fw/<image id>
 PATH_ADMIN = ("admin",)
 
-# CoAP Content-Formats (IANA CoAP Content-Formats registry). SUIT envelopes have no
-# registered CoAP number yet (DIGEST.md §7), so they travel as application/cbor.
-CF_LINK_FORMAT = 40
-CF_OCTET_STREAM = 42
-CF_CBOR = 60
+# What each body travels as (the numbers: core.coap_numbers). SUIT envelopes have no
+# registered CoAP Content-Format yet (DIGEST.md §7), so they travel as application/cbor.
 CF_ENVELOPE = CF_CBOR
 CF_REPORT = CF_CBOR
+CF_IMAGE = CF_OCTET_STREAM
 
 # DTLS PSK identities name the principal; the role is a prefix so that an operator and
 # a device can never share a name space. A device's identity is its id verbatim.

@@ -137,7 +137,7 @@ async def publish(
                 f"{base}/admin/image",
                 f,
                 size,
-                content_format=protocol.CF_OCTET_STREAM,
+                content_format=protocol.CF_IMAGE,
                 timeout=timeout,
             )
         _check(response, "image")

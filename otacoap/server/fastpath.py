@@ -12,17 +12,19 @@ that is not the plain success case. The fast path sits at the message-interface
 boundary (plaintext CoAP bytes in, response bytes out) and answers only a request it
 fully understands: a CON GET whose options are exactly Uri-Path "fw", Uri-Path <id>
 and optionally Block2 (Uri-Host, Uri-Port and Size2 are tolerated, as aiocoap's Site
-ignores them), from a device whose current release has that image, for a block inside
-the image. Everything else (NON, any other option, a payload, an unauthorised or
-unknown identity, a bad block, a short read) returns None and aiocoap handles it
-exactly as before, so refusals, their 4.0x codes and their audit entries have one
-implementation.
+ignores them), from a principal that may read that image (server.access, the rule
+FirmwareResource applies too), for a block the Block2 responder answers. Everything
+else (NON, any other option, a payload, an unauthorised or unknown identity, a bad
+block, a short read) returns None and aiocoap handles it exactly as before, so
+refusals, their 4.0x codes and their audit entries have one implementation.
 
 Semantics kept (ATTACKS.md #24/#25/#32): identity from the DTLS session's claims (or
-the one --insecure-plain-identity principal on plain CoAP), the same release
-lookup as FirmwareResource, Block2 arithmetic from `core.blockwise` (the one place
-for it), a pread of exactly the answered range, ETag/Content-Format/Block2/Size2 in
-the same order and encoding aiocoap would produce (tests compare the bytes).
+the one --insecure-plain-identity principal on plain CoAP), the one access rule
+(`server.access.readable_image`), the answer from `core.block2_responder` (which
+FirmwareResource renders through aiocoap), a pread of exactly the answered range,
+its options encoded as aiocoap would (tests compare the bytes). The responder's
+answer and its encoded options are memoised per block, so a request costs a lookup,
+a pread and a join.
 
 RFC 7252 §4.5: a duplicate CON is answered again instead of from a dedup cache. That
 rule "MAY be relaxed" for idempotent requests, and a GET of one block is idempotent
@@ -38,45 +40,38 @@ import os
 from typing import Any
 
 from ..core import blockwise, ids, protocol
-from ..store import Principal, Role
+from ..core.block2_responder import answer
+from ..core.coap_numbers import (
+    CONTENT,
+    GET,
+    OPT_BLOCK2,
+    OPT_SIZE2,
+    OPT_URI_HOST,
+    OPT_URI_PATH,
+    OPT_URI_PORT,
+    PAYLOAD_MARKER,
+    TYPE_ACK,
+    TYPE_CON,
+    VERSION,
+)
+from ..core.coap_options import field, header, option
+from ..store import Principal
+from . import access
 from .state import ServerState
 
 log = logging.getLogger(__name__)
 
-OPT_URI_HOST, OPT_ETAG, OPT_URI_PORT, OPT_URI_PATH = 3, 4, 7, 11
-OPT_CONTENT_FORMAT, OPT_BLOCK2, OPT_SIZE2 = 12, 23, 28
 _TOLERATED = frozenset((OPT_URI_HOST, OPT_URI_PORT, OPT_SIZE2))
 _FW = ids.IMAGE_PATH_PREFIX.encode()
-_GET = 0x01
-_CONTENT = 0x45  # 2.05
+_CON_V1 = (VERSION << 6) | (TYPE_CON << 4)  # RFC 7252 §3: Ver and T of a request byte 0
 _MAX_IMAGES = 64  # open image files; the current releases' images, in practice
 _IMAGE_BITS = 6  # 1 << 6 == _MAX_IMAGES: an image's slot in a memo key
 _MAX_GRANTS = 8192  # principals with a cached verdict
 _MAX_MEMO = 1 << 15  # memoised blocks, all images (~250 bytes each: <= ~8 MB)
 
 
-def _uint(value: int) -> bytes:
-    """RFC 7252 §3.2 uint: minimal big-endian, zero is empty."""
-    return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-
-def _option(delta: int, value: bytes) -> bytes:
-    """RFC 7252 §3.1 option header (extended delta/length) and value."""
-
-    def nibble(v: int) -> tuple[int, bytes]:
-        if v < 13:
-            return v, b""
-        if v < 269:
-            return 13, bytes((v - 13,))
-        return 14, (v - 269).to_bytes(2, "big")
-
-    d, dx = nibble(delta)
-    n, nx = nibble(len(value))
-    return bytes(((d << 4) | n,)) + dx + nx + value
-
-
 class _Image:
-    """One image as the fast path serves it: open file, constant options, block memo."""
+    """One image as the fast path serves it: open file, identity, block memo."""
 
     def __init__(
         self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any]
@@ -84,13 +79,7 @@ class _Image:
         self.digest = digest
         self.size = size
         self.image_id = ids.image_id(digest).encode()  # the Uri-Path segment naming it
-        # RFC 7252 §3.1: options in number order, so the constant ones (ETag 4,
-        # Content-Format 12) are encoded once; Block2 (23) varies; Size2 (28) is fixed.
-        etag = protocol.etag_for(digest)
-        self.head = _option(OPT_ETAG, etag) + _option(
-            OPT_CONTENT_FORMAT - OPT_ETAG, _uint(protocol.CF_OCTET_STREAM)
-        )
-        self.size2 = _option(OPT_SIZE2 - OPT_BLOCK2, _uint(size))
+        self.etag = protocol.etag_for(digest)
         # (block2 request value, max SZX, slot) -> (offset, length, encoded options +
         # payload marker). Deterministic per image, so computed once per block, not per
         # request; shared by all images so that one cap bounds it.
@@ -103,30 +92,27 @@ class _Image:
             os.close(self.fd)
 
     def block(self, block2: int, max_szx: int) -> tuple[int, int, bytes] | None:
-        """Where block `block2` (-1: no Block2 option) is and its response options."""
+        """Where block `block2` (-1: no Block2 option) is and its response options, as
+        core.block2_responder decides (the /fw resource answers with it too); None
+        for a block it refuses (the 4.00 then comes from FirmwareResource)."""
         key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
         hit = self.memo.get(key)
         if hit is not None:
             return hit
-        total = self.size
         if block2 < 0:
-            if total <= blockwise.size_of(max_szx):
-                return None  # the whole body without Block2: rare, left to aiocoap
-            num, szx = 0, max_szx
+            asked = None
         else:
-            num, szx = block2 >> 4, block2 & 0x07
+            num, _, szx = blockwise.parse_block_value(block2)
+            asked = (num, szx)
         try:
-            szx_used, piece = blockwise.server_slice(total, num, szx, max_szx)
+            reply = answer(
+                self.size, asked, max_szx, content_format=protocol.CF_IMAGE, etag=self.etag
+            )
         except blockwise.BlockError:
-            return None  # 4.00 from FirmwareResource
-        if piece.length == 0:
             return None
-        num_used = piece.offset // blockwise.size_of(szx_used)
-        b2 = _uint((num_used << 4) | (8 if piece.more else 0) | szx_used)
-        options = self.head + _option(OPT_BLOCK2 - OPT_CONTENT_FORMAT, b2) + self.size2 + b"\xff"
         if len(self.memo) >= _MAX_MEMO:
             self.memo.clear()
-        hit = self.memo[key] = (piece.offset, piece.length, options)
+        hit = self.memo[key] = (reply.offset, reply.length, reply.encoded_options())
         return hit
 
 
@@ -191,13 +177,11 @@ class FirmwareFastPath:
         if hit is not None and hit[0] is claimed:
             return hit[1]
         image: _Image | None = None
-        # The same checks, in the same order, as FirmwareResource.render_get.
+        # The one rule FirmwareResource.render_get applies too (server.access).
         principal = self.state.principal_of(remote)
-        if principal is not None and principal.role is Role.DEVICE:
-            device = self.state.device(principal.name)
-            release = self.state.release_for(device) if device else None
-            if release is not None:
-                image = self._image(release.image.digest, release.image.size)
+        readable = access.readable_image(self.state, principal) if principal else None
+        if readable is not None:
+            image = self._image(readable.digest, readable.size)
         if len(self._grants) >= _MAX_GRANTS:
             self._grants.clear()
         self._grants[id(claimed)] = (claimed, image)
@@ -220,7 +204,7 @@ class FirmwareFastPath:
         """The encoded response to `data`, or None: aiocoap should handle it."""
         n = len(data)
         # RFC 7252 §3: version 1, type CON (0), TKL 0..8; code 0.01 GET.
-        if n < 4 or data[0] & 0xF0 != 0x40 or data[1] != _GET:
+        if n < 4 or data[0] & 0xF0 != _CON_V1 or data[1] != GET:
             return None
         tkl = data[0] & 0x0F
         i = 4 + tkl
@@ -231,7 +215,8 @@ class FirmwareFastPath:
         end = i + _TYPICAL_LEN
         rest = n - end
         if data.startswith(_TYPICAL, i) and (
-            rest == 0 or (0 < rest <= 4 and data[end] >> 4 == 12 and rest == 1 + (data[end] & 0x0F))
+            rest == 0
+            or (0 < rest <= 4 and data[end] >> 4 == _B2_DELTA and rest == 1 + (data[end] & 0x0F))
         ):
             image_id = data[i + len(_TYPICAL) : end]
             block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
@@ -260,9 +245,10 @@ class FirmwareFastPath:
 
 
 # Uri-Path (delta 11, length 2) "fw", then Uri-Path (delta 0, length 13 + 3) <16 hex>.
-_TYPICAL = bytes((0xB2,)) + _FW + bytes((0x0D, ids.IMAGE_ID_HEX_CHARS - 13))
+_TYPICAL = option(OPT_URI_PATH, _FW) + header(0, ids.IMAGE_ID_HEX_CHARS)
 _TYPICAL_LEN = len(_TYPICAL) + ids.IMAGE_ID_HEX_CHARS
-_ACK_CONTENT = [bytes((0x60 | tkl, _CONTENT)) for tkl in range(9)]
+_B2_DELTA = OPT_BLOCK2 - OPT_URI_PATH  # Block2 right after the path: delta 12
+_ACK_CONTENT = [bytes(((VERSION << 6) | (TYPE_ACK << 4) | tkl, CONTENT)) for tkl in range(9)]
 
 
 def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
@@ -275,10 +261,10 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
     block2 = -1
     while i < n:
         b = data[i]
-        if b == 0xFF:
+        if b == PAYLOAD_MARKER:
             return None  # a payload on a GET: aiocoap decides what that means
-        delta, i = _extended(b >> 4, data, i + 1)
-        length, i = _extended(b & 0x0F, data, i)
+        delta, i = field(b >> 4, data, i + 1)
+        length, i = field(b & 0x0F, data, i)
         if delta < 0 or length < 0:
             return None  # 15 is reserved (a message format error) or truncated
         number += delta
@@ -300,14 +286,3 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
         return None
     return path[1], block2
 
-
-def _extended(nibble: int, data: bytes, i: int) -> tuple[int, int]:
-    """An option delta or length nibble with its extended bytes (RFC 7252 §3.1): the
-    value and the index after it, or -1 for 15 (reserved) or a truncated field."""
-    if nibble < 13:
-        return nibble, i
-    if nibble == 13 and i < len(data):
-        return data[i] + 13, i + 1
-    if nibble == 14 and i + 1 < len(data):
-        return (data[i] << 8 | data[i + 1]) + 269, i + 2
-    return -1, i

@@ -20,29 +20,33 @@ Every resource does its own block-wise handling (`needs_blockwise_assembly` is F
 aiocoap's automatic Block2 would render the whole image into memory and cache it per
 client, and its Block1 spool is unbounded and keyed without our caps.
 
-Authorisation: the principal comes from the DTLS session (state.principal_of). No
-principal: 4.01. A device asking for something that is not its own: 4.04 (no
-enumeration oracle, ATTACKS.md #32). A device on an operator resource: 4.03.
+Authorisation: the principal comes from the DTLS session (state.principal_of); what
+it is served and may read, from the one rule in server.access. No principal: 4.01.
+A device asking for something that is not its own: 4.04 (no enumeration oracle,
+ATTACKS.md #32). A device on an operator resource: 4.03. Handlers raise refusals;
+server.errors renders them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import aiocoap
 import aiocoap.resource as resource
 from aiocoap.numbers.codes import Code
 from aiocoap.protocol import ServerObservation
 
-from ..core import blockwise, cbor, ids, protocol
-from ..core.errors import ManifestError, OtaError
+from ..core import block2_responder, blockwise, cbor, coap_numbers, protocol
+from ..core.errors import OtaError
 from ..core.report import MAX_REPORT_SIZE, decode_report
-from ..store import Principal, Publisher, ReleaseRecord, Role, TempBlob
+from ..store import Principal, Publisher, Role, TempBlob
 from ..store.errors import NotFound, StoreError
+from . import access
+from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
 from .state import ServerState
-from .uploads import Block, StagedImages, UploadBusy, Uploads, UploadTooLarge
+from .uploads import Block, StagedImages, Uploads, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -50,58 +54,43 @@ Message = aiocoap.Message
 _TAKE_TIMEOUT = 10.0  # seconds; taking a staged image is one dict lookup on the loop
 
 
-def _error(code: int, text: str) -> Message:
-    # RFC 7252 §5.5.2: a diagnostic payload is human-readable text without a format.
-    return Message(code=Code(code), payload=text.encode("utf-8", "replace")[:200])
-
-
-def _ota_error(exc: OtaError) -> Message:
-    msg = _error(exc.coap_code, str(exc))
-    if isinstance(exc, UploadTooLarge):
-        msg.opt.size1 = exc.cap  # RFC 7959 §2.9.3: 4.13 tells the limit in Size1
-    if isinstance(exc, UploadBusy):
-        msg.opt.max_age = exc.max_age  # RFC 7252 §5.9.3.4: retry after Max-Age
-    return msg
-
-
 def _max_szx(state: ServerState, request: Message) -> int:
     remote_max = getattr(request.remote, "maximum_block_size_exp", blockwise.MAX_SZX)
     return min(state.config.server.max_block_szx, remote_max, blockwise.MAX_SZX)
 
 
-def block2_response(
+def _block2_response(
     state: ServerState,
     request: Message,
     total: int,
-    read: Any,
+    read: Callable[[int, int], bytes],
     content_format: int,
     etag: bytes,
 ) -> Message:
     """Answer one Block2 request statelessly (RFC 7959 §2.4): read only that block.
 
-    Without a Block2 option a body that fits one block is sent whole; a larger one is
-    sent as block 0 (the server may start block-wise on its own, §2.4). Size2 tells
-    the total (§4).
+    What to answer is core.block2_responder's decision (the /fw fast path answers with
+    the same one); this renders it as an aiocoap message. Raises BlockError (4.00) for
+    SZX 7 and for a block starting past the end: nothing outside [0, total) is read
+    (ATTACKS.md #25).
     """
-    max_szx = _max_szx(state, request)
     asked = request.opt.block2
-    if asked is None and total <= blockwise.size_of(max_szx):
-        return Message(
-            code=Code.CONTENT, payload=read(0, total), content_format=content_format, etag=etag
-        )
-    num, szx = (0, max_szx) if asked is None else (asked.block_number, asked.size_exponent)
-    # Raises BlockError (4.00) for SZX 7 and for a block starting past the end: the
-    # file is never read outside [0, total) (ATTACKS.md #25).
-    szx_used, piece = blockwise.server_slice(total, num, szx, max_szx)
-    num_used = piece.offset // blockwise.size_of(szx_used)
-    response = Message(
-        code=Code.CONTENT,
-        payload=read(piece.offset, piece.length),
+    answer = block2_responder.answer(
+        total,
+        None if asked is None else (asked.block_number, asked.size_exponent),
+        _max_szx(state, request),
         content_format=content_format,
         etag=etag,
-        block2=(num_used, piece.more, szx_used),
     )
-    response.opt.size2 = total
+    response = Message(
+        code=Code(answer.code),
+        payload=read(answer.offset, answer.length),
+        content_format=answer.content_format,
+        etag=answer.etag,
+    )
+    if answer.block2 is not None:
+        response.opt.block2 = answer.block2
+        response.opt.size2 = answer.size2
     return response
 
 
@@ -110,7 +99,7 @@ def _nothing() -> None:
 
 
 class _Base(resource.Resource):
-    """Shared plumbing: our own block handling and principal lookup."""
+    """Shared plumbing: our own block handling, principal lookup, refusals rendered."""
 
     def __init__(self, state: ServerState) -> None:
         super().__init__()
@@ -119,8 +108,19 @@ class _Base(resource.Resource):
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return False
 
-    def principal(self, request: Message) -> Principal | None:
-        return self.state.principal_of(request.remote)
+    async def render(self, request: Message) -> Message:
+        # Handlers raise their refusals; they become responses here and only here.
+        try:
+            return await super().render(request)  # type: ignore[no-any-return]
+        except OtaError as exc:
+            return error_response(exc)
+
+    def principal(self, request: Message) -> Principal:
+        """The request's principal (from its DTLS session); 4.01 without one."""
+        principal = self.state.principal_of(request.remote)
+        if principal is None:
+            raise Unauthenticated()
+        return principal
 
 
 class ManifestResource(_Base, resource.ObservableResource):
@@ -131,33 +131,27 @@ class ManifestResource(_Base, resource.ObservableResource):
 
     def __init__(self, state: ServerState) -> None:
         super().__init__(state)
-        # observation -> (device id, ETag last sent)
-        self._observers: dict[ServerObservation, tuple[str, bytes | None]] = {}
+        # observation -> (the observing device, ETag last sent)
+        self._observers: dict[ServerObservation, tuple[Principal, bytes | None]] = {}
         state.on_release_change(self.releases_changed)
-
-    def _release(self, request: Message) -> tuple[Principal | None, ReleaseRecord | None]:
-        principal = self.principal(request)
-        if principal is None or principal.role is not Role.DEVICE:
-            return principal, None
-        device = self.state.device(principal.name)
-        return principal, (self.state.release_for(device) if device else None)
 
     async def add_observation(self, request: Message, serverobservation: ServerObservation) -> None:
         # aiocoap calls the cancellation callback of every observation it offered,
         # accepted or not, so always accept; declining is an early deregister.
-        principal, release = self._release(request)
+        principal = self.state.principal_of(request.remote)
+        release = access.release_of(self.state, principal) if principal is not None else None
         if principal is None or release is None:
             serverobservation.accept(_nothing)  # the 4.01/4.04 ends it (RFC 7641 §3.2)
             return
         cfg = self.state.config.server
-        mine = sum(1 for dev, _ in self._observers.values() if dev == principal.name)
+        mine = sum(1 for who, _ in self._observers.values() if who == principal)
         if len(self._observers) >= cfg.max_observers or mine >= cfg.max_observers_per_device:
             # RFC 7641 §4.1: a server may decline; the response then has no Observe.
             log.info("not accepting another observation of /m from %s", principal)
             serverobservation.accept(_nothing)
             serverobservation.deregister()
             return
-        self._observers[serverobservation] = (principal.name, release.etag)
+        self._observers[serverobservation] = (principal, release.etag)
 
         def cancel(obs: ServerObservation = serverobservation) -> None:
             self._observers.pop(obs, None)
@@ -166,12 +160,11 @@ class ManifestResource(_Base, resource.ObservableResource):
 
     def releases_changed(self) -> None:
         """Notify each observer whose release actually changed."""
-        for obs, (device_id, etag) in list(self._observers.items()):
-            device = self.state.device(device_id)
-            release = self.state.release_for(device) if device else None
+        for obs, (principal, etag) in list(self._observers.items()):
+            release = access.release_of(self.state, principal)
             new_etag = release.etag if release else None
             if new_etag != etag:
-                self._observers[obs] = (device_id, new_etag)
+                self._observers[obs] = (principal, new_etag)
                 obs.trigger()
 
     @property
@@ -179,27 +172,23 @@ class ManifestResource(_Base, resource.ObservableResource):
         return len(self._observers)
 
     async def render_get(self, request: Message) -> Message:
-        principal, release = self._release(request)
-        if principal is None:
-            return _error(Code.UNAUTHORIZED, "DTLS identity required")
+        principal = self.principal(request)
+        release = access.release_of(self.state, principal)
         if release is None:
             log.debug("/m for %s: no release", principal)
-            return _error(Code.NOT_FOUND, "no release")
+            raise NotFound("no release")
         # RFC 7252 §5.10.6.2: a matching ETag gets 2.03 Valid without the body.
         if request.opt.block2 is None and release.etag in (request.opt.etags or ()):
             return Message(code=Code.VALID, etag=release.etag)
         envelope = release.envelope
-        try:
-            response = block2_response(
-                self.state,
-                request,
-                len(envelope),
-                lambda off, n: envelope[off : off + n],
-                protocol.CF_ENVELOPE,
-                release.etag,
-            )
-        except OtaError as exc:
-            return _ota_error(exc)
+        response = _block2_response(
+            self.state,
+            request,
+            len(envelope),
+            lambda off, n: envelope[off : off + n],
+            protocol.CF_ENVELOPE,
+            release.etag,
+        )
         log.debug("/m for %s: seq %d", principal, release.sequence_number)
         return response
 
@@ -210,36 +199,29 @@ class FirmwareResource(_Base, resource.PathCapable):
     async def render_get(self, request: Message) -> Message:
         path = request.opt.uri_path
         principal = self.principal(request)
-        if principal is None:
-            return _error(Code.UNAUTHORIZED, "DTLS identity required")
-        image_id = path[0] if len(path) == 1 else ""
-        release: ReleaseRecord | None = None
-        if principal.role is Role.DEVICE:
-            device = self.state.device(principal.name)
-            release = self.state.release_for(device) if device else None
+        image = access.readable_image(self.state, principal)
         # Exact match only: case, trailing slashes or encodings are other names.
-        if not ids.is_image_id(image_id) or release is None or release.image.image_id != image_id:
+        if image is None or path != (image.image_id,):
             # ascii(): the path is attacker-chosen text headed for logs and the audit.
             subject = ascii("/fw/" + "/".join(path))[1:-1][:60]
             self.state.refused(str(principal), "fw.get", subject, "not this device's image")
-            return _error(Code.NOT_FOUND, "not found")
-        image = release.image
+            raise NotFound("not found")
         try:
-            response = block2_response(
+            response = _block2_response(
                 self.state,
                 request,
                 image.size,
                 lambda off, n: self.state.blob_reader.read(image.digest, off, n),
-                protocol.CF_OCTET_STREAM,
+                protocol.CF_IMAGE,
                 image.etag,
             )
         except StoreError as exc:
             log.error("reading image %s failed: %s", image.image_id, exc)
-            return _error(Code.INTERNAL_SERVER_ERROR, "image unavailable")
+            raise StoreError("image unavailable") from None  # 5.00; the cause is logged
         except OtaError as exc:
-            log.debug("/fw/%s for %s: %s", image_id, principal, exc)
-            return _ota_error(exc)
-        log.debug("/fw/%s for %s: %s", image_id, principal, response.opt.block2)
+            log.debug("/fw/%s for %s: %s", image.image_id, principal, exc)
+            raise
+        log.debug("/fw/%s for %s: %s", image.image_id, principal, response.opt.block2)
         return response
 
 
@@ -251,32 +233,25 @@ class ReportResource(_Base):
 
     async def render_post(self, request: Message) -> Message:
         principal = self.principal(request)
-        if principal is None:
-            return _error(Code.UNAUTHORIZED, "DTLS identity required")
         if principal.role is not Role.DEVICE:
-            return _error(Code.FORBIDDEN, "only devices report")
+            raise WrongRole("only devices report")
         if request.opt.content_format not in (None, protocol.CF_REPORT):
-            return _error(Code.UNSUPPORTED_CONTENT_FORMAT, "reports are application/cbor")
+            raise UnsupportedFormat("reports are application/cbor")
         b1 = request.opt.block1
         if len(request.payload) > MAX_REPORT_SIZE or (
             b1 is not None and (b1.more or b1.block_number)
         ):
-            response = _error(Code.REQUEST_ENTITY_TOO_LARGE, "report too large")
-            response.opt.size1 = MAX_REPORT_SIZE
-            return response
+            raise UploadTooLarge("report too large", MAX_REPORT_SIZE)
         body = bytes(request.payload)
         try:
             # The body never names the device: the session does (ATTACKS.md #33).
             report = decode_report(body)
             outcome = await self.state.db(lambda s: s.record_report(principal.name, report, body))
-        except ManifestError as exc:
-            self.state.refused(str(principal), "report", principal.name, str(exc))
-            return _ota_error(exc)
         except NotFound:
-            return _error(Code.UNAUTHORIZED, "unknown device")
+            raise Unauthenticated("unknown device") from None
         except OtaError as exc:
             self.state.refused(str(principal), "report", principal.name, str(exc))
-            return _ota_error(exc)
+            raise
         log.info(
             "report from %s: #%d %s %s%s",
             principal.name,
@@ -312,11 +287,9 @@ class _AdminUpload(_Base):
 
     async def render_post(self, request: Message) -> Message:
         principal = self.principal(request)
-        if principal is None:
-            return _error(Code.UNAUTHORIZED, "DTLS identity required")
         if principal.role is not Role.OPERATOR:
             self.state.refused(str(principal), "admin", self.name, "device on an operator resource")
-            return _error(Code.FORBIDDEN, "operators only")
+            raise WrongRole("operators only")
         b1 = request.opt.block1
         block = Block(b1.block_number, bool(b1.more), b1.size_exponent) if b1 else None
         key = (
@@ -331,7 +304,7 @@ class _AdminUpload(_Base):
             )
         except OtaError as exc:
             self.state.refused(str(principal), "upload", self.name, str(exc))
-            return _ota_error(exc)
+            raise
         if blob is None:
             # RFC 7959 §2.3: 2.31 Continue acknowledges the block, echoing Block1.
             log.debug(
@@ -341,7 +314,7 @@ class _AdminUpload(_Base):
         try:
             response = await self.complete(principal, blob)
         except OtaError as exc:
-            response = _ota_error(exc)
+            response = error_response(exc)  # with Block1 echoed, below
         if b1 is not None:
             response.opt.block1 = b1
         return response
@@ -379,7 +352,7 @@ class AdminImageResource(_AdminUpload):
         return Message(
             code=Code.CHANGED,
             payload=cbor.dumps([digest, blob.size]),
-            content_format=protocol.CF_CBOR,
+            content_format=coap_numbers.CF_CBOR,
         )
 
 
@@ -418,7 +391,7 @@ class AdminReleaseResource(_AdminUpload):
                     "image": release.image.uri,
                 }
             ),
-            content_format=protocol.CF_CBOR,
+            content_format=coap_numbers.CF_CBOR,
         )
 
 
@@ -456,7 +429,8 @@ class DiscoveryResource(resource.WKCResource):  # type: ignore[misc]
 
     async def render_get(self, request: Message) -> Message:
         if self.state.principal_of(request.remote) is None:
-            return Message(code=Code.UNAUTHORIZED)
+            # No diagnostic text: the source may be spoofed (no amplification, §11.3).
+            return error_response(Unauthenticated(""))
         return await super().render_get(request)
 
 

@@ -23,17 +23,18 @@ from dataclasses import dataclass, field
 
 from ..config import UploadConfig
 from ..core.blockwise import BlockError, size_of
-from ..core.errors import (
+from ..core.coap_numbers import (
     BAD_REQUEST,
+    OPT_MAX_AGE,
+    OPT_SIZE1,
+    REQUEST_ENTITY_INCOMPLETE,
     SERVICE_UNAVAILABLE,
-    LimitExceeded,
-    OtaError,
 )
+from ..core.errors import LimitExceeded, OtaError
 from ..store import BlobStore, TempBlob
 
 log = logging.getLogger(__name__)
 
-REQUEST_ENTITY_INCOMPLETE = (4 << 5) | 8  # RFC 7959 §2.9.2
 # Temp files of network uploads carry their own prefix: only the (single) server
 # writes them, so at start-up it may delete all of them, while a concurrent CLI
 # publish's temp files ("blob-") are left alone.
@@ -41,17 +42,20 @@ UPLOAD_PREFIX = "upload-"
 
 
 class UploadIncomplete(OtaError):
-    """4.08: a block out of sequence, or no upload to continue."""
+    """4.08: a block out of sequence, or no upload to continue (RFC 7959 §2.9.2)."""
 
     coap_code = REQUEST_ENTITY_INCOMPLETE
 
 
 class UploadTooLarge(LimitExceeded):
-    """4.13 with Size1 = the cap (RFC 7959 §2.9.3)."""
+    """4.13 with Size1 = the cap (RFC 7959 §2.9.3): a request body over its limit."""
 
     def __init__(self, message: str, cap: int) -> None:
         super().__init__(message)
         self.cap = cap
+
+    def coap_options(self) -> tuple[tuple[int, int], ...]:
+        return ((OPT_SIZE1, self.cap),)
 
 
 class UploadBusy(OtaError):
@@ -62,6 +66,9 @@ class UploadBusy(OtaError):
     def __init__(self, message: str, max_age: int) -> None:
         super().__init__(message)
         self.max_age = max_age
+
+    def coap_options(self) -> tuple[tuple[int, int], ...]:
+        return ((OPT_MAX_AGE, self.max_age),)  # RFC 7252 §5.9.3.4: retry after Max-Age
 
 
 class UploadMalformed(OtaError):

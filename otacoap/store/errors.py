@@ -3,14 +3,8 @@ render them the same way (DESIGN principle 7: one error root, a CoAP code each).
 
 from __future__ import annotations
 
-from ..core.errors import (
-    BAD_REQUEST,
-    CONFLICT,
-    INTERNAL_SERVER_ERROR,
-    NOT_FOUND,
-    OtaError,
-    ReportReason,
-)
+from ..core.coap_numbers import BAD_REQUEST, CONFLICT, INTERNAL_SERVER_ERROR, NOT_FOUND
+from ..core.errors import OtaError, ReportReason
 
 
 class StoreError(OtaError):
