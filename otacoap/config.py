@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .core import protocol
-from .core.errors import INTERNAL_SERVER_ERROR, OtaError
+from .core.coap_numbers import INTERNAL_SERVER_ERROR
+from .core.errors import OtaError
 
 # The event loops `server.loop` may name; otacoap.eventloop runs them.
 EVENT_LOOPS = ("uvloop", "asyncio")
