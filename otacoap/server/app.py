@@ -22,10 +22,10 @@ from aiocoap.util import hostportjoin
 
 from ..store import Config, DataDir
 from ..store.errors import StoreError
+from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
 from .state import ServerState
-from .transport import DTLSServerInterface, PlainServerInterface, add_transport
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
 log = logging.getLogger(__name__)

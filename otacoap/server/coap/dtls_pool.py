@@ -1,0 +1,269 @@
+"""The server's DTLS session table, built on aiocoap's tinydtls_server internals.
+
+- `BoundedDTLSSocket`: aiocoap's `_DatagramServerSocketSimpleDTLS` has `max_sockets =
+  64` and a `_maybe_purge_sockets`, but nothing ever calls it, so every source address
+  (spoofable, ATTACKS.md #29/#30) keeps a tinydtls context forever. We keep peers
+  that have not proved their address apart from sessions, cap both, and expire idle
+  ones; an evicted device just handshakes again.
+- `SessionAddress`: a peer that knows how far its handshake got, repeats our final
+  flight when the client repeats its own (RFC 6347 §4.2.4), and leaves with a
+  close_notify.
+- `Decrypting`: aiocoap cancels and re-creates a handshake-retransmission task for
+  every incoming datagram, even on established sessions where tinydtls has nothing to
+  retransmit; we ask tinydtls first and only create the task when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from aiocoap import error
+from aiocoap.transports.tinydtls_server import (
+    GoingThroughMessageDecryption,
+    _AddressDTLS,
+    _DatagramServerSocketSimpleDTLS,
+)
+
+from .sockets import bind_exclusive
+
+log = logging.getLogger(__name__)
+
+
+class _NoRetransmission:
+    """Stands in for aiocoap's per-session retransmission task when none is needed."""
+
+    @staticmethod
+    def cancel() -> bool:
+        return False
+
+
+_NO_RETRANSMISSION = _NoRetransmission()
+
+
+class Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
+    """aiocoap's DTLS decryption adapter without a new task per datagram."""
+
+    def _received_datagram(self, address: Any, data: bytes) -> None:
+        task = address._retransmission_task
+        if task is not _NO_RETRANSMISSION:
+            task.cancel()
+        dtls = address._dtls_socket
+        dtls.handleMessage(address._dtls_session, data)
+        # aiocoap's task starts with this same call and ends at once when it is 0,
+        # which is always the case once the handshake is over.
+        if dtls.checkRetransmit() == 0:
+            address._retransmission_task = _NO_RETRANSMISSION
+        else:
+            address._retransmission_task = asyncio.create_task(
+                address._run_retransmissions(), name="DTLS server handshake retransmissions"
+            )
+
+
+class SessionAddress(_AddressDTLS):  # type: ignore[misc]
+    """A DTLS peer that remembers how far its handshake got and when it last spoke.
+
+    Its tinydtls callbacks go straight to their destinations: aiocoap's `_read` reaches
+    the plaintext interface through two adapter calls and `_write` the socket through
+    two more, on every record.
+    """
+
+    established = False
+    # Set once tinydtls answers with a ServerHello rather than a HelloVerifyRequest:
+    # the peer echoed our cookie, so it can receive at its address (RFC 6347 §4.2.1).
+    cookie_verified = False
+    seen = 0.0  # the socket's clock at this peer's last datagram
+    # Our last handshake flight (ChangeCipherSpec, Finished), kept until the peer's
+    # first application data shows it arrived; see `repeat_final_flight`.
+    final_flight: list[bytes] | None = None
+    _repeats = 0
+    MAX_REPEATS = 4
+
+    def __init__(self, protocol: Any, underlying_address: Any) -> None:
+        super().__init__(protocol, underlying_address)
+        self._plaintext = protocol._message_interface._plaintext_interface
+        self._sendto = protocol._transport.sendto
+        self._peer = underlying_address
+
+    def _read(self, sender: Any, data: bytes) -> int:
+        # tinydtls only hands us plaintext after the Finished messages verified.
+        self.established = True
+        self.final_flight = None
+        self._plaintext._received_datagram(self, data)
+        return len(data)
+
+    def _write(self, recipient: Any, data: bytes) -> int:
+        # DTLS record header is 13 bytes; content type 22 = handshake, then the
+        # handshake type: 2 = ServerHello (RFC 6347 §4.1, §4.2.2).
+        if not self.established and len(data) > 13:
+            if not self.cookie_verified and data[0] == 22 and data[13] == 2:
+                self.cookie_verified = True
+            elif data[0] == 20:  # ChangeCipherSpec: our final flight starts
+                self.final_flight = [data]
+            elif data[0] == 22 and self.final_flight is not None and len(self.final_flight) < 4:
+                self.final_flight.append(data)  # the Finished, encrypted under epoch 1
+        self._sendto(data, self._peer)
+        return len(data)
+
+    def repeat_final_flight(self, data: bytes) -> bool:
+        """Send our last flight again if `data` is the peer repeating its own.
+
+        RFC 6347 §4.2.4: a server whose final flight (ChangeCipherSpec, Finished) was
+        lost must retransmit it when the client retransmits its final flight; tinydtls
+        does not, so that handshake hung until the device gave up on the session
+        (about a quarter of first sessions at 5 % loss). The client's flight starts
+        with a ClientKeyExchange (handshake type 16) in epoch 0, which a finished
+        handshake never expects again. At most MAX_REPEATS times per session, so a
+        replayed record cannot make us a reflector.
+        """
+        if not (len(data) > 13 and data[0] == 22 and data[3:5] == b"\x00\x00"):
+            return False
+        if data[13] != 16 or self.final_flight is None or self._repeats >= self.MAX_REPEATS:
+            return False
+        self._repeats += 1
+        for record in self.final_flight:
+            self._sendto(record, self._peer)
+        return True
+
+    def evict(self, why: str) -> None:
+        """Drop this session, telling an established peer with a close_notify alert
+        (RFC 6347 §4.2.7 / RFC 5246 §7.2.1) so its next request re-handshakes instead
+        of timing out."""
+        if self.established:
+            try:
+                self._dtls_socket.close(self._dtls_session)
+            except Exception:  # best effort: the peer may already be gone
+                log.debug("close_notify to %s failed", self.hostinfo, exc_info=True)
+        self._inject_error(error.LibraryShutdown(f"DTLS session dropped ({why})"))
+
+    def _inject_error(self, e: Exception) -> None:
+        unverified = self._protocol._unverified
+        if unverified.get(self._peer) is self:
+            del unverified[self._peer]
+        # KeyError: already removed from the session table (evicted, then alerted).
+        with contextlib.suppress(KeyError):
+            super()._inject_error(e)
+
+
+class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
+    """aiocoap's DTLS server socket with two bounded pools and idle expiry.
+
+    Peers that have not echoed a cookie (spoofable: a ClientHello costs the sender
+    nothing, ATTACKS.md #29) live in their own pool of `max_sockets` and only ever
+    displace each other, least recently heard first. A peer that proves its address
+    (RFC 6347 §4.2.1) moves to the session pool of `max_sockets`; if that is full, the
+    least recently used *established* session gives way (close_notify; the device
+    just handshakes again), never a handshake in progress unless nothing else is left.
+    One pool shared by both, as before, livelocked: once it held `max_sockets`
+    finished sessions, every newcomer was "half-open" and evicted the previous
+    newcomer, so no new device could ever get in.
+
+    Sessions also expire when idle (`idle_timeout` once established, HANDSHAKE_IDLE
+    before), checked at most once a second as datagrams arrive: `_connections` is kept
+    in last-heard order, so the sweep stops at the first peer heard recently.
+    """
+
+    _Address = SessionAddress
+    max_sockets = 256
+    idle_timeout = 300.0
+    # A handshake peer silent this long has given up: tinydtls' client retransmits
+    # with a doubling timer from 1 s and stops after 7 tries (RFC 6347 §4.2.4.1).
+    HANDSHAKE_IDLE = 60.0
+    SWEEP_EVERY = 1.0
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unverified: OrderedDict[Any, SessionAddress] = OrderedDict()
+        self._next_sweep = 0.0
+        self.dropped: dict[str, int] = {"idle": 0, "full": 0, "spoofable": 0}
+
+    @classmethod
+    async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
+        # As in aiocoap: incoming datagrams go through the per-peer DTLS state first.
+        wrapped = Decrypting(message_interface)
+        return await bind_exclusive(cls, bind, log, loop, wrapped)
+
+    def datagram_received(self, data: bytes, sockaddr: Any) -> None:
+        # aiocoap's, plus the pools and the idle sweep.
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_EVERY
+            self._expire(now)
+        conns = self._connections
+        address = conns.get(sockaddr)
+        if address is None:
+            unverified = self._unverified
+            while len(unverified) >= self.max_sockets:
+                self._drop(next(iter(unverified.values())), "spoofable")
+            address = conns[sockaddr] = unverified[sockaddr] = self._Address(self, sockaddr)
+        else:
+            conns.move_to_end(sockaddr)
+        address.seen = now
+        if address.cookie_verified:
+            if address.final_flight is not None and address.repeat_final_flight(data):
+                return
+            self._message_interface._received_datagram(address, data)
+            return
+        unverified = self._unverified
+        if sockaddr in unverified:  # always, unless a callback dropped it meanwhile
+            unverified.move_to_end(sockaddr)
+        self._message_interface._received_datagram(address, data)
+        if address.cookie_verified and unverified.pop(sockaddr, None) is address:
+            self._admit(address)
+
+    def _admit(self, newcomer: SessionAddress) -> None:
+        """Make room in the session pool for a peer that just proved its address."""
+        conns = self._connections
+        while len(conns) - len(self._unverified) > self.max_sockets:
+            victim = next((a for a in conns.values() if a.established), None)
+            if victim is None:  # only handshakes: the longest-silent one, not the newcomer
+                victim = next(a for a in conns.values() if a.cookie_verified)
+            if victim is newcomer:
+                break
+            self._drop(victim, "full")
+
+    def _expire(self, now: float) -> None:
+        floor = min(self.idle_timeout, self.HANDSHAKE_IDLE)
+        expired = []
+        for address in self._connections.values():
+            idle = now - address.seen
+            if idle < floor:
+                break  # last-heard order: everyone after has spoken more recently
+            if idle >= (self.idle_timeout if address.established else self.HANDSHAKE_IDLE):
+                expired.append(address)
+        for address in expired:
+            self._drop(address, "idle")
+
+    def _drop(self, victim: SessionAddress, why: str) -> None:
+        self.dropped[why] += 1
+        # Debug only: a spoofed flood would otherwise write a line per datagram. The
+        # server logs the counters once a minute instead (OtaServer.load_figures).
+        log.debug("dropping %s DTLS session with %s (%s)", _stage(victim), victim.hostinfo, why)
+        victim.evict(why)
+        key = victim._peer
+        if self._connections.get(key) is victim:  # defensive: never loop forever
+            del self._connections[key]
+        if self._unverified.get(key) is victim:
+            del self._unverified[key]
+
+    @property
+    def session_count(self) -> int:
+        """Peers past the cookie exchange: handshaking or established."""
+        return len(self._connections) - len(self._unverified)
+
+    @property
+    def unverified_count(self) -> int:
+        """Peers that have not echoed a cookie yet (their own pool, same cap)."""
+        return len(self._unverified)
+
+
+def _stage(address: SessionAddress) -> str:
+    if address.established:
+        return "established"
+    return "handshaking" if address.cookie_verified else "unverified"
