@@ -200,4 +200,3 @@ def test_the_device_hardens_every_dtls_client_context() -> None:
             await plain.shutdown()
 
     asyncio.run(go())
-
