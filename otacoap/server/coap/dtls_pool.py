@@ -196,7 +196,7 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
             self._next_sweep = now + self.SWEEP_EVERY
             self._expire(now)
         conns = self._connections
-        address = conns.get(sockaddr)
+        address: SessionAddress | None = conns.get(sockaddr)
         if address is None:
             unverified = self._unverified
             while len(unverified) >= self.max_sockets:
