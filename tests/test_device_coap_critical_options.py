@@ -76,7 +76,8 @@ def _block2(num: int) -> BlockOption:
     ],
 )
 def test_the_option_rule(options: list[Any], rejected: bool) -> None:
-    msg = Message(code=Code.CONTENT, mtype=ACK, mid=1, token=b"t", payload=b"x")
+    msg = Message(code=Code.CONTENT, payload=b"x")
+    msg.mtype, msg.mid, msg.token = ACK, 1, b"t"  # a piggybacked response, as on the wire
     for option in options:
         msg.opt.add_option(option)
     decoded = Message.decode(msg.encode())  # as the device receives it
