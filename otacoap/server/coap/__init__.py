@@ -1,8 +1,8 @@
 """The server's quarantine for aiocoap internals.
 
 aiocoap documents `Context`, `Message`, resources and the credentials objects; its
-message layer and transports are not API ("transports are not API", aiocoap's
-docs). The server needs them anyway: a DTLS listener on exactly `--port`, bounded
+message layer and transports are not API (aiocoap says so of its transports). The
+server needs them anyway: a DTLS listener on exactly `--port`, bounded
 session and duplicate-detection tables, and the Block2 fast path in front of the
 message layer. Every use of a name aiocoap does not document lives in this package
 and nowhere else, and `contract.RELIES_ON` lists each one with the signature we use,
