@@ -25,7 +25,7 @@ from server_helpers import (
     threaded_server,
 )
 
-from otacoap.server.transport import BoundedMessageManager, DedupCache
+from otacoap.server.coap.dedup import BoundedMessageManager, DedupCache
 
 pytestmark = [
     pytest.mark.network,

@@ -27,8 +27,8 @@ from server_helpers import (
     threaded_server,
 )
 
+from otacoap.server.coap.dedup import BoundedMessageManager
 from otacoap.server.fastpath import FirmwareFastPath
-from otacoap.server.transport import BoundedMessageManager
 
 pytestmark = [
     pytest.mark.network,

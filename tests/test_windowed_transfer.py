@@ -860,7 +860,7 @@ def test_dtls_handshake_after_a_reset_survives_a_lost_client_finished(
 
     DTLSSocket re-bases tinydtls' clock for every new DTLS object; aiocoap's own
     handshake timer then stopped for good between two flights, so a lost client
-    Finished hung the session (device_sim.coap._run_dtls_retransmissions). Dropping
+    Finished hung the session (device_sim.coap.dtls_retransmit). Dropping
     exactly that datagram of the second handshake reproduces it deterministically.
     """
     from aiocoap.transports import tinydtls

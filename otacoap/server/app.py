@@ -25,10 +25,10 @@ from aiocoap.util import hostportjoin
 from ..config import Config
 from ..store import DataDir
 from ..store.errors import StoreError
+from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
 from .state import ServerState
-from .transport import DTLSServerInterface, PlainServerInterface, add_transport
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
 log = logging.getLogger(__name__)

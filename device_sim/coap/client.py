@@ -13,8 +13,9 @@ other request is a CON, retransmitted by aiocoap (RFC 7252 §4.2).
 session: after a server restart or a long outage the old session is dead on the server
 side, and only a new handshake recovers. Each context's DTLS connections get a
 handshake retransmission timer that survives tinydtls' clock re-basing
-(`_run_dtls_retransmissions`): without it, a lost client flight in any session after
-the first hung that handshake for good.
+(`dtls_retransmit`): without it, a lost client flight in any session after the first
+hung that handshake for good. A response carrying a critical option the device does
+not process is rejected (`critical_options`, RFC 7252 §5.4.1).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import types
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,7 +31,10 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap import GET, POST, Message
 
-from .transport import Response, TransportError
+from ..transport import Response, TransportError
+from .critical_options import reject_unrecognized_critical
+from .dtls_retransmit import harden_dtls
+from .request_cleanup import abandon, release
 
 _log = logging.getLogger(__name__)
 
@@ -46,100 +49,6 @@ COLLECT_EVERY = 4
 
 # RFC 7252 §4.3: reliability False makes aiocoap send the request as NON.
 _NON = aiocoap.Unreliable()
-
-
-def _noop() -> None:
-    return None
-
-
-def _release(request: Any) -> None:
-    """Break the reference cycle aiocoap 0.4 leaves behind a finished request.
-
-    The cycle is Request -> `_stop_interest` (a partial holding the `process` closure)
-    -> closure cell -> Request. Once the pipe has ended (`_event_callbacks is False`:
-    the response came, or the cancellation handler already unregistered the interest;
-    asyncio.wait_for runs that handler before it returns), `_stop_interest` has
-    nothing left to do, and replacing it lets reference counting free the request,
-    its pipe and both messages at once. Why it matters: with several requests in
-    flight (a windowed transfer), the `collect_every` young-generation collections
-    run while other requests are alive, promote them to the oldest generation, and
-    their cycles would then wait for a full collection (megabytes for a 1 MiB image).
-    Guarded with getattr: on another aiocoap the gc workaround still applies.
-    """
-    pipe = getattr(request, "_pipe", None)
-    if getattr(pipe, "_event_callbacks", None) is False and hasattr(request, "_stop_interest"):
-        request._stop_interest = _noop
-
-
-def _abandon(request: Any) -> None:
-    """Stop listening for a request we no longer wait for, before cancelling it.
-
-    Why: aiocoap unregisters a cancelled request in a done-callback of its response
-    future, which asyncio runs one loop step *after* the cancel; a response that
-    arrives in between (common in a windowed transfer, whose retransmission timer
-    gives up on requests all the time) makes aiocoap call set_result on the
-    cancelled future, and the InvalidStateError escapes through tinydtls' read
-    callback into the event loop. So `_exchange` waits on a shield and, when it
-    stops waiting, does what aiocoap's `_response_cancellation_handler` does, now.
-    """
-    response = request.response
-    if response.done():
-        return
-    if getattr(request, "_runner", None) is not None and hasattr(request, "_stop_interest"):
-        request._runner = None
-        request._stop_interest()
-    response.cancel()
-
-
-# How often a pending DTLS handshake retransmission is looked at (see below).
-DTLS_POLL = 0.1
-
-
-async def _run_dtls_retransmissions(self: Any) -> None:
-    """tinydtls' retransmission timer for one client connection, without the hang.
-
-    Why: DTLSSocket calls tinydtls' `dtls_init()` for every new DTLS object, which
-    resets tinydtls' process-wide clock base to `time(NULL)`; aiocoap converts
-    tinydtls' timestamps with a base taken once, at import. After the first session
-    the two disagree, so aiocoap's timer (`sleep(when - now)`) sleeps a negative time
-    and spins, sees the retransmission queue empty for an instant between two
-    handshake flights, and returns for good: a client flight lost after that (say
-    its Finished) is never retransmitted, and the handshake hangs until the fetcher
-    resets the transport, where it can happen again (it did, deterministically, in
-    bench/bench_download_window.py at 10 % loss). Here the timer asks tinydtls
-    (which retransmits whatever is due on its own clock) every DTLS_POLL seconds for
-    as long as the handshake runs or a retransmission is pending, and stops, like
-    aiocoap's, once connected with nothing pending.
-    """
-    while True:
-        pending = self._dtls_socket.checkRetransmit()  # retransmits what is due
-        if pending == 0 and self._queue is None:  # connected, nothing to retransmit
-            return
-        await asyncio.sleep(DTLS_POLL)
-
-
-def _harden_dtls(ctx: Any) -> None:
-    """Give this context's DTLS client connections `_run_dtls_retransmissions`.
-
-    Scoped to the contexts this module creates (an instance attribute on each new
-    connection, set before its handshake task first runs), not a global patch of
-    aiocoap. Guarded with getattr: on another aiocoap layout it changes nothing.
-    """
-    for interface in getattr(ctx, "request_interfaces", ()):
-        messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
-        connect = getattr(messages, "_connection_for_address", None)
-        if connect is None or not hasattr(messages, "_pool"):
-            continue
-
-        def connection_for_address(*args: Any, _connect: Any = connect) -> Any:
-            connection = _connect(*args)
-            if "_run_retransmissions" not in vars(connection):
-                connection._run_retransmissions = types.MethodType(
-                    _run_dtls_retransmissions, connection
-                )
-            return connection
-
-        messages._connection_for_address = connection_for_address
 
 
 def normalize_base(uri: str) -> str:
@@ -157,7 +66,9 @@ def normalize_base(uri: str) -> str:
     return f"coaps://{host}:{port}" if port else f"coaps://{host}"
 
 
-def _convert(msg: Any) -> Response:
+def _convert(msg: Message) -> Response:
+    """The device's view of a response, once its options pass RFC 7252 §5.4.1."""
+    reject_unrecognized_critical(msg)
     b2 = msg.opt.block2
     block2 = (b2.block_number, bool(b2.more), b2.size_exponent) if b2 is not None else None
     etag = msg.opt.etag
@@ -199,7 +110,7 @@ class CoapTransport:
         async with self._lock:
             if self._ctx is None:
                 ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
-                _harden_dtls(ctx)
+                harden_dtls(ctx)
                 ctx.client_credentials.load_from_dict(
                     {
                         f"{self._base}/*": {
@@ -225,8 +136,8 @@ class CoapTransport:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             if request is not None:
-                _abandon(request)
-                _release(request)
+                abandon(request)
+                release(request)
         self._remote = raw.remote
         response = _convert(raw)
         del raw, request

@@ -1,29 +1,14 @@
-"""aiocoap transports with bounds: DTLS-only listener on the port we say, a capped
-DTLS session table and a capped duplicate-detection cache.
+"""The server's DTLS session table, built on aiocoap's tinydtls_server internals.
 
-Why not `Context.create_server_context(transports=["tinydtls_server"])`: that public
-path (and AIOCOAP_SERVER_TRANSPORT=tinydtls_server) binds DTLS at *bind port + 1*
-(`MessageInterfaceSimpleServer.create_server` adds COAPS_PORT - COAP_PORT), so port 0
-would become port 1, and it keeps aiocoap's unbounded tables. We build the same
-stack by hand instead (TokenManager -> MessageManager -> message interface, exactly
-what `Context._append_tokenmanaged_messagemanaged_transport` does) with subclasses:
-
-- `_BoundedDTLSSocket`: aiocoap's `_DatagramServerSocketSimpleDTLS` has `max_sockets =
+- `BoundedDTLSSocket`: aiocoap's `_DatagramServerSocketSimpleDTLS` has `max_sockets =
   64` and a `_maybe_purge_sockets`, but nothing ever calls it, so every source address
   (spoofable, ATTACKS.md #29/#30) keeps a tinydtls context forever. We keep peers
   that have not proved their address apart from sessions, cap both, and expire idle
   ones; an evicted device just handshakes again.
-- `BoundedMessageManager`: RFC 7252 §4.5 duplicate detection keeps every request's
-  response for EXCHANGE_LIFETIME (247 s) in `_recent_messages` plus one timer handle
-  each, so memory grows with the request rate (2.5-4 KB per request). We keep the same
-  semantics in an LRU with a hard entry cap and lazy expiry (no per-entry timers).
-  Under the cap nothing changes; beyond it the oldest entries are forgotten early,
-  which can only turn a late retransmission into a re-executed request. Our state-
-  changing requests are idempotent under that (a repeated report is recognised).
-- A fast path hook (`FastPath`, see fastpath.py): each message interface offers the
-  plaintext CoAP datagram to it first; a request it answers never reaches aiocoap's
-  MessageManager, TokenManager or Site. Anything it declines goes on as before.
-- `_Decrypting`: aiocoap cancels and re-creates a handshake-retransmission task for
+- `SessionAddress`: a peer that knows how far its handshake got, repeats our final
+  flight when the client repeats its own (RFC 6347 §4.2.4), and leaves with a
+  close_notify.
+- `Decrypting`: aiocoap cancels and re-creates a handshake-retransmission task for
   every incoming datagram, even on established sessions where tinydtls has nothing to
   retransmit; we ask tinydtls first and only create the task when it does.
 """
@@ -36,52 +21,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from aiocoap import error
-from aiocoap.message import Message
-from aiocoap.messagemanager import MessageManager
-from aiocoap.numbers.types import CON
-from aiocoap.protocol import Context
-from aiocoap.tokenmanager import TokenManager
-from aiocoap.transports.simplesocketserver import (
-    MessageInterfaceSimpleServer,
-    _DatagramServerSocketSimple,
-)
 from aiocoap.transports.tinydtls_server import (
     GoingThroughMessageDecryption,
-    MessageInterfaceTinyDTLSServer,
     _AddressDTLS,
     _DatagramServerSocketSimpleDTLS,
 )
 
+from .sockets import bind_exclusive
+
 log = logging.getLogger(__name__)
-
-
-class FastPath(Protocol):
-    def handle(self, remote: Any, datagram: bytes) -> bytes | None:
-        """The response to send for a plaintext CoAP datagram, or None to decline."""
-        ...
-
-
-class _FastPathFirst:
-    """Message-interface mixin: offer each plaintext datagram to `fast` first."""
-
-    fast: FastPath | None = None
-    _mman: Any
-
-    def _received_datagram(self, address: Any, datagram: bytes) -> None:
-        fast = self.fast
-        if fast is not None and self._mman is not None:  # _mman None: shutting down
-            try:
-                response = fast.handle(address, datagram)
-            except Exception:  # a fast-path bug must not lose the request
-                log.exception("fast path failed; handing the request to aiocoap")
-                response = None
-            if response is not None:
-                address.send(response)
-                return
-        super()._received_datagram(address, datagram)  # type: ignore[misc]
 
 
 class _NoRetransmission:
@@ -95,7 +46,7 @@ class _NoRetransmission:
 _NO_RETRANSMISSION = _NoRetransmission()
 
 
-class _Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
+class Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
     """aiocoap's DTLS decryption adapter without a new task per datagram."""
 
     def _received_datagram(self, address: Any, data: bytes) -> None:
@@ -114,75 +65,7 @@ class _Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
             )
 
 
-class DedupCache:
-    """(remote, message id) -> stored response, with lifetime and an entry cap."""
-
-    def __init__(self, max_entries: int, lifetime: float, clock: Callable[[], float]) -> None:
-        self._entries: OrderedDict[Any, list[Any]] = OrderedDict()
-        self._max = max_entries
-        self._lifetime = lifetime
-        self._clock = clock
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _expire(self) -> None:
-        now = self._clock()
-        entries = self._entries
-        # Insertion order is arrival order and the lifetime is fixed, so expired
-        # entries are always at the front.
-        while entries:
-            first = next(iter(entries.values()))
-            if first[0] > now:
-                break
-            entries.popitem(last=False)
-
-    def lookup(self, key: Any) -> tuple[bool, Message | None]:
-        self._expire()
-        entry = self._entries.get(key)
-        return (False, None) if entry is None else (True, entry[1])
-
-    def add(self, key: Any) -> None:
-        self._expire()
-        while len(self._entries) >= self._max:
-            self._entries.popitem(last=False)
-            self.evicted += 1
-        self._entries[key] = [self._clock() + self._lifetime, None]
-
-    def store_response(self, key: Any, response: Message) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry[1] = response
-
-
-class BoundedMessageManager(MessageManager):
-    """aiocoap's MessageManager with a bounded duplicate-detection cache."""
-
-    def __init__(self, token_manager: TokenManager, max_entries: int, lifetime: float) -> None:
-        super().__init__(token_manager)
-        self.dedup = DedupCache(max_entries, lifetime, token_manager.loop.time)
-        self._recent_messages = None  # type: ignore[assignment]  # replaced by self.dedup
-
-    def _deduplicate_message(self, message: Message) -> bool:
-        """RFC 7252 §4.5: a CON with a known (endpoint, Message ID) gets the same response."""
-        key = (message.remote, message.mid)
-        known, response = self.dedup.lookup(key)
-        if known:
-            if message.mtype is CON and response is not None:
-                self.log.info("Duplicate CON received, sending old response again")
-                self._send_initially(response)
-            else:
-                self.log.info("Duplicate message received, no response to send (yet)")
-            return True
-        self.dedup.add(key)
-        return False
-
-    def _store_response_for_duplicates(self, message: Message) -> None:
-        self.dedup.store_response((message.remote, message.mid), message)
-
-
-class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
+class SessionAddress(_AddressDTLS):  # type: ignore[misc]
     """A DTLS peer that remembers how far its handshake got and when it last spoke.
 
     Its tinydtls callbacks go straight to their destinations: aiocoap's `_read` reaches
@@ -267,25 +150,7 @@ class _SessionAddress(_AddressDTLS):  # type: ignore[misc]
             super()._inject_error(e)
 
 
-async def _bind_exclusive(
-    cls: Any, bind: tuple[str, int], log: logging.Logger, loop: Any, interface: Any
-) -> Any:
-    """aiocoap's `_DatagramServerSocketSimple.create`, minus SO_REUSEPORT.
-
-    With SO_REUSEPORT a second server on the same port binds without error and the
-    kernel splits datagrams between the two, which breaks DTLS sessions at random; we
-    want "address already in use" instead.
-    """
-    ready = loop.create_future()
-    await loop.create_datagram_endpoint(
-        lambda: cls(ready.set_result, interface, log), local_addr=bind, reuse_port=False
-    )
-    self = await ready
-    self._loop = loop
-    return self
-
-
-class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
+class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
     """aiocoap's DTLS server socket with two bounded pools and idle expiry.
 
     Peers that have not echoed a cookie (spoofable: a ClientHello costs the sender
@@ -303,7 +168,7 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
     in last-heard order, so the sweep stops at the first peer heard recently.
     """
 
-    _Address = _SessionAddress
+    _Address = SessionAddress
     max_sockets = 256
     idle_timeout = 300.0
     # A handshake peer silent this long has given up: tinydtls' client retransmits
@@ -314,15 +179,15 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._unverified: OrderedDict[Any, _SessionAddress] = OrderedDict()
+        self._unverified: OrderedDict[Any, SessionAddress] = OrderedDict()
         self._next_sweep = 0.0
         self.dropped: dict[str, int] = {"idle": 0, "full": 0, "spoofable": 0}
 
     @classmethod
     async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
         # As in aiocoap: incoming datagrams go through the per-peer DTLS state first.
-        wrapped = _Decrypting(message_interface)
-        return await _bind_exclusive(cls, bind, log, loop, wrapped)
+        wrapped = Decrypting(message_interface)
+        return await bind_exclusive(cls, bind, log, loop, wrapped)
 
     def datagram_received(self, data: bytes, sockaddr: Any) -> None:
         # aiocoap's, plus the pools and the idle sweep.
@@ -331,7 +196,7 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
             self._next_sweep = now + self.SWEEP_EVERY
             self._expire(now)
         conns = self._connections
-        address = conns.get(sockaddr)
+        address: SessionAddress | None = conns.get(sockaddr)
         if address is None:
             unverified = self._unverified
             while len(unverified) >= self.max_sockets:
@@ -352,7 +217,7 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
         if address.cookie_verified and unverified.pop(sockaddr, None) is address:
             self._admit(address)
 
-    def _admit(self, newcomer: _SessionAddress) -> None:
+    def _admit(self, newcomer: SessionAddress) -> None:
         """Make room in the session pool for a peer that just proved its address."""
         conns = self._connections
         while len(conns) - len(self._unverified) > self.max_sockets:
@@ -375,7 +240,7 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
         for address in expired:
             self._drop(address, "idle")
 
-    def _drop(self, victim: _SessionAddress, why: str) -> None:
+    def _drop(self, victim: SessionAddress, why: str) -> None:
         self.dropped[why] += 1
         # Debug only: a spoofed flood would otherwise write a line per datagram. The
         # server logs the counters once a minute instead (OtaServer.load_figures).
@@ -387,112 +252,18 @@ class _BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
         if self._unverified.get(key) is victim:
             del self._unverified[key]
 
-
-def _stage(address: _SessionAddress) -> str:
-    if address.established:
-        return "established"
-    return "handshaking" if address.cookie_verified else "unverified"
-
-
-class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
-    _serversocket = _BoundedDTLSSocket
-
-    @classmethod
-    async def create_bound(
-        cls,
-        bind: tuple[str, int],
-        mman: MessageManager,
-        log: logging.Logger,
-        loop: asyncio.AbstractEventLoop,
-        server_credentials: Any,
-        max_sessions: int,
-        idle_timeout: float = _BoundedDTLSSocket.idle_timeout,
-    ) -> DTLSServerInterface:
-        """Listen for DTLS on exactly `bind` (port 0: the OS picks)."""
-        self = cls(mman, log, loop)
-        self._pool = await cls._serversocket.create(bind, log, loop, self)
-        self._pool._server_credentials = server_credentials
-        self._pool.max_sockets = max_sessions
-        self._pool.idle_timeout = idle_timeout
-        _fix_hostinfo(self._pool, bind[0])
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self._pool._transport.get_extra_info("sockname")[1])
-
     @property
     def session_count(self) -> int:
         """Peers past the cookie exchange: handshaking or established."""
-        return len(self._pool._connections) - len(self._pool._unverified)
+        return len(self._connections) - len(self._unverified)
 
     @property
     def unverified_count(self) -> int:
         """Peers that have not echoed a cookie yet (their own pool, same cap)."""
-        return len(self._pool._unverified)
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        """Sessions dropped so far, by why: idle, full (pushed out by a newcomer whose
-        address was proven) or spoofable (an unverified peer pushed out by another)."""
-        return dict(self._pool.dropped)
+        return len(self._unverified)
 
 
-class _PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
-    @classmethod
-    async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
-        return await _bind_exclusive(cls, bind, log, loop, message_interface)
-
-
-class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):  # type: ignore[misc]
-    """Unencrypted CoAP, only with --insecure-plain-coap."""
-
-    _serversocket = _PlainSocket
-
-    @classmethod
-    async def create_bound(
-        cls,
-        bind: tuple[str, int],
-        mman: MessageManager,
-        log: logging.Logger,
-        loop: asyncio.AbstractEventLoop,
-    ) -> PlainServerInterface:
-        self = cls(mman, log, loop)
-        self._pool = await cls._serversocket.create(bind, log, loop, self)
-        _fix_hostinfo(self._pool, bind[0])
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self._pool._transport.get_extra_info("sockname")[1])
-
-    def send(self, message: Message) -> None:
-        # An unauthenticated source address may be spoofed: error answers go out bare,
-        # without diagnostic text, so no reply is much larger than its request
-        # (RFC 7252 §11.3, ATTACKS.md #29).
-        if message.code.is_response() and not message.code.is_successful():
-            message.payload = b""
-        super().send(message)
-
-
-def _fix_hostinfo(pool: Any, host: str) -> None:
-    from aiocoap.util import hostportjoin
-
-    port = pool._transport.get_extra_info("sockname")[1]
-    pool.hostinfo_local = hostportjoin(host, port)
-
-
-async def add_transport(
-    ctx: Context,
-    create: Callable[[MessageManager], Any],
-    max_entries: int,
-    lifetime: float,
-) -> Any:
-    """Wire a message interface under `ctx` like aiocoap does, with our MessageManager."""
-    tman = TokenManager(ctx)
-    mman = BoundedMessageManager(tman, max_entries, lifetime)
-    interface = await create(mman)
-    mman.message_interface = interface
-    tman.token_interface = mman
-    ctx.request_interfaces.append(tman)
-    return interface
+def _stage(address: SessionAddress) -> str:
+    if address.established:
+        return "established"
+    return "handshaking" if address.cookie_verified else "unverified"

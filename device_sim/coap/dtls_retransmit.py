@@ -1,0 +1,71 @@
+"""A DTLS handshake retransmission timer for aiocoap's tinydtls client that does not hang.
+
+Each context the device creates gets `run_dtls_retransmissions` on its DTLS client
+connections (`harden_dtls`), replacing aiocoap's `DTLSClientConnection.
+_run_retransmissions` per instance: scoped to the device's own contexts, not a global
+patch of aiocoap. The names it relies on are in device_sim.coap.contract; an aiocoap
+without them fails the contract test, and `harden_dtls` raises rather than leaving the
+device with the hanging timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+import aiocoap
+from aiocoap.transports.tinydtls import DTLSClientConnection, MessageInterfaceTinyDTLS
+
+# How often a pending DTLS handshake retransmission is looked at (see below).
+DTLS_POLL = 0.1
+
+
+async def run_dtls_retransmissions(self: DTLSClientConnection) -> None:
+    """tinydtls' retransmission timer for one client connection, without the hang.
+
+    Why: DTLSSocket calls tinydtls' `dtls_init()` for every new DTLS object, which
+    resets tinydtls' process-wide clock base to `time(NULL)`; aiocoap converts
+    tinydtls' timestamps with a base taken once, at import (`DTLS_CLOCK_OFFSET`).
+    After the first session the two disagree, so aiocoap's timer (`sleep(when -
+    now)`) sleeps a negative time and spins, sees the retransmission queue empty for
+    an instant between two handshake flights, and returns for good: a client flight
+    lost after that (say its Finished) is never retransmitted, and the handshake hangs
+    until the fetcher resets the transport, where it can happen again (it did,
+    deterministically, in bench/bench_download_window.py at 10 % loss). Here the timer
+    asks tinydtls (which retransmits whatever is due on its own clock) every DTLS_POLL
+    seconds for as long as the handshake runs (RFC 6347 §4.2.4) or a retransmission
+    is pending, and stops, like aiocoap's, once connected with nothing pending.
+    """
+    while True:
+        pending = self._dtls_socket.checkRetransmit()  # retransmits what is due
+        if pending == 0 and self._queue is None:  # connected, nothing to retransmit
+            return
+        await asyncio.sleep(DTLS_POLL)
+
+
+def harden_dtls(ctx: aiocoap.Context) -> None:
+    """Give this context's DTLS client connections `run_dtls_retransmissions`.
+
+    An instance attribute on each new connection, set when aiocoap's
+    `_connection_for_address` creates it, before its handshake task first runs.
+    """
+    hardened = 0
+    for tokens in ctx.request_interfaces:
+        messages = tokens.token_interface.message_interface
+        if not isinstance(messages, MessageInterfaceTinyDTLS):
+            continue
+        connect = messages._connection_for_address
+
+        def connection_for_address(*args: Any, _connect: Any = connect) -> Any:
+            connection = _connect(*args)
+            if "_run_retransmissions" not in vars(connection):
+                connection._run_retransmissions = types.MethodType(
+                    run_dtls_retransmissions, connection
+                )
+            return connection
+
+        messages._connection_for_address = connection_for_address  # type: ignore[method-assign]
+        hardened += 1
+    if not hardened:
+        raise RuntimeError("this aiocoap context has no tinydtls client transport to harden")
