@@ -161,3 +161,21 @@ def test_config_values_are_read(tmp_path: Path) -> None:
     assert cfg.server.port == 6000
     assert cfg.server.dedup_lifetime == 10.0
     assert cfg.uploads.max_per_peer == 1
+
+
+def test_reports_keep_how_many_reports_the_device_lost(tmp_path: Path) -> None:
+    """Migration 2: a device's count of dropped reports reaches `report list`."""
+    from otacoap.core.report import Report, State
+
+    d = DataDir(tmp_path / "data")
+    d.init()
+    store = d.open_store()
+    try:
+        store.add_device("dev1", "example.com", "c1", b"k" * 16, "test")
+        for counter, lost in ((1, 0), (9, 7)):
+            report = Report(counter, State.CHECKING, lost=lost)
+            store.record_report("dev1", report, report.encode())
+        assert [(r.counter, r.lost) for r in store.list_reports("dev1", 10)] == [(1, 0), (9, 7)]
+        assert "7 reports lost so far" in store.audit_entries()[-1].detail
+    finally:
+        store.close()

@@ -429,6 +429,7 @@ def cmd_report_list(args: argparse.Namespace) -> int:
         print(
             f"{r.received_at}  {r.device_id}  #{r.counter}  {r.state}  reason {r.reason}{seq}"
             + (f"  {_safe(r.detail)}" if r.detail else "")
+            + (f"  ({r.lost} earlier reports lost on the device)" if r.lost else "")
         )
     return 0
 

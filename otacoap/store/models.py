@@ -152,6 +152,7 @@ class ReportRecord:
     installed_sequence: int | None
     detail: str
     received_at: str
+    lost: int = 0  # reports the device dropped from its outbox before this one (in all)
 
 
 @dataclass(frozen=True)

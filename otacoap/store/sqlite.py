@@ -133,6 +133,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
         ),
     ),
+    (
+        2,
+        "reports say how many earlier reports the device had to drop",
+        # A device's outbox is bounded; what it dropped it counts, and each report
+        # carries the running count (report key -7), so lost history is visible.
+        ("ALTER TABLE reports ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -635,6 +642,7 @@ class SQLiteStore:
             ("sequence", report.sequence_number),
             ("bytes", report.bytes_received),
             ("installed sequence", report.installed_sequence),
+            ("lost count", report.lost),
         ):
             if value is not None and value > MAX_DB_INT:
                 raise ManifestError(f"report {name} above 2^63-1")
@@ -662,8 +670,8 @@ class SQLiteStore:
             digest = report.manifest_digest.value if report.manifest_digest else None
             cur = db.execute(
                 "INSERT INTO reports (device_id, counter, state, reason, seq, manifest_digest, "
-                "bytes_received, installed_seq, detail, body, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "bytes_received, installed_seq, detail, lost, body, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     device_id,
                     report.counter,
@@ -674,6 +682,7 @@ class SQLiteStore:
                     report.bytes_received,
                     report.installed_sequence,
                     report.detail,
+                    report.lost,
                     body,
                     now,
                 ),
@@ -688,7 +697,8 @@ class SQLiteStore:
                 device_id,
                 report.state.value,
                 f"counter {report.counter}, reason {report.reason.name}"
-                + (f", seq {report.sequence_number}" if report.sequence_number is not None else ""),
+                + (f", seq {report.sequence_number}" if report.sequence_number is not None else "")
+                + (f", {report.lost} reports lost so far" if report.lost else ""),
             )
         return ReportOutcome(True, int(cur.lastrowid or 0))
 
@@ -696,7 +706,7 @@ class SQLiteStore:
         where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
         rows = self._db.execute(
             "SELECT id, device_id, counter, state, reason, seq, manifest_digest, bytes_received, "
-            f"installed_seq, detail, received_at FROM reports {where} "
+            f"installed_seq, detail, received_at, lost FROM reports {where} "
             f"ORDER BY id DESC LIMIT {int(limit)}",
             args,
         ).fetchall()
