@@ -65,7 +65,7 @@ def harden_dtls(ctx: aiocoap.Context) -> None:
                 )
             return connection
 
-        messages._connection_for_address = connection_for_address  # type: ignore[method-assign]
+        messages._connection_for_address = connection_for_address
         hardened += 1
     if not hardened:
         raise RuntimeError("this aiocoap context has no tinydtls client transport to harden")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import cose, ids, suit
+from . import cbor, cose, ids, suit
 from .suit import Command, CommandSequence, Parameters
 
 # Reporting policies as used by the draft's examples (DIGEST.md §4).
@@ -70,7 +70,7 @@ def build_manifest(release: Release) -> suit.Manifest:
     validate = CommandSequence.build([Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     invoke = CommandSequence.build([Command(suit.CMD_INVOKE, REP_FAILURE)])
     common = suit.Common((release.component,), shared)
-    common = suit.Common(common.components, shared, None, suit.cbor.dumps(common.to_cbor()))
+    common = suit.Common(common.components, shared, None, cbor.dumps(common.to_cbor()))
     return suit.Manifest(
         1,
         release.sequence_number,

@@ -260,7 +260,7 @@ def resolve_sequence(envelope: suit.Envelope, key: int) -> suit.CommandSequence 
         return seq
     if manifest.severed_digest(key) is not None:
         member = suit.severed_member(envelope, key)
-        if member is None:
+        if not isinstance(member, suit.CommandSequence):
             raise SeveredElementError(
                 f"{suit.SEQUENCE_NAMES.get(key, key)} is severed and not in the envelope"
             )

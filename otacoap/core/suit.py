@@ -481,7 +481,7 @@ def _decode_wrapped(raw: Any, what: str, max_size: int) -> Any:
 
 
 def decode_parameters(value: Any, max_size: int) -> Parameters:
-    _expect(isinstance(value, dict) and value, "parameters must be a non-empty map")
+    _expect(isinstance(value, dict) and bool(value), "parameters must be a non-empty map")
     items: list[tuple[int, Any]] = []
     for k, v in value.items():
         _expect(_is_int(k), "parameter keys must be integers")
@@ -529,7 +529,7 @@ def decode_sequence(raw: bytes, max_size: int, budget: list[int] | None = None) 
     """Parse a bstr-wrapped SUIT_Command_Sequence (and nested ones) into values."""
     value = _decode_wrapped(raw, "command sequence", max_size)
     _expect(
-        isinstance(value, list) and value and len(value) % 2 == 0,
+        isinstance(value, list) and bool(value) and len(value) % 2 == 0,
         "command sequence must be a non-empty list of (code, argument) pairs",
     )
     budget = budget if budget is not None else [MAX_COMMANDS]
@@ -562,7 +562,7 @@ def _decode_arg(code: int, arg: Any, max_size: int, budget: list[int]) -> Any:
         if arg is True or _is_uint(arg):
             return arg
         _expect(
-            isinstance(arg, list) and arg and all(_is_uint(x) for x in arg),
+            isinstance(arg, list) and bool(arg) and all(_is_uint(x) for x in arg),
             "set-component-index takes uint, true or a list of uints",
         )
         return tuple(arg)
@@ -714,8 +714,13 @@ def decode_envelope(
     )
 
 
-def severed_member(envelope: Envelope, key: int, max_size: int = cbor.DEFAULT_MAX_SIZE) -> Any:
-    """The decoded severable member `key` taken from the envelope (digest checked by trust)."""
+def severed_member(
+    envelope: Envelope, key: int, max_size: int = cbor.DEFAULT_MAX_SIZE
+) -> CommandSequence | bytes | None:
+    """The decoded severable member `key` taken from the envelope (digest checked by trust).
+
+    A command sequence for the sequence keys; the checked raw bytes for any other (text).
+    """
     raw = envelope.severable_element(key)
     if raw is None:
         return None
@@ -766,8 +771,8 @@ def encode_envelope(envelope: Envelope) -> bytes:
         body[k] = v
     for k, v in envelope.extensions:
         body[k] = v
-    for k, v in envelope.integrated:
-        body[k] = v
+    for name, payload in envelope.integrated:
+        body[name] = payload
     encoded = cbor.dumps(body)  # deterministic order already puts 2 before 3
     return _ENVELOPE_TAG_HEAD + encoded if envelope.tagged else encoded
 

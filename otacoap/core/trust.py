@@ -348,7 +348,8 @@ def summarize(envelope: suit.Envelope) -> Summary:
     for key in keys:
         seq = manifest.sequence(key)
         if seq is None and manifest.severed_digest(key) is not None:
-            seq = suit.severed_member(envelope, key)
+            member = suit.severed_member(envelope, key)
+            seq = member if isinstance(member, suit.CommandSequence) else None
         if seq is not None:
             walk(seq, [0] if n == 1 else [])
     images = []

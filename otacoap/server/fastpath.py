@@ -163,7 +163,7 @@ class FirmwareFastPath:
         # second identity), so its verdict can live on the session object itself.
         cached = getattr(remote, "otacoap_fw_grant", None)
         if cached is not None and cached[0] == self._generation:
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         image = self._lookup(remote)
         with contextlib.suppress(AttributeError):  # plain CoAP remotes are tuples
             remote.otacoap_fw_grant = (self._generation, image)

@@ -33,8 +33,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import aiocoap
 import aiocoap.resource as resource
+from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.protocol import ServerObservation
 
@@ -50,7 +50,7 @@ from .uploads import Block, StagedImages, Uploads, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
-Message = aiocoap.Message
+
 _TAKE_TIMEOUT = 10.0  # seconds; taking a staged image is one dict lookup on the loop
 
 
@@ -111,7 +111,7 @@ class _Base(resource.Resource):
     async def render(self, request: Message) -> Message:
         # Handlers raise their refusals; they become responses here and only here.
         try:
-            return await super().render(request)  # type: ignore[no-any-return]
+            return await super().render(request)
         except OtaError as exc:
             return error_response(exc)
 
@@ -415,7 +415,7 @@ class _OwnUploads:
         return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(_TAKE_TIMEOUT)
 
 
-class DiscoveryResource(resource.WKCResource):  # type: ignore[misc]
+class DiscoveryResource(resource.WKCResource):
     """/.well-known/core (RFC 6690), but only for an identified peer.
 
     An anonymous (plain CoAP) source may be spoofed, and the link document is several

@@ -73,7 +73,7 @@ class BoundedMessageManager(MessageManager):
     def __init__(self, token_manager: TokenManager, max_entries: int, lifetime: float) -> None:
         super().__init__(token_manager)
         self.dedup = DedupCache(max_entries, lifetime, token_manager.loop.time)
-        self._recent_messages = None  # type: ignore[assignment]  # replaced by self.dedup
+        self._recent_messages = None  # replaced by self.dedup
 
     def _deduplicate_message(self, message: Message) -> bool:
         """RFC 7252 §4.5: a CON with a known (endpoint, Message ID) gets the same response."""

@@ -46,7 +46,7 @@ class _NoRetransmission:
 _NO_RETRANSMISSION = _NoRetransmission()
 
 
-class Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
+class Decrypting(GoingThroughMessageDecryption):
     """aiocoap's DTLS decryption adapter without a new task per datagram."""
 
     def _received_datagram(self, address: Any, data: bytes) -> None:
@@ -65,7 +65,7 @@ class Decrypting(GoingThroughMessageDecryption):  # type: ignore[misc]
             )
 
 
-class SessionAddress(_AddressDTLS):  # type: ignore[misc]
+class SessionAddress(_AddressDTLS):
     """A DTLS peer that remembers how far its handshake got and when it last spoke.
 
     Its tinydtls callbacks go straight to their destinations: aiocoap's `_read` reaches
@@ -150,7 +150,7 @@ class SessionAddress(_AddressDTLS):  # type: ignore[misc]
             super()._inject_error(e)
 
 
-class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
+class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
     """aiocoap's DTLS server socket with two bounded pools and idle expiry.
 
     Peers that have not echoed a cookie (spoofable: a ClientHello costs the sender
@@ -175,7 +175,7 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
     # with a doubling timer from 1 s and stops after 7 tries (RFC 6347 §4.2.4.1).
     HANDSHAKE_IDLE = 60.0
     SWEEP_EVERY = 1.0
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

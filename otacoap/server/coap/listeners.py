@@ -59,7 +59,7 @@ class _FastPathFirst:
         super()._received_datagram(address, datagram)  # type: ignore[misc]
 
 
-class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # type: ignore[misc]
+class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
     _serversocket = BoundedDTLSSocket
     _pool: BoundedDTLSSocket
 
@@ -104,7 +104,7 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):  # ty
         return dict(self._pool.dropped)
 
 
-class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):  # type: ignore[misc]
+class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):
     """Unencrypted CoAP, only with --insecure-plain-coap."""
 
     _serversocket = PlainSocket

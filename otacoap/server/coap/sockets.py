@@ -42,7 +42,7 @@ def set_local_hostinfo(pool: Any, host: str) -> None:
     pool.hostinfo_local = hostportjoin(host, bound_port(pool))
 
 
-class PlainSocket(_DatagramServerSocketSimple):  # type: ignore[misc]
+class PlainSocket(_DatagramServerSocketSimple):
     """aiocoap's plain UDP server socket, bound without SO_REUSEPORT."""
 
     @classmethod
