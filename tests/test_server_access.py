@@ -30,13 +30,13 @@ from server_helpers import (
 from otacoap.server import access
 from otacoap.server.fastpath import FirmwareFastPath
 from otacoap.server.resources import FirmwareResource
-from otacoap.server.state import ServerState
+from otacoap.server.store_view import StoreView
 from otacoap.store import DataDir, ImageRecord, Principal, Role
 
 
 @dataclass
 class World:
-    state: ServerState
+    state: StoreView
     a1: ReleaseFiles  # pinned's release
     a2: ReleaseFiles  # class A's current release
 
@@ -60,7 +60,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     setup.publish(a2)
     cli_ok("release", "assign", "--data", setup.data, "pinned", "1")
     datadir = DataDir(setup.data)
-    state = ServerState(datadir, datadir.config())
+    state = StoreView(datadir, datadir.config())
     try:
         yield World(state, a1, a2)
     finally:
@@ -106,7 +106,7 @@ def _request(image_id: str) -> bytes:
     return bytes(msg.encode())
 
 
-def _resource_code(state: ServerState, remote: SessionRemote, data: bytes) -> Code:
+def _resource_code(state: StoreView, remote: SessionRemote, data: bytes) -> Code:
     async def go() -> Code:
         request = aiocoap.Message.decode(data, remote)
         request.opt.uri_path = request.opt.uri_path[1:]  # what Site hands the resource
@@ -151,7 +151,7 @@ def test_changing_the_rule_in_its_one_place_changes_both_paths(
     first = access.readable_image(world.state, world.principal("pinned"))
     assert first is not None
 
-    def campaign_rule(state: ServerState, principal: Principal) -> ImageRecord | None:
+    def campaign_rule(state: StoreView, principal: Principal) -> ImageRecord | None:
         return first if principal.role is Role.DEVICE else None
 
     monkeypatch.setattr(access, "readable_image", campaign_rule)

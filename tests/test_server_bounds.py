@@ -220,7 +220,7 @@ def test_psk_lookups_are_cached(setup: Setup, server: ThreadedServer) -> None:
             assert (await get(ctx, server.uri + "/m")).code == Code.CONTENT
 
     run(go())
-    cached = server.call(lambda: set(server.server.state.psks._cache))  # type: ignore[union-attr]
+    cached = server.call(lambda: set(server.server.view.psks._cache))  # type: ignore[union-attr]
     assert "d5" in cached  # type: ignore[operator]
 
 

@@ -30,7 +30,7 @@ from server_helpers import (
 
 from otacoap.server.fastpath import FirmwareFastPath
 from otacoap.server.resources import FirmwareResource
-from otacoap.server.state import ServerState
+from otacoap.server.store_view import StoreView
 from otacoap.store import DataDir
 
 IMAGE_SIZE = 5000  # 5 blocks of 1024, the last one short
@@ -39,7 +39,7 @@ IMAGE_SIZE = 5000  # 5 blocks of 1024, the last one short
 @dataclass
 class World:
     setup: Setup
-    state: ServerState
+    state: StoreView
     fast: FirmwareFastPath
     image: bytes
     image_id: str
@@ -63,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     setup.publish(a)
     setup.publish(b)
     datadir = DataDir(setup.data)
-    state = ServerState(datadir, datadir.config())
+    state = StoreView(datadir, datadir.config())
     fast = FirmwareFastPath(state)
     try:
         yield World(setup, state, fast, image, a.image_id, b.image_id)

@@ -28,7 +28,7 @@ from ..store.errors import StoreError
 from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
-from .state import ServerState
+from .store_view import StoreView
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class OtaServer:
         self.datadir = datadir
         self.config = options.apply(config)
         self.options = options
-        self.state: ServerState | None = None
+        self.view: StoreView | None = None
         self.context: aiocoap.Context | None = None
         self.manifest: ManifestResource | None = None
         self.dtls: DTLSServerInterface | None = None
@@ -121,14 +121,14 @@ class OtaServer:
         removed += blobs.clean_tmp(older_than=_STALE_TEMP)
         if removed:
             log.info("removed %d stale temporary upload file(s)", removed)
-        state = self.state = ServerState(self.datadir, cfg, plain_identity=opts.plain_identity)
-        self.uploads = Uploads(state.blobs, cfg.uploads)
+        view = self.view = StoreView(self.datadir, cfg, plain_identity=opts.plain_identity)
+        self.uploads = Uploads(view.blobs, cfg.uploads)
         self.staged = StagedImages(cfg.uploads)
-        site, self.manifest = build_site(state, self.uploads, self.staged)
-        fast = self.fastpath = FirmwareFastPath(state)
+        site, self.manifest = build_site(view, self.uploads, self.staged)
+        fast = self.fastpath = FirmwareFastPath(view)
         loop = asyncio.get_running_loop()
         ctx = self.context = aiocoap.Context(
-            loop=loop, serversite=site, loggername="otacoap.coap", server_credentials=state.psks
+            loop=loop, serversite=site, loggername="otacoap.coap", server_credentials=view.psks
         )
         s = cfg.server
         self.dtls = await add_transport(
@@ -138,7 +138,7 @@ class OtaServer:
                 mman,
                 ctx.log,
                 loop,
-                state.psks,
+                view.psks,
                 s.max_dtls_sessions,
                 s.dtls_idle_timeout,
             ),
@@ -157,7 +157,7 @@ class OtaServer:
             )
             self.plain.fast = fast
         self._tasks = [
-            asyncio.create_task(state.poll(), name="otacoap store poll"),
+            asyncio.create_task(view.poll(), name="otacoap store poll"),
             asyncio.create_task(self._sweep(), name="otacoap upload sweep"),
         ]
 
@@ -211,9 +211,9 @@ class OtaServer:
         if self.fastpath is not None:
             self.fastpath.close()
             self.fastpath = None
-        if self.state is not None:
-            await self.state.close()
-            self.state = None
+        if self.view is not None:
+            await self.view.close()
+            self.view = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None

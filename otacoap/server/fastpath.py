@@ -57,7 +57,7 @@ from ..core.coap_numbers import (
 from ..core.coap_options import field, header, option
 from ..store import Principal
 from . import access
-from .state import ServerState
+from .store_view import StoreView
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +129,18 @@ def _claimed(remote: Any, plain: Principal | None) -> Principal | None:
 class FirmwareFastPath:
     """Answers GET /fw/<id> Block2 requests from raw CoAP bytes, or declines (None)."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+    def __init__(self, view: StoreView) -> None:
+        self.view = view
         # id(claimed principal) -> (that principal, its image or None). The entry
         # holds the principal, so its id cannot be reused while the entry exists.
         self._grants: dict[int, tuple[Principal, _Image | None]] = {}
         self._images: dict[bytes, _Image] = {}
         self._memo: dict[int, tuple[int, int, bytes]] = {}
-        self._epoch = state.epoch
+        self._epoch = view.epoch
         # Bumped by every _forget (which closes the images' files): a verdict cached
         # on a DTLS session object is only used while its generation is current.
         self._generation = 0
-        self._max_szx = min(state.config.server.max_block_szx, blockwise.MAX_SZX)
+        self._max_szx = min(view.config.server.max_block_szx, blockwise.MAX_SZX)
         self.served = 0
 
     def close(self) -> None:
@@ -152,11 +152,11 @@ class FirmwareFastPath:
             image.close()
         self._images.clear()
         self._memo.clear()  # keyed by image slots, which are reused from here on
-        self._epoch = self.state.epoch
+        self._epoch = self.view.epoch
         self._generation += 1
 
     def _grant(self, remote: Any) -> _Image | None:
-        if self._epoch != self.state.epoch:
+        if self._epoch != self.view.epoch:
             # Principals or releases changed: everything cached may be stale.
             self._forget()
         # A DTLS session's claims never change (aiocoap's SecurityStore refuses a
@@ -170,7 +170,7 @@ class FirmwareFastPath:
         return image
 
     def _lookup(self, remote: Any) -> _Image | None:
-        claimed = _claimed(remote, self.state.plain_principal)
+        claimed = _claimed(remote, self.view.plain_principal)
         if claimed is None:
             return None
         hit = self._grants.get(id(claimed))
@@ -178,8 +178,8 @@ class FirmwareFastPath:
             return hit[1]
         image: _Image | None = None
         # The one rule FirmwareResource.render_get applies too (server.access).
-        principal = self.state.principal_of(remote)
-        readable = access.readable_image(self.state, principal) if principal else None
+        principal = self.view.principal_of(remote)
+        readable = access.readable_image(self.view, principal) if principal else None
         if readable is not None:
             image = self._image(readable.digest, readable.size)
         if len(self._grants) >= _MAX_GRANTS:
@@ -193,7 +193,7 @@ class FirmwareFastPath:
             if len(self._images) >= _MAX_IMAGES:
                 self._forget()
             try:
-                path = self.state.blobs.path_of(digest)
+                path = self.view.blobs.path_of(digest)
                 image = _Image(digest, size, path, len(self._images), self._memo)
             except OSError:
                 return None  # FirmwareResource reports it (5.00, logged)

@@ -20,7 +20,7 @@ Every resource does its own block-wise handling (`needs_blockwise_assembly` is F
 aiocoap's automatic Block2 would render the whole image into memory and cache it per
 client, and its Block1 spool is unbounded and keyed without our caps.
 
-Authorisation: the principal comes from the DTLS session (state.principal_of); what
+Authorisation: the principal comes from the DTLS session (view.principal_of); what
 it is served and may read, from the one rule in server.access. No principal: 4.01.
 A device asking for something that is not its own: 4.04 (no enumeration oracle,
 ATTACKS.md #32). A device on an operator resource: 4.03. Handlers raise refusals;
@@ -45,7 +45,7 @@ from ..store import Principal, Publisher, Role, TempBlob
 from ..store.errors import NotFound, StoreError
 from . import access
 from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
-from .state import ServerState
+from .store_view import StoreView
 from .uploads import Block, StagedImages, Uploads, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,13 @@ log = logging.getLogger(__name__)
 _TAKE_TIMEOUT = 10.0  # seconds; taking a staged image is one dict lookup on the loop
 
 
-def _max_szx(state: ServerState, request: Message) -> int:
+def _max_szx(view: StoreView, request: Message) -> int:
     remote_max = getattr(request.remote, "maximum_block_size_exp", blockwise.MAX_SZX)
-    return min(state.config.server.max_block_szx, remote_max, blockwise.MAX_SZX)
+    return min(view.config.server.max_block_szx, remote_max, blockwise.MAX_SZX)
 
 
 def _block2_response(
-    state: ServerState,
+    view: StoreView,
     request: Message,
     total: int,
     read: Callable[[int, int], bytes],
@@ -78,7 +78,7 @@ def _block2_response(
     answer = block2_responder.answer(
         total,
         None if asked is None else (asked.block_number, asked.size_exponent),
-        _max_szx(state, request),
+        _max_szx(view, request),
         content_format=content_format,
         etag=etag,
     )
@@ -101,9 +101,9 @@ def _nothing() -> None:
 class _Base(resource.Resource):
     """Shared plumbing: our own block handling, principal lookup, refusals rendered."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, view: StoreView) -> None:
         super().__init__()
-        self.state = state
+        self.view = view
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return False
@@ -117,7 +117,7 @@ class _Base(resource.Resource):
 
     def principal(self, request: Message) -> Principal:
         """The request's principal (from its DTLS session); 4.01 without one."""
-        principal = self.state.principal_of(request.remote)
+        principal = self.view.principal_of(request.remote)
         if principal is None:
             raise Unauthenticated()
         return principal
@@ -129,21 +129,21 @@ class ManifestResource(_Base, resource.ObservableResource):
     ct = protocol.CF_ENVELOPE
     rt = "otacoap.manifest"
 
-    def __init__(self, state: ServerState) -> None:
-        super().__init__(state)
+    def __init__(self, view: StoreView) -> None:
+        super().__init__(view)
         # observation -> (the observing device, ETag last sent)
         self._observers: dict[ServerObservation, tuple[Principal, bytes | None]] = {}
-        state.on_release_change(self.releases_changed)
+        view.on_release_change(self.releases_changed)
 
     async def add_observation(self, request: Message, serverobservation: ServerObservation) -> None:
         # aiocoap calls the cancellation callback of every observation it offered,
         # accepted or not, so always accept; declining is an early deregister.
-        principal = self.state.principal_of(request.remote)
-        release = access.release_of(self.state, principal) if principal is not None else None
+        principal = self.view.principal_of(request.remote)
+        release = access.release_of(self.view, principal) if principal is not None else None
         if principal is None or release is None:
             serverobservation.accept(_nothing)  # the 4.01/4.04 ends it (RFC 7641 §3.2)
             return
-        cfg = self.state.config.server
+        cfg = self.view.config.server
         mine = sum(1 for who, _ in self._observers.values() if who == principal)
         if len(self._observers) >= cfg.max_observers or mine >= cfg.max_observers_per_device:
             # RFC 7641 §4.1: a server may decline; the response then has no Observe.
@@ -161,7 +161,7 @@ class ManifestResource(_Base, resource.ObservableResource):
     def releases_changed(self) -> None:
         """Notify each observer whose release actually changed."""
         for obs, (principal, etag) in list(self._observers.items()):
-            release = access.release_of(self.state, principal)
+            release = access.release_of(self.view, principal)
             new_etag = release.etag if release else None
             if new_etag != etag:
                 self._observers[obs] = (principal, new_etag)
@@ -173,7 +173,7 @@ class ManifestResource(_Base, resource.ObservableResource):
 
     async def render_get(self, request: Message) -> Message:
         principal = self.principal(request)
-        release = access.release_of(self.state, principal)
+        release = access.release_of(self.view, principal)
         if release is None:
             log.debug("/m for %s: no release", principal)
             raise NotFound("no release")
@@ -182,7 +182,7 @@ class ManifestResource(_Base, resource.ObservableResource):
             return Message(code=Code.VALID, etag=release.etag)
         envelope = release.envelope
         response = _block2_response(
-            self.state,
+            self.view,
             request,
             len(envelope),
             lambda off, n: envelope[off : off + n],
@@ -199,19 +199,19 @@ class FirmwareResource(_Base, resource.PathCapable):
     async def render_get(self, request: Message) -> Message:
         path = request.opt.uri_path
         principal = self.principal(request)
-        image = access.readable_image(self.state, principal)
+        image = access.readable_image(self.view, principal)
         # Exact match only: case, trailing slashes or encodings are other names.
         if image is None or path != (image.image_id,):
             # ascii(): the path is attacker-chosen text headed for logs and the audit.
             subject = ascii("/fw/" + "/".join(path))[1:-1][:60]
-            self.state.refused(str(principal), "fw.get", subject, "not this device's image")
+            self.view.refused(str(principal), "fw.get", subject, "not this device's image")
             raise NotFound("not found")
         try:
             response = _block2_response(
-                self.state,
+                self.view,
                 request,
                 image.size,
-                lambda off, n: self.state.blob_reader.read(image.digest, off, n),
+                lambda off, n: self.view.blob_reader.read(image.digest, off, n),
                 protocol.CF_IMAGE,
                 image.etag,
             )
@@ -246,11 +246,11 @@ class ReportResource(_Base):
         try:
             # The body never names the device: the session does (ATTACKS.md #33).
             report = decode_report(body)
-            outcome = await self.state.db(lambda s: s.record_report(principal.name, report, body))
+            outcome = await self.view.db(lambda s: s.record_report(principal.name, report, body))
         except NotFound:
             raise Unauthenticated("unknown device") from None
         except OtaError as exc:
-            self.state.refused(str(principal), "report", principal.name, str(exc))
+            self.view.refused(str(principal), "report", principal.name, str(exc))
             raise
         log.info(
             "report from %s: #%d %s %s%s",
@@ -271,8 +271,8 @@ class _AdminUpload(_Base):
 
     name = ""
 
-    def __init__(self, state: ServerState, uploads: Uploads, staged: StagedImages) -> None:
-        super().__init__(state)
+    def __init__(self, view: StoreView, uploads: Uploads, staged: StagedImages) -> None:
+        super().__init__(view)
         self.uploads = uploads
         self.staged = staged
 
@@ -288,7 +288,7 @@ class _AdminUpload(_Base):
     async def render_post(self, request: Message) -> Message:
         principal = self.principal(request)
         if principal.role is not Role.OPERATOR:
-            self.state.refused(str(principal), "admin", self.name, "device on an operator resource")
+            self.view.refused(str(principal), "admin", self.name, "device on an operator resource")
             raise WrongRole("operators only")
         b1 = request.opt.block1
         block = Block(b1.block_number, bool(b1.more), b1.size_exponent) if b1 else None
@@ -303,7 +303,7 @@ class _AdminUpload(_Base):
                 key, block, bytes(request.payload), self.cap(), request.opt.size1
             )
         except OtaError as exc:
-            self.state.refused(str(principal), "upload", self.name, str(exc))
+            self.view.refused(str(principal), "upload", self.name, str(exc))
             raise
         if blob is None:
             # RFC 7959 §2.3: 2.31 Continue acknowledges the block, echoing Block1.
@@ -330,11 +330,11 @@ class AdminImageResource(_AdminUpload):
     name = "image"
 
     def cap(self) -> int:
-        return self.state.config.publish.max_image_size
+        return self.view.config.publish.max_image_size
 
     async def complete(self, principal: Principal, blob: TempBlob) -> Message:
         try:
-            digest = await self.state.db(lambda _s: blob.finish())  # fsync off the loop
+            digest = await self.view.db(lambda _s: blob.finish())  # fsync off the loop
             self.staged.put(principal.identity, blob)
         except BaseException:
             blob.discard()
@@ -342,7 +342,7 @@ class AdminImageResource(_AdminUpload):
         log.info(
             "staged image sha256:%s (%d bytes) from %s", digest.hex()[:16], blob.size, principal
         )
-        self.state.audit_soon(
+        self.view.audit_soon(
             str(principal),
             "upload",
             f"image sha256:{digest.hex()[:16]}",
@@ -367,7 +367,7 @@ class AdminReleaseResource(_AdminUpload):
     name = "release"
 
     def cap(self) -> int:
-        return self.state.config.publish.max_envelope_size
+        return self.view.config.publish.max_envelope_size
 
     async def complete(self, principal: Principal, blob: TempBlob) -> Message:
         try:
@@ -376,12 +376,12 @@ class AdminReleaseResource(_AdminUpload):
                 envelope = f.read(self.cap() + 1)
         finally:
             blob.discard()
-        blobs, cfg = self.state.blobs, self.state.config.publish
+        blobs, cfg = self.view.blobs, self.view.config.publish
         staged = _OwnUploads(self.staged, principal.identity, asyncio.get_running_loop())
-        release = await self.state.db(
+        release = await self.view.db(
             lambda s: Publisher(s, blobs, cfg).publish_uploaded(envelope, staged, str(principal))
         )
-        self.state.refresh()  # tell /m observers now rather than at the next poll
+        self.view.refresh()  # tell /m observers now rather than at the next poll
         return Message(
             code=Code.CHANGED,
             payload=cbor.dumps(
@@ -423,28 +423,28 @@ class DiscoveryResource(resource.WKCResource):
     (RFC 7252 §11.3, ATTACKS.md #29).
     """
 
-    def __init__(self, state: ServerState, site: resource.Site) -> None:
+    def __init__(self, view: StoreView, site: resource.Site) -> None:
         super().__init__(site.get_resources_as_linkheader, impl_info=None)
-        self.state = state
+        self.view = view
 
     async def render_get(self, request: Message) -> Message:
-        if self.state.principal_of(request.remote) is None:
+        if self.view.principal_of(request.remote) is None:
             # No diagnostic text: the source may be spoofed (no amplification, §11.3).
             return error_response(Unauthenticated(""))
         return await super().render_get(request)
 
 
 def build_site(
-    state: ServerState, uploads: Uploads, staged: StagedImages
+    view: StoreView, uploads: Uploads, staged: StagedImages
 ) -> tuple[resource.Site, ManifestResource]:
     site = resource.Site()
-    manifest = ManifestResource(state)
-    site.add_resource([".well-known", "core"], DiscoveryResource(state, site))
+    manifest = ManifestResource(view)
+    site.add_resource([".well-known", "core"], DiscoveryResource(view, site))
     site.add_resource(list(protocol.PATH_MANIFEST), manifest)
-    site.add_resource(list(protocol.PATH_FIRMWARE), FirmwareResource(state))
-    site.add_resource(list(protocol.PATH_REPORT), ReportResource(state))
-    site.add_resource([*protocol.PATH_ADMIN, "image"], AdminImageResource(state, uploads, staged))
+    site.add_resource(list(protocol.PATH_FIRMWARE), FirmwareResource(view))
+    site.add_resource(list(protocol.PATH_REPORT), ReportResource(view))
+    site.add_resource([*protocol.PATH_ADMIN, "image"], AdminImageResource(view, uploads, staged))
     site.add_resource(
-        [*protocol.PATH_ADMIN, "release"], AdminReleaseResource(state, uploads, staged)
+        [*protocol.PATH_ADMIN, "release"], AdminReleaseResource(view, uploads, staged)
     )
     return site, manifest

@@ -33,7 +33,7 @@ T = TypeVar("T")
 _MAX_CACHED = 8192
 
 
-class ServerState:
+class StoreView:
     def __init__(
         self,
         datadir: DataDir,
