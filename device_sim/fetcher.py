@@ -22,11 +22,11 @@ Two modes, chosen by `FetchConfig.max_window`:
   exchange after a backoff on the injected clock. This is exactly the code path of
   before the window existed, so it stays the baseline.
 * `max_window > 1` and a known size (the image): up to W Block2 requests outstanding,
-  W chosen by `CongestionController` (AIMD window, CoCoA-style RTO). See that class
-  and `_windowed` for the rules; device_sim/README.md has the design in prose. The
-  envelope (size unknown, capped) is always fetched lock-step: a window must never ask
-  for blocks past the end of a resource, and only the signed manifest says where the
-  end is.
+  W chosen by `otacoap.core.congestion.CongestionController` (AIMD window, CoCoA-style
+  RTO, pure). See that class and `_windowed` / `_Window` for the rules;
+  device_sim/README.md has the design in prose. The envelope (size unknown, capped) is
+  always fetched lock-step: a window must never ask for blocks past the end of a
+  resource, and only the signed manifest says where the end is.
 
 Memory: lock-step holds one block; windowed holds at most `max_window` blocks (the
 requests never reach further than `max_window` blocks past the next block the writer
