@@ -630,8 +630,8 @@ class _Window:
             cc.on_rtt(rtt)
             return
         cc.on_answer(rtt)
-        for other in b.live:
-            other.task.cancel()
+        for alive in b.live:
+            alive.task.cancel()
         if self.probing:
             self.probing = False
             for parked in self.table.values():
@@ -642,8 +642,8 @@ class _Window:
             # way: keep this block if it is the next one the writer needs, drop
             # everything else and go on at the new size.
             f._szx = szx
-            for other in self.table.values():
-                for a in other.live:
+            for block in self.table.values():
+                for a in block.live:
                     a.task.cancel()
             self.table.clear()
             if b.offset == self.head:

@@ -88,7 +88,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self.virtual_now = 0.0
-        self._selector = _VirtualSelector(self._selector, self)  # type: ignore[has-type]
+        inner: selectors.BaseSelector = self._selector  # type: ignore[has-type]
+        self._selector = _VirtualSelector(inner, self)
 
     def time(self) -> float:
         return self.virtual_now
