@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print each result as a JSON line")
     r.set_defaults(handler=cmd_run)
 
-    from .fleet import register as register_fleet  # the fleet simulator (issue 5)
+    from .fleet.cli import register as register_fleet  # the fleet simulator (issue 5)
 
     register_fleet(sub)
     return parser

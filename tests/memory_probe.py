@@ -12,7 +12,16 @@ this hygiene, each for a reason:
   device's allocations count, and the device runs on uvloop (as the CLI does):
   asyncio's selector transport calls recvfrom with a 256 KiB Python buffer for every
   datagram, which tracemalloc would report as a transient that is not the agent's;
-* over DTLS the aiocoap context and the DTLS session are up before tracing starts.
+* over DTLS the aiocoap context and the DTLS session are up before tracing starts;
+* in process, the update runs on virtual time (`VirtualTimeLoop`): the loop's clock
+  moves only when every task waits, by exactly as much as the next timer needs. The
+  windowed fetcher's retransmission timers run on the loop's clock (tens of ms in the
+  tests), so on a busy machine a real clock let the scheduler's pauses fire them: every
+  block of the window was asked again while its first request stayed alive (by design,
+  for a strong RTT sample), a few KiB of request state each. Bounded by the window, but
+  a longer transfer met more such pauses, so the peak looked as if it grew with the
+  image. On virtual time the order of events is the seeded link's, whatever the load,
+  and a growth of the peak can only come from the code.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import selectors
 import subprocess
 import sys
 import tracemalloc
@@ -45,6 +55,55 @@ class Measured:
     rig: Rig
     image_digest: bytes
     buffered: int = 0  # most blocks the fetcher held out of order (windowed)
+
+
+class _VirtualSelector:
+    """The loop's selector, except that waiting for a timer advances virtual time.
+
+    Ready file descriptors (the loop's self-pipe) are still polled, without blocking;
+    a wait with no timer at all (nothing scheduled, only I/O could wake the loop) is a
+    real one, as an in-process update never does that except when it is stuck.
+    """
+
+    def __init__(self, inner: selectors.BaseSelector, loop: VirtualTimeLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        events = self._inner.select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:
+            return self._inner.select(None)
+        self._loop.virtual_now += timeout
+        return []
+
+    def __getattr__(self, name: str) -> Any:  # register, unregister, close, get_map
+        return getattr(self._inner, name)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is virtual (see the module docstring for why)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.virtual_now = 0.0
+        inner: selectors.BaseSelector = self._selector  # type: ignore[has-type]
+        self._selector = _VirtualSelector(inner, self)
+
+    def time(self) -> float:
+        return self.virtual_now
+
+
+class LoopClock:
+    """The device's injected clock (deadline, watchdog, backoff) on the loop's time, so
+    that it agrees with the fetcher's timers on a VirtualTimeLoop."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
 
 
 def _fill_free_lists() -> None:
@@ -77,7 +136,7 @@ def inprocess_update_peak(
     wrap: Callable[[InProcessTransport], Any] = lambda transport: transport,
 ) -> Measured:
     """One update of a generated `size`-byte image through InProcessTransport (which
-    `wrap` may put behind something, e.g. a jittered link)."""
+    `wrap` may put behind something, e.g. a jittered link), on virtual time."""
     rig = make_rig(tmp, slot_size=size + 4096)
     image = GeneratedImage(size, seed=size)
     server = InProcessServer(
@@ -88,6 +147,7 @@ def inprocess_update_peak(
         rig.path,
         "coaps://in-process",
         config=config or AgentConfig(),
+        clock=LoopClock(),
         transport=wrap(InProcessTransport(server)),
     )
 
@@ -97,7 +157,8 @@ def inprocess_update_peak(
         finally:
             await device.close()
 
-    peak, result, buffered = asyncio.run(go())
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        peak, result, buffered = runner.run(go())
     return Measured(peak, result, rig, image.digest, buffered)
 
 

@@ -34,8 +34,16 @@ from server_helpers import (  # noqa: E402
     running_server,
 )
 
-from device_sim import fleet  # noqa: E402
-from device_sim.fleet_report import DeviceOutcome, FleetReport, percentile  # noqa: E402
+from device_sim.fleet import cli as fleet_cli  # noqa: E402
+from device_sim.fleet.options import FleetError  # noqa: E402
+from device_sim.fleet.preparation import image_bytes  # noqa: E402
+from device_sim.fleet.report import (  # noqa: E402
+    DeviceOutcome,
+    FleetDeviceOutcome,
+    FleetReport,
+    FleetRunReport,
+    percentile,
+)
 from device_sim.provision import inspect  # noqa: E402
 from otacoap.core import cose  # noqa: E402
 from otacoap.fsutil import atomic_write  # noqa: E402
@@ -355,19 +363,17 @@ def test_summary_on_synthetic_data(tmp_path: Path) -> None:
 
 def test_fleet_run_report_adds_update_times() -> None:
     devices: list[DeviceOutcome] = [
-        fleet.FleetDeviceOutcome(
+        FleetDeviceOutcome(
             f"d{i}", "updated", seconds=10.0 + i, duration=float(i), attempts=1 + (i == 3)
         )
         for i in range(1, 5)
     ]
-    devices.append(
-        fleet.FleetDeviceOutcome("x", "unconfirmed", "no report", duration=None, timeouts=2)
-    )
-    s = fleet.FleetRunReport(devices, 20.0, 4096, network={"c2s": {"dropped": 1}}).summary()
+    devices.append(FleetDeviceOutcome("x", "unconfirmed", "no report", duration=None, timeouts=2))
+    s = FleetRunReport(devices, 20.0, 4096, network={"c2s": {"dropped": 1}}).summary()
     assert s["completed"] == 4 and s["success_rate"] == 0.8
     assert (s["update_p50_seconds"], s["update_p99_seconds"]) == (2.0, 4.0)
     assert s["p50_seconds"] == 12.0 and s["devices_retried"] == 1 and s["timeouts"] == 2
-    full = fleet.FleetRunReport(devices, 20.0, 4096, network={"c2s": {"dropped": 1}}).to_json()
+    full = FleetRunReport(devices, 20.0, 4096, network={"c2s": {"dropped": 1}}).to_json()
     assert full["network"] == {"c2s": {"dropped": 1}} and full["per_device"][0]["duration"] == 1.0
 
 
@@ -437,22 +443,20 @@ def test_missing_store_access_and_bad_key_are_one_line_errors(tmp_path: Path) ->
 def test_register_adds_the_fleet_subcommand() -> None:
     parser = argparse.ArgumentParser(prog="python -m device_sim")
     sub = parser.add_subparsers(dest="command")
-    fleet.register(sub)
+    fleet_cli.register(sub)
     argv = ["fleet", "--server", "coaps://127.0.0.1:1", "--devices", "7", "--key", "k.pem"]
     argv += ["--data", "d", "--loss", "0.1", "--processes", "2", "--release", "e.suit", "i.bin"]
     args = parser.parse_args(argv)
-    assert args.handler is fleet.cmd_fleet
+    assert args.handler is fleet_cli.cmd_fleet
     assert (args.devices, args.loss, args.processes) == (7, 0.1, 2)
     assert args.release == [Path("e.suit"), Path("i.bin")]
-    with pytest.raises(fleet.FleetError, match="--class-info"):
-        fleet.options_from_args(args)
+    with pytest.raises(FleetError, match="--class-info"):
+        fleet_cli.options_from_args(args)
 
 
 def test_release_image_digest_is_what_devices_must_show() -> None:
     """The generated images are deterministic per label and differ between factory and
     release (a device still on the factory image can never pass verification)."""
-    a = fleet._image_bytes("x:release", 5000)
-    assert a == fleet._image_bytes("x:release", 5000) and len(a) == 5000
-    assert (
-        hashlib.sha256(a).digest() != hashlib.sha256(fleet._image_bytes("x:factory", 5000)).digest()
-    )
+    a = image_bytes("x:release", 5000)
+    assert a == image_bytes("x:release", 5000) and len(a) == 5000
+    assert hashlib.sha256(a).digest() != hashlib.sha256(image_bytes("x:factory", 5000)).digest()

@@ -2,7 +2,9 @@
 the JSON report and the completions-over-time plot.
 
 Kept apart from the runner so the figures can be recomputed from a saved report and
-tested without a network.
+tested without a network. `DeviceOutcome`/`FleetReport` hold what any fleet run has;
+`FleetDeviceOutcome`/`FleetRunReport` add what this simulator measures (update times,
+attempts, the transport's counters, the link's statistics).
 """
 
 from __future__ import annotations
@@ -123,6 +125,61 @@ class FleetReport:
         fig.savefig(buf, format="png")
         plt.close(fig)
         atomic_write(path, buf.getvalue())
+
+
+@dataclass
+class FleetDeviceOutcome(DeviceOutcome):
+    """One device's run, with what the verification and the transport saw.
+
+    `seconds` (inherited) is when the device finished, counted from the fleet's start:
+    what the completions-over-time plot shows. `duration` is its own update time
+    from getting a concurrency slot, which is what a single device experiences.
+    `retransmissions` counts requests the device sent again unchanged (same method,
+    path and block, after a timeout or an error); aiocoap's own CoAP-level CON
+    retransmissions below the agent are not exposed and not included.
+    """
+
+    started: float | None = None
+    duration: float | None = None
+    attempts: int = 0
+    requests: int = 0
+    timeouts: int = 0
+    resets: int = 0
+    flash_sequence: int | None = None
+    flash_image_ok: bool = False
+    queued_reports: int | None = None
+    server_confirmed: bool | None = None
+    worker: int = 0
+    earlier: list[str] = field(default_factory=list)  # why earlier attempts failed
+
+
+@dataclass
+class FleetRunReport(FleetReport):
+    """FleetReport plus per-device update times, attempts and the link's statistics."""
+
+    network: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        s = super().summary()
+        outs = [d for d in self.devices if isinstance(d, FleetDeviceOutcome)]
+        durations = [d.duration for d in outs if d.ok and d.duration is not None]
+        s.update(
+            {
+                "update_p50_seconds": percentile(durations, 50),
+                "update_p95_seconds": percentile(durations, 95),
+                "update_p99_seconds": percentile(durations, 99),
+                "requests": sum(d.requests for d in outs),
+                "timeouts": sum(d.timeouts for d in outs),
+                "dtls_resets": sum(d.resets for d in outs),
+                "devices_retried": sum(1 for d in outs if d.attempts > 1),
+            }
+        )
+        return s
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["network"] = self.network
+        return out
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -1,0 +1,160 @@
+"""The fleet simulator's operator role: its one seam to the server side.
+
+The simulator plays two parts. As devices (`worker`) it only speaks CoAP/DTLS like any
+device. As the operator of its own test fleet it also registers devices, publishes the
+release and afterwards reads the server's store to check every "confirmed" report.
+Every one of those operations is here, and this is the only module of the package
+that imports the store (`otacoap.store`) or the operator's network client, so the
+layer rule "device_sim imports otacoap.core" has exactly one declared exception.
+
+Two ways to reach the server side, chosen by the options:
+* `--data DIR` (local): the server's own store, the code path of `otacoap device add`
+  and `otacoap publish`; SQLite in WAL mode lets this process and the running server
+  share the file, and the server notices both through its store poll;
+* `--operator NAME --operator-psk HEX` (network): publish as an operator over DTLS;
+  the devices must already be registered (`--devices-file`), and the store cannot be
+  read afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from otacoap import eventloop
+from otacoap.core.errors import OtaError
+from otacoap.core.ids import class_key_of
+from otacoap.operator.client import publish
+from otacoap.store import DataDir, Publisher
+from otacoap.store.names import check_device_id
+
+from .options import PSK_LENGTH, FleetError, FleetOptions, read_input
+from .report import FleetDeviceOutcome
+
+_log = logging.getLogger(__name__)
+
+# The actor the store's audit log records for the fleet's registrations and publishes.
+ACTOR = "fleet-simulator"
+
+
+def read_devices_file(path: Path, n: int) -> tuple[tuple[str, bytes], ...]:
+    """Lines of `DEVICE_ID PSK_HEX` (blank lines and # comments ignored)."""
+    out: list[tuple[str, bytes]] = []
+    text = read_input(path, 16 * 1024 * 1024, "--devices-file").decode("utf-8", "replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.replace(",", " ").split()
+        if len(parts) != 2:
+            raise FleetError(f"{path}:{lineno}: expected 'DEVICE_ID PSK_HEX'")
+        try:
+            check_device_id(parts[0])
+            psk = bytes.fromhex(parts[1])
+        except (OtaError, ValueError) as exc:
+            raise FleetError(f"{path}:{lineno}: {exc}") from None
+        if len(psk) != PSK_LENGTH:
+            raise FleetError(f"{path}:{lineno}: PSK must be {PSK_LENGTH} bytes")
+        out.append((parts[0], psk))
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise FleetError(f"{path} lists {len(out)} devices, --devices asks for {n}")
+    return tuple(out)
+
+
+def register_and_publish(
+    opts: FleetOptions,
+    devices: Sequence[tuple[str, bytes]],
+    vendor: str,
+    class_info: str,
+    envelope: bytes,
+    image_path: Path,
+    key: Any,
+) -> dict[str, Any]:
+    """Register through the store (as `otacoap device add`) and publish (as
+    `otacoap publish`); the server notices both through its store poll."""
+    assert opts.data is not None
+    datadir = DataDir(opts.data)
+    config = datadir.config()
+    store = datadir.open_store()
+    try:
+        if key.public.key_id not in {a.key_id for a in store.list_anchors()}:
+            raise FleetError(
+                f"the server in {opts.data} does not trust --key (key id "
+                f"{key.public.key_id}); run 'otacoap trust add --data {opts.data} KEY.pub'"
+            )
+        for device_id, psk in devices:
+            store.add_device(device_id, vendor, class_info, psk, ACTOR)
+        current = store.current_release(class_key_of(vendor, class_info))
+        if current is not None and current.envelope == envelope:
+            published = "already current"
+        else:
+            Publisher(store, datadir.blobs, config.publish).publish_file(
+                envelope, image_path, ACTOR
+            )
+            published = "published"
+    finally:
+        store.close()
+    s = config.server
+    if opts.concurrency > s.max_dtls_sessions:
+        # Every device in flight needs a session; beyond the cap, newly admitted ones
+        # push out the least recently used, which may still be downloading.
+        _log.warning(
+            "concurrency %d but the server's max_dtls_sessions is %d: devices in flight "
+            "will push each other's sessions out; raise it in %s/config.toml",
+            opts.concurrency,
+            s.max_dtls_sessions,
+            opts.data,
+        )
+    return {
+        "data": str(opts.data),
+        "release": published,
+        "max_dtls_sessions": s.max_dtls_sessions,
+        "observe_poll_interval": s.observe_poll_interval,
+    }
+
+
+def publish_over_network(opts: FleetOptions, envelope: bytes, image_path: Path) -> None:
+    """Publish the release as operator `--operator` over DTLS (as `otacoap publish`
+    with a server URI does)."""
+    assert opts.operator is not None and opts.operator_psk is not None
+    try:
+        eventloop.run(publish(opts.server, opts.operator, opts.operator_psk, envelope, image_path))
+    except OtaError as exc:
+        raise FleetError(f"publishing over the network failed: {exc}") from None
+
+
+def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) -> dict[str, Any]:
+    """The server's side of the verification: each updated device's "confirmed" report
+    for the release's sequence number must be in the store. Also the report counts."""
+    store = DataDir(data).open_store()
+    by_state: dict[str, int] = {}
+    total = 0
+    confirmed = 0
+    try:
+        for out in outcomes:
+            reports = store.list_reports(out.device, 1000)
+            total += len(reports)
+            for r in reports:
+                by_state[r.state] = by_state.get(r.state, 0) + 1
+            ok = any(r.state == "confirmed" and r.sequence_number == seq for r in reports)
+            out.server_confirmed = ok
+            confirmed += ok
+            if out.outcome == "updated" and not ok:
+                out.outcome, out.reason = "unconfirmed", "the server has no confirmed report"
+                out.seconds = out.duration = None
+        try:
+            audit: Any = store.verify_audit()[0]
+        except OtaError as exc:
+            audit = f"audit chain broken: {exc}"
+    finally:
+        store.close()
+    return {
+        "reports": total,
+        "reports_by_state": dict(sorted(by_state.items())),
+        "devices_confirmed": confirmed,
+        "audit_entries": audit,
+    }

@@ -1,0 +1,229 @@
+"""One whole fleet run: setup, preflight, the workers, verification and the report.
+
+`run_fleet` is what the CLI calls; it cleans up its temporary flash directory however
+the run ends (an error, Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from otacoap import eventloop
+from otacoap.core import blockwise
+
+from ..coap import CoapTransport, normalize_base
+from ..netem import LinkProfile
+from ..transport import TransportError
+from .operator_role import check_confirmed
+from .options import SECTOR_SIZE, FleetError, FleetOptions
+from .preparation import Prepared, prepare
+from .processes import run_inprocess, run_processes
+from .progress import Progress
+from .report import FleetRunReport
+from .worker import WorkerJob
+
+
+async def preflight(server: str, device: tuple[str, bytes], seq: int, szx: int) -> None:
+    """Ask /m as the first device before launching everyone.
+
+    A server that does not use the data directory the devices were registered in, or
+    that is not running at all, would otherwise cost every device its full deadline.
+    The server learns of the release by polling its store, so 4.04 is retried briefly.
+    """
+    transport = CoapTransport(server, device[0], device[1])
+    last = "no answer"
+    try:
+        for _ in range(20):
+            try:
+                resp = await transport.get("/m", block2=(0, 0, szx), timeout=3.0)
+            except TransportError as exc:
+                last = str(exc)
+                await transport.reset()
+                continue
+            if resp.successful:
+                return
+            last = f"answered {resp.code >> 5}.{resp.code & 31:02d}"
+            await asyncio.sleep(0.5)
+    finally:
+        await transport.close()
+    raise FleetError(
+        f"{server} does not offer seq {seq} to device {device[0]} ({last}): is the server "
+        "running, and on the data directory the devices were registered in?"
+    )
+
+
+def _split(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    out: list[list[Any]] = [[] for _ in range(parts)]
+    for i, item in enumerate(items):
+        out[i % parts].append(item)
+    return out
+
+
+def _server_address(server: str) -> tuple[str, int]:
+    parts = urlsplit(server)
+    assert parts.hostname is not None
+    port = parts.port or 5684
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise FleetError(f"cannot resolve {parts.hostname}: {exc}") from None
+    return str(infos[0][4][0]), port
+
+
+def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> list[WorkerJob]:
+    upstream = None
+    if opts.impairment != LinkProfile():
+        upstream = _server_address(server)
+        if not ipaddress.ip_address(upstream[0]).is_loopback:
+            raise FleetError(
+                "impairment options need a server on loopback (the netem proxy only "
+                f"relays to 127.0.0.0/8 or ::1, not {upstream[0]})"
+            )
+    # No worker without a device or without a concurrency slot of its own.
+    m = max(1, min(opts.processes, len(prepared.devices), opts.concurrency))
+    shares = _split(prepared.devices, m)
+    slot = -(-prepared.image_size // SECTOR_SIZE) * SECTOR_SIZE
+    jobs = []
+    for i in range(m):
+        conc = opts.concurrency // m + (1 if i < opts.concurrency % m else 0)
+        jobs.append(
+            WorkerJob(
+                index=i,
+                server_uri=server,
+                upstream=upstream,
+                impairment=opts.impairment,
+                seed=opts.seed + i,
+                devices=tuple(shares[i]),
+                flash_dir=str(work / f"w{i}"),
+                vendor_domain=prepared.vendor_domain,
+                class_info=prepared.class_info,
+                anchors_pem=prepared.anchors_pem,
+                factory_image=prepared.factory_image,
+                factory_envelope=prepared.factory_envelope,
+                slot_size=slot,
+                szx=blockwise.szx_of(opts.block_size),
+                max_window=opts.max_window,
+                concurrency=max(1, conc),
+                timeout=opts.timeout,
+                attempts=opts.attempts,
+                expected_seq=prepared.seq,
+                expected_digest=prepared.image_digest.hex(),
+            )
+        )
+    return jobs
+
+
+def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunReport:
+    """The whole run: setup, update every device, verify, report. Cleans up after itself."""
+    stream = stream if stream is not None else sys.stderr
+    try:
+        server = normalize_base(opts.server)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from None
+    enabled = opts.progress if opts.progress is not None else stream.isatty()
+    progress = Progress(opts.devices, enabled, stream)
+    if opts.work is not None:
+        opts.work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="fleet-", dir=opts.work))
+        keep = True
+    else:
+        work = Path(tempfile.mkdtemp(prefix="otacoap-fleet-"))
+        keep = False
+    wall_start = time.monotonic()
+    try:
+        prepared, server_facts = prepare(opts, work, progress)
+        jobs = _jobs(opts, prepared, server, work)
+        progress.phase("checking that the server offers the release")
+        eventloop.run(preflight(server, prepared.devices[0], prepared.seq, jobs[0].szx))
+        progress.phase(f"provisioning {opts.devices} flash files in {work}")
+        if len(jobs) == 1:
+            t0, one = run_inprocess(jobs[0], opts.run_deadline(), progress)
+            results = [one]
+        else:
+            t0, results = run_processes(jobs, opts.run_deadline(), progress)
+        wall = time.monotonic() - t0
+        progress.finish()
+        outcomes = [o for r in results for o in r.outcomes]
+        if opts.data is not None:
+            server_facts.update(check_confirmed(opts.data, prepared.seq, outcomes))
+        else:
+            for out in outcomes:
+                if out.outcome == "updated" and out.queued_reports:
+                    out.outcome, out.reason = "unconfirmed", "reports still queued on the device"
+                    out.seconds = out.duration = None
+        order = {dev: i for i, (dev, _) in enumerate(prepared.devices)}
+        outcomes.sort(key=lambda o: order.get(o.device, 0))
+        report = FleetRunReport(
+            devices=list(outcomes),
+            wall_seconds=wall,
+            image_size=prepared.image_size,
+            settings=_settings(opts, prepared, server, work if keep else None, len(jobs)),
+            server=server_facts,
+            network=_merge_network([r.network for r in results]),
+        )
+        report.settings["setup_seconds"] = round(t0 - wall_start, 3)
+        if opts.report is not None:
+            report.write_json(opts.report)
+        if opts.plot is not None:
+            report.write_plot(opts.plot)
+        return report
+    finally:
+        if not keep:
+            _remove_tree(work)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the flash directory (thousands of files: seconds) even if a SIGTERM or a
+    Ctrl-C arrives while it is being removed; a few repeated interrupts still win."""
+    for _ in range(3):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _merge_network(parts: list[dict[str, dict[str, int]]]) -> dict[str, Any]:
+    merged: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for direction, stats in part.items():
+            into = merged.setdefault(direction, {})
+            for k, v in stats.items():
+                into[k] = into.get(k, 0) + v
+    return merged
+
+
+def _settings(
+    opts: FleetOptions, prepared: Prepared, server: str, kept: Path | None, processes: int
+) -> dict[str, Any]:
+    imp = opts.impairment
+    return {
+        "server": server,
+        "mode": "local store" if opts.data is not None else "network (operator)",
+        "vendor_domain": prepared.vendor_domain,
+        "class_info": prepared.class_info,
+        "release_seq": prepared.seq,
+        "image_id": prepared.image_id,
+        "image_sha256": prepared.image_digest.hex(),
+        "block_size": opts.block_size,
+        "max_window": opts.max_window,
+        "concurrency": opts.concurrency,
+        "processes": processes,
+        "timeout": opts.timeout,
+        "max_time": opts.run_deadline(),
+        "attempts": opts.attempts,
+        "seed": opts.seed,
+        "impairment": asdict(imp) if imp != LinkProfile() else None,
+        "work_dir": str(kept) if kept is not None else None,
+    }

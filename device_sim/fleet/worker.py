@@ -1,0 +1,285 @@
+"""One worker's share of the fleet: provision its flash files, run every device's
+update agent (at most `concurrency` at once, optionally through one netem proxy),
+retry like a device's next poll, and verify each flash the way the bootloader reads it.
+
+A worker runs in the parent's process (one worker) or in its own process (see
+`processes`); either way it only ever acts as devices, never as the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from otacoap.core.errors import OtaError
+
+from ..agent import AgentConfig, DeviceAgent, Outcome
+from ..coap import CoapTransport
+from ..fetcher import FetchConfig
+from ..netem import LinkProfile, UdpImpairmentProxy
+from ..provision import inspect, provision
+from .counting_transport import CountingTransport, Tally
+from .options import SECTOR_SIZE
+from .report import FleetDeviceOutcome
+
+_log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 0.5  # seconds between progress samples sent to the parent
+GRACE = 30.0  # how long past the run deadline a worker may take to wind down
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One worker's share of the fleet; pickled to a worker process as is."""
+
+    index: int
+    server_uri: str  # the real server (coaps://HOST:PORT)
+    upstream: tuple[str, int] | None  # where the proxy relays to, when impaired
+    impairment: LinkProfile
+    seed: int
+    devices: tuple[tuple[str, bytes], ...]  # (device id, PSK)
+    flash_dir: str
+    vendor_domain: str
+    class_info: str
+    anchors_pem: tuple[bytes, ...]
+    factory_image: bytes
+    factory_envelope: bytes
+    slot_size: int
+    szx: int
+    max_window: int
+    concurrency: int
+    timeout: float
+    attempts: int
+    expected_seq: int
+    expected_digest: str  # hex SHA-256 of the new image
+
+
+@dataclass
+class WorkerResult:
+    outcomes: list[FleetDeviceOutcome]
+    network: dict[str, dict[str, int]]
+
+
+ProgressFn = Callable[[int, tuple[int, int, int, int]], None]
+
+
+def flash_path(job: WorkerJob, device_id: str) -> Path:
+    return Path(job.flash_dir) / f"{device_id}.flash"
+
+
+def provision_worker(job: WorkerJob) -> None:
+    """Make every device's flash file: identity, PSK, anchors, factory image + envelope."""
+    Path(job.flash_dir).mkdir(parents=True, exist_ok=True)
+    for device_id, psk in job.devices:
+        provision(
+            flash_path(job, device_id),
+            device_id=device_id,
+            psk=psk,
+            vendor_domain=job.vendor_domain,
+            class_info=job.class_info,
+            anchors_pem=job.anchors_pem,
+            factory_image=job.factory_image,
+            factory_envelope=job.factory_envelope,
+            slot_size=job.slot_size,
+            sector_size=SECTOR_SIZE,
+            force=True,
+        )
+
+
+def _stats_dict(proxy: Any) -> dict[str, dict[str, int]]:
+    return {str(d): asdict(s) for d, s in proxy.stats.items()}
+
+
+async def run_worker(
+    job: WorkerJob, t0: float, deadline: float, progress: ProgressFn | None
+) -> WorkerResult:
+    """Run this worker's devices (bounded by its concurrency) until done or `deadline`.
+
+    `t0` and `deadline` are time.monotonic() values from the parent: CLOCK_MONOTONIC is
+    system-wide on Linux, so worker processes share the parent's time axis.
+    """
+    tally = Tally()
+    outcomes = [
+        FleetDeviceOutcome(
+            dev, "timeout", "fleet deadline before the device started", worker=job.index
+        )
+        for dev, _ in job.devices
+    ]
+    proxy = None
+    target = job.server_uri
+    if job.impairment != LinkProfile():
+        assert job.upstream is not None
+        profile = job.impairment
+        proxy = await UdpImpairmentProxy.start(
+            upstream=job.upstream,
+            listen=("127.0.0.1", 0),
+            profile=profile,
+            seed=job.seed,
+            event_log_size=0,  # nobody reads it; it would cost a deque append per datagram
+            # One lane per live client socket; finished devices' lanes age out (LRU).
+            max_sessions=max(64, 4 * job.concurrency),
+        )
+        host, port = proxy.address
+        target = f"coaps://{host}:{port}"
+    fetch = FetchConfig(szx=job.szx, deadline=job.timeout, max_window=job.max_window)
+    config = AgentConfig(fetch=fetch)
+    sem = asyncio.Semaphore(job.concurrency)
+    rng = random.Random(job.seed)
+
+    async def device(i: int) -> None:
+        async with sem:
+            await _update_device(job, i, outcomes[i], target, config, tally, t0, rng)
+
+    sampler: asyncio.Task[None] | None = None
+    tasks = [asyncio.create_task(device(i)) for i in range(len(job.devices))]
+    try:
+        if progress is not None:
+            sampler = asyncio.create_task(_sample(job.index, tally, progress))
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=GRACE)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if progress is not None:
+            progress(job.index, tally.snapshot())
+        network = _stats_dict(proxy) if proxy is not None else {}
+        if proxy is not None:
+            proxy.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proxy.wait_closed(), 5.0)
+    return WorkerResult(outcomes, network)
+
+
+async def _sample(index: int, tally: Tally, progress: ProgressFn) -> None:
+    while True:
+        progress(index, tally.snapshot())
+        await asyncio.sleep(SAMPLE_INTERVAL)
+
+
+async def _update_device(
+    job: WorkerJob,
+    i: int,
+    out: FleetDeviceOutcome,
+    target: str,
+    config: AgentConfig,
+    tally: Tally,
+    t0: float,
+    rng: random.Random,
+) -> None:
+    """One device: run the agent (retrying like a device's next poll would), drain its
+    report outbox, then verify its flash. Always closes its transport and flash."""
+    device_id, psk = job.devices[i]
+    path = flash_path(job, device_id)
+    start = time.monotonic()
+    out.started = start - t0
+    out.reason = "fleet deadline reached during the update"
+    tally.in_flight += 1
+    transport = CountingTransport(CoapTransport(target, device_id, psk), tally)
+    agent = DeviceAgent(path, target, config=config, transport=transport)
+    claimed = ""
+    try:
+        async with asyncio.timeout(job.timeout):
+            claimed = await _attempts(agent, out, job, rng)
+    except TimeoutError:
+        out.outcome, out.reason = "timeout", f"device deadline of {job.timeout:g} s"
+    except OtaError as exc:
+        out.outcome, out.reason = "failed", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a simulator bug must cost one device, not the fleet
+        _log.exception("device %s crashed", device_id)
+        out.outcome, out.reason = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transport.close(), 5.0)
+        agent.abandon()
+        tally.in_flight -= 1
+        out.requests = transport.requests
+        out.retransmissions = transport.retransmissions
+        out.timeouts = transport.timeouts
+        out.resets = transport.resets
+        out.blocks = transport.blocks
+        out.bytes = transport.bytes
+    if claimed == "updated":
+        _verify_flash(job, path, out)
+    if out.outcome == "updated":
+        end = time.monotonic()
+        out.seconds, out.duration = end - t0, end - start
+        tally.updated += 1
+    else:
+        tally.failed += 1
+
+
+async def _attempts(
+    agent: DeviceAgent, out: FleetDeviceOutcome, job: WorkerJob, rng: random.Random
+) -> str:
+    """Up to job.attempts agent runs, as a device tries again at its next poll; return
+    the agent's final outcome ("updated" on success).
+
+    Every unsuccessful outcome is retried except REVERTED (the device gave the release
+    up by design): the agent also reports a manifest transfer that stalled (e.g. the
+    slow-retrieval watchdog on /m) as REJECTED, and a real device would simply poll
+    again. Earlier attempts' reasons are kept in `out.earlier`.
+    """
+
+    def done(r: Any) -> bool:
+        return bool(
+            r.outcome == Outcome.UPDATED
+            # An earlier attempt got there but its answer was lost.
+            or (r.outcome == Outcome.UP_TO_DATE and r.sequence_number == job.expected_seq)
+        )
+
+    for attempt in range(1, job.attempts + 1):
+        out.attempts = attempt
+        result = await agent.run_once()
+        if done(result):
+            break
+        why = result.detail or result.reason.name.lower()
+        if result.outcome == Outcome.REVERTED or attempt == job.attempts:
+            out.outcome, out.reason = result.outcome.value, why
+            return str(out.outcome)
+        out.earlier.append(f"{result.outcome.value}: {why}")
+        await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + rng.random()))
+    # The "confirmed" report may still sit in the flash outbox if its POST was lost; a
+    # device sends it at its next contact, so keep contacting until it is acknowledged.
+    delay = 0.5
+    while agent.agent is not None and agent.agent.load().reports:
+        await agent.agent.flush_reports()
+        if agent.agent.load().reports:
+            await asyncio.sleep(delay * (0.5 + rng.random()))
+            delay = min(delay * 2, 4.0)
+    out.outcome, out.reason = "updated", ""
+    return "updated"
+
+
+def _verify_flash(job: WorkerJob, path: Path, out: FleetDeviceOutcome) -> None:
+    """Read the flash as the bootloader does; downgrade the outcome if it disagrees."""
+    try:
+        info = inspect(path)
+    except Exception as exc:
+        out.outcome, out.reason = "unverified", f"flash unreadable: {exc}"
+        return
+    out.flash_sequence = int(info["sequence_number"])
+    out.flash_image_ok = info["image_digest"] == job.expected_digest
+    out.queued_reports = int(info["queued_reports"])
+    problems = []
+    if out.flash_sequence != job.expected_seq:
+        problems.append(f"flash seq {out.flash_sequence}, expected {job.expected_seq}")
+    if not out.flash_image_ok:
+        problems.append("running image is not the release's image")
+    if info["boot_status"] != "confirmed" or not info["bootable"]:
+        problems.append(f"boot {info['boot_status']}, bootable {info['bootable']}")
+    if problems:
+        out.outcome, out.reason = "unverified", "; ".join(problems)
