@@ -16,13 +16,21 @@ import sys
 from collections.abc import Sequence
 
 from otacoap import eventloop
+from otacoap.cliargs import (
+    CliError,
+    Parser,
+    maybe_hex,
+    positive_seconds,
+    read_small_file,
+    size_type,
+    window_type,
+)
 from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
 
 from .bootloader import BootError
-from .cliargs import Parser, maybe_hex, positive_seconds, read_small_file, size_type, window
 from .device_state import StateError
-from .fetcher import DEFAULT_MAX_WINDOW
+from .fetcher import DEFAULT_MAX_WINDOW, MAX_WINDOW
 from .flash import FlashError
 from .layout import (
     DEFAULT_MAX_TRIAL_BOOTS,
@@ -35,10 +43,6 @@ from .state import StateStoreError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UPDATE_FAILED = 0, 1, 2, 3
 MAX_INPUT_FILE = 64 * 1024 * 1024
 MAX_SMALL_FILE = 256 * 1024
-
-
-class CliError(Exception):
-    """A refusal by the CLI itself (unreadable file, bad value)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--window",
-        type=window,
+        type=window_type(MAX_WINDOW),
         default=DEFAULT_MAX_WINDOW,
         metavar="N",
         help="most Block2 requests outstanding for the image, adapted to loss and delay "

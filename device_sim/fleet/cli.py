@@ -17,18 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from otacoap.core.errors import OtaError
-
-from ..cliargs import (
+from otacoap.cliargs import (
     Parser,
     non_negative_float,
     positive_float_type,
     positive_int,
     probability,
     size_type,
-    window,
+    window_type,
 )
+from otacoap.core.errors import OtaError
+
 from ..coap import normalize_base
+from ..fetcher import MAX_WINDOW
 from ..netem import LinkProfile
 from .options import (
     DEFAULT_ATTEMPTS,
@@ -167,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--window",
-        type=window,
+        type=window_type(MAX_WINDOW),
         default=1,
         metavar="N",
         help="most Block2 requests each device keeps outstanding, adapted by its "
@@ -221,7 +222,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_arguments(p)
     p.set_defaults(handler=cmd_fleet)
-    return p  # type: ignore[no-any-return]
+    return p
 
 
 def options_from_args(args: argparse.Namespace) -> FleetOptions:

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cliargs import read_small_file
+from otacoap.cliargs import read_small_file
+
 from ..netem import LinkProfile
 
 DEFAULT_IMAGE_SIZE = 64 * 1024

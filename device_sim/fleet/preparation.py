@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from otacoap.cliargs import maybe_hex
 from otacoap.core import build, cose, ids, suit, trust
 from otacoap.core.errors import OtaError
 
-from ..cliargs import maybe_hex
 from .operator_role import publish_over_network, read_devices_file, register_and_publish
 from .options import MAX_IMAGE_SIZE, PSK_LENGTH, FleetError, FleetOptions, read_input
 from .progress import Progress

@@ -140,4 +140,4 @@ def _recv(conn: Any, index: int) -> tuple[str, Any]:
         msg = conn.recv()
     except (EOFError, OSError):
         raise FleetError(f"worker process {index} died") from None
-    return msg  # type: ignore[no-any-return]
+    return msg

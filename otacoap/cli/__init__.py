@@ -13,26 +13,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
+from ..cliargs import CliError, Parser
 from ..core.errors import OtaError
-
-
-class CliError(Exception):
-    """A refusal by the CLI itself (bad argument combination, missing file, ...)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line plus a pointer to --help."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import manifest_cmds, server_cmds
 
-    parser = _Parser(
+    parser = Parser(
         prog="otacoap",
         description=(
             "Secure over-the-air updates for constrained devices: SUIT manifests and "
@@ -42,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     manifest_cmds.register(sub)
     server_cmds.register(sub)

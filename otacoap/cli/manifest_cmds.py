@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, sign_envelope
 from ..core.errors import ManifestError
 from ..fsutil import atomic_write, read_capped
-from . import CliError
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
 MAX_KEY_FILE = 64 * 1024

@@ -14,12 +14,12 @@ import getpass
 import os
 from pathlib import Path
 
+from ..cliargs import CliError
 from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
 from ..store.names import PSK_LENGTH, parse_psk_hex
-from . import CliError
 from .manifest_cmds import load_anchor, read_envelope_file
 
 # Who the audit log names for local commands: the OS user, as far as we can tell.

@@ -1,11 +1,15 @@
-"""The argparse pieces shared by device_sim's command lines.
+"""The argparse pieces every command line of the project shares.
 
-`python -m device_sim` (device_sim.cli) and `python -m device_sim.fleet` (which is also
-the `fleet` subcommand of the former) promise the same things: a usage error is one
-line on stderr and exit 2, and a bad option value is refused by argparse with a
-message naming the limit. Keeping the parser class and the value types here means the
-two cannot drift apart; each command still decides its own limits (e.g. the fleet caps
-image sizes, provisioning does not) by parameter, not by a copy.
+`otacoap` (otacoap.cli), `python -m device_sim` (device_sim.cli) and
+`python -m device_sim.fleet` (also the `fleet` subcommand of the former) promise the
+same things: a usage error is one line on stderr and exit 2, a refusal by the command
+itself is a CliError (one line, exit 1), and a bad option value is refused by argparse
+with a message naming the limit. Keeping the parser class, the error and the value
+types here means the command lines cannot drift apart; each command still decides its
+own limits (e.g. the fleet caps image sizes, provisioning does not) by parameter.
+
+A leaf module like otacoap.eventloop: it imports nothing of otacoap, so the device
+simulator (which may import only otacoap.core of the operator's side) can use it too.
 
 The messages are user-visible and kept exactly as they were when each command had
 its own copy; where two commands worded a refusal differently, both wordings stay.
@@ -23,6 +27,10 @@ EXIT_USAGE = 2
 
 _KIB = 1024
 _MIB = 1024 * 1024
+
+
+class CliError(Exception):
+    """A refusal by a command itself (bad argument combination, unreadable file, ...)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,14 +146,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def window(text: str) -> int:
-    """A Block2 window: 1 (RFC 7959 lock-step) up to the fetcher's MAX_WINDOW."""
-    from .fetcher import MAX_WINDOW
+def window_type(max_window: int) -> Callable[[str], int]:
+    """A Block2 window: 1 (RFC 7959 lock-step) up to `max_window`."""
 
-    value = whole_number(text)
-    if not 1 <= value <= MAX_WINDOW:
-        raise argparse.ArgumentTypeError(f"window must be 1..{MAX_WINDOW}")
-    return value
+    def parse(text: str) -> int:
+        value = whole_number(text)
+        if not 1 <= value <= max_window:
+            raise argparse.ArgumentTypeError(f"window must be 1..{max_window}")
+        return value
+
+    return parse
 
 
 def read_small_file(path: str | Path, cap: int) -> bytes:
