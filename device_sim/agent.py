@@ -51,8 +51,8 @@ from otacoap.core import boot_status, protocol, suit, trust
 from otacoap.core.check_pacing import CheckPacer, PacingConfig
 from otacoap.core.errors import AlreadyInstalled, OtaError, ReportReason
 from otacoap.core.update_machine import (
-    INTEGRATED_CHUNK,
     MANIFEST_PATH,
+    MAX_BLOCK,
     Begin,
     BlockReceived,
     CheckSlotImage,
@@ -504,9 +504,9 @@ class UpdateAgent:
     ) -> Event | None:
         """Feed the payload to the machine block by block; FetchDone at its end."""
         if fetch.integrated is not None:
-            for pos in range(fetch.start, fetch.size, INTEGRATED_CHUNK):
+            for pos in range(fetch.start, fetch.size, MAX_BLOCK):
                 await self._drive(
-                    machine, BlockReceived(fetch.integrated[pos : pos + INTEGRATED_CHUNK])
+                    machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK])
                 )
                 if not machine.streaming:
                     return None
@@ -543,8 +543,8 @@ class UpdateAgent:
             digest=suit.SuitDigest(suit.DIGEST_SHA256, sha256(envelope)),
             retryable=(FlashWriteError,),
         )
-        for pos in range(0, len(envelope), INTEGRATED_CHUNK):
-            writer.write(envelope[pos : pos + INTEGRATED_CHUNK])
+        for pos in range(0, len(envelope), MAX_BLOCK):
+            writer.write(envelope[pos : pos + MAX_BLOCK])
         writer.finish()
 
     def snapshot(

@@ -110,8 +110,9 @@ from .update_record import (
 R = TypeVar("R", bound=UpdateRecord)
 
 MANIFEST_PATH = "/" + "/".join(protocol.PATH_MANIFEST)
-INTEGRATED_CHUNK = size_of(MAX_SZX)
-"""An integrated payload is fed in chunks of the largest Block2 block (RFC 7959 §2.2)."""
+MAX_BLOCK = size_of(MAX_SZX)
+"""The largest Block2 block (RFC 7959 §2.2): resume points are whole blocks of it, and an
+integrated payload is fed in chunks of it."""
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -449,7 +450,7 @@ def checkpoint_interval(checkpoint_bytes: int, sector_size: int) -> int:
     A resume point must be a sector boundary (the writer erases the sector it resumes
     in again) and a block boundary of the largest block size (RFC 7959 §2.2: 1024).
     """
-    align = max(sector_size, INTEGRATED_CHUNK)
+    align = max(sector_size, MAX_BLOCK)
     return round_up(max(checkpoint_bytes, align), align)
 
 
