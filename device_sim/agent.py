@@ -2,10 +2,14 @@
 
 Two layers:
 
-* `UpdateAgent` is the logic for one powered-on device: a flash, its identity, a
-  Transport and a Clock. It keeps no state of its own between calls; everything lives
-  in flash (device_sim.device_state), so a power cut (SimFlash raises PowerCut, which
-  is never caught here) loses nothing that a restart cannot redo.
+* `UpdateAgent` carries out an update for one powered-on device: a flash, its
+  identity, a Transport and a Clock. It decides nothing about the update itself: each
+  attempt is a `core.update_machine.UpdateMachine`, whose effects (persist, store the
+  envelope, fetch from an offset, write, report, ...) the agent carries out and whose
+  events (fetched, verified, block received, failed, ...) it feeds back. It keeps no
+  state of its own between calls; everything lives in flash (device_sim.device_state),
+  so a power cut (SimFlash raises PowerCut, which is never caught here) loses nothing
+  that a restart cannot redo.
 * `DeviceAgent` is the public handle a CLI or a fleet simulator holds: a flash file
   and a server URI; `run_once()` powers the device on (bootloader), settles a trial
   boot, checks for an update and installs it; `watch()` keeps doing that on Observe
@@ -24,7 +28,8 @@ One update, in order (RFC 9124 USER_STORY.MFST.FAIL_EARLY; manifest-34 §6):
    its image-match conditions hash the slot from flash;
 4. stage: one state save marks the candidate PENDING (with its report); "reboot": the
    bootloader verifies it again and boots it in test mode;
-5. health check, then confirm (the sequence number commits) or revert.
+5. health check, then confirm (the sequence number commits) or revert
+   (`core.boot_status`).
 
 Every report is put in the flash outbox in the same save as the transition it reports,
 then POSTed to /r; whatever cannot be sent stays queued for later.
@@ -41,27 +46,46 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
-from otacoap.core import interpreter, protocol, suit, trust
+from otacoap.core import boot_status, protocol, suit, trust
 from otacoap.core.check_pacing import CheckPacer, PacingConfig
-from otacoap.core.errors import (
-    AlreadyInstalled,
-    CommandError,
-    ConditionFailed,
-    OtaError,
-    PolicyError,
-    ReportReason,
-)
-from otacoap.core.report import Report, State
-from otacoap.core.session import (
-    BootEvent,
-    BootStatus,
+from otacoap.core.errors import AlreadyInstalled, OtaError, ReportReason
+from otacoap.core.update_machine import (
+    MANIFEST_PATH,
+    MAX_BLOCK,
+    Begin,
+    BlockReceived,
+    CheckSlotImage,
+    Done,
+    Effect,
+    EnvelopeFetched,
     Event,
+    Failed,
+    FetchDone,
+    FetchEnvelope,
+    FetchPayload,
+    Finish,
+    FinishImage,
+    Flushed,
+    FlushReports,
+    ImageChecked,
+    KeepReport,
+    MachineConfig,
+    NoRelease,
+    OpenWriter,
+    Persist,
+    Persisted,
     Phase,
-    Transition,
-    UpdateSession,
-    boot_step,
+    Probed,
+    ProbeSlot,
+    RememberRefusal,
+    StoreEnvelope,
+    StoreFailed,
+    Unreachable,
+    UpdateMachine,
+    Verified,
+    Verify,
+    Write,
 )
 from otacoap.core.writer import ImageWriter
 
@@ -70,12 +94,10 @@ from .bootloader import (
     Bootloader,
     BootResult,
     check_image,
-    confirm,
     device_description,
-    revert,
     trust_policy,
 )
-from .device_state import DeviceState, Download, SlotInfo, StateFile, sha256
+from .device_state import DeviceState, StateFile, sha256
 from .fetcher import (
     BlockFetcher,
     DeadlineExceeded,
@@ -86,12 +108,11 @@ from .fetcher import (
 )
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
-from .state import StateStoreError
+from .record_store import StateStoreError
 from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
 
-MANIFEST_PATH = "/" + "/".join(protocol.PATH_MANIFEST)
 REPORT_PATH = "/" + "/".join(protocol.PATH_REPORT)
 
 
@@ -131,6 +152,9 @@ class AgentConfig:
 
 
 class Outcome(StrEnum):
+    """How a run ended, for the CLI and the fleet (the machine's terminal phases, and the
+    outcomes of a trial boot)."""
+
     UP_TO_DATE = "up-to-date"  # nothing new (or no release for this device)
     UPDATED = "updated"  # a new image was installed and confirmed
     REVERTED = "reverted"  # a new image was installed but reverted
@@ -138,6 +162,15 @@ class Outcome(StrEnum):
     FAILED = "failed"  # an accepted update failed (resumable where possible)
     UNREACHABLE = "unreachable"  # could not get the manifest
     STAGED = "staged"  # internal: a candidate is PENDING, the device must reboot
+
+
+_OUTCOMES: dict[Phase, Outcome] = {
+    Phase.UP_TO_DATE: Outcome.UP_TO_DATE,
+    Phase.UNREACHABLE: Outcome.UNREACHABLE,
+    Phase.REJECTED: Outcome.REJECTED,
+    Phase.FAILED: Outcome.FAILED,
+    Phase.STAGED: Outcome.STAGED,
+}
 
 
 @dataclass(frozen=True)
@@ -156,10 +189,6 @@ class RunResult:
         if self.detail:
             text += f" ({self.detail})"
         return text
-
-
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
 
 
 def default_health_check(boot: BootResult) -> bool:
@@ -230,14 +259,11 @@ class UpdateAgent:
         self.health_check = health_check
         self.state_file = StateFile(flash, identity.layout)
         self.layout = identity.layout
-        lay = identity.layout
-        self._checkpoint = _round_up(
-            max(self.config.checkpoint_bytes, lay.sector_size, 1024), max(lay.sector_size, 1024)
-        )
         self.last_fetcher: BlockFetcher | None = None
         self._unqueued: list[bytes] = []  # reports the flash refused to store
         self.refused = RefusalMemory()
         self._envelope_etag: bytes | None = None
+        self._writer: ImageWriter | None = None  # the image writer of the current attempt
 
     # -- state helpers -------------------------------------------------------------------
 
@@ -266,13 +292,12 @@ class UpdateAgent:
                 boot = Bootloader(self.flash).boot()  # crashed: power-on again
                 continue
             state = self.load()
+            healthy = self.health_check(boot)
+            verdict = boot_status.health_verdict(state, healthy, self.identity.max_trial_boots)
             try:
-                if self.health_check(boot):
-                    self.save(confirm(state))
+                self.save(verdict)
+                if healthy:
                     return replace(boot, test_mode=False), Outcome.UPDATED
-                self.save(
-                    revert(state, self.identity, BootEvent.HEALTH_FAILED, "health check failed")
-                )
             except StateStoreError:
                 # Neither verdict could be recorded: restart; the bootloader reverts the
                 # unconfirmed trial (the sequence number did not move).
@@ -282,58 +307,6 @@ class UpdateAgent:
         raise RuntimeError("boot did not settle")  # pragma: no cover - bounded above
 
     # -- reports -------------------------------------------------------------------------
-
-    def _enqueue(
-        self,
-        state: DeviceState,
-        report_state: State,
-        reason: ReportReason = ReportReason.OK,
-        *,
-        vm: trust.VerifiedManifest | None = None,
-        bytes_received: int | None = None,
-        detail: str = "",
-    ) -> DeviceState:
-        def encode(counter: int, lost: int) -> bytes:
-            return Report(
-                counter=counter,
-                state=report_state,
-                reason=reason,
-                sequence_number=vm.sequence_number if vm is not None else None,
-                manifest_digest=vm.manifest_digest if vm is not None else None,
-                bytes_received=bytes_received,
-                installed_sequence=state.sequence,
-                detail=detail,
-                lost=lost,
-            ).encode()
-
-        return state.with_report(encode)
-
-    def _report_transition(
-        self,
-        t: Transition,
-        vm: trust.VerifiedManifest | None,
-        *,
-        state: DeviceState | None = None,
-        bytes_received: int | None = None,
-    ) -> DeviceState | None:
-        """Queue the report a session transition calls for; save unless `state` given."""
-        if t.report is None:
-            return state
-        base = state if state is not None else self.load()
-        new = self._enqueue(
-            base, t.report, t.reason, vm=vm, bytes_received=bytes_received, detail=t.detail
-        )
-        if state is None:
-            try:
-                self.save(new)
-            except StateStoreError:
-                # The flash will not even take the report (ATTACKS.md #48). Keep it in
-                # RAM and send it anyway (O5). Its counter is not durable, so a later
-                # report may reuse it and be refused as stale: one lost report at worst.
-                _log.warning("could not queue the %s report: flash refused", t.report.value)
-                self._unqueued.append(new.reports[-1])
-            return None
-        return new
 
     async def flush_reports(self) -> int:
         """POST queued reports in order; drop the ones the server took or refused for good."""
@@ -403,282 +376,156 @@ class UpdateAgent:
             max_envelope_size=self.config.max_envelope_size,
         )
 
+    def machine_config(self) -> MachineConfig:
+        return MachineConfig(
+            device=device_description(self.identity),
+            server_base=self.transport.base_uri,
+            sector_size=self.layout.sector_size,
+            checkpoint_bytes=self.config.checkpoint_bytes,
+        )
+
     async def check_and_update(self) -> RunResult:
-        """One update session; returns once the candidate is staged (or nothing to do)."""
-        if self.load().boot != BootStatus.CONFIRMED:
-            # A trial or a pending candidate is unsettled (the caller must boot and
-            # settle first): the staging slot may be the running image. Never touch it.
-            detail = "boot status not settled; reboot first"
-            return self.snapshot(Outcome.FAILED, ReportReason.OPERATION_FAILED, detail)
-        session = UpdateSession()
-        session.fire(Event.CHECK)
+        """One update attempt; returns once the candidate is staged (or nothing to do).
+
+        Every decision is the UpdateMachine's; this loop only carries out its effects
+        and tells it what happened.
+        """
+        machine: UpdateMachine[DeviceState] = UpdateMachine(self.machine_config())
+        self._writer = None
+        await self._drive(machine, Begin(self.load()))
+        finish = machine.finished
+        assert finish is not None, "the machine stopped without finishing"
+        return self.snapshot(_OUTCOMES[finish.phase], finish.reason, finish.detail)
+
+    async def _drive(self, machine: UpdateMachine[DeviceState], event: Event | None) -> None:
+        """Send events and carry out the effects until the machine needs nothing more."""
+        while event is not None:
+            event = await self._carry_out(machine, machine.send(event))
+
+    async def _carry_out(
+        self, machine: UpdateMachine[DeviceState], effects: list[Effect]
+    ) -> Event | None:
+        """Carry out a batch in order; the answer of its last effect (None: nothing to say).
+
+        A failure skips the rest of the batch and becomes the answer. PowerCut is never
+        caught: a device without power has nothing to report.
+        """
+        for effect in effects:
+            try:
+                answer = await self._effect(machine, effect)
+            except OtaError as exc:
+                return Failed(exc)
+            except StateStoreError as exc:
+                return StoreFailed(str(exc))
+            if answer is not None:
+                return answer
+        return None
+
+    async def _effect(
+        self, machine: UpdateMachine[DeviceState], effect: Effect
+    ) -> Event | None:
+        match effect:
+            case Persist(record=record):
+                return Persisted(self.state_file.save(record))
+            case Write(data=data):
+                assert self._writer is not None
+                self._writer.write(data)
+                return None
+            case FetchEnvelope():
+                return await self._fetch_envelope_event()
+            case Verify(envelope=envelope, record=record):
+                try:
+                    return Verified(trust.accept(envelope, self.policy(record)))
+                except AlreadyInstalled as exc:
+                    return Failed(exc)
+                except OtaError as exc:
+                    _log.info("manifest refused: %s (%s)", exc, exc.detail or "")
+                    return Failed(exc)
+            case CheckSlotImage(slot=slot, action=action):
+                return ImageChecked(check_image(self.flash, self.identity, slot, action))
+            case ProbeSlot():
+                ok = self._envelope_matches(
+                    effect.slot, effect.envelope_length, effect.envelope_sha256
+                ) and (
+                    effect.image is None
+                    or check_image(self.flash, self.identity, effect.slot, effect.image)
+                )
+                return Probed(ok)
+            case FlushReports():
+                await self.flush_reports()
+                return Flushed(self.load())
+            case StoreEnvelope(slot=slot, envelope=envelope):
+                self._store_envelope(slot, envelope)
+                return Done()
+            case OpenWriter():
+                self._writer = ImageWriter(
+                    self.flash,
+                    base=self.layout.slot_offset(effect.slot),
+                    capacity=self.layout.slot_size,
+                    size=effect.size,
+                    digest=effect.digest,
+                    resume_at=effect.resume_at,
+                    retryable=(FlashWriteError,),
+                )
+                return None
+            case FetchPayload():
+                return await self._stream(machine, effect)
+            case FinishImage():
+                assert self._writer is not None
+                self._writer.finish()
+                return Done()
+            case RememberRefusal(envelope=envelope, reason=reason, detail=detail):
+                self.refused.remember(envelope, self._envelope_etag, reason, detail)
+                return None
+            case KeepReport(body=body, state=state):
+                # The flash will not even take the report (ATTACKS.md #48). Keep it in
+                # RAM and send it anyway (O5). Its counter is not durable, so a later
+                # report may reuse it and be refused as stale: one lost report at worst.
+                _log.warning("could not queue the %s report: flash refused", state.value)
+                self._unqueued.append(body)
+                return None
+            case Finish():
+                return None
+        raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
+
+    async def _fetch_envelope_event(self) -> Event:
         try:
             envelope = await self.fetch_envelope()
         except NotFound:
-            session.fire(Event.NO_UPDATE)
-            return self.snapshot(Outcome.UP_TO_DATE, detail="no release for this device")
+            return NoRelease()
         except (ServerUnreachable, TransportError, SlowRetrieval, DeadlineExceeded) as exc:
             # A manifest that trickles in is a link (or server) problem, not a refusal
             # of anything signed: try again at the next poll, like a silent server.
-            session.fire(Event.UNREACHABLE, ReportReason.OPERATION_FAILED, str(exc))
-            return self.snapshot(Outcome.UNREACHABLE, ReportReason.OPERATION_FAILED, str(exc))
-        except OtaError as exc:
-            # The manifest resource itself broke the rules (too large, bad Block2).
-            t = session.fire(Event.REFUSED, exc.reason, f"manifest fetch: {exc}")
-            self._report_transition(t, None)
-            return self.snapshot(Outcome.REJECTED, exc.reason, str(exc))
+            return Unreachable(str(exc))
+        return EnvelopeFetched(envelope, self.refused.verdict(envelope))
 
-        earlier = self.refused.verdict(envelope)
-        if earlier is not None:
-            # Refused before, and a refusal is final: no verification, no report, no
-            # flash write (a server replaying it must not wear the flash out).
-            return self.snapshot(Outcome.REJECTED, earlier[0], earlier[1])
-        state = self.load()
-        try:
-            vm = trust.accept(envelope, self.policy(state))
-        except AlreadyInstalled:
-            running = state.slots[state.running]
-            if running is not None and running.manifest_digest == state.sequence_digest:
-                session.fire(Event.NO_UPDATE)
-                return self.snapshot(Outcome.UP_TO_DATE)
-            # The trusted number was raised by a release that was given up (#47).
-            reason = ReportReason.CONDITION_FAILED
-            return self._refuse(session, envelope, reason, "release was reverted and given up")
-        except OtaError as exc:
-            _log.info("manifest refused: %s (%s)", exc, exc.detail or "")
-            return self._refuse(session, envelope, exc.reason, str(exc))
-        session.fire(Event.ACCEPTED)
-        try:
-            fetched = await self._run_update(vm, session)
-        except OtaError as exc:
-            if session.phase == Phase.VERIFIED and isinstance(exc, ConditionFailed | PolicyError):
-                # Failed before a byte was fetched: a refusal of the manifest.
-                result = self._refuse(session, envelope, exc.reason, str(exc), vm)
-            else:
-                t = session.fire(Event.ERROR, exc.reason, str(exc))
-                self._report_transition(t, vm)
-                result = self.snapshot(Outcome.FAILED, exc.reason, str(exc))
-            await self.flush_reports()
-            return result
-        except StateStoreError as exc:
-            t = session.fire(Event.ERROR, ReportReason.OPERATION_FAILED, f"flash: {exc}")
-            self._report_transition(t, vm)
-            return self.snapshot(Outcome.FAILED, ReportReason.OPERATION_FAILED, str(exc))
-        if not fetched:
-            t = session.fire(
-                Event.ERROR, ReportReason.COMMAND_UNSUPPORTED, "manifest fetches no image"
-            )
-            self._report_transition(t, vm)
-            return self.snapshot(Outcome.FAILED, ReportReason.COMMAND_UNSUPPORTED, t.detail)
-
-        # Stage: one save marks the candidate PENDING together with its report.
-        state = self.load()
-        dl = state.download
-        assert dl is not None and dl.durable == dl.image_size
-        image = next(i for i in vm.payload_images() if i.component == 0)
-        assert image.digest is not None and image.size is not None
-        info = SlotInfo(
-            image.size,
-            image.digest.value,
-            vm.sequence_number,
-            vm.manifest_digest.value,
-            dl.envelope_length,
-            dl.envelope_sha256,
-        )
-        status, report_state = boot_step(state.boot, BootEvent.STAGE)
-        slots = list(state.slots)
-        slots[state.candidate] = info
-        staged = replace(state, boot=status, slots=(slots[0], slots[1]), download=None)
-        staged = self._enqueue(staged, report_state, vm=vm)
-        try:
-            self.save(staged)
-        except StateStoreError as exc:
-            t = session.fire(Event.ERROR, ReportReason.OPERATION_FAILED, f"flash: {exc}")
-            self._report_transition(t, vm)
-            return self.snapshot(Outcome.FAILED, ReportReason.OPERATION_FAILED, str(exc))
-        session.fire(Event.STAGED)
-        await self.flush_reports()
-        return self.snapshot(Outcome.STAGED)
-
-    async def _run_update(self, vm: trust.VerifiedManifest, session: UpdateSession) -> bool:
-        """Drive the interpreter's update procedure; True if it fetched the image."""
-        staging = self.load().candidate
-        fetched = False
-        gen = interpreter.run(vm.envelope, interpreter.UPDATE, device_description(self.identity))
-        result: Any = None
-        try:
-            action = next(gen)
-            while True:
-                if isinstance(action, interpreter.Fetch):
-                    if action.component != 0 or fetched:
-                        raise CommandError("only one fetch into component 0 is supported")
-                    await self._fetch_image(vm, action, staging, session)
-                    fetched = True
-                    result = None
-                elif isinstance(action, interpreter.CheckImage):
-                    result = action.component == 0 and check_image(
-                        self.flash, self.identity, staging, action
-                    )
-                elif isinstance(action, interpreter.CheckCondition):
-                    result = False  # manifest-34 §8.4.10: unknown conditions fail
-                else:
-                    raise CommandError(f"{type(action).__name__} is not supported in update")
-                action = gen.send(result)
-        except StopIteration:
-            pass
-        return fetched
-
-    def _refuse(
-        self,
-        session: UpdateSession,
-        envelope: bytes,
-        reason: ReportReason,
-        detail: str,
-        vm: trust.VerifiedManifest | None = None,
-    ) -> RunResult:
-        """Report a refused envelope once and remember it (RefusalMemory)."""
-        t = session.fire(Event.REFUSED, reason, detail)
-        self._report_transition(t, vm)
-        self.refused.remember(envelope, self._envelope_etag, reason, detail)
-        return self.snapshot(Outcome.REJECTED, reason, detail)
-
-    def _resolve(self, uri: str) -> str:
-        """The path on this server for a manifest URI.
-
-        RFC 3986 §5.2: a relative reference resolves against the envelope's own URI
-        (this server's /m); the result, like an absolute URI, must stay on this server
-        (the trust gate already refused other origins; this is the device's own check).
-        """
-        base = self.transport.base_uri
-        resolved = urljoin(base + MANIFEST_PATH, uri)
-        if not resolved.startswith(base + "/"):
-            raise PolicyError(f"URI {uri!r} is not on this device's server")
-        parts = urlsplit(resolved)
-        if parts.query or parts.fragment or parts.username is not None:
-            raise PolicyError(f"URI {uri!r} is not a plain resource path")
-        return resolved[len(base) :]
-
-    async def _fetch_image(
-        self,
-        vm: trust.VerifiedManifest,
-        action: interpreter.Fetch,
-        staging: int,
-        session: UpdateSession,
-    ) -> None:
-        if action.digest is None or action.size is None:
-            raise PolicyError("fetch without image digest and size")
-        size, digest = action.size, action.digest
-        path = self._resolve_or_integrated(action.uri)  # refuse before touching flash
-        lay = self.layout
-        mdig = vm.manifest_digest.value
-        envelope = vm.envelope_bytes
-        state = self.load()
-
-        # A retried trial of the same release (e.g. after a power cut in the trial
-        # window): the staging slot may still hold exactly this image. No download.
-        held = state.slots[staging]
-        if (
-            state.download is None
-            and held is not None
-            and held.manifest_digest == mdig
-            and self._envelope_matches(staging, held.envelope_length, held.envelope_sha256)
-            and check_image(
-                self.flash, self.identity, staging, interpreter.CheckImage(0, digest, size)
-            )
-        ):
-            self.save(
-                replace(
-                    state,
-                    download=Download(
-                        mdig, staging, size, size, held.envelope_length, held.envelope_sha256
-                    ),
+    async def _stream(
+        self, machine: UpdateMachine[DeviceState], fetch: FetchPayload
+    ) -> Event | None:
+        """Feed the payload to the machine block by block; FetchDone at its end."""
+        if fetch.integrated is not None:
+            for pos in range(fetch.start, fetch.size, MAX_BLOCK):
+                await self._drive(
+                    machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK])
                 )
-            )
-            t = session.fire(Event.FETCH_DONE)
-            self._report_transition(t, vm, bytes_received=size)
-            return
-
-        dl = state.download
-        resume = (
-            dl is not None
-            and dl.manifest_digest == mdig
-            and dl.slot == staging
-            and dl.image_size == size
-            and dl.envelope_length == len(envelope)
-            and self._envelope_matches(staging, dl.envelope_length, dl.envelope_sha256)
+                if not machine.streaming:
+                    return None
+            return FetchDone()
+        assert fetch.path is not None
+        fetcher = BlockFetcher(
+            self.transport, fetch.path, clock=self.clock, config=self.config.fetch, total=fetch.size
         )
-        if resume:
-            assert dl is not None
-            start = dl.durable
-        else:
-            # A new download (or a newer manifest, ATTACKS.md #50): first make sure no
-            # record points at the slot or envelope area any more, then rewrite them.
-            if state.slots[staging] is not None or state.download is not None:
-                slots = list(state.slots)
-                slots[staging] = None
-                state = replace(state, slots=(slots[0], slots[1]), download=None)
-                self.save(state)
-            self._store_envelope(staging, envelope)
-            dl = Download(mdig, staging, 0, size, len(envelope), sha256(envelope))
-            start = 0
-        t = session.fire(Event.FETCH_STARTED)
-        state = replace(state, download=dl)
-        queued = self._report_transition(t, vm, state=state, bytes_received=start)
-        assert queued is not None
-        self.save(queued)
-        await self.flush_reports()
-
-        writer = ImageWriter(
-            self.flash,
-            base=lay.slot_offset(staging),
-            capacity=lay.slot_size,
-            size=size,
-            digest=digest,
-            resume_at=start,
-            retryable=(FlashWriteError,),
-        )
-        if path is None:
-            payload = vm.envelope.integrated_payload(action.uri)
-            if payload is None or len(payload) != size:
-                raise PolicyError("integrated payload missing or of the wrong size")
-            for pos in range(start, size, 1024):
-                writer.write(payload[pos : pos + 1024])
-        elif start < size:
-            fetcher = BlockFetcher(
-                self.transport, path, clock=self.clock, config=self.config.fetch, total=size
-            )
-            self.last_fetcher = fetcher
-            # Blocks arrive strictly in order whatever the window (the fetcher buffers
-            # out-of-order ones), so the writer, its hash and the checkpoints are the
-            # same as in lock-step. aclosing: a PowerCut or flash error raised here
-            # also ends the requests a windowed fetcher still has in flight.
-            async with contextlib.aclosing(fetcher.blocks(start)) as stream:
-                async for _, payload in stream:
-                    writer.write(payload)
-                    if writer.offset % self._checkpoint == 0 and writer.offset < size:
-                        state = self.load()
-                        assert state.download is not None
-                        self.save(
-                            replace(state, download=replace(state.download, durable=writer.offset))
-                        )
-        try:
-            writer.finish()
-        except ConditionFailed:
-            # Wrong bytes (ATTACKS.md #10): resuming would re-hash the same wrong prefix,
-            # so forget the download; the slot is not marked anything.
-            state = self.load()
-            self.save(replace(state, download=None))
-            raise
-        state = self.load()
-        assert state.download is not None
-        done = replace(state, download=replace(state.download, durable=size))
-        t = session.fire(Event.FETCH_DONE)
-        queued = self._report_transition(t, vm, state=done, bytes_received=size)
-        assert queued is not None
-        self.save(queued)
-
-    def _resolve_or_integrated(self, uri: str) -> str | None:
-        return None if uri.startswith("#") else self._resolve(uri)
+        self.last_fetcher = fetcher
+        # Blocks arrive strictly in order whatever the window (the fetcher buffers
+        # out-of-order ones), so the writer, its hash and the checkpoints are the same as
+        # in lock-step. aclosing: a PowerCut, a flash error or the machine's end raised
+        # or reached here also ends the requests a windowed fetcher still has in flight.
+        async with contextlib.aclosing(fetcher.blocks(fetch.start)) as stream:
+            async for _, payload in stream:
+                await self._drive(machine, BlockReceived(payload))
+                if not machine.streaming:
+                    return None
+        return FetchDone()
 
     def _envelope_matches(self, slot: int, length: int, digest: bytes) -> bool:
         if not 0 < length <= self.layout.envelope_area_size:
@@ -696,8 +543,8 @@ class UpdateAgent:
             digest=suit.SuitDigest(suit.DIGEST_SHA256, sha256(envelope)),
             retryable=(FlashWriteError,),
         )
-        for pos in range(0, len(envelope), 1024):
-            writer.write(envelope[pos : pos + 1024])
+        for pos in range(0, len(envelope), MAX_BLOCK):
+            writer.write(envelope[pos : pos + MAX_BLOCK])
         writer.finish()
 
     def snapshot(

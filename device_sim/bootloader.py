@@ -21,15 +21,10 @@ Every boot (every call of `boot`), in this order:
 4. the slot to run is verified again (secure boot on every boot, ATTACKS.md O2) and
    its validate/invoke sequences are run by the core interpreter.
 
-Sequence-number policy (ATTACKS.md #47). The trusted sequence number moves only
-forward and only at two points: (a) when the agent confirms a trial boot (it becomes
-the new image's number), and (b) when a release is *given up*: its health check failed,
-or it has used up `max_trial_boots` unconfirmed trial boots. Then the trusted number
-stays at the failed release's (new) value while the device runs the old image, so that
-release can never be installed again and only a newer one can replace it. A revert
-after fewer unconfirmed trial boots (say a power cut during the trial) leaves the number
-unchanged and the same release may be retried, so power loss alone never makes a device
-refuse a good update.
+The decisions of each step (the boot status table, what a trial boot counts, when a
+revert gives a release up: the sequence-number policy, ATTACKS.md #47) are pure
+functions in `otacoap.core.boot_status`; this module does the I/O around them: it
+verifies slots in flash, saves the record and decides what to boot when a save fails.
 """
 
 from __future__ import annotations
@@ -38,7 +33,8 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from otacoap.core import interpreter, suit, trust
+from otacoap.core import boot_status, interpreter, trust
+from otacoap.core.boot_status import BootEvent
 from otacoap.core.build import MAIN_COMPONENT
 from otacoap.core.errors import (
     CommandError,
@@ -46,15 +42,14 @@ from otacoap.core.errors import (
     OtaError,
     ReportReason,
 )
-from otacoap.core.report import Report, State
-from otacoap.core.session import BootEvent, BootStatus, SessionError, boot_step
+from otacoap.core.update_record import BootStatus, SlotInfo
 from otacoap.core.writer import hash_region
 
 from . import firmware
-from .device_state import DeviceState, ReportEncoder, SlotInfo, StateFile, Trial, sha256
+from .device_state import DeviceState, StateFile, sha256
 from .flash import SimFlash
 from .layout import Identity, read_identity
-from .state import StateStoreError
+from .record_store import StateStoreError
 
 
 class BootError(Exception):
@@ -197,75 +192,6 @@ def verify_slot(
     return info
 
 
-def report_for(
-    state: DeviceState,
-    report_state: State,
-    info: SlotInfo | None,
-    reason: ReportReason = ReportReason.OK,
-    detail: str = "",
-) -> ReportEncoder:
-    """A report builder for DeviceState.with_report (the counter is allocated there)."""
-
-    def encode(counter: int, lost: int) -> bytes:
-        digest = (
-            suit.SuitDigest(suit.DIGEST_SHA256, info.manifest_digest)
-            if info is not None and info.manifest_digest is not None
-            else None
-        )
-        return Report(
-            counter=counter,
-            state=report_state,
-            reason=reason,
-            sequence_number=info.sequence if info is not None else None,
-            manifest_digest=digest,
-            installed_sequence=state.sequence,
-            detail=detail,
-            lost=lost,
-        ).encode()
-
-    return encode
-
-
-def revert(state: DeviceState, identity: Identity, event: BootEvent, detail: str) -> DeviceState:
-    """TESTING -> CONFIRMED on the old slot, with the sequence policy of the module doc."""
-    status, report_state = boot_step(state.boot, event)
-    info = state.slots[state.candidate]
-    trial = state.trial
-    give_up = event == BootEvent.HEALTH_FAILED or (
-        trial is not None and trial.boots >= identity.max_trial_boots
-    )
-    seq, seq_digest = state.sequence, state.sequence_digest
-    if give_up:
-        if info is not None and info.sequence > seq:
-            seq, seq_digest = info.sequence, info.manifest_digest
-        trial = None
-        detail += "; release given up"
-    new = replace(state, boot=status, sequence=seq, sequence_digest=seq_digest, trial=trial)
-    return new.with_report(
-        report_for(new, report_state, info, ReportReason.OPERATION_FAILED, detail)
-    )
-
-
-def confirm(state: DeviceState) -> DeviceState:
-    """TESTING -> CONFIRMED on the candidate; the one place the sequence number commits."""
-    status, report_state = boot_step(state.boot, BootEvent.CONFIRM)
-    cand = state.candidate
-    info = state.slots[cand]
-    if info is None or info.manifest_digest is None:
-        raise SessionError("confirm without a candidate")
-    if info.sequence < state.sequence:  # cannot happen: the gate checked freshness
-        raise SessionError("candidate is older than the trusted sequence number")
-    new = replace(
-        state,
-        boot=status,
-        active=cand,
-        sequence=info.sequence,
-        sequence_digest=info.manifest_digest,
-        trial=None,
-    )
-    return new.with_report(report_for(new, report_state, info))
-
-
 @dataclass(frozen=True)
 class BootResult:
     slot: int
@@ -291,8 +217,11 @@ class Bootloader:
         if state.boot == BootStatus.PENDING:
             state, verified = self._try_candidate(state, events)
         elif state.boot == BootStatus.TESTING:
-            reverted = revert(
-                state, identity, BootEvent.UNCONFIRMED_RESTART, "trial boot was not confirmed"
+            reverted = boot_status.revert(
+                state,
+                identity.max_trial_boots,
+                BootEvent.UNCONFIRMED_RESTART,
+                "trial boot was not confirmed",
             )
             try:
                 self.state_file.save(reverted)
@@ -317,27 +246,15 @@ class Bootloader:
         self, state: DeviceState, events: list[str]
     ) -> tuple[DeviceState, SlotInfo | None]:
         """PENDING: verify the candidate; then TESTING (verified) or CONFIRMED (refused)."""
-        cand = state.candidate
-        info = state.slots[cand]
         try:
-            verify_slot(self.flash, self.identity, state, cand, candidate=True)
+            verify_slot(self.flash, self.identity, state, state.candidate, candidate=True)
         except OtaError as exc:
-            status, report_state = boot_step(state.boot, BootEvent.CANDIDATE_INVALID)
-            new = replace(state, boot=status)
-            new = new.with_report(
-                report_for(new, report_state, info, exc.reason, f"secure boot: {exc}")
-            )
+            new = boot_status.candidate_invalid(state, exc.reason, f"secure boot: {exc}")
             with contextlib.suppress(StateStoreError):  # else: refused again next boot
                 self.state_file.save(new)
             events.append("candidate-invalid")
-            return replace(new, boot=status), None
-        assert info is not None and info.manifest_digest is not None
-        status, report_state = boot_step(state.boot, BootEvent.TRIAL_BOOT)
-        boots = 1
-        if state.trial is not None and state.trial.manifest_digest == info.manifest_digest:
-            boots = state.trial.boots + 1
-        new = replace(state, boot=status, trial=Trial(info.manifest_digest, boots))
-        new = new.with_report(report_for(new, report_state, info))
+            return new, None
+        new = boot_status.trial_boot(state)
         try:
             self.state_file.save(new)
         except StateStoreError:
@@ -346,4 +263,4 @@ class Bootloader:
             events.append("trial-deferred")
             return replace(state, boot=BootStatus.CONFIRMED), None
         events.append("trial-boot")
-        return new, info
+        return new, new.slots[new.candidate]

@@ -38,7 +38,7 @@ from .layout import (
     DEFAULT_SLOT_SIZE,
     ProvisioningError,
 )
-from .state import StateStoreError
+from .record_store import StateStoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UPDATE_FAILED = 0, 1, 2, 3
 MAX_INPUT_FILE = 64 * 1024 * 1024

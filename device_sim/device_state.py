@@ -1,4 +1,4 @@
-"""The device's persistent state: one CBOR record in the power-safe StateStore.
+"""The device's persistent state: one CBOR record in the power-safe record store.
 
 Every fact the device must not forget lives in one record, written by one save, so a
 transition and everything that goes with it (the report it produces, the counter that
@@ -6,8 +6,8 @@ report uses, the slot it activates) become durable together or not at all:
 
 * `sequence` / `sequence_digest`: the trusted sequence number (the anti-rollback
   floor, RFC 9124 REQ.SEC.SEQUENCE) and the manifest digest that set it. Never lowered.
-* `active`: the slot booted in normal mode. `boot` (core.session.BootStatus) says
-  whether the other slot holds a candidate (PENDING) or runs on trial (TESTING).
+* `active`: the slot booted in normal mode. `boot` (core.update_record.BootStatus)
+  says whether the other slot holds a candidate (PENDING) or runs on trial (TESTING).
 * `slots`: per slot, what vouches for its image (envelope length and SHA-256 in the
   envelope area, manifest digest, sequence, image size and digest).
 * `download`: a partial download, keyed by manifest digest (ATTACKS.md #50), with the
@@ -26,6 +26,10 @@ reports rather than fail if a record were still too large. An unauthenticated se
 that makes the device refuse envelopes with long messages, and then never accepts a
 report, can therefore fill the outbox but never the state record (the outbox brick).
 
+The meaning of these fields and every decision that changes them live in the core
+(`core.update_record`, `core.update_machine`, `core.boot_status`); this module owns the
+record's encoding and its place in flash (`device_sim.record_store`).
+
 `load` falls back to the other StateStore copy on damage; when neither copy is valid
 it raises instead of inventing defaults (ATTACKS.md #45: never "factory default =
 accept seq 0").
@@ -34,16 +38,21 @@ accept seq 0").
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from otacoap.core import cbor
-from otacoap.core.session import BootStatus
+from otacoap.core.update_record import (
+    BootStatus,
+    Download,
+    ReportEncoder,
+    SlotInfo,
+    Trial,
+)
 
 from .flash import SimFlash
 from .layout import FlashLayout
-from .state import RecordTooLarge, StateStore
+from .record_store import RecordTooLarge, StateStore
 
 STATE_FORMAT = 1
 MAX_QUEUED_REPORTS = 16
@@ -51,92 +60,8 @@ MAX_OUTBOX_BYTES = 2048
 """Bytes of encoded reports the outbox may hold (report.MAX_REPORT_SIZE is 1024)."""
 MAX_DIGEST_SIZE = 64  # SHA-512, the longest SUIT digest this device knows
 
-ReportEncoder = Callable[[int, int], bytes]
-"""Builds one report body from (counter, reports lost so far)."""
-
-
 class StateError(Exception):
     """No valid state record: the device refuses to guess (fail closed)."""
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    """What vouches for the image in one slot."""
-
-    image_size: int
-    image_digest: bytes  # SHA-256 of the image
-    sequence: int
-    manifest_digest: bytes | None  # None: factory image without an envelope
-    envelope_length: int = 0
-    envelope_sha256: bytes = b""
-
-    @property
-    def factory(self) -> bool:
-        return self.envelope_length == 0
-
-    def to_cbor(self) -> list[Any]:
-        return [
-            self.image_size,
-            self.image_digest,
-            self.sequence,
-            self.manifest_digest,
-            self.envelope_length,
-            self.envelope_sha256,
-        ]
-
-    @classmethod
-    def from_cbor(cls, v: Any) -> SlotInfo | None:
-        if v is None:
-            return None
-        _expect(isinstance(v, list) and len(v) == 6, "slot info")
-        return cls(_u(v[0]), _b(v[1]), _u(v[2]), _ob(v[3]), _u(v[4]), _b(v[5]))
-
-
-@dataclass(frozen=True)
-class Download:
-    """A partial (or complete but not yet staged) download into `slot`."""
-
-    manifest_digest: bytes
-    slot: int
-    durable: int  # bytes of the image known to be in flash (a resume point)
-    image_size: int
-    envelope_length: int
-    envelope_sha256: bytes
-
-    def to_cbor(self) -> list[Any]:
-        return [
-            self.manifest_digest,
-            self.slot,
-            self.durable,
-            self.image_size,
-            self.envelope_length,
-            self.envelope_sha256,
-        ]
-
-    @classmethod
-    def from_cbor(cls, v: Any) -> Download | None:
-        if v is None:
-            return None
-        _expect(isinstance(v, list) and len(v) == 6, "download")
-        return cls(_b(v[0]), _slot(v[1]), _u(v[2]), _u(v[3]), _u(v[4]), _b(v[5]))
-
-
-@dataclass(frozen=True)
-class Trial:
-    """Trial boots of one candidate that ended without a confirmation."""
-
-    manifest_digest: bytes
-    boots: int
-
-    def to_cbor(self) -> list[Any]:
-        return [self.manifest_digest, self.boots]
-
-    @classmethod
-    def from_cbor(cls, v: Any) -> Trial | None:
-        if v is None:
-            return None
-        _expect(isinstance(v, list) and len(v) == 2, "trial")
-        return cls(_b(v[0]), _u(v[1]))
 
 
 @dataclass(frozen=True)
@@ -198,9 +123,9 @@ class DeviceState:
                 "seqd": self.sequence_digest,
                 "active": self.active,
                 "boot": self.boot.value,
-                "slots": [s.to_cbor() if s else None for s in self.slots],
-                "dl": self.download.to_cbor() if self.download else None,
-                "trial": self.trial.to_cbor() if self.trial else None,
+                "slots": [_slot_to_cbor(s) if s else None for s in self.slots],
+                "dl": _download_to_cbor(self.download) if self.download else None,
+                "trial": [self.trial.manifest_digest, self.trial.boots] if self.trial else None,
                 "rc": self.report_counter,
                 "q": list(self.reports),
                 "rl": self.reports_lost,
@@ -227,14 +152,57 @@ class DeviceState:
             sequence_digest=_ob(v["seqd"]),
             active=_slot(v["active"]),
             boot=boot,
-            slots=(SlotInfo.from_cbor(slots[0]), SlotInfo.from_cbor(slots[1])),
-            download=Download.from_cbor(v["dl"]),
-            trial=Trial.from_cbor(v["trial"]),
+            slots=(_slot_from_cbor(slots[0]), _slot_from_cbor(slots[1])),
+            download=_download_from_cbor(v["dl"]),
+            trial=_trial_from_cbor(v["trial"]),
             report_counter=_u(v["rc"]),
             reports=tuple(queue),
             # Absent in records written before the outbox was bounded in bytes.
             reports_lost=_u(v.get("rl", 0)),
         )
+
+
+def _slot_to_cbor(s: SlotInfo) -> list[Any]:
+    return [
+        s.image_size,
+        s.image_digest,
+        s.sequence,
+        s.manifest_digest,
+        s.envelope_length,
+        s.envelope_sha256,
+    ]
+
+
+def _slot_from_cbor(v: Any) -> SlotInfo | None:
+    if v is None:
+        return None
+    _expect(isinstance(v, list) and len(v) == 6, "slot info")
+    return SlotInfo(_u(v[0]), _b(v[1]), _u(v[2]), _ob(v[3]), _u(v[4]), _b(v[5]))
+
+
+def _download_to_cbor(d: Download) -> list[Any]:
+    return [
+        d.manifest_digest,
+        d.slot,
+        d.durable,
+        d.image_size,
+        d.envelope_length,
+        d.envelope_sha256,
+    ]
+
+
+def _download_from_cbor(v: Any) -> Download | None:
+    if v is None:
+        return None
+    _expect(isinstance(v, list) and len(v) == 6, "download")
+    return Download(_b(v[0]), _slot(v[1]), _u(v[2]), _u(v[3]), _u(v[4]), _b(v[5]))
+
+
+def _trial_from_cbor(v: Any) -> Trial | None:
+    if v is None:
+        return None
+    _expect(isinstance(v, list) and len(v) == 2, "trial")
+    return Trial(_b(v[0]), _u(v[1]))
 
 
 def _overflow(queue: tuple[bytes, ...], new: bytes) -> int:

@@ -4,7 +4,7 @@ Layout (offsets grow downwards; every area is whole sectors)::
 
     identity      read-only after provisioning: device id, PSK, vendor/class ids,
                   trust anchors, the layout itself, the factory image digest
-    state copy 0  \\ device_sim.state.StateStore: two copies, the newest valid one
+    state copy 0  \\ device_sim.record_store.StateStore: two copies, the newest valid one
     state copy 1  /  wins (DeviceState in device_sim.device_state)
     envelope 0    the SUIT envelope that vouches for slot 0 (<= 64 KiB)
     envelope 1    the SUIT envelope that vouches for slot 1
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from otacoap.core import cbor, cose, ids, protocol
+from otacoap.core.sizes import round_up
 
 from .flash import FlashFaults, SimFlash
 
@@ -58,10 +59,6 @@ MAX_IDENTITY_TEXT = 256
 
 class ProvisioningError(Exception):
     """The identity or layout is unusable: the device cannot (or may not) run."""
-
-
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ class FlashLayout:
 
     @property
     def identity_size(self) -> int:
-        return _round_up(IDENTITY_AREA_SIZE, self.sector_size)
+        return round_up(IDENTITY_AREA_SIZE, self.sector_size)
 
     @property
     def state_offset(self) -> int:
@@ -100,7 +97,7 @@ class FlashLayout:
 
     @property
     def envelope_area_size(self) -> int:
-        return _round_up(ENVELOPE_AREA_SIZE, self.sector_size)
+        return round_up(ENVELOPE_AREA_SIZE, self.sector_size)
 
     def envelope_offset(self, slot: int) -> int:
         _check_slot(slot)
@@ -230,7 +227,7 @@ class Identity:
         record = head + _ID_TRAILER.pack(zlib.crc32(head))
         if len(record) > IDENTITY_AREA_SIZE:
             raise ProvisioningError("identity record does not fit its area (too many anchors?)")
-        pad = _round_up(len(record), self.layout.write_align) - len(record)
+        pad = round_up(len(record), self.layout.write_align) - len(record)
         return record + b"\xff" * pad
 
     @classmethod

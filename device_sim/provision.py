@@ -20,7 +20,7 @@ from typing import Any
 
 from otacoap.core import trust
 from otacoap.core.errors import OtaError
-from otacoap.core.session import BootStatus
+from otacoap.core.update_record import BootStatus
 
 from .bootloader import BootError, Bootloader, trust_policy, verify_slot
 from .device_state import DeviceState, SlotInfo, StateError, StateFile, sha256

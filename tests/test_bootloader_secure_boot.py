@@ -23,7 +23,7 @@ from device_sim.flash import FlashFaults, PowerCut
 from device_sim.inprocess import InProcessServer, InProcessTransport
 from device_sim.layout import open_flash
 from otacoap.core import ids
-from otacoap.core.session import BootStatus
+from otacoap.core.update_record import BootStatus
 
 
 def serve(rig: Rig, image: bytes, seq: int) -> InProcessServer:

@@ -35,12 +35,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_sim.agent import Outcome
-from device_sim.bootloader import Bootloader, report_for
+from device_sim.bootloader import Bootloader
 from device_sim.device_state import (
     MAX_OUTBOX_BYTES,
     MAX_QUEUED_REPORTS,
     DeviceState,
-    SlotInfo,
     StateFile,
     worst_case_record_size,
 )
@@ -48,11 +47,12 @@ from device_sim.firmware import make_image
 from device_sim.flash import SimFlash
 from device_sim.layout import MIN_STATE_COPY_SIZE, FlashLayout, open_flash
 from device_sim.provision import inspect
-from device_sim.state import OVERHEAD, RecordTooLarge, StateStore
+from device_sim.record_store import OVERHEAD, RecordTooLarge, StateStore
 from otacoap.core import cose, ids, trust
+from otacoap.core.boot_status import report_for
 from otacoap.core.errors import AlgorithmError, ReportReason
 from otacoap.core.report import MAX_DETAIL, State, decode_report
-from otacoap.core.session import BootStatus
+from otacoap.core.update_record import BootStatus, SlotInfo
 
 LONG_ALG = "\U0001d54f" * 180  # 180 four-byte UTF-8 characters: 720 bytes
 

@@ -16,20 +16,17 @@ from hypothesis import strategies as st
 
 from device_sim.flash import FlashFaults, FlashWriteError, SimFlash
 from otacoap.core import suit
+from otacoap.core.boot_status import BOOT_TRANSITIONS, BootEvent, boot_step
 from otacoap.core.errors import ConditionFailed, ReportReason, TransferError
 from otacoap.core.report import State
-from otacoap.core.session import (
-    BOOT_TRANSITIONS,
+from otacoap.core.update_machine import (
     TERMINAL,
     TRANSITIONS,
-    BootEvent,
-    BootStatus,
-    Event,
     Phase,
-    SessionError,
-    UpdateSession,
-    boot_step,
+    Step,
+    update_step,
 )
+from otacoap.core.update_record import BootStatus, TransitionError
 from otacoap.core.writer import ImageWriter, StagingError, WriterPhase, hash_region
 
 SECTOR = 1024
@@ -183,41 +180,36 @@ def test_any_block_size_and_resume_point_gives_the_exact_image(
 
 
 def test_session_happy_path_and_reports() -> None:
-    s = UpdateSession()
-    reports = [
-        s.fire(e).report
-        for e in (Event.CHECK, Event.ACCEPTED, Event.FETCH_STARTED, Event.FETCH_DONE, Event.STAGED)
-    ]
+    phase, reports = Phase.IDLE, []
+    for step in (Step.CHECK, Step.ACCEPTED, Step.FETCH_STARTED, Step.FETCH_DONE, Step.STAGED):
+        t = update_step(phase, step)
+        reports.append(t.report)
+        phase = t.target
     assert reports == [None, None, State.DOWNLOADING, State.DOWNLOADED, None]
-    assert s.phase == Phase.STAGED and s.done
+    assert phase == Phase.STAGED and phase in TERMINAL
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
 def test_terminal_phases_are_sticky(terminal: Phase) -> None:
     assert not any(src == terminal for src, _ in TRANSITIONS)
-    s = UpdateSession()
-    s._phase = terminal
-    for event in Event:
-        with pytest.raises(SessionError):
-            s.fire(event)
+    for step in Step:
+        with pytest.raises(TransitionError):
+            update_step(terminal, step)
 
 
 def test_refusals_always_carry_a_reason() -> None:
-    for (src, event), (_, report) in TRANSITIONS.items():
+    for (src, step), (_, report) in TRANSITIONS.items():
         if report in (State.REJECTED, State.FAILED):
-            s = UpdateSession()
-            s._phase = src
-            assert s.fire(event).reason != ReportReason.OK
+            assert update_step(src, step).reason != ReportReason.OK
 
 
 def test_no_payload_before_the_trust_gate() -> None:
     """FETCH_STARTED is only reachable from VERIFIED (RFC 9124 FAIL_EARLY)."""
-    sources = {src for (src, ev) in TRANSITIONS if ev == Event.FETCH_STARTED}
+    sources = {src for (src, step) in TRANSITIONS if step == Step.FETCH_STARTED}
     assert sources == {Phase.VERIFIED}
-    s = UpdateSession()
-    s.fire(Event.CHECK)
-    with pytest.raises(SessionError):
-        s.fire(Event.FETCH_STARTED)
+    checking = update_step(Phase.IDLE, Step.CHECK).target
+    with pytest.raises(TransitionError):
+        update_step(checking, Step.FETCH_STARTED)
 
 
 def test_boot_table() -> None:
@@ -231,5 +223,5 @@ def test_boot_table() -> None:
     for status in BootStatus:
         for event in BootEvent:
             if (status, event) not in BOOT_TRANSITIONS:
-                with pytest.raises(SessionError):
+                with pytest.raises(TransitionError):
                     boot_step(status, event)

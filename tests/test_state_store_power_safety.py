@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_sim.flash import FlashError, FlashFaults, PowerCut, SimFlash
-from device_sim.state import (
+from device_sim.record_store import (
     HEADER_SIZE,
     MAGIC,
     OVERHEAD,

@@ -1,4 +1,4 @@
-"""Power-safe A/B state records in simulated NOR flash.
+"""The two-copy power-safe record store in simulated NOR flash.
 
 The device's persistent state (which slot is active, what update is in progress) must
 survive a power cut at any instant, or a device can brick itself while updating. Two
@@ -30,6 +30,8 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+
+from otacoap.core.sizes import round_up
 
 from .flash import FlashWriteError, SimFlash
 
@@ -65,10 +67,6 @@ class _VerifyError(Exception):
     """Read-back differs from what was programmed (a dropped or corrupted write)."""
 
 
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
 def encode_record(counter: int, payload: bytes, write_align: int = 1) -> bytes:
     """Serialise one record exactly as it is stored, padding included.
 
@@ -79,7 +77,7 @@ def encode_record(counter: int, payload: bytes, write_align: int = 1) -> bytes:
         raise ValueError("counter does not fit in 32 bits")
     body = _HEADER.pack(MAGIC, FORMAT_VERSION, counter, len(payload)) + payload
     record = body + _TRAILER.pack(zlib.crc32(body))
-    return record + b"\xff" * (_round_up(len(record), write_align) - len(record))
+    return record + b"\xff" * (round_up(len(record), write_align) - len(record))
 
 
 @dataclass(frozen=True)
@@ -209,8 +207,8 @@ class StateStore:
         """Erase the copy, write the body, verify it, then commit with the magic unit."""
         flash = self._flash
         base = self.copy_offset(index)
-        flash.erase(base, _round_up(len(record), flash.sector_size))
-        head = min(_round_up(len(MAGIC), flash.write_align), len(record))
+        flash.erase(base, round_up(len(record), flash.sector_size))
+        head = min(round_up(len(MAGIC), flash.write_align), len(record))
         view = memoryview(record)
         if head < len(record):
             flash.write(base + head, view[head:])
