@@ -92,7 +92,7 @@ def trust_policy(
         allowed_components=frozenset({MAIN_COMPONENT}),
         allow_relative_uris=True,
         allowed_uri_prefixes=uri_prefixes,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from otacoap.core import trust
 from otacoap.core.errors import OtaError
-from otacoap.core.update_record import BootStatus
+from otacoap.core.update_record import BootStatus, SlotInfo
 
 from .bootloader import BootError, Bootloader, trust_policy, verify_slot
-from .device_state import DeviceState, SlotInfo, StateError, StateFile, sha256
+from .device_state import DeviceState, StateError, StateFile, sha256
 from .flash import SimFlash
 from .layout import (
     DEFAULT_MAX_TRIAL_BOOTS,

@@ -1,0 +1,201 @@
+"""The layer table of docs/ARCHITECTURE.md, held by a test: which package may import which.
+
+Every import statement of the project's own code is read with `ast` (function-level
+imports included, since a lazy import is still a dependency), and each must be allowed by
+the table below, which is the table in docs/ARCHITECTURE.md. A new dependency between
+layers is a design decision: make it in both places, or not at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STDLIB = frozenset(sys.stdlib_module_names)
+IO_STDLIB = frozenset(
+    {"asyncio", "socket", "sqlite3", "subprocess", "selectors", "ssl", "threading", "time"}
+)
+"""Standard modules the sans-I/O core must not import (DESIGN principle 1 and 4)."""
+
+# layer -> (the project layers it may import, the third-party packages it may import)
+LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "otacoap.core": (frozenset(), frozenset({"cbor2", "cwt", "cryptography"})),
+    "otacoap.fsutil": (frozenset(), frozenset()),
+    # The event loop an entry point runs on, chosen in one place (a leaf: imports no otacoap).
+    "otacoap.eventloop": (frozenset(), frozenset({"uvloop"})),
+    # The argparse pieces (parser, CliError, value types) every command line shares (a leaf).
+    "otacoap.cliargs": (frozenset(), frozenset()),
+    "otacoap.config": (frozenset({"otacoap.core"}), frozenset()),
+    "otacoap.store": (
+        frozenset({"otacoap.core", "otacoap.config", "otacoap.fsutil"}),
+        frozenset({"cryptography"}),
+    ),
+    "otacoap.operator": (
+        frozenset({"otacoap.core", "otacoap.config"}),
+        frozenset({"aiocoap"}),
+    ),
+    "otacoap.server": (
+        frozenset({"otacoap.core", "otacoap.config", "otacoap.store", "otacoap.fsutil"}),
+        frozenset({"aiocoap", "DTLSSocket", "uvloop"}),
+    ),
+    "otacoap.cli": (
+        frozenset(
+            {
+                "otacoap.core",
+                "otacoap.config",
+                "otacoap.store",
+                "otacoap.server",
+                "otacoap.operator",
+                "otacoap.fsutil",
+                "otacoap.eventloop",
+                "otacoap.cliargs",
+                "otacoap.cli",
+            }
+        ),
+        frozenset({"aiocoap", "uvloop"}),
+    ),
+    "device_sim": (
+        frozenset(
+            {"otacoap.core", "otacoap.fsutil", "otacoap.eventloop", "otacoap.cliargs", "device_sim"}
+        ),
+        frozenset({"aiocoap", "DTLSSocket", "uvloop", "matplotlib"}),
+    ),
+    # The fleet simulator's one declared seam to the operator's side ("I am the operator"):
+    # it registers devices and publishes releases like an operator would.
+    "device_sim.fleet.operator_role": (
+        frozenset(
+            {
+                "otacoap.core",
+                "otacoap.config",
+                "otacoap.store",
+                "otacoap.operator",
+                "otacoap.fsutil",
+                "otacoap.eventloop",
+                "otacoap.cliargs",
+                "device_sim",
+            }
+        ),
+        frozenset({"aiocoap"}),
+    ),
+}
+"""Within a layer, modules import each other freely (their own name is implied)."""
+
+
+def _layer_of(module: str) -> str | None:
+    best = None
+    for layer in LAYERS:
+        if (module == layer or module.startswith(layer + ".")) and (
+            best is None or len(layer) > len(best)
+        ):
+            best = layer
+    return best
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            found.append((node.lineno, name))
+            # `from otacoap import store` imports the layer otacoap.store.
+            for alias in node.names:
+                full = f"{name}.{alias.name}"
+                if _layer_of(full) not in (None, _layer_of(name)):
+                    found.append((node.lineno, full))
+    return found
+
+
+def _sources() -> list[Path]:
+    files = sorted((ROOT / "otacoap").rglob("*.py")) + sorted((ROOT / "device_sim").rglob("*.py"))
+    return [f for f in files if "__pycache__" not in f.parts]
+
+
+def _violations() -> list[str]:
+    problems: list[str] = []
+    for path in _sources():
+        module = _module_name(path)
+        # The package root holds only the version: held to the core's rules.
+        layer = "otacoap.core" if module == "otacoap" else _layer_of(module)
+        if layer is None:
+            problems.append(f"{module}: belongs to no layer of the table")
+            continue
+        own, third_party = LAYERS[layer]
+        allowed = own | {layer}
+        for line, name in _imports(path):
+            top = name.split(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if top in ("otacoap", "device_sim"):
+                target = _layer_of(name)
+                if target is None:
+                    if name in ("otacoap", "device_sim"):
+                        continue  # the package itself (version string)
+                    problems.append(f"{where}: {name} belongs to no layer")
+                elif target not in allowed and not any(
+                    target.startswith(a + ".") for a in allowed
+                ):
+                    problems.append(f"{where}: {layer} may not import {target}")
+            elif top in STDLIB or top == "__future__":
+                if layer == "otacoap.core" and top in IO_STDLIB:
+                    problems.append(f"{where}: the core does no I/O, yet imports {name}")
+            elif top not in third_party:
+                problems.append(f"{where}: {layer} may not import the package {top}")
+    return problems
+
+
+def test_every_import_follows_the_layer_table() -> None:
+    problems = _violations()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_table_is_the_one_in_the_architecture_document() -> None:
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    for layer in LAYERS:
+        path = "`" + layer.replace(".", "/") + "`"
+        assert path in doc or "`" + layer + "`" in doc, f"{layer} is not in docs/ARCHITECTURE.md"
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "bad"),
+    [
+        ("otacoap/core/x.py", "import asyncio\n", "does no I/O"),
+        ("otacoap/core/x.py", "from ..store import sqlite\n", "may not import otacoap.store"),
+        ("otacoap/store/x.py", "from otacoap.server import app\n", "may not import"),
+        ("device_sim/x.py", "from otacoap.store import sqlite\n", "may not import"),
+        ("otacoap/server/x.py", "import device_sim\n", "may not import device_sim"),
+        ("otacoap/core/x.py", "def f():\n    import aiocoap\n", "may not import the package"),
+    ],
+)
+def test_the_checker_catches_a_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, bad: str
+) -> None:
+    """The checker itself can fail: a planted bad import is reported."""
+    fake = tmp_path / module
+    fake.parent.mkdir(parents=True)
+    for parent in fake.relative_to(tmp_path).parents:
+        if parent != Path("."):
+            (tmp_path / parent / "__init__.py").touch()
+    fake.write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert any(bad in p for p in _violations()), _violations()
