@@ -19,6 +19,8 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap.credentials import DTLS, CredentialsMap
 
+from otacoap import eventloop
+
 
 class Image(resource.Resource):
     def __init__(self, data: bytes) -> None:
@@ -60,9 +62,4 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     ARGS = _args(sys.argv[1:])
-    if ARGS.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(main(ARGS))
-    else:
-        asyncio.run(main(ARGS))
+    eventloop.run(main(ARGS), ARGS.loop)

@@ -102,7 +102,7 @@ from .fetcher import (
     BlockFetcher,
     DeadlineExceeded,
     FetchConfig,
-    NotFound,
+    ResourceNotFound,
     ServerUnreachable,
     SlowRetrieval,
 )
@@ -491,7 +491,7 @@ class UpdateAgent:
     async def _fetch_envelope_event(self) -> Event:
         try:
             envelope = await self.fetch_envelope()
-        except NotFound:
+        except ResourceNotFound:
             return NoRelease()
         except (ServerUnreachable, TransportError, SlowRetrieval, DeadlineExceeded) as exc:
             # A manifest that trickles in is a link (or server) problem, not a refusal

@@ -95,7 +95,7 @@ class FetchConfig:
             raise ValueError("need 0 < rto_min <= rto_max and a positive rto_initial")
 
 
-class NotFound(TransferError):
+class ResourceNotFound(TransferError):
     """4.04: the server has nothing there for this device."""
 
 
@@ -202,7 +202,7 @@ class BlockFetcher:
                 if resp.successful:
                     return resp
                 if resp.code == NOT_FOUND:
-                    raise NotFound(f"{self._path}: 4.04 Not Found")
+                    raise ResourceNotFound(f"{self._path}: 4.04 Not Found")
                 if code_class(resp.code) == 4:
                     raise TransferError(f"{self._path}: server refused with {code_str(resp.code)}")
                 failure = f"server error {code_str(resp.code)}"
@@ -623,7 +623,7 @@ class _Window:
         f, cc = self.f, self.cc
         if not resp.successful:
             if resp.code == NOT_FOUND:
-                raise NotFound(f"{f._path}: 4.04 Not Found")
+                raise ResourceNotFound(f"{f._path}: 4.04 Not Found")
             if code_class(resp.code) == 4:
                 raise TransferError(f"{f._path}: server refused with {code_str(resp.code)}")
             self._failed(b, f"server error {code_str(resp.code)}")

@@ -43,6 +43,7 @@ from evil_server import Rig, free_udp_port, make_rig, manifest_bytes, release, s
 from device_sim.agent import AgentConfig, DeviceAgent, RunResult
 from device_sim.firmware import make_image
 from device_sim.inprocess import GeneratedImage, InProcessServer, InProcessTransport
+from otacoap import eventloop
 from otacoap.core import ids
 
 HERE = Path(__file__).resolve().parent
@@ -164,7 +165,6 @@ def inprocess_update_peak(
 
 def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) -> Measured:
     """One update of a `size`-byte image over real DTLS-PSK on loopback."""
-    import uvloop
 
     rig = make_rig(tmp, slot_size=size + 4096)
     image = make_image(size, version=6)
@@ -195,7 +195,7 @@ def dtls_update_peak(tmp: Path, size: int, config: AgentConfig | None = None) ->
             finally:
                 await device.close()
 
-        peak, result, buffered = uvloop.run(go())
+        peak, result, buffered = eventloop.run(go())
     finally:
         server.terminate()
         server.wait(timeout=10)
