@@ -22,7 +22,7 @@ Usage:
 
 The server runs with its default `max_dtls_sessions` (256) unless `--max-sessions`
 says otherwise: finished devices' sessions are pushed out by newcomers once the table
-is full (otacoap/server/transport.py). Before that fix the table livelocked (a
+is full (otacoap/server/coap/dtls_pool.py). Before that fix the table livelocked (a
 10,000-device run stalled at 4,106 devices with a 4,096 cap) and this bench had to
 raise the cap above the whole fleet.
 """
