@@ -17,7 +17,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _about(target, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -25,11 +28,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _about(target, exc) from None
         raise
     fsync_dir(directory)
+
+
+def _about(target: Path, exc: OSError) -> OSError:
+    """The same error, naming the file the caller asked for, not our temporary one
+    (whose name means nothing to an operator)."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(target))
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -348,7 +348,10 @@ def test_verify_with_the_wrong_key_fails_with_one_line(
     code, stdout, err = cli(
         capsys, "manifest", "verify", str(out), "--key", f"{other}.pub", "--json"
     )
-    assert code == 1 and stdout == ""
+    assert code == 1
+    verdict = json.loads(stdout)
+    assert verdict["valid"] is False and verdict["reason"] == "UNAUTHORISED"
+    assert "does not verify" in verdict["error"]
     assert_one_line_error(err, "manifest verify")
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..cliargs import CliError, Parser
 from ..core.errors import OtaError
@@ -47,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (OtaError, CliError) as exc:
         _fail(args, str(exc))
+    except sqlite3.Error as exc:
+        # Damage found after the store opened (a truncated file fails page by page).
+        from ..store.sqlite import explain_sqlite_error
+
+        _fail(args, explain_sqlite_error(Path(getattr(args, "data", "") or "store"), exc))
     except BrokenPipeError:
         # A reader such as `head` went away: not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import string
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, sign_envelope
-from ..core.errors import ManifestError
+from ..core.errors import ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
@@ -70,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--uri", help="payload URI (default: the server-relative /fw/<id>)")
     b.add_argument("--key", metavar="PRIVATE", help="sign with this private key (PEM)")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
+    b.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     b.set_defaults(handler=cmd_build, _cmd_path=["manifest", "build"])
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
@@ -132,6 +135,19 @@ def read_envelope_file(path: str) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Refusals about an envelope file name the file, and say when it is not a SUIT
+    envelope at all (CBOR or structure), rather than what the decoder tripped on alone."""
+    try:
+        yield
+    except OtaError as exc:
+        what = "not a valid SUIT envelope: " if isinstance(exc, ManifestError) else ""
+        exc.message = f"{path}: {what}{exc.message}"
+        exc.args = (exc.message,)
+        raise
+
+
 def load_signing_key(path: str) -> cose.SigningKey:
     return cose.load_private_key(_read_key(path))
 
@@ -164,6 +180,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    _refuse_overwrite([args.out], args.force)
     digest, size = _hash_file(args.image)
     if size == 0:
         raise CliError(f"{args.image}: the image is empty")
@@ -192,7 +209,8 @@ def _hash_file(path: str) -> tuple[bytes, int]:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     key = load_signing_key(args.key)
-    envelope = suit.decode_envelope(read_envelope_file(args.envelope))
+    with naming(args.envelope):
+        envelope = suit.decode_envelope(read_envelope_file(args.envelope))
     try:
         signed = sign_envelope(envelope, key)
     except ValueError as exc:
@@ -205,7 +223,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     data = read_envelope_file(args.envelope)
-    envelope = suit.decode_envelope(data)
+    with naming(args.envelope):
+        envelope = suit.decode_envelope(data)
     m = envelope.manifest
     summary = trust.summarize(envelope)
     images, vendors, classes = summary.images, summary.vendor_ids, summary.class_ids
@@ -269,7 +288,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not anchors:
         raise CliError("no trusted key given (use --key PUBLIC.pem or --hmac-key HEXFILE)")
     data = read_envelope_file(args.envelope)
-    verified = trust.accept(data, trust.TrustPolicy(anchors=tuple(anchors)))
+    try:
+        with naming(args.envelope):
+            verified = trust.accept(data, trust.TrustPolicy(anchors=tuple(anchors)))
+    except OtaError as exc:
+        if args.json:
+            # A script asked for JSON: it gets JSON whatever the verdict; the one-line
+            # error still goes to stderr and the exit code is still 1.
+            print(json.dumps({"valid": False, "error": exc.message, "reason": exc.reason.name}))
+        raise
     if args.json:
         print(json.dumps(verification_report(verified)))
     else:

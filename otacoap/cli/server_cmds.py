@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import getpass
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
+from ..store.errors import NotFound
 from ..store.names import PSK_LENGTH, parse_psk_hex
 from .manifest_cmds import load_anchor, read_envelope_file
 
@@ -424,6 +426,9 @@ def cmd_release_assign(args: argparse.Namespace) -> int:
 def cmd_report_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         reports = store.list_reports(args.device, args.limit)
+        if args.device and not reports and store.get_device(args.device) is None:
+            # A typo must not look like a quiet device (a removed device's reports stay).
+            raise NotFound(f"no device {args.device!r} and no reports from it")
     for r in reports:
         seq = "" if r.sequence_number is None else f" seq {r.sequence_number}"
         print(
@@ -476,4 +481,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OtaError:
         raise
     except OSError as exc:
-        raise CliError(f"cannot serve on {server.bind}: {exc.strerror or exc}") from None
+        raise CliError(_serve_failure(exc, server.bind, server.port)) from None
+
+
+def _serve_failure(exc: OSError, bind: str, port: int) -> str:
+    """Name what failed: a file of the data directory, or the address (and why)."""
+    if exc.filename is not None:
+        problem = (exc.strerror or str(exc)).lower()
+        return f"{exc.filename}: {problem} (is the data directory writable?)"
+    # uvloop reports a failed bind as a bare "could not bind" with the real error chained.
+    if exc.errno is None and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    where = f"cannot serve on {f'[{bind}]' if ':' in bind else bind}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use (another otacoap serve, or another CoAP server?)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface of this host has that address"
+    return f"{where}: {exc.strerror or exc}"

@@ -8,9 +8,12 @@ boot); invoke boots it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from . import cbor, cose, ids, suit
+from .errors import OtaError
 from .suit import Command, CommandSequence, Parameters
 
 # Reporting policies as used by the draft's examples (DIGEST.md §4).
@@ -18,6 +21,37 @@ REP_ALL = 15
 REP_FAILURE = 2
 
 MAIN_COMPONENT: tuple[bytes, ...] = (b"\x00",)
+
+# RFC 1035 §2.3.1 labels (letters, digits, inner hyphens), at most 253 characters.
+_DOMAIN = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 §3.1
+
+
+def check_release_names(vendor_domain: str, uri: str | None) -> None:
+    """Refuse names a device could never match or fetch, before anything is signed:
+    the vendor-id is derived from the domain (UUID5, manifest-34 §8.4.8.2), so a typo
+    or an empty domain silently makes a manifest for no device at all."""
+    if not _DOMAIN.fullmatch(vendor_domain):
+        raise OtaError(f"vendor domain {vendor_domain!r} is not a DNS name (e.g. example.com)")
+    if uri is None:
+        return
+    if not uri or any(c.isspace() for c in uri) or not uri.isprintable():
+        raise OtaError(f"URI {uri!r} is empty or contains spaces or control characters")
+    if uri.startswith("/"):
+        return  # server-relative, resolved against the server the device talks to
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        parts = None
+    if parts is None or not _SCHEME.fullmatch(parts.scheme) or not parts.hostname:
+        raise OtaError(
+            f"URI {uri!r} is neither an absolute URI with a host (coaps://host/path) "
+            "nor a server-relative path (/fw/...)"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +69,7 @@ class Release:
 
 
 def build_manifest(release: Release) -> suit.Manifest:
+    check_release_names(release.vendor_domain, release.uri)
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
@@ -92,10 +127,18 @@ def sign_envelope(
     """Add a COSE_Sign1 over the envelope's SUIT_Digest (manifest-34 §8.3).
 
     The digest is recomputed from the manifest bytes first, so a stale or forged
-    digest in the input is never signed.
+    digest in the input is never signed. A second signature by the same key adds
+    nothing but bytes every device must download and check, so it is refused.
     """
     actual = envelope.manifest_digest
     if actual != envelope.authentication.digest:
         raise ValueError("the envelope's SUIT_Digest does not match its manifest")
+    payload = envelope.authentication.digest_raw
+    for existing in envelope.authentication.blocks:
+        try:
+            cose.verify_block(existing.raw, payload, (key.public,))
+        except OtaError:
+            continue
+        raise ValueError(f"the envelope is already signed with key {key.public.key_id}")
     block = suit.AuthBlock(cose.sign1(envelope.authentication.digest_raw, key, alg))
     return suit.with_blocks(envelope, (*envelope.authentication.blocks, block))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,6 +173,28 @@ def _device(row: tuple) -> DeviceRecord:  # type: ignore[type-arg]
     return DeviceRecord(*row)
 
 
+def explain_sqlite_error(path: Path, exc: sqlite3.Error) -> str:
+    """One line an operator can act on, for an SQLite failure on the store's file.
+
+    A damaged, truncated or foreign file and a read-only data directory are the cases
+    operators meet; SQLite's own words name neither the file nor what to do.
+    """
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and (
+        "readonly" in text or "unable to open" in text
+    ):
+        # SQLite needs to write the file and create its -wal and -shm beside it.
+        writable = os.access(path.parent, os.W_OK) and (
+            not path.exists() or os.access(path, os.W_OK)
+        )
+        if not writable or "readonly" in text:
+            return f"{path}: cannot write the store: the data directory or the file is read-only"
+        return f"{path}: cannot open the store (missing directory or no permission)"
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+        return f"{path}: not an otacoap database or damaged ({text}); restore it from a backup"
+    return f"{path}: store error: {text}"
+
+
 def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
@@ -191,24 +214,27 @@ class SQLiteStore:
         self.path = path
         self._sealer = sealer
         self._clock = clock
-        self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=check_same_thread, timeout=10.0
-        )
         self._depth = 0
         self._data_version = -1
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: cannot switch SQLite to WAL mode (got {mode})")
-        # FULL: the WAL is fsynced at every commit, so an acknowledged report survives
-        # power loss, not only a process crash (NORMAL only guarantees the latter).
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
         self.applied_migrations: list[int] = []
-        if migrate:
-            self.applied_migrations = self.migrate()
-        else:
-            self._check_version()
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=check_same_thread, timeout=10.0
+            )
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{path}: cannot switch SQLite to WAL mode (got {mode})")
+            # FULL: the WAL is fsynced at every commit, so an acknowledged report survives
+            # power loss, not only a process crash (NORMAL only guarantees the latter).
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            if migrate:
+                self.applied_migrations = self.migrate()
+            else:
+                self._check_version()
+        except sqlite3.Error as exc:
+            raise StoreError(explain_sqlite_error(path, exc)) from None
 
     # --- plumbing ------------------------------------------------------------------
 
