@@ -102,6 +102,7 @@ from .fetcher import (
     BlockFetcher,
     DeadlineExceeded,
     FetchConfig,
+    HandshakeFailed,
     ResourceNotFound,
     ServerUnreachable,
     SlowRetrieval,
@@ -421,9 +422,7 @@ class UpdateAgent:
                 return answer
         return None
 
-    async def _effect(
-        self, machine: UpdateMachine[DeviceState], effect: Effect
-    ) -> Event | None:
+    async def _effect(self, machine: UpdateMachine[DeviceState], effect: Effect) -> Event | None:
         match effect:
             case Persist(record=record):
                 return Persisted(self.state_file.save(record))
@@ -493,7 +492,9 @@ class UpdateAgent:
             envelope = await self.fetch_envelope()
         except ResourceNotFound:
             return NoRelease()
-        except (ServerUnreachable, TransportError, SlowRetrieval, DeadlineExceeded) as exc:
+        except (
+            ServerUnreachable, HandshakeFailed, TransportError, SlowRetrieval, DeadlineExceeded
+        ) as exc:
             # A manifest that trickles in is a link (or server) problem, not a refusal
             # of anything signed: try again at the next poll, like a silent server.
             return Unreachable(str(exc))
@@ -505,9 +506,7 @@ class UpdateAgent:
         """Feed the payload to the machine block by block; FetchDone at its end."""
         if fetch.integrated is not None:
             for pos in range(fetch.start, fetch.size, MAX_BLOCK):
-                await self._drive(
-                    machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK])
-                )
+                await self._drive(machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK]))
                 if not machine.streaming:
                     return None
             return FetchDone()

@@ -47,7 +47,7 @@ from otacoap.core.coap_numbers import NOT_FOUND, code_class, code_str
 from otacoap.core.congestion import CongestionController
 from otacoap.core.errors import LimitExceeded, TransferError
 
-from .transport import Clock, Response, Transport, TransportError
+from .transport import Clock, HandshakeTimeout, Response, Transport, TransportError
 
 # A window this wide already hides a 1 s round trip at 16 KiB/s with 1 KiB blocks; more
 # would only buy memory (the buffer is up to max_window blocks) and server load.
@@ -101,6 +101,12 @@ class ResourceNotFound(TransferError):
 
 class ServerUnreachable(TransferError):
     """No usable answer after every retry."""
+
+
+class HandshakeFailed(TransferError):
+    """A fresh DTLS session could not complete its handshake either: the server does
+    not accept this device's identity and key. Retrying until the watchdog fires would
+    only hide that (and report "slow retrieval")."""
 
 
 class SlowRetrieval(TransferError):
@@ -188,6 +194,7 @@ class BlockFetcher:
         num = offset // size
         attempt = 0
         consecutive = 0
+        handshakes = 0  # consecutive exchanges lost to a handshake that never completed
         delay = self._cfg.backoff_initial
         while True:
             self._check_time()
@@ -196,8 +203,18 @@ class BlockFetcher:
                 resp = await self._t.get(
                     self._path, block2=(num, 0, self._szx), timeout=self._timeout()
                 )
+            except HandshakeTimeout as exc:
+                failure = str(exc)
+                handshakes += 1
+                if handshakes > self._cfg.reset_after_failures:  # a new session failed too
+                    raise HandshakeFailed(
+                        "DTLS handshake failed: check the device's identity and key "
+                        "(the server answers but does not complete the handshake)",
+                        detail="dtls handshake failed",
+                    ) from exc
             except TransportError as exc:
                 failure = str(exc)
+                handshakes = 0
             else:
                 if resp.successful:
                     return resp

@@ -26,6 +26,11 @@ class TransportError(Exception):
     """No usable response: timeout, DTLS failure, unreachable. The caller may retry."""
 
 
+class HandshakeTimeout(TransportError):
+    """No response, and the DTLS handshake of the session never completed: the server
+    answers but does not accept this identity and key (or the handshake was lost)."""
+
+
 @dataclass(frozen=True)
 class Response:
     """One CoAP response, reduced to what the device looks at."""

@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap import GET, POST, Message
 
-from ..transport import Response, TransportError
+from ..transport import HandshakeTimeout, Response, TransportError
 from .critical_options import reject_unrecognized_critical
-from .dtls_retransmit import harden_dtls
+from .dtls_retransmit import Handshakes, harden_dtls
 from .request_cleanup import abandon, release
 
 _log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class CoapTransport:
         self._identity = device_id
         self._psk = psk
         self._ctx: aiocoap.Context | None = None
+        self._handshakes = Handshakes()
         self._lock = asyncio.Lock()
         self._remote: Any = None  # keeps aiocoap's weakly pooled DTLS session alive
         self.resets = 0
@@ -110,7 +111,7 @@ class CoapTransport:
         async with self._lock:
             if self._ctx is None:
                 ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
-                harden_dtls(ctx)
+                self._handshakes = harden_dtls(ctx)
                 ctx.client_credentials.load_from_dict(
                     {
                         f"{self._base}/*": {
@@ -131,6 +132,10 @@ class CoapTransport:
             request = ctx.request(msg, handle_blockwise=False)
             raw = await asyncio.wait_for(asyncio.shield(request.response), timeout)
         except TimeoutError as exc:
+            if self._handshakes.incomplete():
+                raise HandshakeTimeout(
+                    f"DTLS handshake did not complete within {timeout:.1f} s"
+                ) from exc
             raise TransportError(f"no response within {timeout:.1f} s") from exc
         except (aiocoap.error.Error, OSError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc

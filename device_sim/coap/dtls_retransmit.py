@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import types
+import weakref
 from typing import Any
 
 import aiocoap
@@ -44,12 +45,31 @@ async def run_dtls_retransmissions(self: DTLSClientConnection) -> None:
         await asyncio.sleep(DTLS_POLL)
 
 
-def harden_dtls(ctx: aiocoap.Context) -> None:
-    """Give this context's DTLS client connections `run_dtls_retransmissions`.
+class Handshakes:
+    """The DTLS client connections of one context, to tell a request that timed out
+    because its handshake never completed (a wrong identity or PSK: tinydtls' server
+    drops the client's Finished without an alert) from one lost on a working session."""
+
+    def __init__(self) -> None:
+        self._connections: weakref.WeakSet[DTLSClientConnection] = weakref.WeakSet()
+
+    def add(self, connection: DTLSClientConnection) -> None:
+        self._connections.add(connection)
+
+    def incomplete(self) -> bool:
+        """Whether a connection is still handshaking and none has ever completed."""
+        states = [c._queue is None for c in self._connections]
+        return bool(states) and not any(states)
+
+
+def harden_dtls(ctx: aiocoap.Context) -> Handshakes:
+    """Give this context's DTLS client connections `run_dtls_retransmissions`, and
+    return what watches their handshakes.
 
     An instance attribute on each new connection, set when aiocoap's
     `_connection_for_address` creates it, before its handshake task first runs.
     """
+    handshakes = Handshakes()
     hardened = 0
     for tokens in ctx.request_interfaces:
         messages = tokens.token_interface.message_interface
@@ -63,9 +83,11 @@ def harden_dtls(ctx: aiocoap.Context) -> None:
                 connection._run_retransmissions = types.MethodType(
                     run_dtls_retransmissions, connection
                 )
+                handshakes.add(connection)
             return connection
 
         messages._connection_for_address = connection_for_address
         hardened += 1
     if not hardened:
         raise RuntimeError("this aiocoap context has no tinydtls client transport to harden")
+    return handshakes
