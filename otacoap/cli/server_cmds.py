@@ -13,7 +13,9 @@ import contextlib
 import errno
 import getpass
 import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from ..cliargs import CliError
 from ..config import EVENT_LOOPS
@@ -378,18 +380,52 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     from .. import eventloop
     from ..operator.client import publish
 
-    result = eventloop.run(
-        publish(
-            args.server,
-            args.identity,
-            parse_psk_hex(args.psk),
-            envelope,
-            Path(args.image),
-            timeout=args.timeout,
+    try:
+        result = eventloop.run(
+            publish(
+                args.server,
+                args.identity,
+                parse_psk_hex(args.psk),
+                envelope,
+                Path(args.image),
+                timeout=args.timeout,
+                progress=UploadProgress(Path(args.image).name, sys.stderr),
+            )
         )
-    )
+    except KeyboardInterrupt:
+        print(
+            "\notacoap publish: interrupted; the partial upload was withdrawn from the server",
+            file=sys.stderr,
+        )
+        return 130
     print(result)
     return 0
+
+
+class UploadProgress:
+    """Progress of a network upload on stderr: one updating line on a terminal, a line
+    per tenth otherwise (a log stays readable), nothing for a file under 1 MiB."""
+
+    def __init__(self, name: str, out: TextIO) -> None:
+        self._name = name
+        self._out = out
+        self._tty = out.isatty()
+        self._shown = -1
+
+    def __call__(self, sent: int, total: int) -> None:
+        if total < 1 << 20:
+            return
+        tenth = sent * 10 // total
+        if not self._tty and tenth == self._shown:
+            return
+        self._shown = tenth
+        line = f"uploading {self._name}: {sent / 2**20:.1f} of {total / 2**20:.1f} MiB"
+        line += f" ({sent * 100 // total} %)"
+        if self._tty:
+            self._out.write("\r" + line + ("\n" if sent >= total else ""))
+        else:
+            self._out.write(line + "\n")
+        self._out.flush()
 
 
 def cmd_release_list(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import io
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,9 +75,41 @@ async def post_blockwise(
     timeout: float,
     szx: int = protocol.DEFAULT_BLOCK_SZX,
     request_tag: bytes | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> aiocoap.Message:
-    """POST `total` bytes from `source` as Block1; return the final response."""
+    """POST `total` bytes from `source` as Block1; return the final response.
+
+    `progress(sent, total)` is called after each acknowledged block. If the upload is
+    cancelled (Ctrl-C), the server is asked to drop the partial body (DELETE under the
+    same Request-Tag) before the cancellation goes on, so no partial file waits there
+    for the idle timeout.
+    """
     tag = os.urandom(4) if request_tag is None else request_tag
+    try:
+        return await _post_blocks(ctx, uri, source, total, content_format, timeout, szx, tag,
+                                  progress)  # fmt: skip
+    except asyncio.CancelledError:
+        withdraw = aiocoap.Message(code=Code.DELETE, uri=uri)
+        withdraw.opt.request_tag = [tag]
+        with contextlib.suppress(OtaError, asyncio.CancelledError):
+            await request(ctx, withdraw, WITHDRAW_TIMEOUT)
+        raise
+
+
+WITHDRAW_TIMEOUT = 2.0  # seconds an interrupted upload waits for the server's 2.02
+
+
+async def _post_blocks(
+    ctx: aiocoap.Context,
+    uri: str,
+    source: BinaryIO,
+    total: int,
+    content_format: int,
+    timeout: float,
+    szx: int,
+    tag: bytes,
+    progress: Callable[[int, int], None] | None,
+) -> aiocoap.Message:
     num = 0
     while True:
         size = blockwise.size_of(szx)
@@ -96,6 +128,8 @@ async def post_blockwise(
         if num == 0:
             msg.opt.size1 = total  # RFC 7959 §4: lets the server refuse early (4.13)
         response = await request(ctx, msg, timeout)
+        if progress is not None and response.code.is_successful():
+            progress(offset + len(chunk), total)
         if not more:
             return response
         if response.code != Code.CONTINUE:
@@ -124,6 +158,7 @@ async def publish(
     image: Path,
     *,
     timeout: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     base = server.rstrip("/")
     if not base.startswith("coaps://"):
@@ -139,6 +174,7 @@ async def publish(
                 size,
                 content_format=protocol.CF_IMAGE,
                 timeout=timeout,
+                progress=progress,
             )
         _check(response, "image")
         response = await post_blockwise(

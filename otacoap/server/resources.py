@@ -46,7 +46,7 @@ from ..store.errors import NotFound, StoreError
 from . import access
 from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
 from .store_view import StoreView
-from .uploads import Block, StagedImages, Uploads, UploadTooLarge
+from .uploads import Block, StagedImages, UploadKey, Uploads, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -285,19 +285,34 @@ class _AdminUpload(_Base):
     async def complete(self, principal: Principal, blob: TempBlob) -> Message:
         raise NotImplementedError
 
-    async def render_post(self, request: Message) -> Message:
+    def _operator(self, request: Message) -> Principal:
         principal = self.principal(request)
         if principal.role is not Role.OPERATOR:
             self.view.refused(str(principal), "admin", self.name, "device on an operator resource")
             raise WrongRole("operators only")
-        b1 = request.opt.block1
-        block = Block(b1.block_number, bool(b1.more), b1.size_exponent) if b1 else None
-        key = (
+        return principal
+
+    def _upload_key(self, principal: Principal, request: Message) -> UploadKey:
+        return (
             principal.identity,
             str(request.remote.hostinfo),
             self.name,
             b"".join(request.opt.request_tag or ()),
         )
+
+    async def render_delete(self, request: Message) -> Message:
+        """An operator abandons its upload in progress (same Request-Tag, RFC 9175 §3):
+        2.02 Deleted whether or not one was still there (DELETE is idempotent)."""
+        principal = self._operator(request)
+        if self.uploads.cancel(self._upload_key(principal, request)):
+            log.info("upload %s from %s cancelled by its operator", self.name, principal)
+        return Message(code=Code.DELETED)
+
+    async def render_post(self, request: Message) -> Message:
+        principal = self._operator(request)
+        b1 = request.opt.block1
+        block = Block(b1.block_number, bool(b1.more), b1.size_exponent) if b1 else None
+        key = self._upload_key(principal, request)
         try:
             blob = self.uploads.feed(
                 key, block, bytes(request.payload), self.cap(), request.opt.size1

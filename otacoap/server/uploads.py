@@ -192,6 +192,15 @@ class Uploads:
         if sum(1 for a in self._active.values() if a.peer == peer) >= cfg.max_per_peer:
             raise UploadBusy("too many uploads in progress from this peer", cfg.busy_max_age)
 
+    def cancel(self, key: UploadKey) -> bool:
+        """Drop the upload in progress under `key` (its uploader gave up); True if any.
+
+        Without this an interrupted upload held its slot and its partial file until the
+        idle timeout."""
+        present = key in self._active
+        self._drop(key)
+        return present
+
     def _drop(self, key: UploadKey) -> None:
         assembly = self._active.pop(key, None)
         if assembly is not None:
