@@ -79,6 +79,12 @@ def cli(*args: str | os.PathLike[str]) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def squeeze(table: str) -> str:
+    """A text table with its column padding reduced to two spaces, so a test can look
+    for "device:t1  admin" whatever the widths of the other rows."""
+    return re.sub(r" {2,}", "  ", table)
+
+
 def cli_ok(*args: str | os.PathLike[str]) -> str:
     result = cli(*args)
     if result.code != 0:

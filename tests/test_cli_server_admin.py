@@ -3,6 +3,7 @@ report and audit commands (issue 3 §1, §2, §5). Errors are one line, never a 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -117,11 +118,11 @@ def test_duplicate_and_missing_devices(data: Path) -> None:
 def test_operators(data: Path) -> None:
     out = cli_ok("operator", "add", "--data", data, "alice")
     assert "DTLS identity operator:alice" in out and re.search(r"psk [0-9a-f]{32}", out)
-    assert "alice  identity operator:alice" in cli_ok("operator", "list", "--data", data)
+    assert re.search(r"(?m)^alice +operator:alice ", cli_ok("operator", "list", "--data", data))
     result = cli("operator", "add", "--data", data, "a" * 24)
     assert result.code == 1 and "at most 23" in result.err
     cli_ok("operator", "remove", "--data", data, "alice")
-    assert cli_ok("operator", "list", "--data", data) == ""
+    assert cli_ok("operator", "list", "--data", data, "--json") == "[]\n"
 
 
 def test_trust_add_list_remove(data: Path, tmp_path: Path) -> None:
@@ -147,14 +148,17 @@ def test_every_change_is_audited_and_the_chain_verifies(tmp_path: Path) -> None:
     setup.add_device(DeviceSpec("t1"))
     setup.publish(setup.release(CLASS_A, 1, make_image("a", 100)))
     cli_ok("device", "remove", "--data", setup.data, "t1")
+    listing = cli_ok("audit", "list", "--data", setup.data).splitlines()
+    assert listing[0].split() == ["#", "TIME", "ACTOR", "ACTION", "SUBJECT", "OUTCOME", "DETAIL"]
     actions = [
-        line.split()[3] for line in cli_ok("audit", "list", "--data", setup.data).splitlines()
+        e["action"] for e in json.loads(cli_ok("audit", "list", "--data", setup.data, "--json"))
     ]
+    assert [line.split()[3] for line in listing[1:]] == actions
     assert actions == [
         "init", "trust.add", "operator.add", "device.add", "publish", "device.remove",
     ]  # fmt: skip
     assert "audit log OK: 6 entries" in cli_ok("audit", "verify", "--data", setup.data)
-    assert len(cli_ok("audit", "list", "--data", setup.data, "--limit", "2").splitlines()) == 2
+    assert len(cli_ok("audit", "list", "--data", setup.data, "--limit", "2").splitlines()) == 1 + 2
 
 
 def test_publish_network_options_need_each_other(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ still there, the audit chain verifies, and a download resumes at its block."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from server_helpers import (
     make_setup,
     request,
     run,
+    squeeze,
     start_server,
 )
 
@@ -88,9 +90,13 @@ def test_graceful_restart_keeps_everything_and_resumes_the_download(tmp_path: Pa
     assert envelope == rel.envelope
     assert head + tail == rel.image  # type: ignore[operator]
     assert replay == Code.CONFLICT
-    assert "t1  #1  downloading" in cli_ok("report", "list", "--data", setup.data)
-    assert "t1  acme-devices.example/thermostat-t1  last-report-counter 1" in cli_ok(
-        "device", "list", "--data", setup.data
+    assert "  t1  1  downloading  " in squeeze(cli_ok("report", "list", "--data", setup.data))
+    (t1,) = json.loads(cli_ok("device", "list", "--data", setup.data, "--json"))
+    assert (t1["id"], t1["class"], t1["last_report_counter"], t1["state"]) == (
+        "t1",
+        "acme-devices.example/thermostat-t1",
+        1,
+        "downloading",
     )
     assert "audit log OK" in cli_ok("audit", "verify", "--data", setup.data)
 
@@ -123,14 +129,16 @@ def test_sigkill_loses_no_acknowledged_report_and_no_half_upload_survives(tmp_pa
     finally:
         server.stop(signal.SIGKILL)
     # Every acknowledged report is on disk, right after kill -9.
-    listing = cli_ok("report", "list", "--data", setup.data, "--limit", "100")
-    assert [line.split()[2] for line in listing.splitlines()] == [f"#{i}" for i in range(1, 21)]
+    listing = json.loads(cli_ok("report", "list", "--data", setup.data, "--limit", "100", "--json"))
+    assert [r["counter"] for r in listing] == list(range(1, 21))
     assert "audit log OK" in cli_ok("audit", "verify", "--data", setup.data)
     server = start_server(setup.data)
     try:
         # The half-done upload of the killed server is gone; nothing was published.
         assert list((setup.data / "blobs" / "tmp").iterdir()) == []
-        assert "seq 1" in cli_ok("release", "list", "--data", setup.data)
+        assert [
+            r["seq"] for r in json.loads(cli_ok("release", "list", "--data", setup.data, "--json"))
+        ] == [1]
     finally:
         server.stop()
 

@@ -4,6 +4,7 @@ except their audit entry; a good release becomes current in one step."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from server_helpers import (
     CLASS_A,
     CLASS_B,
+    VENDOR,
     DeviceSpec,
     Setup,
     cli,
@@ -162,8 +164,13 @@ def test_good_publish_makes_the_release_current(setup: Setup) -> None:
     assert current.envelope == rel.envelope
     assert store.release_for_device("s1") is None
     store.close()
-    listing = cli("release", "list", "--data", setup.data).out
-    assert f"{CLASS_A}  seq 11  image {rel.image_id}  5000 bytes" in listing
+    listing = json.loads(cli("release", "list", "--data", setup.data, "--json").out)
+    assert {
+        "class": f"{VENDOR}/{CLASS_A}",
+        "seq": 11,
+        "image": rel.image_id,
+        "size": 5000,
+    }.items() <= next(r for r in listing if r["seq"] == 11).items()
 
 
 def test_concurrent_publisher_cannot_race_the_sequence_check(setup: Setup) -> None:

@@ -9,6 +9,7 @@ OSError says which file.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sqlite3
@@ -33,11 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)"
     )
+    parser.add_argument("--version", action="version", version=f"otacoap {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     manifest_cmds.register(sub)
     server_cmds.register(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source)."""
+    try:
+        return importlib.metadata.version("otacoap")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

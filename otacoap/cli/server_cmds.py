@@ -15,16 +15,18 @@ import getpass
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..cliargs import CliError
 from ..config import EVENT_LOOPS
 from ..core import ids
-from ..core.errors import OtaError
+from ..core.errors import OtaError, ReportReason
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
 from ..store.errors import NotFound
+from ..store.models import DeviceRecord, ReportRecord
 from ..store.names import PSK_LENGTH, parse_psk_hex
 from .manifest_cmds import load_anchor, read_envelope_file
+from .output import emit_list, emit_one, json_parent
 
 # Who the audit log names for local commands: the OS user, as far as we can tell.
 _CLI_ACTOR = "cli:" + getpass.getuser()
@@ -43,6 +45,7 @@ def _common() -> argparse.ArgumentParser:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common = _common()
+    js = json_parent()
 
     def group(name: str, help_text: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
         p = sub.add_parser(name, help=help_text)
@@ -66,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = t.add_parser("add", parents=[common], help="trust a public key (PEM)")
     p.add_argument("key", metavar="PUBLIC.pem")
     p.set_defaults(handler=cmd_trust_add, _cmd_path=["trust", "add"])
-    p = t.add_parser("list", parents=[common], help="list trust anchors")
+    p = t.add_parser("list", parents=[common, js], help="list trust anchors")
     p.set_defaults(handler=cmd_trust_list, _cmd_path=["trust", "list"])
     p = t.add_parser("remove", parents=[common], help="stop trusting a key")
     p.add_argument("key_id", metavar="KEYID")
@@ -86,9 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--class-info", required=True, metavar="TEXT")
     p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
     p.set_defaults(handler=cmd_device_add, _cmd_path=["device", "add"])
-    p = d.add_parser("list", parents=[common], help="list devices")
+    p = d.add_parser("list", parents=[common, js], help="list devices")
     p.set_defaults(handler=cmd_device_list, _cmd_path=["device", "list"])
-    p = d.add_parser("show", parents=[common], help="show one device")
+    p = d.add_parser("show", parents=[common, js], help="show one device")
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(handler=cmd_device_show, _cmd_path=["device", "show"])
     p = d.add_parser("remove", parents=[common], help="remove a device")
@@ -106,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("name", metavar="NAME")
     p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
     p.set_defaults(handler=cmd_operator_add, _cmd_path=["operator", "add"])
-    p = o.add_parser("list", parents=[common], help="list operators")
+    p = o.add_parser("list", parents=[common, js], help="list operators")
     p.set_defaults(handler=cmd_operator_list, _cmd_path=["operator", "list"])
     p = o.add_parser("remove", parents=[common], help="remove an operator")
     p.add_argument("name", metavar="NAME")
@@ -134,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     # release -------------------------------------------------------------------------
     r = group("release", "show and assign releases")
-    p = r.add_parser("list", parents=[common], help="what each class gets")
+    p = r.add_parser("list", parents=[common, js], help="what each class gets")
     p.add_argument("--all", action="store_true", help="every release, not only current ones")
     p.set_defaults(handler=cmd_release_list, _cmd_path=["release", "list"])
     p = r.add_parser(
@@ -150,14 +153,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     # report --------------------------------------------------------------------------
     rp = group("report", "device status reports")
-    p = rp.add_parser("list", parents=[common], help="recent reports")
+    p = rp.add_parser("list", parents=[common, js], help="recent reports")
     p.add_argument("--device", metavar="ID")
     p.add_argument("--limit", type=_positive, default=50, metavar="N")
     p.set_defaults(handler=cmd_report_list, _cmd_path=["report", "list"])
 
     # audit ---------------------------------------------------------------------------
     a = group("audit", "the append-only, hash-chained audit log")
-    p = a.add_parser("list", parents=[common], help="show the latest entries")
+    p = a.add_parser("list", parents=[common, js], help="show the latest entries")
     p.add_argument("--limit", type=_positive, default=50, metavar="N")
     p.set_defaults(handler=cmd_audit_list, _cmd_path=["audit", "list"])
     p = a.add_parser(
@@ -224,11 +227,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _safe(text: str) -> str:
-    """Device-supplied text (report details) may hold terminal control sequences."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 def _datadir(args: argparse.Namespace) -> DataDir:
     return DataDir(Path(args.data))
 
@@ -269,10 +267,13 @@ def cmd_trust_add(args: argparse.Namespace) -> int:
 def cmd_trust_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         anchors = store.list_anchors()
-    if not anchors:
-        print("no trust anchors (publishing refuses everything until one is added)")
-    for a in anchors:
-        print(f"{a.key_id}  {a.kind:8}  added {a.added_at}")
+    rows = [{"key_id": a.key_id, "kind": a.kind, "added_at": a.added_at} for a in anchors]
+    emit_list(
+        args,
+        rows,
+        (("KEY ID", "key_id"), ("KIND", "kind"), ("ADDED", "added_at")),
+        "no trust anchors (publishing refuses everything until one is added)",
+    )
     return 0
 
 
@@ -294,12 +295,44 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def reason_name(code: int) -> str:
+    """A SUIT report reason by name ("condition_failed"), not by number."""
+    try:
+        return ReportReason(code).name.lower()
+    except ValueError:
+        return f"unknown reason {code}"
+
+
+def _device_row(dev: DeviceRecord, last: ReportRecord | None) -> dict[str, Any]:
+    """What an operator wants to know about a device at a glance; the running sequence
+    number, state and reason are what the device last reported (nothing before that)."""
+    return {
+        "id": dev.id,
+        "class": dev.class_label,
+        "running_seq": last.installed_sequence if last else None,
+        "state": last.state if last else None,
+        "reason": reason_name(last.reason) if last else None,
+        "last_seen": last.received_at if last else None,
+        "last_report_counter": dev.last_counter,
+    }
+
+
+_DEVICE_COLUMNS = (
+    ("DEVICE", "id"),
+    ("CLASS", "class"),
+    ("RUNNING SEQ", "running_seq"),
+    ("STATE", "state"),
+    ("LAST SEEN", "last_seen"),
+    ("LAST REASON", "reason"),
+)
+
+
 def cmd_device_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         devices = store.list_devices()
-    for dev in devices:
-        counter = "-" if dev.last_counter is None else str(dev.last_counter)
-        print(f"{dev.id}  {dev.class_label}  last-report-counter {counter}")
+        latest = store.latest_reports()
+    rows = [_device_row(dev, latest.get(dev.id)) for dev in devices]
+    emit_list(args, rows, _DEVICE_COLUMNS, "no devices (add one with 'otacoap device add')")
     return 0
 
 
@@ -307,19 +340,43 @@ def cmd_device_show(args: argparse.Namespace) -> int:
     with _store(args) as store:
         dev = store.get_device(args.device_id)
         if dev is None:
-            raise CliError(f"no device {args.device_id!r}")
+            raise NotFound(f"no device {args.device_id!r}")
         release = store.release_for_device(dev.id)
-    print(f"id: {dev.id}")
-    print(f"dtls identity: {dev.id}")
-    print(f"vendor domain: {dev.vendor_domain} (vendor-id {ids.uuid_str(dev.vendor_id)})")
-    print(f"class info: {dev.class_info} (class-id {ids.uuid_str(dev.class_id)})")
-    print(f"registered: {dev.created_at}")
-    print(f"last report counter: {'-' if dev.last_counter is None else dev.last_counter}")
-    pinned = " (pinned)" if dev.assigned_release is not None else ""
-    if release:
-        print(f"release: seq {release.sequence_number}, image {release.image.image_id}{pinned}")
-    else:
-        print("release: none")
+        last = store.latest_reports().get(dev.id)
+    row = _device_row(dev, last)
+    row.update(
+        dtls_identity=dev.id,
+        vendor_domain=dev.vendor_domain,
+        vendor_id=ids.uuid_str(dev.vendor_id),
+        class_info=dev.class_info,
+        class_id=ids.uuid_str(dev.class_id),
+        registered=dev.created_at,
+        release_seq=release.sequence_number if release else None,
+        release_image=release.image.image_id if release else None,
+        pinned=dev.assigned_release is not None,
+        last_detail=last.detail if last and last.detail else None,
+    )
+    pin = " (pinned)" if row["pinned"] else ""
+    row["release"] = (
+        f"seq {release.sequence_number}, image {release.image.image_id}{pin}" if release else "none"
+    )
+    labels = (
+        ("id", "id"),
+        ("dtls identity", "dtls_identity"),
+        ("vendor domain", "vendor_domain"),
+        ("vendor id", "vendor_id"),
+        ("class info", "class_info"),
+        ("class id", "class_id"),
+        ("registered", "registered"),
+        ("release", "release"),
+        ("running seq", "running_seq"),
+        ("state", "state"),
+        ("last reason", "reason"),
+        ("last detail", "last_detail"),
+        ("last seen", "last_seen"),
+        ("last report counter", "last_report_counter"),
+    )
+    emit_one(args, row, labels)
     return 0
 
 
@@ -343,8 +400,13 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 def cmd_operator_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         ops = store.list_operators()
-    for op in ops:
-        print(f"{op.name}  identity {op.identity}  added {op.created_at}")
+    rows = [{"name": op.name, "identity": op.identity, "added_at": op.created_at} for op in ops]
+    emit_list(
+        args,
+        rows,
+        (("OPERATOR", "name"), ("DTLS IDENTITY", "identity"), ("ADDED", "added_at")),
+        "no operators (add one with 'otacoap operator add')",
+    )
     return 0
 
 
@@ -432,14 +494,29 @@ def cmd_release_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         releases = store.list_releases(current_only=not args.all)
         current = {r.id for r in store.list_releases(current_only=True)}
-    if not releases:
-        print("no releases")
-    for r in releases:
-        mark = "*" if args.all and r.id in current else ""
-        print(
-            f"{r.class_label}  seq {r.sequence_number}{mark}  image {r.image.image_id}  "
-            f"{r.image.size} bytes  {r.published_at}  by {r.published_by}"
-        )
+    rows = [
+        {
+            "class": r.class_label,
+            "seq": r.sequence_number,
+            "current": r.id in current,
+            "image": r.image.image_id,
+            "size": r.image.size,
+            "signer": r.signer,
+            "published_at": r.published_at,
+            "published_by": r.published_by,
+        }
+        for r in releases
+    ]
+    columns: list[tuple[str, str]] = [("CLASS", "class"), ("SEQ", "seq")]
+    if args.all:
+        columns.append(("CURRENT", "current"))
+    columns += [
+        ("IMAGE", "image"),
+        ("BYTES", "size"),
+        ("PUBLISHED", "published_at"),
+        ("BY", "published_by"),
+    ]
+    emit_list(args, rows, columns, "no releases")
     return 0
 
 
@@ -465,25 +542,64 @@ def cmd_report_list(args: argparse.Namespace) -> int:
         if args.device and not reports and store.get_device(args.device) is None:
             # A typo must not look like a quiet device (a removed device's reports stay).
             raise NotFound(f"no device {args.device!r} and no reports from it")
-    for r in reports:
-        seq = "" if r.sequence_number is None else f" seq {r.sequence_number}"
-        print(
-            f"{r.received_at}  {r.device_id}  #{r.counter}  {r.state}  reason {r.reason}{seq}"
-            + (f"  {_safe(r.detail)}" if r.detail else "")
-            + (f"  ({r.lost} earlier reports lost on the device)" if r.lost else "")
-        )
+    rows = [
+        {
+            "received_at": r.received_at,
+            "device": r.device_id,
+            "counter": r.counter,
+            "state": r.state,
+            "reason": reason_name(r.reason),
+            "reason_code": r.reason,
+            "seq": r.sequence_number,
+            "installed_seq": r.installed_sequence,
+            "bytes_received": r.bytes_received,
+            "detail": r.detail,
+            "lost_before": r.lost,
+            "note": f"{r.lost} earlier reports lost on the device" if r.lost else None,
+        }
+        for r in reports
+    ]
+    columns: tuple[tuple[str, str], ...] = (
+        ("RECEIVED", "received_at"),
+        ("DEVICE", "device"),
+        ("#", "counter"),
+        ("STATE", "state"),
+        ("REASON", "reason"),
+        ("SEQ", "seq"),
+        ("DETAIL", "detail"),
+    )
+    if any(r.lost for r in reports):
+        columns = (*columns[:-1], ("LOST BEFORE", "lost_before"), columns[-1])
+    emit_list(args, rows, columns, "no reports")
     return 0
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         entries = store.audit_entries(args.limit)
-    for e in entries:
-        detail = f"  {_safe(e.detail)}" if e.detail else ""
-        print(
-            f"{e.seq:6}  {e.ts}  {_safe(e.actor)}  {e.action}  {_safe(e.subject)}  "
-            f"{e.outcome}{detail}"
-        )
+    rows = [
+        {
+            "seq": e.seq,
+            "ts": e.ts,
+            "actor": e.actor,
+            "action": e.action,
+            "subject": e.subject,
+            "outcome": e.outcome,
+            "detail": e.detail,
+            "hash": e.hash.hex(),
+        }
+        for e in entries
+    ]
+    columns = (
+        ("#", "seq"),
+        ("TIME", "ts"),
+        ("ACTOR", "actor"),
+        ("ACTION", "action"),
+        ("SUBJECT", "subject"),
+        ("OUTCOME", "outcome"),
+        ("DETAIL", "detail"),
+    )
+    emit_list(args, rows, columns, "the audit log is empty")
     return 0
 
 

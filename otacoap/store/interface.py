@@ -65,6 +65,9 @@ class Store(Protocol):
     # --- reports -------------------------------------------------------------------
     def record_report(self, device_id: str, report: Report, body: bytes) -> ReportOutcome: ...
     def list_reports(self, device_id: str | None, limit: int) -> list[ReportRecord]: ...
+    def latest_reports(self) -> dict[str, ReportRecord]:
+        """Each device's newest report, by device id."""
+        ...
 
     # --- audit ---------------------------------------------------------------------
     def audit(

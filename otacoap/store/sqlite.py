@@ -728,6 +728,15 @@ class SQLiteStore:
             )
         return ReportOutcome(True, int(cur.lastrowid or 0))
 
+    def latest_reports(self) -> dict[str, ReportRecord]:
+        """Each device's newest report (by arrival): what it last said it was doing."""
+        rows = self._db.execute(
+            "SELECT id, device_id, counter, state, reason, seq, manifest_digest, bytes_received, "
+            "installed_seq, detail, received_at, lost FROM reports WHERE id IN "
+            "(SELECT MAX(id) FROM reports GROUP BY device_id)"
+        ).fetchall()
+        return {r[1]: ReportRecord(*r) for r in rows}
+
     def list_reports(self, device_id: str | None, limit: int) -> list[ReportRecord]:
         where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
         rows = self._db.execute(

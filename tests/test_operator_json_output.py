@@ -1,0 +1,92 @@
+"""The operator's view (issue 12 §1): every list and show command answers `--json` that
+parses, the text tables have a header line, `device list` shows what each device last
+said (running sequence number, state, last seen, reason by name), and `--version`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+from server_helpers import CLASS_A, DeviceSpec, cli, cli_ok, make_image, make_setup
+
+from otacoap.core.errors import ReportReason
+from otacoap.core.report import Report, State
+from otacoap.store import DataDir
+
+LISTS = [
+    ("trust", "list"),
+    ("device", "list"),
+    ("operator", "list"),
+    ("release", "list"),
+    ("report", "list"),
+    ("audit", "list"),
+]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    setup = make_setup(tmp_path, devices=[DeviceSpec("t1"), DeviceSpec("t2")], operators=["ops"])
+    setup.publish(setup.release(CLASS_A, 3, make_image("fw", 3000)))
+    with contextlib.closing(DataDir(setup.data).open_store()) as store:
+        for counter, state, reason, seq in (
+            (1, State.DOWNLOADING, ReportReason.OK, None),
+            (2, State.FAILED, ReportReason.CONDITION_FAILED, 2),
+        ):
+            report = Report(counter, state, reason, 3, installed_sequence=seq, detail="\x1b[2Jx")
+            store.record_report("t1", report, report.encode())
+    return setup.data
+
+
+@pytest.mark.parametrize("command", LISTS, ids=" ".join)
+def test_every_list_answers_json_that_parses_and_text_with_a_header(
+    data: Path, command: tuple[str, str]
+) -> None:
+    rows = json.loads(cli_ok(*command, "--data", data, "--json"))
+    assert isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)
+    text = cli_ok(*command, "--data", data).splitlines()
+    assert text[0].split()[0].isupper() or text[0].startswith("#"), text[0]
+    assert len(text) == 1 + len(rows)
+    assert "\x1b" not in "\n".join(text)  # device text is escaped, never raw
+
+
+def test_empty_lists_are_an_empty_json_array(tmp_path: Path) -> None:
+    cli_ok("init", tmp_path / "d")
+    for command in LISTS[:-1]:  # init itself is audited
+        assert json.loads(cli_ok(*command, "--data", tmp_path / "d", "--json")) == []
+
+
+def test_device_list_shows_what_each_device_last_said(data: Path) -> None:
+    rows = {r["id"]: r for r in json.loads(cli_ok("device", "list", "--data", data, "--json"))}
+    t1, t2 = rows["t1"], rows["t2"]
+    assert (t1["running_seq"], t1["state"], t1["reason"]) == (2, "failed", "condition_failed")
+    assert t1["last_seen"] and t1["last_report_counter"] == 2
+    assert (t2["running_seq"], t2["state"], t2["last_seen"]) == (None, None, None)
+    header, *lines = cli_ok("device", "list", "--data", data).splitlines()
+    assert header.split() == ["DEVICE", "CLASS", "RUNNING", "SEQ", "STATE", "LAST", "SEEN",
+                              "LAST", "REASON"]  # fmt: skip
+    assert "condition_failed" in lines[0] and "reason 10" not in lines[0]
+
+
+def test_device_show_answers_json_and_names_the_reason(data: Path) -> None:
+    shown = json.loads(cli_ok("device", "show", "--data", data, "t1", "--json"))
+    assert (
+        shown["id"] == "t1" and shown["release_seq"] == 3 and shown["reason"] == "condition_failed"
+    )
+    assert "last reason: condition_failed" in cli_ok("device", "show", "--data", data, "t1")
+    missing = cli("device", "show", "--data", data, "ghost", "--json")
+    assert missing.code == 1 and missing.out == "" and "ghost" in missing.err
+
+
+def test_report_list_names_reasons(data: Path) -> None:
+    rows = json.loads(cli_ok("report", "list", "--data", data, "--json"))
+    assert [(r["state"], r["reason"], r["reason_code"]) for r in rows] == [
+        ("downloading", "ok", 0),
+        ("failed", "condition_failed", 10),
+    ]
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.code == 0 and result.out.startswith("otacoap ")
