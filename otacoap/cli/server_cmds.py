@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from ..cliargs import CliError
 from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError
+from ..fsutil import atomic_write, read_capped
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
+from ..store.checkpoint import MAX_CHECKPOINT_FILE, CheckpointInvalid
 from ..store.names import PSK_LENGTH, parse_psk_hex
 from .manifest_cmds import load_anchor, read_envelope_file
 
@@ -152,18 +155,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=cmd_report_list, _cmd_path=["report", "list"])
 
     # audit ---------------------------------------------------------------------------
-    a = group("audit", "the append-only, hash-chained audit log")
+    a = group("audit", "the append-only, keyed hash-chained audit log")
     p = a.add_parser("list", parents=[common], help="show the latest entries")
     p.add_argument("--limit", type=_positive, default=50, metavar="N")
     p.set_defaults(handler=cmd_audit_list, _cmd_path=["audit", "list"])
     p = a.add_parser(
         "verify",
         parents=[common],
-        help="check the hash chain",
+        help="check the keyed chain, its seal, and the store against the log",
         description="Exit 0 and print the head hash if every entry links to the one "
-        "before; exit 1 naming the first broken entry otherwise.",
+        "before (HMAC under a key derived from server.key), the log's sealed length "
+        "matches, and every release, device, operator and trust anchor has the audit "
+        "entry that made it; exit 1 naming the first problem otherwise. With "
+        "--checkpoint, also prove that nothing up to that checkpoint was removed or "
+        "changed.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a file written by 'otacoap audit checkpoint' (keep copies off this machine)",
     )
     p.set_defaults(handler=cmd_audit_verify, _cmd_path=["audit", "verify"])
+    p = a.add_parser(
+        "checkpoint",
+        parents=[common],
+        help="write the log's length and head, MACed, to a file to keep elsewhere",
+        description="Verify the log, then write its entry count and head, with a MAC "
+        "under a key derived from server.key, to FILE (atomically). Keep the file "
+        "where whoever can write the data directory cannot: 'audit verify --checkpoint "
+        "FILE' then proves that no entry up to it was removed or changed, even if the "
+        "whole database was replaced by an older copy.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+    p.set_defaults(handler=cmd_audit_checkpoint, _cmd_path=["audit", "checkpoint"])
 
     # serve ---------------------------------------------------------------------------
     p = sub.add_parser(
@@ -447,9 +472,33 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    checkpoint = None
+    if args.checkpoint:
+        try:
+            checkpoint = read_capped(args.checkpoint, MAX_CHECKPOINT_FILE)
+        except ValueError:
+            raise CliError(f"{args.checkpoint}: not an audit checkpoint (too large)") from None
     with _store(args) as store:
-        count, head = store.verify_audit()
-    print(f"audit log OK: {count} entries, head {head.hex()}")
+        try:
+            count, head = store.verify_audit(checkpoint)
+        except CheckpointInvalid as exc:
+            raise CliError(f"{args.checkpoint}: {exc}") from None
+    held = f"; checkpoint {args.checkpoint} holds" if args.checkpoint else ""
+    print(f"audit log OK: {count} entries, head {head.hex()}{held}")
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    if os.path.exists(args.file) and not args.force:
+        raise CliError(f"{args.file} exists (use --force to replace it)")
+    with _store(args) as store:
+        data = store.audit_checkpoint()
+    atomic_write(args.file, data, mode=0o644)
+    doc = json.loads(data)
+    print(
+        f"audit log OK: checkpoint of {doc['count']} entries, head {doc['head']}, written "
+        f"to {args.file}; keep a copy off this machine"
+    )
     return 0
 
 
