@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..cliargs import CliError
+from ..cliargs import OPERATOR_PSK_ENV, PSK_ENV, CliError, add_psk_options, read_psk
 from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError
@@ -62,7 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     # trust ---------------------------------------------------------------------------
     t = group("trust", "manage the keys whose signatures publishing accepts")
-    p = t.add_parser("add", parents=[common], help="trust a public key (PEM)")
+    p = t.add_parser(
+        "add",
+        parents=[common],
+        help="trust a public key (PEM)",
+        description="Trust PUBLIC.pem for publishing. A private key is refused: the "
+        "author key stays offline, the server needs only its public half.",
+    )
     p.add_argument("key", metavar="PUBLIC.pem")
     p.set_defaults(handler=cmd_trust_add, _cmd_path=["trust", "add"])
     p = t.add_parser("list", parents=[common], help="list trust anchors")
@@ -77,13 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "add",
         parents=[common],
         help="register a device",
-        description="Register device ID; its DTLS PSK identity is ID. Without --psk a "
-        f"random {PSK_LENGTH}-byte PSK is generated and printed once.",
+        description="Register device ID; its DTLS PSK identity is ID. The PSK "
+        f"({PSK_LENGTH} bytes as hex) comes from --psk-file, ${PSK_ENV} or --psk; "
+        f"without any, a random one is generated and printed once.",
     )
     p.add_argument("device_id", metavar="ID")
     p.add_argument("--vendor-domain", required=True, metavar="DOMAIN")
     p.add_argument("--class-info", required=True, metavar="TEXT")
-    p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
+    add_psk_options(p, env=PSK_ENV, what="the device's PSK")
     p.set_defaults(handler=cmd_device_add, _cmd_path=["device", "add"])
     p = d.add_parser("list", parents=[common], help="list devices")
     p.set_defaults(handler=cmd_device_list, _cmd_path=["device", "list"])
@@ -100,10 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "add",
         parents=[common],
         help="add an operator",
-        description="Add operator NAME; its DTLS PSK identity is 'operator:NAME'.",
+        description="Add operator NAME; its DTLS PSK identity is 'operator:NAME'. The "
+        f"PSK ({PSK_LENGTH} bytes as hex) comes from --psk-file, ${PSK_ENV} or --psk; "
+        "without any, a random one is generated and printed once.",
     )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
+    add_psk_options(p, env=PSK_ENV, what="the operator's PSK")
     p.set_defaults(handler=cmd_operator_add, _cmd_path=["operator", "add"])
     p = o.add_parser("list", parents=[common], help="list operators")
     p.set_defaults(handler=cmd_operator_list, _cmd_path=["operator", "list"])
@@ -125,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--server", metavar="coaps://HOST:PORT", help="publish over the network")
     p.add_argument("--identity", metavar="NAME", help="operator name (with --server)")
-    p.add_argument("--psk", metavar="HEX", help="operator PSK (with --server)")
+    add_psk_options(p, env=OPERATOR_PSK_ENV, what="the operator's PSK (with --server)")
     p.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="network timeout per request"
     )
@@ -264,8 +273,9 @@ def _store(args: argparse.Namespace) -> contextlib.closing[SQLiteStore]:
 
 
 def _psk(args: argparse.Namespace) -> tuple[bytes, bool]:
-    if args.psk:
-        return parse_psk_hex(args.psk), False
+    psk = read_psk(args, PSK_ENV, parse_psk_hex)
+    if psk is not None:
+        return psk, False
     return os.urandom(PSK_LENGTH), True
 
 
@@ -380,8 +390,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     envelope = read_envelope_file(args.envelope)
     if args.server:
         return _publish_remote(args, envelope)
-    if args.identity or args.psk:
-        raise CliError("--identity and --psk only make sense with --server")
+    if args.identity or args.psk or args.psk_file:
+        raise CliError("--identity, --psk-file and --psk only make sense with --server")
     datadir = _datadir(args)
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
@@ -396,8 +406,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
-    if not args.identity or not args.psk:
-        raise CliError("--server needs --identity NAME and --psk HEX")
+    psk = read_psk(args, OPERATOR_PSK_ENV, parse_psk_hex, what="operator PSK")
+    if not args.identity or psk is None:
+        raise CliError(
+            "--server needs --identity NAME and the operator's PSK "
+            f"(--psk-file FILE, ${OPERATOR_PSK_ENV} or --psk HEX)"
+        )
     from .. import eventloop
     from ..operator.client import publish
 
@@ -405,7 +419,7 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
         publish(
             args.server,
             args.identity,
-            parse_psk_hex(args.psk),
+            psk,
             envelope,
             Path(args.image),
             timeout=args.timeout,
