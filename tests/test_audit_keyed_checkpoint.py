@@ -14,10 +14,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from server_helpers import CLASS_A, DeviceSpec, cli, cli_ok, make_image, make_setup
+from server_helpers import CLASS_A, DeviceSpec, Setup, cli, cli_ok, make_image, make_setup
 
 from otacoap.store import DataDir
 from otacoap.store import audit as chain
+from otacoap.store import sqlite as sqlite_store
 from otacoap.store.errors import AuditChainBroken
 
 
@@ -100,7 +101,7 @@ def _verify_fails(data: Path, message: str, *extra: str | Path) -> str:
 
 
 @pytest.fixture
-def published(tmp_path: Path):  # type: ignore[no-untyped-def]
+def published(tmp_path: Path) -> Setup:
     """A data dir with a trust anchor, an operator, a device and one live release."""
     setup = make_setup(tmp_path, devices=[DeviceSpec("t1")], operators=["ops"])
     setup.publish(setup.release(CLASS_A, 1, make_image("a", 300)))
@@ -111,7 +112,7 @@ def published(tmp_path: Path):  # type: ignore[no-untyped-def]
 # --- the keyed chain -------------------------------------------------------------------
 
 
-def test_the_chain_key_is_derived_from_server_key_and_never_stored(published) -> None:  # type: ignore[no-untyped-def]
+def test_the_chain_key_is_derived_from_server_key_and_never_stored(published: Setup) -> None:
     d = DataDir(published.data)
     key = d.sealer().audit_keys.chain
     blob = b"".join(p.read_bytes() for p in d.root.glob("otacoap.db*"))
@@ -128,7 +129,7 @@ def _fields(e: chain.AuditEntry) -> tuple[int, str, str, str, str, str, str, byt
     return (e.seq, e.ts, e.actor, e.action, e.subject, e.outcome, e.detail, e.prev_hash)
 
 
-def test_a_whole_chain_recomputation_without_the_key_is_detected(published) -> None:  # type: ignore[no-untyped-def]
+def test_a_whole_chain_recomputation_without_the_key_is_detected(published: Setup) -> None:
     """The trial of the issue: a real publish rewritten to look refused, every hash
     after it recomputed, the release still live."""
     d = DataDir(published.data)
@@ -148,13 +149,13 @@ def test_a_whole_chain_recomputation_without_the_key_is_detected(published) -> N
     _verify_fails(published.data, "audit entry 1: content does not match")
 
 
-def test_an_edited_entry_is_detected(published) -> None:  # type: ignore[no-untyped-def]
+def test_an_edited_entry_is_detected(published: Setup) -> None:
     seq = next(e.seq for e in _rows(published.data / "otacoap.db") if e.action == "publish")
     _tamper(published.data / "otacoap.db", f"UPDATE audit SET outcome='refused' WHERE seq={seq}")
     _verify_fails(published.data, f"audit entry {seq}: content does not match")
 
 
-def test_tail_truncation_with_the_count_fixed_is_detected(published) -> None:  # type: ignore[no-untyped-def]
+def test_tail_truncation_with_the_count_fixed_is_detected(published: Setup) -> None:
     """Delete the last entries and lower the count to match: the prefix is a valid
     chain, but the head no longer matches the keyed seal the store keeps."""
     db = published.data / "otacoap.db"
@@ -173,7 +174,7 @@ def test_tail_truncation_with_the_count_fixed_is_detected(published) -> None:  #
 # --- checkpoints -----------------------------------------------------------------------
 
 
-def test_checkpoint_is_written_once_and_verifies(published, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_is_written_once_and_verifies(published: Setup, tmp_path: Path) -> None:
     cp = tmp_path / "offsite" / "audit.checkpoint"
     cp.parent.mkdir()
     out = cli_ok("audit", "checkpoint", "--data", published.data, cp)
@@ -188,7 +189,9 @@ def test_checkpoint_is_written_once_and_verifies(published, tmp_path: Path) -> N
     assert "audit log OK" in cli_ok("audit", "checkpoint", "--data", published.data, cp, "--force")
 
 
-def test_checkpoint_catches_a_rollback_to_an_older_database(published, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_catches_a_rollback_to_an_older_database(
+    published: Setup, tmp_path: Path
+) -> None:
     """Restoring an older copy of the database (its own seal is valid) is a truncation
     with everything fixed up: only a checkpoint taken later, kept elsewhere, sees it."""
     db = published.data / "otacoap.db"
@@ -205,7 +208,7 @@ def test_checkpoint_catches_a_rollback_to_an_older_database(published, tmp_path:
     _verify_fails(published.data, "entries were removed", "--checkpoint", cp)
 
 
-def test_checkpoint_catches_a_rewrite_before_it(published, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_catches_a_rewrite_before_it(published: Setup, tmp_path: Path) -> None:
     cp = tmp_path / "audit.checkpoint"
     cli_ok("audit", "checkpoint", "--data", published.data, cp)
     d = DataDir(published.data)
@@ -220,7 +223,7 @@ def test_checkpoint_catches_a_rewrite_before_it(published, tmp_path: Path) -> No
     _verify_fails(published.data, "checkpoint", "--checkpoint", cp)
 
 
-def test_an_edited_or_foreign_checkpoint_is_refused(published, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_edited_or_foreign_checkpoint_is_refused(published: Setup, tmp_path: Path) -> None:
     cp = tmp_path / "audit.checkpoint"
     cli_ok("audit", "checkpoint", "--data", published.data, cp)
     text = cp.read_text()
@@ -241,7 +244,7 @@ def test_an_edited_or_foreign_checkpoint_is_refused(published, tmp_path: Path) -
 # --- the store against the log ---------------------------------------------------------
 
 
-def test_a_release_inserted_without_its_publish_entry_is_an_error(published) -> None:  # type: ignore[no-untyped-def]
+def test_a_release_inserted_without_its_publish_entry_is_an_error(published: Setup) -> None:
     """The chain is intact, but the store holds a release the log never saw."""
     _tamper(
         published.data / "otacoap.db",
@@ -253,7 +256,7 @@ def test_a_release_inserted_without_its_publish_entry_is_an_error(published) -> 
     _verify_fails(published.data, "seq 99 has no publish audit entry")
 
 
-def test_a_deleted_release_entry_is_detected(published) -> None:  # type: ignore[no-untyped-def]
+def test_a_deleted_release_entry_is_detected(published: Setup) -> None:
     d = DataDir(published.data)
     entries = _rows(d.db_path)
     seq = next(e.seq for e in entries if e.action == "publish")
@@ -272,7 +275,7 @@ def test_a_deleted_release_entry_is_detected(published) -> None:  # type: ignore
         store.close()
 
 
-def test_devices_operators_and_anchors_without_their_entries_are_errors(published) -> None:  # type: ignore[no-untyped-def]
+def test_devices_operators_and_anchors_without_their_entries_are_errors(published: Setup) -> None:
     db = published.data / "otacoap.db"
     _tamper(
         db,
@@ -293,7 +296,7 @@ def test_devices_operators_and_anchors_without_their_entries_are_errors(publishe
     assert "audit log OK" in cli_ok("audit", "verify", "--data", published.data)
 
 
-def test_a_removed_device_put_back_by_hand_is_an_error(published) -> None:  # type: ignore[no-untyped-def]
+def test_a_removed_device_put_back_by_hand_is_an_error(published: Setup) -> None:
     """Its sealed PSK still opens (it is bound to the identity, not the row): the log
     is what says the device was removed."""
     db = published.data / "otacoap.db"
@@ -306,7 +309,7 @@ def test_a_removed_device_put_back_by_hand_is_an_error(published) -> None:  # ty
     _verify_fails(published.data, "device 't1' was removed")
 
 
-def test_unknown_actions_do_not_break_the_cross_check(published) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_actions_do_not_break_the_cross_check(published: Setup) -> None:
     store = DataDir(published.data).open_store()
     try:
         store.audit("cli:x", "device.rekey", "t1", "ok", "new PSK")
@@ -320,45 +323,55 @@ def test_unknown_actions_do_not_break_the_cross_check(published) -> None:  # typ
 # --- upgrading a data directory with a plain chain ---------------------------------------
 
 
-def _make_legacy(data: Path) -> int:
-    """Turn a fresh data dir into what migration 4 finds: a plain SHA-256 chain, no
-    seal, no record of the re-keying."""
-    db = data / "otacoap.db"
+@pytest.fixture
+def legacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
+    """A data dir as the code before migration 4 left it: the migrations before 4 only,
+    no seal, a plain SHA-256 chain. (Later migrations, whoever adds them, then run in
+    their order when the test opens it.) Returns the directory and its entry count."""
+    with monkeypatch.context() as m:
+        older = tuple(mig for mig in sqlite_store.MIGRATIONS if mig[0] < 4)
+        m.setattr(sqlite_store, "MIGRATIONS", older)
+        m.setattr(sqlite_store, "SCHEMA_VERSION", older[-1][0])
+        m.setattr(sqlite_store.SQLiteStore, "_seal", lambda self, count, head: None)
+        setup = make_setup(tmp_path, devices=[DeviceSpec("t1")], operators=["ops"])
+        setup.publish(setup.release(CLASS_A, 1, make_image("a", 300)))
+    db = setup.data / "otacoap.db"
     entries = _rows(db)
     _rewrite_chain(db, entries, key=None)
     conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM schema_migrations WHERE version = 4")
-    conn.execute("DROP TABLE audit_seal")
-    conn.execute("DELETE FROM meta WHERE key = 'audit_plain_count'")
-    conn.commit()
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    versions = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
     conn.close()
-    return len(entries)
+    assert "audit_seal" not in tables and 4 not in versions
+    return setup.data, len(entries)
 
 
-def test_migration_anchors_a_keyed_chain_on_the_plain_one(published) -> None:  # type: ignore[no-untyped-def]
-    n = _make_legacy(published.data)
-    cli_ok("device", "add", "--data", published.data, "t2", "--vendor-domain", "v.example",
+def test_migration_anchors_a_keyed_chain_on_the_plain_one(legacy: tuple[Path, int]) -> None:
+    data, n = legacy
+    cli_ok("device", "add", "--data", data, "t2", "--vendor-domain", "v.example",
            "--class-info", "c")  # fmt: skip
-    out = cli_ok("audit", "verify", "--data", published.data)
+    out = cli_ok("audit", "verify", "--data", data)
     assert f"audit log OK: {n + 2} entries" in out
-    listing = cli_ok("audit", "list", "--data", published.data).splitlines()
+    listing = cli_ok("audit", "list", "--data", data).splitlines()
     assert "audit.rekey" in listing[n] and f"plain 1..{n}" in listing[n]
-    entries = _rows(published.data / "otacoap.db")
-    key = DataDir(published.data).sealer().audit_keys.chain
+    entries = _rows(data / "otacoap.db")
+    key = DataDir(data).sealer().audit_keys.chain
     assert entries[n].hash == chain.entry_hash(*_fields(entries[n]), key=key)
     # The plain part is still covered: the first keyed entry links to its head.
-    _tamper(published.data / "otacoap.db", "UPDATE audit SET detail='x' WHERE seq = 2")
-    _verify_fails(published.data, "audit entry 2: content does not match")
+    _tamper(data / "otacoap.db", "UPDATE audit SET detail='x' WHERE seq = 2")
+    _verify_fails(data, "audit entry 2: content does not match")
 
 
-def test_claiming_more_plain_entries_after_migration_is_detected(published) -> None:  # type: ignore[no-untyped-def]
-    n = _make_legacy(published.data)
-    cli_ok("device", "add", "--data", published.data, "t2", "--vendor-domain", "v.example",
+def test_claiming_more_plain_entries_after_migration_is_detected(
+    legacy: tuple[Path, int],
+) -> None:
+    data, n = legacy
+    cli_ok("device", "add", "--data", data, "t2", "--vendor-domain", "v.example",
            "--class-info", "c")  # fmt: skip
-    d = DataDir(published.data)
+    d = DataDir(data)
     entries = _rows(d.db_path)
     # Recompute everything plain and say all of it predates the key: no keyed marker
     # vouches for that count, so it is refused.
     _rewrite_chain(d.db_path, entries, key=None)
     _tamper(d.db_path, f"UPDATE meta SET value = {n + 2} WHERE key = 'audit_plain_count'")
-    _verify_fails(published.data, "re-keying")
+    _verify_fails(data, "re-keying")
