@@ -212,8 +212,8 @@ def add_psk_options(parser: argparse.ArgumentParser, *, env: str, what: str) -> 
     parser.add_argument(
         "--psk-file",
         metavar="FILE",
-        help=f"read {what} (hex) from FILE; '-' reads standard input "
-        f"(or set ${env}; --psk-file wins over it)",
+        help=f"read {what} from FILE, as hex ('-': standard input); or set ${env} "
+        "(--psk-file wins over it)",
     )
     parser.add_argument(
         "--psk",

@@ -505,6 +505,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     if os.path.exists(args.file) and not args.force:
         raise CliError(f"{args.file} exists (use --force to replace it)")
+    parent = Path(args.file).parent
+    if not parent.is_dir():
+        raise CliError(f"{args.file}: directory {parent} does not exist")
     with _store(args) as store:
         data = store.audit_checkpoint()
     atomic_write(args.file, data, mode=0o644)
