@@ -182,6 +182,8 @@ def test_checkpoint_is_written_once_and_verifies(published: Setup, tmp_path: Pat
     assert f"{n} entries" in out and cp.is_file()
     result = cli("audit", "checkpoint", "--data", published.data, cp)
     assert result.code == 1 and "--force" in result.err and result.err.count("\n") == 1
+    result = cli("audit", "checkpoint", "--data", published.data, tmp_path / "no" / "cp")
+    assert result.code == 1 and "does not exist" in result.err and ".tmp" not in result.err
     cli_ok("device", "add", "--data", published.data, "t2", "--vendor-domain", "v.example",
            "--class-info", "c")  # fmt: skip
     out = cli_ok("audit", "verify", "--data", published.data, "--checkpoint", cp)
