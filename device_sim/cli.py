@@ -17,14 +17,19 @@ from collections.abc import Sequence
 
 from otacoap import eventloop
 from otacoap.cliargs import (
+    PSK_ENV,
     CliError,
     Parser,
+    add_psk_options,
     maybe_hex,
     positive_seconds,
+    print_warnings,
+    read_psk,
     read_small_file,
     size_type,
     window_type,
 )
+from otacoap.core import cose
 from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
 
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--flash", required=True, metavar="FILE", help="flash image to create")
     p.add_argument("--id", required=True, metavar="ID", help="device id (= DTLS PSK identity)")
-    p.add_argument("--psk", required=True, metavar="HEX", help="DTLS pre-shared key, hex")
+    add_psk_options(p, env=PSK_ENV, what="the DTLS pre-shared key (required: one source)")
     p.add_argument("--vendor-domain", required=True, metavar="DOMAIN", help="vendor domain")
     p.add_argument("--class-info", required=True, metavar="TEXT", help="device class")
     p.add_argument(
@@ -71,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         action="append",
         metavar="AUTHOR.pub",
-        help="trust anchor: a PEM public key of a manifest author (repeatable)",
+        help="trust anchor: a PEM public key of a manifest author (repeatable); a private "
+        "key is refused (the author key stays offline)",
     )
     p.add_argument("--factory-image", required=True, metavar="FW.bin", help="factory image")
     p.add_argument(
@@ -189,14 +195,31 @@ def _read(path: str, cap: int) -> bytes:
         raise CliError(str(exc)) from None
 
 
+def _hex_psk(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("must be hex") from None
+
+
+def _read_anchor(path: str) -> bytes:
+    """A --trust file, refused here (naming it) if it holds no public key: a private
+    one must never be copied onto a device (cose.load_public_key says why)."""
+    data = _read(path, MAX_SMALL_FILE)
+    try:
+        cose.load_public_key(data)
+    except OtaError as exc:
+        raise CliError(f"--trust {path}: {exc}") from None
+    return data
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from .provision import provision
 
-    try:
-        psk = bytes.fromhex(args.psk)
-    except ValueError:
-        raise CliError("--psk must be hex") from None
-    anchors = tuple(_read(t, MAX_SMALL_FILE) for t in args.trust)
+    psk = read_psk(args, PSK_ENV, _hex_psk)
+    if psk is None:
+        raise CliError(f"the device needs its PSK: --psk-file FILE, ${PSK_ENV} or --psk HEX")
+    anchors = tuple(_read_anchor(t) for t in args.trust)
     image = _read(args.factory_image, MAX_INPUT_FILE)
     envelope = (
         maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
@@ -316,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # device's own outcome line says what happened.
         logging.getLogger("coap").setLevel(logging.ERROR)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        print_warnings(args, f"python -m device_sim {args.command}")
+        return code
     except (
         CliError,
         ProvisioningError,

@@ -11,6 +11,9 @@ own limits (e.g. the fleet caps image sizes, provisioning does not) by parameter
 A leaf module like otacoap.eventloop: it imports nothing of otacoap, so the device
 simulator (which may import only otacoap.core of the operator's side) can use it too.
 
+Secrets come in one way for every command: `add_psk_options` and `read_psk` (a file,
+standard input or an environment variable; `--psk HEX` still works but warns).
+
 The messages are user-visible and kept exactly as they were when each command had
 its own copy; where two commands worded a refusal differently, both wordings stay.
 """
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
@@ -180,4 +187,96 @@ def maybe_hex(data: bytes) -> bytes:
             return bytes.fromhex(text.decode())
         except ValueError:
             pass
+    return data
+
+
+# --------------------------------------------------------------------------- secrets
+
+PSK_ENV = "OTACOAP_PSK"
+"""The PSK of `otacoap device add`, `otacoap operator add` and `device_sim provision`."""
+OPERATOR_PSK_ENV = "OTACOAP_OPERATOR_PSK"
+"""The operator's own PSK for `otacoap publish --server` (a different secret from the
+ones it registers, so it has its own name: one exported variable cannot leak into the
+other command)."""
+MAX_PSK_FILE = 4096
+PSK_WARNING = "--psk exposes the key in the process list; use --psk-file or {env}"
+
+
+def add_psk_options(parser: argparse.ArgumentParser, *, env: str, what: str) -> None:
+    """--psk-file FILE and --psk HEX for a command that also reads `env`.
+
+    A PSK on the command line shows in `ps`, /proc/PID/cmdline and shell history; a
+    file (or standard input, `-`) or an environment variable does not, so those are
+    the sources the help offers first.
+    """
+    parser.add_argument(
+        "--psk-file",
+        metavar="FILE",
+        help=f"read {what} from FILE, as hex ('-': standard input); or set ${env} "
+        "(--psk-file wins over it)",
+    )
+    parser.add_argument(
+        "--psk",
+        metavar="HEX",
+        help=f"{what} as hex on the command line: visible to every local user in ps and "
+        f"kept in shell history; prefer --psk-file or ${env} (still accepted, with a warning)",
+    )
+
+
+def read_psk(
+    args: argparse.Namespace, env: str, parse: Callable[[str], T], *, what: str = "PSK"
+) -> T | None:
+    """The PSK from --psk-file, --psk or `env` (in that order), parsed; None if none.
+
+    `parse` turns the hex text into the key and raises with a one-line message when it
+    cannot; the message is prefixed with where the text came from (never the text).
+    Giving both options is refused; --psk works but warns on stderr (after the
+    command has run: see `warn_after`).
+    """
+    psk_file, psk_hex = getattr(args, "psk_file", None), getattr(args, "psk", None)
+    if psk_file and psk_hex:
+        raise CliError("give the PSK once: --psk-file or --psk, not both")
+    if psk_file:
+        origin = "standard input" if psk_file == "-" else f"--psk-file {psk_file}"
+        text = _read_secret_text(psk_file)
+    elif psk_hex:
+        warn_after(args, PSK_WARNING.format(env=env))
+        origin, text = "--psk", psk_hex
+    elif os.environ.get(env):
+        origin, text = f"${env}", os.environ[env]
+    else:
+        return None
+    try:
+        return parse(text.strip())
+    except Exception as exc:  # the parser's own refusal, one line by contract
+        raise CliError(f"{what} from {origin}: {exc}") from None
+
+
+def warn_after(args: argparse.Namespace, message: str) -> None:
+    """Queue a warning for `print_warnings`, which the entry point calls once the
+    handler has returned. A refusal stays exactly one line on stderr (the promise of
+    every command line here); the warning comes with every run that was not refused."""
+    args.__dict__.setdefault("_warnings", []).append(message)
+
+
+def print_warnings(args: argparse.Namespace, prog: str) -> None:
+    for message in args.__dict__.get("_warnings", ()):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+
+def _read_secret_text(path: str) -> str:
+    if path == "-":
+        data = sys.stdin.read(MAX_PSK_FILE + 1)
+    else:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                data = f.read(MAX_PSK_FILE + 1)
+        except FileNotFoundError:
+            raise CliError(f"--psk-file {path}: no such file") from None
+        except IsADirectoryError:
+            raise CliError(f"--psk-file {path}: is a directory") from None
+        except PermissionError:
+            raise CliError(f"--psk-file {path}: permission denied") from None
+    if len(data) > MAX_PSK_FILE:
+        raise CliError(f"--psk-file {path}: larger than {MAX_PSK_FILE} bytes (not a PSK file)")
     return data

@@ -67,7 +67,11 @@ def main() -> int:
     run([OTACOAP, "init", rel(data)])
     run([OTACOAP, "keygen", "--alg", "es256", "--out", rel(work / "author")])
     run([OTACOAP, "trust", "add", "--data", rel(data), rel(work / "author.pub")])
-    psk = os.urandom(16).hex()
+    # The PSK goes through a 0600 file, never the command line (ps, shell history).
+    psk_file = work / "device.psk"
+    fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(16).hex() + "\n")
     run(
         [
             OTACOAP,
@@ -80,8 +84,8 @@ def main() -> int:
             VENDOR,
             "--class-info",
             CLASS,
-            "--psk",
-            psk,
+            "--psk-file",
+            rel(psk_file),
         ]
     )
 
@@ -116,8 +120,8 @@ def main() -> int:
             rel(flash),
             "--id",
             DEVICE,
-            "--psk",
-            psk,
+            "--psk-file",
+            rel(psk_file),
             "--vendor-domain",
             VENDOR,
             "--class-info",

@@ -28,8 +28,10 @@ idle_timeout = 600.0
 
 
 def _publish_cmd(uri: str, psk: bytes, envelope: Path, image: Path) -> list[str]:
-    return [*OTACOAP_CMD, "publish", "--server", uri, "--identity", "ops", "--psk", psk.hex(),
-            str(envelope), str(image)]  # fmt: skip
+    psk_file = envelope.parent / "ops.psk"
+    psk_file.write_text(psk.hex())
+    return [*OTACOAP_CMD, "publish", "--server", uri, "--identity", "ops", "--psk-file",
+            str(psk_file), str(envelope), str(image)]  # fmt: skip
 
 
 def _partial_uploads(data: Path) -> list[str]:

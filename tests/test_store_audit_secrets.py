@@ -133,12 +133,16 @@ def test_chain_detects_modification_deletion_reordering(
 
 
 def test_a_rewritten_suffix_still_breaks_at_the_first_changed_entry(datadir: DataDir) -> None:
-    """Recomputing an edited entry's hash does not help: the next link breaks."""
+    """Recomputing an edited entry's hash does not help: the next link breaks (even
+    with the chain key; without it, the edited entry itself already fails)."""
     store = _store_with_entries(datadir)
     entries = list(store.audit_entries())
     store.close()
     e = entries[2]
-    forged = make_entry(e.seq, e.ts, e.actor, e.action, e.subject, "forged", e.detail, e.prev_hash)
+    key = datadir.sealer().audit_keys.chain
+    forged = make_entry(
+        e.seq, e.ts, e.actor, e.action, e.subject, "forged", e.detail, e.prev_hash, key=key
+    )
     _tamper(
         datadir,
         f"UPDATE audit SET outcome='forged', hash=x'{forged.hash.hex()}' WHERE seq={e.seq}",

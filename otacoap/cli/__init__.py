@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cliargs import CliError, Parser
+from ..cliargs import CliError, Parser, print_warnings
 from ..core.errors import OtaError
 
 
@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        print_warnings(args, _prog(args))
+        return code
     except (OtaError, CliError) as exc:
         _fail(args, str(exc))
     except sqlite3.Error as exc:
@@ -84,9 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
+def _prog(args: argparse.Namespace) -> str:
+    return "otacoap " + " ".join(getattr(args, "_cmd_path", [args.command]))
+
+
 def _fail(args: argparse.Namespace, message: str) -> None:
-    prog = "otacoap " + " ".join(getattr(args, "_cmd_path", [args.command]))
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{_prog(args)}: error: {message}", file=sys.stderr)
     if os.environ.get("OTACOAP_TRACEBACK"):
         raise
 

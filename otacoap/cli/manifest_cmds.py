@@ -16,7 +16,7 @@ from typing import Any
 from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, sign_envelope
-from ..core.errors import ManifestError, OtaError
+from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="PUBLIC.pem",
-        help="trusted public key (repeatable)",
+        help="trusted public key (repeatable); a private key is refused",
     )
     v.add_argument(
         "--hmac-key",
@@ -153,7 +153,11 @@ def load_signing_key(path: str) -> cose.SigningKey:
 
 
 def load_anchor(path: str) -> cose.TrustAnchor:
-    return cose.load_public_key(_read_key(path))
+    """A public key file as a trust anchor; a private key is refused, naming the file."""
+    try:
+        return cose.load_public_key(_read_key(path))
+    except AuthenticationError as exc:
+        raise CliError(f"{path}: {exc}") from None
 
 
 def _read_key(path: str) -> bytes:

@@ -12,16 +12,19 @@ import argparse
 import contextlib
 import errno
 import getpass
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..cliargs import CliError
+from ..cliargs import OPERATOR_PSK_ENV, PSK_ENV, CliError, add_psk_options, read_psk
 from ..config import EVENT_LOOPS
 from ..core import ids
 from ..core.errors import OtaError, ReportReason
+from ..fsutil import atomic_write, read_capped
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
+from ..store.checkpoint import MAX_CHECKPOINT_FILE, CheckpointInvalid
 from ..store.errors import NotFound
 from ..store.models import DeviceRecord, ReportRecord
 from ..store.names import PSK_LENGTH, parse_psk_hex
@@ -66,7 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     # trust ---------------------------------------------------------------------------
     t = group("trust", "manage the keys whose signatures publishing accepts")
-    p = t.add_parser("add", parents=[common], help="trust a public key (PEM)")
+    p = t.add_parser(
+        "add",
+        parents=[common],
+        help="trust a public key (PEM)",
+        description="Trust PUBLIC.pem for publishing. A private key is refused: the "
+        "author key stays offline, the server needs only its public half.",
+    )
     p.add_argument("key", metavar="PUBLIC.pem")
     p.set_defaults(handler=cmd_trust_add, _cmd_path=["trust", "add"])
     p = t.add_parser("list", parents=[common, js], help="list trust anchors")
@@ -81,13 +90,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "add",
         parents=[common],
         help="register a device",
-        description="Register device ID; its DTLS PSK identity is ID. Without --psk a "
-        f"random {PSK_LENGTH}-byte PSK is generated and printed once.",
+        description="Register device ID; its DTLS PSK identity is ID. The PSK "
+        f"({PSK_LENGTH} bytes as hex) comes from --psk-file, ${PSK_ENV} or --psk; "
+        f"without any, a random one is generated and printed once.",
     )
     p.add_argument("device_id", metavar="ID")
     p.add_argument("--vendor-domain", required=True, metavar="DOMAIN")
     p.add_argument("--class-info", required=True, metavar="TEXT")
-    p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
+    add_psk_options(p, env=PSK_ENV, what="the device's PSK")
     p.set_defaults(handler=cmd_device_add, _cmd_path=["device", "add"])
     p = d.add_parser("list", parents=[common, js], help="list devices")
     p.set_defaults(handler=cmd_device_list, _cmd_path=["device", "list"])
@@ -104,10 +114,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "add",
         parents=[common],
         help="add an operator",
-        description="Add operator NAME; its DTLS PSK identity is 'operator:NAME'.",
+        description="Add operator NAME; its DTLS PSK identity is 'operator:NAME'. The "
+        f"PSK ({PSK_LENGTH} bytes as hex) comes from --psk-file, ${PSK_ENV} or --psk; "
+        "without any, a random one is generated and printed once.",
     )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--psk", metavar="HEX", help=f"the PSK ({PSK_LENGTH} bytes as hex)")
+    add_psk_options(p, env=PSK_ENV, what="the operator's PSK")
     p.set_defaults(handler=cmd_operator_add, _cmd_path=["operator", "add"])
     p = o.add_parser("list", parents=[common, js], help="list operators")
     p.set_defaults(handler=cmd_operator_list, _cmd_path=["operator", "list"])
@@ -129,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--server", metavar="coaps://HOST:PORT", help="publish over the network")
     p.add_argument("--identity", metavar="NAME", help="operator name (with --server)")
-    p.add_argument("--psk", metavar="HEX", help="operator PSK (with --server)")
+    add_psk_options(p, env=OPERATOR_PSK_ENV, what="the operator's PSK (with --server)")
     p.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="network timeout per request"
     )
@@ -159,18 +171,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=cmd_report_list, _cmd_path=["report", "list"])
 
     # audit ---------------------------------------------------------------------------
-    a = group("audit", "the append-only, hash-chained audit log")
+    a = group("audit", "the append-only, keyed hash-chained audit log")
     p = a.add_parser("list", parents=[common, js], help="show the latest entries")
     p.add_argument("--limit", type=_positive, default=50, metavar="N")
     p.set_defaults(handler=cmd_audit_list, _cmd_path=["audit", "list"])
     p = a.add_parser(
         "verify",
         parents=[common],
-        help="check the hash chain",
+        help="check the keyed chain, its seal, and the store against the log",
         description="Exit 0 and print the head hash if every entry links to the one "
-        "before; exit 1 naming the first broken entry otherwise.",
+        "before (HMAC under a key derived from server.key), the log's sealed length "
+        "matches, and every release, device, operator and trust anchor has the audit "
+        "entry that made it; exit 1 naming the first problem otherwise. With "
+        "--checkpoint, also prove that nothing up to that checkpoint was removed or "
+        "changed.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a file written by 'otacoap audit checkpoint' (keep copies off this machine)",
     )
     p.set_defaults(handler=cmd_audit_verify, _cmd_path=["audit", "verify"])
+    p = a.add_parser(
+        "checkpoint",
+        parents=[common],
+        help="write the log's length and head, MACed, to a file to keep elsewhere",
+        description="Verify the log, then write its entry count and head, with a MAC "
+        "under a key derived from server.key, to FILE (atomically). Keep the file "
+        "where whoever can write the data directory cannot: 'audit verify --checkpoint "
+        "FILE' then proves that no entry up to it was removed or changed, even if the "
+        "whole database was replaced by an older copy.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+    p.set_defaults(handler=cmd_audit_checkpoint, _cmd_path=["audit", "checkpoint"])
 
     # serve ---------------------------------------------------------------------------
     p = sub.add_parser(
@@ -241,8 +275,9 @@ def _store(args: argparse.Namespace) -> contextlib.closing[SQLiteStore]:
 
 
 def _psk(args: argparse.Namespace) -> tuple[bytes, bool]:
-    if args.psk:
-        return parse_psk_hex(args.psk), False
+    psk = read_psk(args, PSK_ENV, parse_psk_hex)
+    if psk is not None:
+        return psk, False
     return os.urandom(PSK_LENGTH), True
 
 
@@ -421,8 +456,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     envelope = read_envelope_file(args.envelope)
     if args.server:
         return _publish_remote(args, envelope)
-    if args.identity or args.psk:
-        raise CliError("--identity and --psk only make sense with --server")
+    if args.identity or args.psk or args.psk_file:
+        raise CliError("--identity, --psk-file and --psk only make sense with --server")
     datadir = _datadir(args)
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
@@ -437,8 +472,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
-    if not args.identity or not args.psk:
-        raise CliError("--server needs --identity NAME and --psk HEX")
+    psk = read_psk(args, OPERATOR_PSK_ENV, parse_psk_hex, what="operator PSK")
+    if not args.identity or psk is None:
+        raise CliError(
+            "--server needs --identity NAME and the operator's PSK "
+            f"(--psk-file FILE, ${OPERATOR_PSK_ENV} or --psk HEX)"
+        )
     from .. import eventloop
     from ..operator.client import publish
 
@@ -447,7 +486,7 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
             publish(
                 args.server,
                 args.identity,
-                parse_psk_hex(args.psk),
+                psk,
                 envelope,
                 Path(args.image),
                 timeout=args.timeout,
@@ -604,9 +643,36 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    checkpoint = None
+    if args.checkpoint:
+        try:
+            checkpoint = read_capped(args.checkpoint, MAX_CHECKPOINT_FILE)
+        except ValueError:
+            raise CliError(f"{args.checkpoint}: not an audit checkpoint (too large)") from None
     with _store(args) as store:
-        count, head = store.verify_audit()
-    print(f"audit log OK: {count} entries, head {head.hex()}")
+        try:
+            count, head = store.verify_audit(checkpoint)
+        except CheckpointInvalid as exc:
+            raise CliError(f"{args.checkpoint}: {exc}") from None
+    held = f"; checkpoint {args.checkpoint} holds" if args.checkpoint else ""
+    print(f"audit log OK: {count} entries, head {head.hex()}{held}")
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    if os.path.exists(args.file) and not args.force:
+        raise CliError(f"{args.file} exists (use --force to replace it)")
+    parent = Path(args.file).parent
+    if not parent.is_dir():
+        raise CliError(f"{args.file}: directory {parent} does not exist")
+    with _store(args) as store:
+        data = store.audit_checkpoint()
+    atomic_write(args.file, data, mode=0o644)
+    doc = json.loads(data)
+    print(
+        f"audit log OK: checkpoint of {doc['count']} entries, head {doc['head']}, written "
+        f"to {args.file}; keep a copy off this machine"
+    )
     return 0
 
 

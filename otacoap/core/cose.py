@@ -106,15 +106,56 @@ def _kind_of(key: Any) -> str:
     raise AlgorithmError("unsupported key type (P-256 or Ed25519 only)")
 
 
+PRIVATE_KEY_GIVEN = (
+    "this is a private key: give its public key (e.g. author.pub); the author key "
+    "stays offline, never on a server or a device"
+)
+
+# RFC 9052 §7.1 / RFC 9053 §7: COSE_Key labels kty (1), d (-4, EC2/OKP private
+# key) and k (-1 with kty Symmetric (4), a secret key).
+_COSE_KTY, _COSE_D, _COSE_K, _KTY_SYMMETRIC = 1, -4, -1, 4
+
+
+def is_private_key(data: bytes) -> bool:
+    """Whether `data` holds a private or secret key: PEM "... PRIVATE KEY" (PKCS#8,
+    SEC1, OpenSSH, encrypted or not) or a COSE_Key with 'd' (or a symmetric 'k'),
+    raw CBOR or hex."""
+    if b"PRIVATE KEY-----" in data:
+        return True
+    text = data.strip()
+    if text and all(c in b"0123456789abcdefABCDEF \t\r\n" for c in text):
+        try:
+            data = bytes.fromhex(text.decode())
+        except ValueError:
+            return False
+    try:
+        value = cbor.loads(data, max_size=4096, max_depth=4)
+    except (ManifestError, ValueError):
+        return False
+    if isinstance(value, cbor2.CBORTag):  # COSE_Key sets are not tagged; be lenient
+        value = value.value
+    keys = value if isinstance(value, list) else [value]
+    return any(
+        isinstance(k, dict)
+        and (_COSE_D in k or (k.get(_COSE_KTY) == _KTY_SYMMETRIC and _COSE_K in k))
+        for k in keys
+    )
+
+
 def load_public_key(pem: bytes) -> TrustAnchor:
-    """A trust anchor from a PEM public key (or a PEM private key's public half)."""
+    """A trust anchor from a PEM public key.
+
+    A private key is refused, not quietly reduced to its public half: the README
+    promises the author key stays offline, so no tool that needs only the public key
+    (`trust add`, `manifest verify --key`, provisioning's `--trust`) may invite
+    copying it onto a server or a device.
+    """
+    if is_private_key(pem):
+        raise AuthenticationError(PRIVATE_KEY_GIVEN)
     try:
         key: Any = serialization.load_pem_public_key(pem)
-    except ValueError:
-        try:
-            key = serialization.load_pem_private_key(pem, password=None).public_key()
-        except (ValueError, TypeError) as exc:
-            raise AuthenticationError("not a PEM public key") from exc
+    except ValueError as exc:
+        raise AuthenticationError("not a PEM public key") from exc
     kind = _kind_of(key)
     der = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

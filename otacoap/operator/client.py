@@ -1,10 +1,10 @@
 """The operator's side of network publishing: Block1 uploads over DTLS-PSK.
 
-`otacoap publish --server coaps://HOST:PORT --identity NAME --psk HEX ENVELOPE IMAGE`
-streams IMAGE to /admin/image and then ENVELOPE to /admin/release, each as an explicit
-Block1 sequence (RFC 7959 §2.3) under its own random Request-Tag (RFC 9175 §3) so the
-server can never splice it with another body. The image is read block by block from
-the file, never whole.
+`otacoap publish --server coaps://HOST:PORT --identity NAME --psk-file FILE ENVELOPE IMAGE`
+(or the PSK in $OTACOAP_OPERATOR_PSK) streams IMAGE to /admin/image and then ENVELOPE
+to /admin/release, each as an explicit Block1 sequence (RFC 7959 §2.3) under its own
+random Request-Tag (RFC 9175 §3) so the server can never splice it with another body.
+The image is read block by block from the file, never whole.
 """
 
 from __future__ import annotations

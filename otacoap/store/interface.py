@@ -74,8 +74,13 @@ class Store(Protocol):
         self, actor: str, action: str, subject: str, outcome: str, detail: str = ""
     ) -> AuditEntry: ...
     def audit_entries(self, limit: int | None = None) -> Sequence[AuditEntry]: ...
-    def verify_audit(self) -> tuple[int, bytes]:
-        """(entry count, head hash), or raise AuditChainBroken naming the entry."""
+    def verify_audit(self, checkpoint: bytes | None = None) -> tuple[int, bytes]:
+        """(entry count, head hash), or raise AuditChainBroken naming the entry; with a
+        checkpoint file's bytes, also prove nothing up to it was removed or changed."""
+        ...
+
+    def audit_checkpoint(self) -> bytes:
+        """A checkpoint file (count, head, MAC) for the log as it is now."""
         ...
 
     # --- change detection ----------------------------------------------------------

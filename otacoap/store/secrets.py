@@ -1,4 +1,5 @@
-"""The server secret and what it protects: PSKs sealed at rest, decoy keys.
+"""The server secret and what it protects: PSKs sealed at rest, decoy keys, the audit
+log's chain and checkpoints.
 
 PSKs are never stored in plain text (ATTACKS.md #30, a stolen DB must not hand out
 device keys): each is sealed with AES-256-GCM under a key derived from the server key
@@ -31,14 +32,26 @@ def _derive(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
+class AuditKeys:
+    """The audit log's keys (store/audit.py, store/checkpoint.py), derived from the
+    server secret like the PSK sealing key (HKDF, RFC 5869, one `info` per use), so
+    they live nowhere but in server.key: never in the database they protect."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.chain = _derive(secret, b"otacoap audit chain v2")
+        self.checkpoint = _derive(secret, b"otacoap audit checkpoint v1")
+
+
 class PskSealer:
-    """Seal, open and fabricate PSKs with keys derived from the server secret."""
+    """Seal, open and fabricate PSKs with keys derived from the server secret; it also
+    carries the audit keys derived from the same secret (`audit_keys`)."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != SECRET_LENGTH:
             raise StoreError("server key must be 32 bytes")
         self._aead = AESGCM(_derive(secret, b"otacoap psk seal v1"))
         self._decoy_key = _derive(secret, b"otacoap psk decoy v1")
+        self.audit_keys = AuditKeys(secret)
 
     def seal(self, identity: str, psk: bytes) -> bytes:
         nonce = os.urandom(NONCE_LENGTH)

@@ -26,8 +26,10 @@ from ..core import cose, ids, protocol
 from ..core.errors import ManifestError, PolicyError, RollbackError
 from ..core.report import Report
 from . import audit as chain
+from . import checkpoint as checkpoints
 from .audit import AuditEntry
-from .errors import AlreadyExists, NotFound, ReportReplayed, StoreError
+from .crosscheck import missing_entries
+from .errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed, StoreError
 from .models import (
     AnchorRecord,
     ClassKey,
@@ -141,6 +143,21 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         # carries the running count (report key -7), so lost history is visible.
         ("ALTER TABLE reports ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",),
     ),
+    (
+        4,
+        "the audit chain is keyed and its head sealed (issue 10 section 3)",
+        # audit.py: entries written so far stay plain SHA-256 links and are counted
+        # here; _after_migration_4 appends the keyed marker naming that count.
+        (
+            "INSERT INTO meta (key, value) VALUES ('audit_plain_count', "
+            "(SELECT value FROM meta WHERE key = 'audit_count'))",
+            """CREATE TABLE audit_seal (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                count INTEGER NOT NULL,
+                head BLOB NOT NULL,
+                mac BLOB NOT NULL)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -151,6 +168,10 @@ _RELEASE_COLUMNS = (
 _DEVICE_COLUMNS = (
     "id, vendor_domain, class_info, vendor_id, class_id, created_at, last_counter, assigned_release"
 )
+
+
+_AUDIT_FROM = "SELECT seq, ts, actor, action, subject, outcome, detail, prev_hash, hash FROM audit"
+_AUDIT_SELECT = f"{_AUDIT_FROM} ORDER BY seq"
 
 
 def _release(row: sqlite3.Row | tuple) -> ReleaseRecord:  # type: ignore[type-arg]
@@ -302,6 +323,10 @@ class SQLiteStore:
                     continue
                 for statement in statements:
                     db.execute(statement)
+                # A step SQL cannot do (it needs a key) runs in the same transaction.
+                after = getattr(self, f"_after_migration_{version}", None)
+                if after is not None:
+                    after()
                 db.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, self._now()),
@@ -331,6 +356,30 @@ class SQLiteStore:
 
     # --- audit ---------------------------------------------------------------------
 
+    def _after_migration_4(self) -> None:
+        """Anchor the keyed chain on the plain one (audit.py), or seal an empty log."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'audit_plain_count'").fetchone()
+        plain = int(row[0])
+        if plain:
+            self.audit(
+                "otacoap",
+                chain.REKEY_ACTION,
+                chain.rekey_subject(plain),
+                "ok",
+                f"entries 1..{plain} are plain SHA-256 links (written before the chain was "
+                "keyed); this entry and every later one are HMACs under a key from server.key",
+            )
+        else:
+            self._seal(0, chain.GENESIS)
+
+    def _seal(self, count: int, head: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO audit_seal (id, count, head, mac) VALUES (1, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET count = excluded.count, head = excluded.head, "
+            "mac = excluded.mac",
+            (count, head, chain.seal_mac(self._sealer.audit_keys.chain, count, head)),
+        )
+
     def audit(
         self, actor: str, action: str, subject: str, outcome: str, detail: str = ""
     ) -> AuditEntry:
@@ -338,7 +387,15 @@ class SQLiteStore:
             row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (row[0] + 1, row[1]) if row else (1, chain.GENESIS)
             entry = chain.make_entry(
-                seq, self._now(), actor, action, subject, outcome, detail[:500], prev
+                seq,
+                self._now(),
+                actor,
+                action,
+                subject,
+                outcome,
+                detail[:500],
+                prev,
+                key=self._sealer.audit_keys.chain,
             )
             db.execute(
                 "INSERT INTO audit (seq, ts, actor, action, subject, outcome, detail, "
@@ -356,32 +413,81 @@ class SQLiteStore:
                 ),
             )
             db.execute("UPDATE meta SET value = ? WHERE key = 'audit_count'", (seq,))
+            self._seal(seq, entry.hash)
         return entry
 
     def audit_entries(self, limit: int | None = None) -> Sequence[AuditEntry]:
-        sql = (
-            "SELECT seq, ts, actor, action, subject, outcome, detail, prev_hash, hash "
-            "FROM audit ORDER BY seq"
-        )
+        sql = _AUDIT_SELECT
         if limit is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY seq"
         return [AuditEntry(*row) for row in self._db.execute(sql)]
 
-    def verify_audit(self) -> tuple[int, bytes]:
-        # One read transaction so the chain and the count come from the same snapshot.
+    def verify_audit(self, checkpoint: bytes | None = None) -> tuple[int, bytes]:
+        """(count, head) of a log that verifies, or AuditChainBroken naming the problem.
+
+        Checks the keyed chain, its seal, the store against the log (crosscheck.py),
+        and, given the bytes of a checkpoint file, that nothing up to it was removed or
+        changed (checkpoint.py; CheckpointInvalid if the file is not a valid one).
+        """
+        keys = self._sealer.audit_keys
+        cp = checkpoints.decode(checkpoint, keys.checkpoint) if checkpoint is not None else None
+        # One read transaction so the chain, the count, the seal and the records come
+        # from the same snapshot.
         self._db.execute("BEGIN")
         try:
-            count = int(
-                self._db.execute("SELECT value FROM meta WHERE key = 'audit_count'").fetchone()[0]
+            meta = dict(
+                self._db.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('audit_count', 'audit_plain_count')"
+                ).fetchall()
             )
-            cursor = self._db.execute(
-                "SELECT seq, ts, actor, action, subject, outcome, detail, prev_hash, hash "
-                "FROM audit ORDER BY seq"
+            count = int(meta["audit_count"])
+            head = chain.verify_chain(
+                (AuditEntry(*row) for row in self._db.execute(_AUDIT_SELECT)),
+                count,
+                key=keys.chain,
+                plain_count=int(meta.get("audit_plain_count", 0)),
             )
-            head = chain.verify_chain((AuditEntry(*row) for row in cursor), count)
+            seal = self._db.execute("SELECT count, head, mac FROM audit_seal").fetchone()
+            chain.check_seal(keys.chain, count, head, seal)
+            # A second pass in the same snapshot, over the few actions that make records
+            # (not the reports), so a long log is streamed, never held in memory.
+            lifecycle = self._db.execute(
+                f"{_AUDIT_FROM} WHERE outcome = 'ok' AND "
+                "(action = 'publish' OR action LIKE 'device.%' OR action LIKE 'operator.%' "
+                "OR action LIKE 'trust.%') ORDER BY seq"
+            )
+            problems = missing_entries(
+                (AuditEntry(*row) for row in lifecycle),
+                releases=self._db.execute(
+                    "SELECT class_label, seq, manifest_digest FROM releases ORDER BY id"
+                ).fetchall(),
+                devices=[r[0] for r in self._db.execute("SELECT id FROM devices ORDER BY id")],
+                operators=[
+                    r[0] for r in self._db.execute("SELECT name FROM operators ORDER BY name")
+                ],
+                anchors=[r[0] for r in self._db.execute("SELECT key_id FROM trust_anchors")],
+            )
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise AuditChainBroken(f"{problems[0]}{more}")
+            if cp is not None:
+                checkpoints.check(cp, count, self._audit_hash)
         finally:
             self._db.execute("COMMIT")
         return count, head
+
+    def _audit_hash(self, seq: int) -> bytes | None:
+        if seq == 0:
+            return chain.GENESIS
+        row = self._db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def audit_checkpoint(self) -> bytes:
+        """A checkpoint file's bytes for the log as it is now (verified first: a
+        checkpoint of a broken log would vouch for the break)."""
+        count, head = self.verify_audit()
+        cp = checkpoints.Checkpoint(count, head, self._now())
+        return checkpoints.encode(cp, self._sealer.audit_keys.checkpoint)
 
     # --- trust anchors -------------------------------------------------------------
 
