@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AUTHOR.pub",
         help="trust anchor: a PEM public key of a manifest author (repeatable)",
     )
+    p.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="ROOT.pub",
+        help="root key of the class that signs anchor lists (repeatable, at most 3); "
+        "without one, the --trust keys are fixed for the device's life",
+    )
+    p.add_argument(
+        "--root-threshold",
+        type=int,
+        default=1,
+        metavar="K",
+        help="how many of the --root keys must sign an anchor list (default 1)",
+    )
     p.add_argument("--factory-image", required=True, metavar="FW.bin", help="factory image")
     p.add_argument(
         "--factory-envelope",
@@ -214,6 +229,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         sector_size=args.sector_size,
         max_trial_boots=args.max_trial_boots,
         force=args.force,
+        roots_pem=tuple(_read(r, MAX_SMALL_FILE) for r in args.root),
+        root_threshold=args.root_threshold,
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..core import cose, ids, protocol
 from ..core.errors import ManifestError, PolicyError, RollbackError
 from ..core.report import Report
+from . import anchor_lists
 from . import audit as chain
 from .audit import AuditEntry
 from .errors import AlreadyExists, NotFound, ReportReplayed, StoreError
@@ -140,6 +141,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         # carries the running count (report key -7), so lost history is visible.
         ("ALTER TABLE reports ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",),
     ),
+    anchor_lists.MIGRATION,  # 5: signed anchor lists per class (otacoap/store/anchor_lists.py)
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -176,7 +178,7 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-class SQLiteStore:
+class SQLiteStore(anchor_lists.AnchorListStore):
     """`Store` over one SQLite connection."""
 
     def __init__(
@@ -691,6 +693,7 @@ class SQLiteStore:
                 "UPDATE devices SET last_counter = ?, last_report_hash = ? WHERE id = ?",
                 (report.counter, body_hash, device_id),
             )
+            self.record_anchor_status(device_id, report.anchor_version, report.freshness)
             self.audit(
                 str(Principal(Role.DEVICE, device_id)),
                 "report",
