@@ -142,8 +142,13 @@ def test_rotation_and_freshness_through_the_real_server(tmp_path: Path) -> None:
         tmp_path, 1, "l1.cbor", "--root", root_pub, "--author", new_author_pub,
         "--freshness-key", fresh_pub, "--sign", root,
     )  # fmt: skip
+    # Published while the old key was current; list 1 revokes that key afterwards.
+    setup.publish(setup.release(CLASS_A, 2, make_image("v2", 5000)))
     cli_ok("anchors", "publish", "--data", setup.data, l1)
-    setup.publish(setup.release(CLASS_A, 2, make_image("v2", 5000)))  # old key: revoked
+    # From now on the publisher refuses what devices would refuse: the revoked key.
+    late = setup.release(CLASS_A, 3, make_image("late", 5000))
+    refused = cli("publish", "--data", setup.data, late.envelope_path, late.image_path)
+    assert refused.code != 0 and "not an author" in refused.err
 
     def run(uri: str) -> RunResult:
         async def go() -> RunResult:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core import anchor_list, cose
 from ..core.errors import AuthenticationError, ManifestError, PolicyError, RollbackError
@@ -184,3 +185,19 @@ def load_freshness_key(root: Path) -> cose.SigningKey | None:
     if not path.exists():
         return None
     return cose.load_private_key(read_capped(path, 16 * 1024))
+
+
+def check_publish_signer(store: Any, key: ClassKey, signer: cose.TrustAnchor) -> None:
+    """A class with an anchor list publishes only manifests its current authors signed.
+
+    What its devices would refuse anyway (a revoked key) is refused at publish time, so
+    it never becomes the class's current release.
+    """
+    latest = store.latest_anchor_list(key)
+    if latest is None or signer.kind not in ("p256", "ed25519"):
+        return
+    if anchor_list.compact_key(signer) not in latest.contents.authors:
+        raise AuthenticationError(
+            f"key {signer.key_id} is not an author in anchor list version {latest.version} "
+            "of this class (revoked?); devices would refuse the manifest"
+        )
