@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from otacoap import eventloop
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {PacingConfig.max_gap:g})",
     )
     r.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    r.add_argument(
+        "--trusted-clock",
+        action="store_true",
+        help="treat the system clock as trusted: refuse manifests past their signed expiry",
+    )
     r.set_defaults(handler=cmd_run)
 
     from .fleet.cli import register as register_fleet  # the fleet simulator (issue 5)
@@ -287,6 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fetch=FetchConfig(szx=blockwise.szx_of(args.block_size), max_window=args.window),
         poll_interval=args.poll_interval,
         pacing=pacing,
+        trusted_time=time.time if args.trusted_clock else None,
     )
 
     def show(result: RunResult) -> None:
@@ -300,6 +307,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "sequence_number": result.sequence_number,
                         "running_slot": result.running_slot,
                         "image_digest": result.image_digest.hex(),
+                        "freshness": (
+                            None if result.freshness is None else result.freshness.name.lower()
+                        ),
                     }
                 ),
                 flush=True,

@@ -9,6 +9,12 @@ learns "no newer release" and reports the anchor version it holds (`anchors stat
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +37,8 @@ from server_helpers import (  # noqa: E402
 
 from device_sim.agent import DeviceAgent, Outcome, RunResult  # noqa: E402
 from device_sim.provision import provision  # noqa: E402
-from otacoap.core import cose  # noqa: E402
+from otacoap.core import cose, ids, suit  # noqa: E402
+from otacoap.core.build import Release, build_envelope  # noqa: E402
 from otacoap.core.freshness import Freshness  # noqa: E402
 from otacoap.fsutil import atomic_write  # noqa: E402
 from otacoap.store import DataDir  # noqa: E402
@@ -195,3 +202,43 @@ def test_rotation_and_freshness_through_the_real_server(tmp_path: Path) -> None:
     assert "anchors-updated" in [r.state for r in reports]
     shown = cli_ok("anchors", "status", "--data", setup.data)
     assert f"{DEVICE}  anchor-version 1  freshness fresh" in shown
+
+
+def test_device_cli_with_trusted_clock_refuses_an_expired_release(tmp_path: Path) -> None:
+    """`device_sim run --trusted-clock` against the real server: expired -> rejected."""
+    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)])
+    _, root_pub = keypair(tmp_path, "root")
+    factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
+    flash = tmp_path / "device.flash"
+    provision(
+        flash,
+        device_id=DEVICE,
+        psk=PSK,
+        vendor_domain=VENDOR,
+        class_info=CLASS_A,
+        anchors_pem=(setup.key_pub.read_bytes(),),
+        roots_pem=(root_pub.read_bytes(),),
+        factory_image=factory.image,
+        factory_envelope=factory.envelope,
+        slot_size=64 * 1024,
+    )
+    image = make_image("v2", 4000)
+    digest = hashlib.sha256(image).digest()
+    release = Release(digest, len(image), VENDOR, CLASS_A, 2, ids.image_uri(digest))
+    expired = replace(release, expires=int(time.time()) - 60)
+    env_path, img_path = tmp_path / "v2.suit", tmp_path / "v2.bin"
+    atomic_write(env_path, suit.encode_envelope(build_envelope(expired, setup.key)))
+    atomic_write(img_path, image)
+    cli_ok("publish", "--data", setup.data, env_path, img_path)
+    root = Path(__file__).resolve().parent.parent
+    with threaded_server(setup.data) as server:
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "device_sim", "run", "--flash", str(flash),
+                "--server", server.uri, "--once", "--json", "--trusted-clock",
+            ],
+            capture_output=True, text=True, cwd=root, timeout=90,
+        )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "rejected" and "expired" in result["detail"], result
+    assert result["freshness"] == "expired"
