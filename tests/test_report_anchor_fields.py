@@ -3,6 +3,7 @@ strict, round-tripping, and backwards compatible with what was written before th
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import cbor2
@@ -23,6 +24,8 @@ from otacoap.core.report import (
     decode_report,
     stamp_anchor_version,
 )
+from otacoap.store.secrets import PskSealer
+from otacoap.store.sqlite import MIGRATIONS, SQLiteStore
 
 
 @settings(max_examples=100, deadline=None)
@@ -104,3 +107,38 @@ def test_state_record_without_anchors_reads_as_before(tmp_path: Path) -> None:
     # No anchors: reports are not stamped.
     body = state.with_report(lambda c, lost: Report(c, State.FAILED).encode()).reports[-1]
     assert decode_report(body).anchor_version is None
+
+
+def test_migration_5_keeps_existing_devices_and_reports(tmp_path: Path) -> None:
+    """A database from before anchor lists migrates: devices hold no version yet, and a
+    report carrying one (key -20) records it."""
+    db_path = tmp_path / "old.db"
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+        "applied_at TEXT NOT NULL)"
+    )
+    for version, name, statements in MIGRATIONS:
+        if version >= 5:
+            break
+        for statement in statements:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, 'x')", (version, name))
+    db.close()
+    store = SQLiteStore(db_path, PskSealer(b"\x01" * 32))
+    try:
+        assert 5 in store.applied_migrations
+        store.add_device("d1", "acme.example", "t1", b"\x02" * 16, "test")
+        assert [(s.device_id, s.anchor_version) for s in store.anchor_status()] == [("d1", None)]
+        body = Report(1, State.UP_TO_DATE, anchor_version=3, freshness=0).encode()
+        store.record_report("d1", decode_report(body), body)
+        (status,) = store.anchor_status()
+        assert (status.anchor_version, status.freshness) == (3, 0)
+        # A later report without the fields keeps what the device said last.
+        body = Report(2, State.CONFIRMED).encode()
+        store.record_report("d1", decode_report(body), body)
+        (status,) = store.anchor_status()
+        assert (status.anchor_version, status.freshness) == (3, 0)
+    finally:
+        store.close()
