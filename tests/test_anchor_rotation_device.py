@@ -283,3 +283,28 @@ def test_power_cut_at_every_flash_op_of_an_anchor_commit(tmp_path: Path) -> None
             assert rig.info()["anchor_version"] == 2
             assert rig.info()["bootable"]
     assert seen == {0, 1, 2}, "the cuts fell before, between and after the commits"
+
+
+def test_anchor_list_arrives_block_by_block(tmp_path: Path) -> None:
+    """A list larger than a block (64-byte blocks here) is reassembled under Block2."""
+    rig = rig_with_root(tmp_path)
+    big = anchors(1, [NEW, OLD], roots=[ROOT, ROOT2], signers=[ROOT, ROOT2])
+    assert len(big) > 4 * 64
+    server = InProcessServer(anchor_lists={1: big})
+    small = AgentConfig(fetch=FetchConfig(szx=2, attempts=2, backoff_initial=0.01))
+    run(rig, server, config=small)
+    assert rig.info()["anchor_version"] == 1
+
+
+def test_oversized_or_garbage_answers_on_a_are_not_committed(tmp_path: Path) -> None:
+    rig = rig_with_root(tmp_path)
+    server = InProcessServer(anchor_lists={1: b"\x00" * (anchor_list.MAX_ANCHOR_LIST_SIZE + 1)})
+    release(server, OLD, 6)
+    assert run(rig, server, config=FAST).outcome == Outcome.UPDATED  # the check goes on
+    assert rig.info()["anchor_version"] == 0
+    server.anchor_lists = {1: b"\xa1\x00\x00"}
+    server.envelope = None
+    run(rig, server, config=FAST)
+    assert rig.info()["anchor_version"] == 0
+    assert server.reports[-2].state.value == "rejected"  # the garbage list, then freshness
+    assert "anchor list" in server.reports[-2].detail
