@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "keys and freshness keys. Sign with the current roots (at least their threshold) "
         "and, when the roots change, with the new ones too (TUF root rotation).",
     )
-    i.add_argument("--vendor-domain", required=True, metavar="DOMAIN")
-    i.add_argument("--class-info", required=True, metavar="TEXT")
+    i.add_argument("--vendor-domain", required=True, metavar="DOMAIN", help="vendor domain")
+    i.add_argument("--class-info", required=True, metavar="TEXT", help="device class")
     i.add_argument("--version", required=True, type=int, metavar="N", help="1 + the current one")
     i.add_argument(
         "--root",
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="ROOT.pub",
         help="a root key of the NEW list (repeatable, 1..3)",
     )
-    i.add_argument("--threshold", type=int, default=1, metavar="K", help="roots needed (def. 1)")
+    i.add_argument("--threshold", type=int, default=1, metavar="K", help="roots needed (default 1)")
     i.add_argument(
         "--author",
         action="append",
