@@ -270,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{d['manifest_digest'][:16]} in slot {d['slot']}"
         )
     print(f"reports   {info['queued_reports']} queued (counter {info['report_counter']})")
+    if info["anchor_version"] is not None:
+        print(f"anchors   list version {info['anchor_version']} (root keys provisioned)")
     return EXIT_OK
 
 

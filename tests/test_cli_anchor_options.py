@@ -57,3 +57,5 @@ def test_device_provisioned_with_roots_reports_anchor_version_zero(
     capsys.readouterr()
     assert device_main(["status", "--flash", str(flash), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["anchor_version"] == 0
+    assert device_main(["status", "--flash", str(flash)]) == 0
+    assert "anchors   list version 0" in capsys.readouterr().out
