@@ -50,6 +50,7 @@ from typing import Any
 from otacoap.core import boot_status, protocol, suit, trust
 from otacoap.core.check_pacing import CheckPacer, PacingConfig
 from otacoap.core.errors import AlreadyInstalled, OtaError, ReportReason
+from otacoap.core.freshness import Freshness
 from otacoap.core.update_machine import (
     MANIFEST_PATH,
     MAX_BLOCK,
@@ -89,10 +90,11 @@ from otacoap.core.update_machine import (
 )
 from otacoap.core.writer import ImageWriter
 
-from . import firmware
+from . import anchor_client, firmware
 from .bootloader import (
     Bootloader,
     BootResult,
+    author_anchors,
     check_image,
     device_description,
     trust_policy,
@@ -131,6 +133,9 @@ class AgentConfig:
     # --watch: how soon checks may follow each other, whatever the server notifies
     # (a notification storm must not become a flash-write storm; core.check_pacing).
     pacing: PacingConfig = field(default_factory=PacingConfig)
+    # A trusted wall clock (POSIX seconds) enforces the manifests' signed expiry;
+    # None: the device has none (core.freshness, device_sim.anchor_client).
+    trusted_time: Callable[[], float] | None = None
 
     # The Block2 window lives in FetchConfig (one source of truth); these read it and
     # `with_window` sets it, for callers that only hold an AgentConfig.
@@ -182,6 +187,7 @@ class RunResult:
     sequence_number: int = 0  # trusted sequence number afterwards
     running_slot: int = 0
     image_digest: bytes = b""  # SHA-256 of the running image (from its slot record)
+    freshness: Freshness | None = None  # devices with root keys: see anchor_client
 
     def summary(self) -> str:
         text = f"{self.outcome.value}: seq {self.sequence_number}, slot {self.running_slot}"
@@ -265,6 +271,8 @@ class UpdateAgent:
         self.refused = RefusalMemory()
         self._envelope_etag: bytes | None = None
         self._writer: ImageWriter | None = None  # the image writer of the current attempt
+        self.anchor_refusals = anchor_client.AnchorRefusals()
+        self.refusal: OtaError | None = None  # the trust gate's refusal in this attempt
 
     # -- state helpers -------------------------------------------------------------------
 
@@ -375,6 +383,8 @@ class UpdateAgent:
             # Relative /fw/<id> resolves against this server; absolute URIs only to it.
             uri_prefixes=(self.transport.base_uri + "/",),
             max_envelope_size=self.config.max_envelope_size,
+            anchors=author_anchors(self.identity, state),
+            now=anchor_client.trusted_time(self),
         )
 
     def machine_config(self) -> MachineConfig:
@@ -391,12 +401,15 @@ class UpdateAgent:
         Every decision is the UpdateMachine's; this loop only carries out its effects
         and tells it what happened.
         """
+        await anchor_client.update_anchors(self)  # rotate/revoke author keys first (#20)
         machine: UpdateMachine[DeviceState] = UpdateMachine(self.machine_config())
-        self._writer = None
+        self._writer, self.refusal = None, None
         await self._drive(machine, Begin(self.load()))
         finish = machine.finished
         assert finish is not None, "the machine stopped without finishing"
-        return self.snapshot(_OUTCOMES[finish.phase], finish.reason, finish.detail)
+        outcome = _OUTCOMES[finish.phase]
+        fresh = await anchor_client.check_freshness(self, outcome.value)  # (#8)
+        return replace(self.snapshot(outcome, finish.reason, finish.detail), freshness=fresh)
 
     async def _drive(self, machine: UpdateMachine[DeviceState], event: Event | None) -> None:
         """Send events and carry out the effects until the machine needs nothing more."""
@@ -439,6 +452,7 @@ class UpdateAgent:
                     return Failed(exc)
                 except OtaError as exc:
                     _log.info("manifest refused: %s (%s)", exc, exc.detail or "")
+                    self.refusal = exc
                     return Failed(exc)
             case CheckSlotImage(slot=slot, action=action):
                 return ImageChecked(check_image(self.flash, self.identity, slot, action))

@@ -33,7 +33,8 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from otacoap.core import boot_status, interpreter, trust
+from otacoap.core import boot_status, cose, interpreter, trust
+from otacoap.core.anchor_list import TrustedAnchors
 from otacoap.core.boot_status import BootEvent
 from otacoap.core.build import MAIN_COMPONENT
 from otacoap.core.errors import (
@@ -68,6 +69,23 @@ def device_description(identity: Identity) -> interpreter.DeviceDescription:
     )
 
 
+def trusted_anchors(identity: Identity, state: DeviceState) -> TrustedAnchors | None:
+    """The anchor list the device trusts: the accepted one, else provisioning's (v0)."""
+    return state.anchors if state.anchors is not None else identity.provisioned_anchors()
+
+
+def author_anchors(
+    identity: Identity, state: DeviceState | None, *, running: bool = False
+) -> tuple[cose.TrustAnchor, ...]:
+    """Keys that may vouch for a manifest: the accepted anchor list's authors, else the
+    provisioned ones. `running`: for the confirmed, running slot, where the one revoked
+    key that signed it is still accepted (TrustedAnchors.grace; never for a candidate).
+    """
+    if state is None or state.anchors is None:
+        return identity.anchors()
+    return state.anchors.boot_anchors() if running else state.anchors.author_anchors()
+
+
 def trust_policy(
     identity: Identity,
     *,
@@ -75,11 +93,18 @@ def trust_policy(
     sequence_digest: bytes | None,
     uri_prefixes: tuple[str, ...] | None,
     max_envelope_size: int | None = None,
+    anchors: tuple[cose.TrustAnchor, ...] | None = None,
+    now: int | None = None,
 ) -> trust.TrustPolicy:
-    """The device's TrustPolicy: everything from the read-only identity and the state."""
+    """The device's TrustPolicy: everything from the read-only identity and the state.
+
+    `anchors` default to the provisioned author keys (see `author_anchors`); `now` is
+    trusted time for the signed expiry (None: the device has no trusted clock).
+    """
     kwargs = {} if max_envelope_size is None else {"max_envelope_size": max_envelope_size}
     return trust.TrustPolicy(
-        anchors=identity.anchors(),
+        anchors=anchors if anchors is not None else identity.anchors(),
+        now=now,
         current_sequence=sequence,
         current_manifest_digest=sequence_digest,
         vendor_id=identity.vendor_id,
@@ -177,6 +202,7 @@ def verify_slot(
         sequence=state.sequence if candidate else None,
         sequence_digest=state.sequence_digest if candidate else None,
         uri_prefixes=None,
+        anchors=author_anchors(identity, state, running=not candidate),
     )
     vm = trust.accept(envelope, policy)
     if vm.manifest_digest.value != info.manifest_digest or vm.sequence_number != info.sequence:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from otacoap import eventloop
@@ -78,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AUTHOR.pub",
         help="trust anchor: a PEM public key of a manifest author (repeatable); a private "
         "key is refused (the author key stays offline)",
+    )
+    p.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="ROOT.pub",
+        help="root key of the class that signs anchor lists (repeatable, at most 3); "
+        "without one, the --trust keys are fixed for the device's life",
+    )
+    p.add_argument(
+        "--root-threshold",
+        type=int,
+        default=1,
+        metavar="K",
+        help="how many of the --root keys must sign an anchor list (default 1)",
     )
     p.add_argument("--factory-image", required=True, metavar="FW.bin", help="factory image")
     p.add_argument(
@@ -180,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {PacingConfig.max_gap:g})",
     )
     r.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    r.add_argument(
+        "--trusted-clock",
+        action="store_true",
+        help="treat the system clock as trusted: refuse manifests past their signed expiry",
+    )
     r.set_defaults(handler=cmd_run)
 
     from .fleet.cli import register as register_fleet  # the fleet simulator (issue 5)
@@ -237,6 +258,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         sector_size=args.sector_size,
         max_trial_boots=args.max_trial_boots,
         force=args.force,
+        roots_pem=tuple(_read(r, MAX_SMALL_FILE) for r in args.root),
+        root_threshold=args.root_threshold,
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "
@@ -270,6 +293,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{d['manifest_digest'][:16]} in slot {d['slot']}"
         )
     print(f"reports   {info['queued_reports']} queued (counter {info['report_counter']})")
+    if info["anchor_version"] is not None:
+        print(f"anchors   list version {info['anchor_version']} (root keys provisioned)")
     return EXIT_OK
 
 
@@ -293,6 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fetch=FetchConfig(szx=blockwise.szx_of(args.block_size), max_window=args.window),
         poll_interval=args.poll_interval,
         pacing=pacing,
+        trusted_time=time.time if args.trusted_clock else None,
     )
 
     def show(result: RunResult) -> None:
@@ -306,6 +332,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "sequence_number": result.sequence_number,
                         "running_slot": result.running_slot,
                         "image_digest": result.image_digest.hex(),
+                        "freshness": (
+                            None if result.freshness is None else result.freshness.name.lower()
+                        ),
                     }
                 ),
                 flush=True,

@@ -18,6 +18,10 @@ report uses, the slot it activates) become durable together or not at all:
   bounded in count *and bytes* (`MAX_QUEUED_REPORTS`, `MAX_OUTBOX_BYTES`); the oldest
   reports make way first and are counted in `reports_lost`, which every later report
   carries (report key K_LOST), so the server learns that reports were lost.
+* `anchors`: the signed anchor list the device accepted last (core.anchor_list
+  TrustedAnchors: roots, author and freshness keys, version), or None while it trusts
+  what provisioning wrote. Committed in one save like everything else, so a power cut
+  leaves the old list or the new one; every queued report carries its version.
 
 The record can never outgrow its space: every field has a bounded size, the worst
 case (`worst_case_record_size`) fits the smallest state copy a layout may have
@@ -42,6 +46,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from otacoap.core import cbor
+from otacoap.core.anchor_list import TrustedAnchors
+from otacoap.core.errors import OtaError
+from otacoap.core.report import stamp_anchor_version
 from otacoap.core.update_record import (
     BootStatus,
     Download,
@@ -76,6 +83,11 @@ class DeviceState:
     report_counter: int = 0
     reports: tuple[bytes, ...] = field(default=())
     reports_lost: int = 0
+    anchors: TrustedAnchors | None = None
+
+    @property
+    def anchor_version(self) -> int | None:
+        return self.anchors.version if self.anchors is not None else None
 
     @property
     def candidate(self) -> int:
@@ -97,8 +109,12 @@ class DeviceState:
         """
         counter = self.report_counter + 1
         queue, lost = self.reports, self.reports_lost
+        version = self.anchor_version
         while True:
             body = encode(counter, lost)
+            if version is not None:
+                # Every report says which anchor list the device holds (report key -20).
+                body = stamp_anchor_version(body, version)
             if len(body) > MAX_OUTBOX_BYTES:
                 raise ValueError("a single report larger than the outbox")
             drop = _overflow(queue, body)
@@ -129,6 +145,7 @@ class DeviceState:
                 "rc": self.report_counter,
                 "q": list(self.reports),
                 "rl": self.reports_lost,
+                **({"anc": self.anchors.to_cbor()} if self.anchors is not None else {}),
             }
         )
 
@@ -159,6 +176,8 @@ class DeviceState:
             reports=tuple(queue),
             # Absent in records written before the outbox was bounded in bytes.
             reports_lost=_u(v.get("rl", 0)),
+            # Absent until the device accepts its first anchor list.
+            anchors=_anchors_from_cbor(v.get("anc")),
         )
 
 
@@ -205,6 +224,15 @@ def _trial_from_cbor(v: Any) -> Trial | None:
     return Trial(_b(v[0]), _u(v[1]))
 
 
+def _anchors_from_cbor(v: Any) -> TrustedAnchors | None:
+    if v is None:
+        return None
+    try:
+        return TrustedAnchors.from_cbor(v)
+    except OtaError:
+        raise StateError("state record: bad anchors") from None
+
+
 def _overflow(queue: tuple[bytes, ...], new: bytes) -> int:
     """How many of the oldest queued reports must go so that `new` fits the outbox."""
     total = len(new) + sum(len(r) for r in queue)
@@ -237,6 +265,7 @@ def worst_case_record_size() -> int:
         report_counter=top,
         reports=(),
         reports_lost=top,
+        anchors=TrustedAnchors.worst_case(),
     )
     # The empty array head (1 byte) grows to at most 3 bytes for MAX_QUEUED_REPORTS.
     return len(state.encode()) + 2 + MAX_OUTBOX_BYTES + 3 * MAX_QUEUED_REPORTS

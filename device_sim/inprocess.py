@@ -92,6 +92,11 @@ class InProcessServer:
     manifest_requests: int = 0
     last_counter: int = 0
     on_request: Callable[[str, tuple[int, int, int] | None], None] | None = None
+    # /a?v=N answers anchor_lists[N + 1]; /t?n=HEX answers freshness(nonce) (None: 4.04)
+    anchor_lists: dict[int, bytes] = field(default_factory=dict)
+    freshness: Callable[[bytes], bytes | None] | None = None
+    anchor_requests: int = 0
+    freshness_requests: int = 0
 
     def add_image(self, path: str, image: bytes | ImageSource) -> None:
         self.images[path] = BytesImage(image) if isinstance(image, bytes) else image
@@ -104,11 +109,33 @@ class InProcessServer:
             if self.envelope is None:
                 return Response(NOT_FOUND)
             return _slice(BytesImage(self.envelope), block2, etag=b"m")
+        resource, _, query = path.partition("?")
+        if resource in ("/a", "/t"):
+            return self._anchors_or_freshness(resource, query, block2)
         image = self.images.get(path)
         if image is None:
             return Response(NOT_FOUND)
         self.block_requests += 1
         return _slice(image, block2, etag=b"i" + path.encode()[-7:])
+
+    def _anchors_or_freshness(
+        self, resource: str, query: str, block2: tuple[int, int, int] | None
+    ) -> Response:
+        name, _, value = query.partition("=")
+        try:
+            if resource == "/a" and name == "v":
+                self.anchor_requests += 1
+                body = self.anchor_lists.get(int(value) + 1)
+            elif resource == "/t" and name == "n":
+                self.freshness_requests += 1
+                body = self.freshness(bytes.fromhex(value)) if self.freshness else None
+            else:
+                return Response(BAD_REQUEST)
+        except ValueError:
+            return Response(BAD_REQUEST)
+        if body is None:
+            return Response(NOT_FOUND)
+        return _slice(BytesImage(body), block2, etag=b"a")
 
     def handle_post(self, path: str, payload: bytes) -> Response:
         if self.on_request is not None:

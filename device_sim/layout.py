@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from otacoap.core import cbor, cose, ids, protocol
+from otacoap.core import anchor_list, cbor, cose, ids, protocol
+from otacoap.core.errors import OtaError
 from otacoap.core.sizes import round_up
 
 from .flash import FlashFaults, SimFlash
@@ -178,6 +179,10 @@ class Identity:
     factory_size: int = 0
     factory_digest: bytes = b""
     max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS
+    # The class's root keys (k-of-n) that sign anchor lists (core.anchor_list). None
+    # provisioned: the author keys above are fixed for the device's life (as before).
+    roots_pem: tuple[bytes, ...] = ()
+    root_threshold: int = 1
 
     def __post_init__(self) -> None:
         if not self.device_id or len(self.device_id) > MAX_IDENTITY_TEXT:
@@ -195,6 +200,11 @@ class Identity:
             raise ProvisioningError(f"need 1..{MAX_ANCHORS} trust anchors")
         if not 1 <= self.max_trial_boots <= 16:
             raise ProvisioningError("max trial boots must be 1..16")
+        if self.roots_pem:
+            try:
+                anchor_list.provisioned(self.roots(), self.root_threshold, self.anchors())
+            except (OtaError, ValueError) as exc:
+                raise ProvisioningError(f"root keys: {exc}") from None
 
     @property
     def vendor_id(self) -> bytes:
@@ -211,6 +221,15 @@ class Identity:
     def anchors(self) -> tuple[cose.TrustAnchor, ...]:
         return tuple(cose.load_public_key(pem) for pem in self.anchors_pem)
 
+    def roots(self) -> tuple[cose.TrustAnchor, ...]:
+        return tuple(cose.load_public_key(pem) for pem in self.roots_pem)
+
+    def provisioned_anchors(self) -> anchor_list.TrustedAnchors | None:
+        """Anchor list version 0 (roots and first authors), or None without roots."""
+        if not self.roots_pem:
+            return None
+        return anchor_list.provisioned(self.roots(), self.root_threshold, self.anchors())
+
     def encode(self) -> bytes:
         body: dict[str, Any] = {
             "id": self.device_id,
@@ -222,6 +241,8 @@ class Identity:
             "factory": [self.factory_size, self.factory_digest],
             "trials": self.max_trial_boots,
         }
+        if self.roots_pem:  # absent in identities without roots (read as before)
+            body["roots"] = [list(self.roots_pem), self.root_threshold]
         payload = cbor.dumps(body)
         head = _ID_HEADER.pack(IDENTITY_MAGIC, IDENTITY_VERSION, len(payload)) + payload
         record = head + _ID_TRAILER.pack(zlib.crc32(head))
@@ -272,9 +293,23 @@ class Identity:
                 factory_size=_int(factory[0]),
                 factory_digest=bytes(factory[1]),
                 max_trial_boots=_int(body["trials"]),
+                **_roots(body.get("roots")),
             )
         except KeyError as exc:
             raise ProvisioningError(f"identity record lacks {exc}") from None
+
+
+def _roots(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], list)
+        and all(isinstance(r, bytes) for r in value[0])
+    ):
+        raise ProvisioningError("identity: bad roots")
+    return {"roots_pem": tuple(value[0]), "root_threshold": _int(value[1])}
 
 
 def peek_identity(path: str | os.PathLike[str]) -> Identity:

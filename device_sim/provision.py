@@ -62,6 +62,8 @@ def provision(
     write_align: int = DEFAULT_WRITE_ALIGN,
     max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS,
     force: bool = False,
+    roots_pem: tuple[bytes, ...] = (),
+    root_threshold: int = 1,
 ) -> ProvisionResult:
     """Create a provisioned flash file at `path`; raise ProvisioningError on bad input."""
     target = Path(path)
@@ -87,8 +89,11 @@ def provision(
             factory_size=len(factory_image),
             factory_digest=image_digest,
             max_trial_boots=max_trial_boots,
+            roots_pem=roots_pem,
+            root_threshold=root_threshold,
         )
         identity.anchors()  # every anchor must load now, not at the first update
+        identity.roots()
     except OtaError as exc:
         raise ProvisioningError(f"trust anchor: {exc}") from exc
 
@@ -129,6 +134,7 @@ def provision(
                 active=0,
                 boot=BootStatus.CONFIRMED,
                 slots=(slot, None),
+                anchors=identity.provisioned_anchors(),  # anchor list version 0
             )
             StateFile(flash, layout).save(state)
             if factory_envelope is not None:
@@ -248,6 +254,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             "report_counter": state.report_counter,
             "queued_reports": len(state.reports),
             "reports_lost": state.reports_lost,
+            "anchor_version": state.anchor_version,
             "slot_size": lay.slot_size,
             "flash_size": lay.total_size,
         }

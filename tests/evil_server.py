@@ -180,6 +180,9 @@ class Script:
     size2: int | None = None  # None: the real size
     report_code: Code = Code.CHANGED
     drop_reports: bool = False  # never answer POST /r (server "unreachable" for reports)
+    # /a?v=N answers anchor_lists[N + 1]; /t?n=HEX answers freshness(nonce) (None: 4.04)
+    anchor_lists: dict[int, bytes] = field(default_factory=dict)
+    freshness: Callable[[bytes], bytes | None] | None = None
 
 
 @dataclass
@@ -213,6 +216,8 @@ class EvilServer:
         self.reporters: list[str] = []  # DTLS identity of each accepted report
         self.manifest_requests = 0
         self.block_requests = 0
+        self.anchor_requests = 0
+        self.freshness_requests = 0
         self.port = 0
         self._ctx: aiocoap.Context | None = None
         self._stop = asyncio.Event()
@@ -288,6 +293,8 @@ class EvilServer:
                 return Message(code=Code.NOT_FOUND)
             payload, opt = honest_block(s.envelope, num or 0, szx if szx is not None else 6)
             return _content(payload, opt, len(s.envelope), b"env")
+        if path in ("/a", "/t") and request.code == Code.GET:
+            return self._anchors_or_freshness(path, tuple(request.opt.uri_query), num, szx)
         if path == "/r" and request.code == Code.POST:
             if s.drop_reports:
                 await self._sleep(3600)
@@ -324,6 +331,27 @@ class EvilServer:
             size2 = s.size2 if s.size2 is not None else len(image)
             return _content(payload, opt, size2, hashlib.sha256(image).digest()[:8])
         return Message(code=Code.NOT_FOUND)
+
+    def _anchors_or_freshness(
+        self, path: str, query: tuple[str, ...], num: int | None, szx: int | None
+    ) -> Message:
+        s = self.script
+        name, _, value = query[0].partition("=") if len(query) == 1 else ("", "", "")
+        try:
+            if path == "/a" and name == "v":
+                self.anchor_requests += 1
+                body = s.anchor_lists.get(int(value) + 1)
+            elif path == "/t" and name == "n":
+                self.freshness_requests += 1
+                body = s.freshness(bytes.fromhex(value)) if s.freshness else None
+            else:
+                return Message(code=Code.BAD_REQUEST)
+        except ValueError:
+            return Message(code=Code.BAD_REQUEST)
+        if body is None:
+            return Message(code=Code.NOT_FOUND)
+        payload, opt = honest_block(body, num or 0, szx if szx is not None else 6)
+        return _content(payload, opt, len(body), b"anc")
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -515,6 +543,8 @@ def make_rig(
     name: str = "flash.bin",
     device_id: str = DEVICE_ID,
     psk: bytes = PSK,
+    roots: tuple[cose.SigningKey, ...] = (),
+    root_threshold: int = 1,
 ) -> Rig:
     key = key or cose.generate_key("es256")
     factory = make_image(factory_size, version=seq, seed=1)
@@ -533,6 +563,8 @@ def make_rig(
         sector_size=sector_size,
         max_trial_boots=max_trial_boots,
         force=True,
+        roots_pem=tuple(r.public.public_pem() for r in roots),
+        root_threshold=root_threshold,
     )
     rig = Rig(path, key, factory, env, slot_size=slot_size)
     rig.accept(factory)

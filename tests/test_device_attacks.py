@@ -11,8 +11,10 @@ Covered elsewhere (same oracles): #6 rollback across a reboot, #44-#46 power cut
 #50 newer manifest during a partial download in test_power_cut_update.py; #18 TOCTOU
 and #47 revert in test_bootloader_secure_boot.py; #14 slow retrieval over DTLS and
 #23 resume in test_device_agent_dtls.py (an H4 fake-clock variant is here).
-Not applicable: #8 freeze (no trusted clock and no signed expiry in otacoap
-manifests), #19/#20 key rotation (anchors are fixed at provisioning); see the skips.
+#8 freeze (signed expiry, nonce-bound freshness statements), #19 and #20 (signed anchor
+lists: rotation and revocation) run here against H1 with a device provisioned with a
+class root key; their in-process variants, power cuts included, are in
+test_anchor_rotation_device.py and test_freshness_device.py.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from device_sim.firmware import make_image
 from device_sim.flash import FlashFaults
 from device_sim.inprocess import InProcessServer, InProcessTransport
 from device_sim.netem import LinkProfile, UdpImpairmentProxy
-from otacoap.core import cose, ids, suit
+from otacoap.core import anchor_list, cose, freshness, ids, suit
 from otacoap.core.errors import ReportReason
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
@@ -336,12 +338,111 @@ def test_07_sequence_number_must_be_uint64(tmp_path: Path, seq: Any) -> None:
     check_oracles(case, state="rejected", before_download=True)
 
 
-def test_08_freeze_not_applicable() -> None:
-    pytest.skip(
-        "ATTACKS.md #8 not applicable: the simulated device has no trusted clock and "
-        "otacoap manifests carry no signed expiry; a frozen server is indistinguishable "
-        "from 'no new release'"
+FRESH_KEY = cose.generate_key("es256")
+
+
+def _anchored_rig(tmp: Path, root: cose.SigningKey) -> Rig:
+    """A device provisioned with a class root key (anchor lists, freshness)."""
+    return make_rig(tmp, seq=OLD_SEQ, roots=(root,))
+
+
+def _anchor_list(
+    version: int,
+    authors: list[cose.SigningKey],
+    signers: list[cose.SigningKey],
+    roots: list[cose.SigningKey] | None = None,
+) -> bytes:
+    vendor = ids.vendor_id("acme.example")
+    contents = anchor_list.AnchorList(
+        version,
+        vendor,
+        ids.class_id(vendor, "thermostat-t1"),
+        tuple(anchor_list.compact_key(k.public) for k in (roots or signers[:1])),
+        1,
+        tuple(anchor_list.compact_key(k.public) for k in authors),
+        (anchor_list.compact_key(FRESH_KEY.public),),
     )
+    return anchor_list.sign(contents, signers)
+
+
+def _statement(sequence: int, anchors: int = 1) -> Callable[[bytes], bytes]:
+    vendor = ids.vendor_id("acme.example")
+
+    def answer(nonce: bytes) -> bytes:
+        return freshness.sign_statement(
+            freshness.Statement(
+                nonce, vendor, ids.class_id(vendor, "thermostat-t1"), sequence, anchors, 0
+            ),
+            FRESH_KEY,
+        )
+
+    return answer
+
+
+def test_08_frozen_server_is_detected_and_reported(tmp_path: Path) -> None:
+    """H1 keeps serving the installed manifest and hides seq 6; the device notices.
+
+    Without a clock: the nonce-bound freshness statement H1 must sign (it holds the
+    freshness key, as a frozen copy of the real server would) names seq 6, /m does not
+    serve it: STALE, reported. H1 replaying an old statement instead: UNKNOWN, reported
+    ("cannot learn"), which a device without freshness could not tell from "no news".
+    """
+    root = cose.generate_key("es256")
+    rig = _anchored_rig(tmp_path, root)
+    lists = {1: _anchor_list(1, [rig.key], [root])}
+    case = attack(
+        tmp_path,
+        rig.factory_envelope,
+        rig=rig,
+        anchor_lists=lists,
+        freshness=_statement(6),
+    )
+    assert case.outcome == Outcome.UP_TO_DATE
+    check_oracles(case, state="up-to-date", reasons={R.CONDITION_FAILED}, before_download=True)
+    alarm = case.server.reports[-1]
+    assert alarm.freshness == freshness.Freshness.STALE and alarm.anchor_version == 1
+    # A replayed statement (another nonce): "I cannot learn whether there is one".
+    replayed = _statement(OLD_SEQ)(b"\x07" * 16)
+    case = attack(
+        tmp_path,
+        rig.factory_envelope,
+        rig=rig,
+        anchor_lists=lists,
+        freshness=lambda nonce: replayed,
+    )
+    check_oracles(case, state="up-to-date", reasons={R.OPERATION_FAILED}, before_download=True)
+    assert case.server.reports[-1].freshness == freshness.Freshness.UNKNOWN
+    # An honest statement: "no newer release", reported as such.
+    case = attack(tmp_path, None, rig=rig, anchor_lists=lists, freshness=_statement(OLD_SEQ))
+    check_oracles(case, state="up-to-date", reasons={R.OK}, before_download=True)
+    assert case.server.reports[-1].freshness == freshness.Freshness.FRESH
+
+
+def test_08_expired_manifest_with_a_trusted_clock(tmp_path: Path) -> None:
+    """H4: the clock is past the manifest's signed expiry: rejected, freeze alarm."""
+    root = cose.generate_key("es256")
+    rig = _anchored_rig(tmp_path, root)
+    image = new_image()
+    raw = cbor2.loads(manifest_bytes(image=image, seq=6))
+    raw[freshness.M_EXPIRES] = 1_700_000_000
+    env = sign(cbor2.dumps(raw, canonical=True), rig.key)
+    clock = replace(FAST, trusted_time=lambda: 1_800_000_000.0)
+    case = attack(
+        tmp_path,
+        env,
+        {uri_of(image): image},
+        rig=rig,
+        config=clock,
+        anchor_lists={1: _anchor_list(1, [rig.key], [root])},
+    )
+    assert case.outcome == Outcome.REJECTED
+    check_oracles(case, state="rejected", reasons={R.CONDITION_FAILED}, before_download=True)
+    assert case.server.reports[-1].freshness == freshness.Freshness.EXPIRED
+    assert any("expired" in r.detail for r in case.server.reports)
+    # The same manifest before its expiry installs (control).
+    early = replace(FAST, trusted_time=lambda: 1_600_000_000.0)
+    ok = attack(tmp_path, env, {uri_of(image): image}, rig=rig, config=early)
+    assert ok.outcome == Outcome.UPDATED
 
 
 @pytest.mark.parametrize(
@@ -592,12 +693,78 @@ def test_17_component_outside_the_acl(tmp_path: Path, components: list[list[byte
     check_oracles(case, state="rejected", reasons={R.COMPONENT_UNAUTHORISED}, before_download=True)
 
 
-def test_19_20_key_rotation_not_applicable() -> None:
-    pytest.skip(
-        "ATTACKS.md #19 is covered by #1 (the device trusts only the author anchors "
-        "written at provisioning; H1 holds the PSK but no author key). #20 rotation is "
-        "not implemented: anchors are read-only for the device's life."
-    )
+def test_19_server_keys_cannot_sign_manifests(tmp_path: Path) -> None:
+    """#19: H1 signs with every key a server holds (its freshness key included): refused."""
+    root = cose.generate_key("es256")
+    rig = _anchored_rig(tmp_path, root)
+    image = new_image()
+    for server_key in (FRESH_KEY, cose.generate_key("ed25519")):
+        env = sign(manifest_bytes(image=image, seq=6), server_key)
+        case = attack(
+            tmp_path,
+            env,
+            {uri_of(image): image},
+            rig=rig,
+            anchor_lists={1: _anchor_list(1, [rig.key], [root])},
+        )
+        assert case.outcome == Outcome.REJECTED
+        check_oracles(case, state="rejected", reasons={R.UNAUTHORISED}, before_download=True)
+
+
+def test_20_revoked_key_refused_after_rotation(tmp_path: Path) -> None:
+    """#20: after a rotation that revokes the author key, H1 serves a manifest signed by
+    it with a higher sequence number: refused before download; the new key works."""
+    root = cose.generate_key("es256")
+    rig = _anchored_rig(tmp_path, root)
+    new_author = cose.generate_key("ed25519")
+    lists = {1: _anchor_list(1, [new_author], [root])}
+    image = new_image()
+    env = sign(manifest_bytes(image=image, seq=1 << 40), rig.key)
+    case = attack(tmp_path, env, {uri_of(image): image}, rig=rig, anchor_lists=lists)
+    assert case.outcome == Outcome.REJECTED
+    check_oracles(case, state="rejected", reasons={R.UNAUTHORISED}, before_download=True)
+    assert case.server.states()[0] == "anchors-updated"
+    assert case.server.reports[-1].anchor_version == 1
+    good = sign(manifest_bytes(image=image, seq=6), new_author)
+    assert attack(tmp_path, good, {uri_of(image): image}, rig=rig).outcome == Outcome.UPDATED
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param("new root only", id="signed only by the new root"),
+        pytest.param("attacker root", id="signed by an unknown root"),
+        pytest.param("skip", id="skips a version"),
+        pytest.param("endless", id="endless chain of rotations"),
+    ],
+)
+def test_20_hostile_rotations(tmp_path: Path, script: str) -> None:
+    """H1 serves rotations the device must refuse (or bound): TUF §5.3.4, max rotations."""
+    root = cose.generate_key("es256")
+    rig = _anchored_rig(tmp_path, root)
+    other = cose.generate_key("es256")
+    attacker = cose.generate_key("es256")
+    if script == "new root only":
+        lists = {1: _anchor_list(1, [attacker], [other])}
+    elif script == "attacker root":
+        lists = {1: _anchor_list(1, [attacker], [attacker])}
+    elif script == "skip":
+        lists = {1: _anchor_list(2, [attacker], [root])}
+    else:
+        lists = {v: _anchor_list(v, [rig.key], [root]) for v in range(1, 100)}
+    image = new_image()
+    env = sign(manifest_bytes(image=image, seq=6), attacker)
+    case = attack(tmp_path, env, {uri_of(image): image}, rig=rig, anchor_lists=lists)
+    assert case.outcome == Outcome.REJECTED
+    check_oracles(case, state="rejected", reasons={R.UNAUTHORISED}, before_download=True)
+    version = rig.info()["anchor_version"]
+    if script == "endless":
+        assert version == anchor_list.MAX_ROTATIONS_PER_CHECK
+        assert case.server.anchor_requests == anchor_list.MAX_ROTATIONS_PER_CHECK
+    else:
+        assert version == 0
+        assert any("anchor list" in r.detail for r in case.server.reports)
+    assert touched(case, "identity") == []
 
 
 # --- Block2 protocol violations (#24, #25; the issue's NUM / SZX / larger-block cases) ----

@@ -22,7 +22,7 @@ from ..core.errors import OtaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import manifest_cmds, server_cmds
+    from . import anchor_cmds, manifest_cmds, server_cmds
 
     parser = Parser(
         prog="otacoap",
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     manifest_cmds.register(sub)
     server_cmds.register(sub)
+    anchor_cmds.register(sub)
     return parser
 
 

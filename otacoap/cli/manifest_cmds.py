@@ -9,6 +9,7 @@ import json
 import os
 import string
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="sequence number (must grow with every release)",
     )
     b.add_argument("--uri", help="payload URI (default: the server-relative /fw/<id>)")
+    b.add_argument(
+        "--expires-in",
+        type=int,
+        metavar="SECONDS",
+        help="signed expiry this many seconds from now (manifest key -25601); devices "
+        "with a trusted clock refuse the manifest after it (default: no expiry)",
+    )
     b.add_argument("--key", metavar="PRIVATE", help="sign with this private key (PEM)")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     b.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -189,7 +197,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if size == 0:
         raise CliError(f"{args.image}: the image is empty")
     key = load_signing_key(args.key) if args.key else None
-    release = Release(digest, size, args.vendor_domain, args.class_info, args.seq, args.uri)
+    expires = None
+    if args.expires_in is not None:
+        if args.expires_in <= 0:
+            raise CliError("--expires-in must be a positive number of seconds")
+        expires = int(time.time()) + args.expires_in
+    release = Release(
+        digest, size, args.vendor_domain, args.class_info, args.seq, args.uri, expires=expires
+    )
     envelope = build_envelope(release, key)
     data = suit.encode_envelope(envelope)
     atomic_write(args.out, data)

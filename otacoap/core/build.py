@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from . import cbor, cose, ids, suit
+from . import cbor, cose, freshness, ids, suit
 from .errors import OtaError
 from .suit import Command, CommandSequence, Parameters
 
@@ -66,6 +66,7 @@ class Release:
     uri: str | None = None  # None: the server-relative /fw/<id> (ids.image_uri)
     component: tuple[bytes, ...] = MAIN_COMPONENT
     description: str | None = None
+    expires: int | None = None  # POSIX seconds: core.freshness.M_EXPIRES (signed expiry)
 
 
 def build_manifest(release: Release) -> suit.Manifest:
@@ -74,6 +75,8 @@ def build_manifest(release: Release) -> suit.Manifest:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
         raise ValueError("sequence number must be an unsigned 64-bit integer")
+    if release.expires is not None and not 0 <= release.expires < 1 << 64:
+        raise ValueError("expiry must be an unsigned 64-bit POSIX time")
     vendor = ids.vendor_id(release.vendor_domain)
     klass = ids.class_id(vendor, release.class_info)
     digest = suit.SuitDigest(suit.DIGEST_SHA256, release.image_digest)
@@ -111,6 +114,7 @@ def build_manifest(release: Release) -> suit.Manifest:
         release.sequence_number,
         common,
         ((suit.M_VALIDATE, validate), (suit.M_INVOKE, invoke), (suit.M_INSTALL, install)),
+        extensions=() if release.expires is None else ((freshness.M_EXPIRES, release.expires),),
     )
 
 

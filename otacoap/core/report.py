@@ -30,6 +30,9 @@ K_COUNTER = -4
 K_DETAIL = -5
 K_INSTALLED_SEQUENCE = -6
 K_LOST = -7  # reports the device dropped from its outbox before this one (cumulative)
+K_ANCHOR_VERSION = -20  # version of the anchor list the device trusts (core.anchor_list)
+K_FRESHNESS = -21  # core.freshness.Freshness: fresh 0, unknown 1, stale 2, expired 3
+MAX_FRESHNESS = 3
 
 MAX_DETAIL = 200
 """Longest detail in UTF-8 *bytes*: a cut by characters could be four times as long."""
@@ -54,6 +57,7 @@ class State(StrEnum):
     REJECTED = "rejected"
     FAILED = "failed"
     UP_TO_DATE = "up-to-date"
+    ANCHORS_UPDATED = "anchors-updated"  # a new signed anchor list was committed
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Report:
     installed_sequence: int | None = None
     detail: str = ""
     lost: int = 0
+    anchor_version: int | None = None
+    freshness: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,7 +94,23 @@ class Report:
             body[K_DETAIL] = cut_detail(self.detail)
         if self.lost:
             body[K_LOST] = self.lost
+        if self.anchor_version is not None:
+            body[K_ANCHOR_VERSION] = self.anchor_version
+        if self.freshness is not None:
+            body[K_FRESHNESS] = self.freshness
         return cbor.dumps(body)
+
+
+def stamp_anchor_version(body: bytes, version: int) -> bytes:
+    """An encoded report with the device's anchor version added (key -20).
+
+    The device stamps every report it queues with it, whoever built the report.
+    """
+    value = cbor.loads(body, max_size=MAX_REPORT_SIZE, max_depth=4)
+    if not isinstance(value, dict):
+        raise ManifestError("report must be a CBOR map")
+    value[K_ANCHOR_VERSION] = version
+    return cbor.dumps(value)
 
 
 def _uint(v: Any, name: str) -> int:
@@ -112,6 +134,8 @@ def decode_report(data: bytes) -> Report:
         K_DETAIL,
         K_INSTALLED_SEQUENCE,
         K_LOST,
+        K_ANCHOR_VERSION,
+        K_FRESHNESS,
     }
     for k in value:
         if not isinstance(k, int) or (k > 0 and k not in known):
@@ -156,4 +180,14 @@ def decode_report(data: bytes) -> Report:
         installed_sequence=opt(K_INSTALLED_SEQUENCE, "installed sequence"),
         detail=detail,
         lost=opt(K_LOST, "lost") or 0,
+        anchor_version=opt(K_ANCHOR_VERSION, "anchor version"),
+        freshness=_freshness(value.get(K_FRESHNESS)),
     )
+
+
+def _freshness(v: Any) -> int | None:
+    if v is None:
+        return None
+    if not (type(v) is int and 0 <= v <= MAX_FRESHNESS):
+        raise ManifestError("report freshness must be 0..3")
+    return int(v)

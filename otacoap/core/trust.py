@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import cbor2
 
-from . import cbor, cose, suit
+from . import cbor, cose, freshness, suit
 from .errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -62,6 +62,9 @@ class TrustPolicy:
     current_sequence: int | None = None
     current_manifest_digest: bytes | None = None
     max_sequence_jump: int | None = None
+    # Trusted time, POSIX seconds; None: no trusted clock, the signed expiry is not
+    # enforced (core.freshness, ATTACKS.md #8).
+    now: int | None = None
     # Identity (ATTACKS.md #9)
     vendor_id: bytes | None = None
     class_id: bytes | None = None
@@ -195,6 +198,9 @@ def admit(authentic: AuthenticatedManifest, policy: TrustPolicy) -> VerifiedMani
     manifest = envelope.manifest
     manifest_digest = envelope.manifest_digest
 
+    # Freshness: the signed expiry first, so a frozen server serving the installed but
+    # expired manifest is refused (and reported), not "up to date" (ATTACKS.md #8).
+    freshness.check_expiry(manifest, policy.now)
     # Freshness (manifest-34 §8.4.2).
     _check_sequence(manifest.sequence_number, manifest_digest.value, policy)
 

@@ -462,4 +462,7 @@ def build_site(
     site.add_resource(
         [*protocol.PATH_ADMIN, "release"], AdminReleaseResource(view, uploads, staged)
     )
+    from .anchor_resources import add_anchor_resources  # /a and /t (imports this module)
+
+    add_anchor_resources(site, view)
     return site, manifest

@@ -8,11 +8,12 @@ and its audit record are committed together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from ..core import cose
 from ..core.report import Report
+from .anchor_lists import AnchorListRecord, DeviceAnchorStatus
 from .audit import AuditEntry
 from .models import (
     AnchorRecord,
@@ -64,6 +65,13 @@ class Store(Protocol):
 
     # --- reports -------------------------------------------------------------------
     def record_report(self, device_id: str, report: Report, body: bytes) -> ReportOutcome: ...
+
+    # anchor lists (store/anchor_lists.py)
+    def publish_anchor_list(self, body: bytes, label: str, actor: str) -> AnchorListRecord: ...
+    def latest_anchor_list(self, key: ClassKey) -> AnchorListRecord | None: ...
+    def anchor_list(self, key: ClassKey, version: int) -> AnchorListRecord | None: ...
+    def list_anchor_lists(self) -> list[AnchorListRecord]: ...
+    def anchor_status(self) -> Iterator[DeviceAnchorStatus]: ...
     def list_reports(self, device_id: str | None, limit: int) -> list[ReportRecord]: ...
     def latest_reports(self) -> dict[str, ReportRecord]:
         """Each device's newest report, by device id."""

@@ -28,6 +28,7 @@ from ..core.errors import (
     PolicyError,
     RollbackError,
 )
+from .anchor_lists import check_publish_signer
 from .blobs import BlobStore, TempBlob
 from .errors import ImageMismatch, NotFound
 from .interface import Store
@@ -106,6 +107,8 @@ class Publisher:
                 f"no registered device has vendor {ids.uuid_str(key[0])} "
                 f"class {ids.uuid_str(key[1])}"
             )
+        # 1b. A class with a signed anchor list: its current authors only (revocation).
+        check_publish_signer(self._store, key, authentic.signer)
         # 2. Freshness against the class's current release, through the same gate the
         # devices use (seq must be above it; equal is refused; bounded jump).
         current = self._store.current_release(key)

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..core import cose, ids, protocol
 from ..core.errors import ManifestError, PolicyError, RollbackError
 from ..core.report import Report
+from . import anchor_lists
 from . import audit as chain
 from . import checkpoint as checkpoints
 from .audit import AuditEntry
@@ -158,6 +159,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                 mac BLOB NOT NULL)""",
         ),
     ),
+    anchor_lists.MIGRATION,  # 5: signed anchor lists per class (otacoap/store/anchor_lists.py)
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -220,7 +222,7 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-class SQLiteStore:
+class SQLiteStore(anchor_lists.AnchorListStore):
     """`Store` over one SQLite connection."""
 
     def __init__(
@@ -318,8 +320,12 @@ class SQLiteStore:
             )
         for version, name, statements in MIGRATIONS:
             with self._tx() as db:
-                # Re-check under the write lock: another process may have migrated.
-                if self.schema_version() >= version:
+                # Re-check under the write lock: another process may have migrated. By
+                # the set of recorded versions, not the highest: a migration is applied
+                # once whatever the order the others were recorded in.
+                if db.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ).fetchone():
                     continue
                 for statement in statements:
                     db.execute(statement)
@@ -823,6 +829,7 @@ class SQLiteStore:
                 "UPDATE devices SET last_counter = ?, last_report_hash = ? WHERE id = ?",
                 (report.counter, body_hash, device_id),
             )
+            self.record_anchor_status(device_id, report.anchor_version, report.freshness)
             self.audit(
                 str(Principal(Role.DEVICE, device_id)),
                 "report",
