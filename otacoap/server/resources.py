@@ -252,6 +252,8 @@ class ReportResource(_Base):
         except OtaError as exc:
             self.view.refused(str(principal), "report", principal.name, str(exc))
             raise
+        if outcome.stored:
+            self.view.wake_campaigns()  # a report may end a campaign member's attempt
         log.info(
             "report from %s: #%d %s %s%s",
             principal.name,

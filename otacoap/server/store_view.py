@@ -15,6 +15,7 @@ told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from ..config import Config
 from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
+from ..store.campaigns import served_release
 from ..store.models import ClassKey
 from .credentials import PskDirectory
 
@@ -61,6 +63,7 @@ class StoreView:
         # elsewhere (the /fw fast path's grants) know to drop theirs too.
         self.epoch = 0
         self._refusals: dict[tuple[str, str], float] = {}
+        self._campaign_wake = asyncio.Event()
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
         self.plain_principal: Principal | None = None
@@ -164,13 +167,16 @@ class StoreView:
     # --- releases ------------------------------------------------------------------
 
     def release_for(self, device: DeviceRecord) -> ReleaseRecord | None:
-        """What this device should run: its pinned release, else its class's current."""
-        if device.assigned_release is not None:
-            rid = device.assigned_release
-            if rid not in self._releases_by_id:
-                self._releases_by_id[rid] = self.reader.release_by_id(rid)
-            return self._releases_by_id[rid]
-        key = device.class_key
+        """What this device should run: the store's one rule (`served_release`: its
+        pinned release, else the newer of its class's current and its campaign's)."""
+        return served_release(device, self._release_by_id, self._class_release)
+
+    def _release_by_id(self, rid: int) -> ReleaseRecord | None:
+        if rid not in self._releases_by_id:
+            self._releases_by_id[rid] = self.reader.release_by_id(rid)
+        return self._releases_by_id[rid]
+
+    def _class_release(self, key: ClassKey) -> ReleaseRecord | None:
         if key not in self._class_releases:
             self._class_releases[key] = self.reader.current_release(key)
         return self._class_releases[key]
@@ -201,6 +207,29 @@ class StoreView:
                     listener()
                 except Exception:
                     log.exception("release-change listener failed")
+
+    # --- rollout campaigns ------------------------------------------------------------
+
+    def wake_campaigns(self) -> None:
+        """A report was stored: evaluate the campaigns soon (coalesced)."""
+        self._campaign_wake.set()
+
+    async def run_campaigns(self, interval: float) -> None:
+        """Evaluate the campaigns (Store.tick_campaigns) on the DB thread after reports
+        and every `interval` seconds (soak, timeouts and windows are time-driven); tell
+        /m observers at once when an admission changed what a device is served."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._campaign_wake.wait(), interval)
+            self._campaign_wake.clear()
+            try:
+                events = await self.db(lambda s: s.tick_campaigns())
+            except Exception:
+                log.exception("evaluating the rollout campaigns failed")
+                continue
+            if events:
+                log.info("campaigns: %s", ", ".join(events))
+                self.refresh()
 
     async def poll(self) -> None:
         interval = self.config.server.observe_poll_interval
