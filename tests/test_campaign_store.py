@@ -296,3 +296,27 @@ def test_rebuilt_envelope_of_an_old_image_gets_a_new_sequence_number(setup: Setu
     old = suit.decode_envelope(r10.envelope)
     assert env.manifest.common == old.manifest.common
     store.close()
+
+
+def test_a_failed_download_keeps_the_release_served_and_a_late_confirm_succeeds(
+    setup: Setup,
+) -> None:
+    store = _open(setup)
+    rel = _stage(setup, store, 11, "good")
+    c = store.create_campaign(
+        rel.id, Target(), parse_waves("20%,100%"), Policy(failure_threshold=1.0), ACTOR
+    )
+    store.tick_campaigns()
+    a, b = _admitted(store, c.id)
+    _report(store, a, State.FAILED, 11, 10)  # a link problem mid-download
+    _report(store, b, State.REJECTED, 11, 10)  # the device refused the envelope
+    store.tick_campaigns()
+    states = {m.device_id: m.state for m in store.campaign_members(c.id)}
+    assert states[a] is MemberState.FAILED and states[b] is MemberState.FAILED
+    assert _served(store, a) == 11, "a failed download may resume"
+    assert _served(store, b) == 10, "a rejected release is withdrawn"
+    _report(store, a, State.CONFIRMED, 11, 11)
+    store.tick_campaigns()
+    states = {m.device_id: m.state for m in store.campaign_members(c.id)}
+    assert states[a] is MemberState.SUCCEEDED
+    store.close()

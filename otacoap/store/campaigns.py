@@ -429,9 +429,10 @@ class CampaignStore:
         for device_id, m in members.items():
             if m.state is MemberState.PENDING and device_id not in targeted:
                 self._set_member(cid, device_id, MemberState.LEFT, now, "left the target")
-        # 2. Outcomes of admitted members, from the reports stored since their admission.
+        # 2. Outcomes of admitted (and failed) members, from the reports stored since
+        # their admission.
         for m in self.campaign_members(cid):
-            if m.state is MemberState.ADMITTED:
+            if m.state in (MemberState.ADMITTED, MemberState.FAILED):
                 changed |= self._settle(cid, m, release, c.policy, now)
         # 3. The rules: halt, reach, soak, approve, open, finish; then admit.
         members_now = self.campaign_members(cid)
@@ -570,12 +571,19 @@ class CampaignStore:
         self, cid: int, m: CampaignMember, release: ReleaseRecord, policy: Policy, now: float
     ) -> bool:
         """Turn an admitted member's reports (or its silence) into an outcome; True if
-        what the device is served changed."""
+        what the device is served changed.
+
+        A failure counts at once (thresholds), but only a reverted or rejected release
+        is withdrawn from the device: after a failed download (a link problem) it keeps
+        being served, resumes, and a later confirmation turns the failure into a
+        success (so does one after a timeout).
+        """
         mark = self._db.execute(
             "SELECT report_mark FROM campaign_members WHERE campaign_id = ? AND device_id = ?",
             (cid, m.device_id),
         ).fetchone()[0]
         seq = release.sequence_number
+        state_now = m.state
         for state, reason_code, rseq, installed, detail in self._db.execute(
             "SELECT state, reason, seq, installed_seq, detail FROM reports "
             "WHERE device_id = ? AND id > ? ORDER BY id",
@@ -586,13 +594,21 @@ class CampaignStore:
                 verdict = MemberState.SUCCEEDED
             if verdict is MemberState.SUCCEEDED:
                 self._set_member(cid, m.device_id, verdict, now, state)
+                if m.state is MemberState.FAILED:  # late success: serve what it runs
+                    return self._serve(m.device_id, release.id)
                 return False
-            if verdict is MemberState.FAILED:
+            if verdict is MemberState.FAILED and state_now is MemberState.ADMITTED:
                 why = f"{state} (reason {reason_code})" + (f": {detail}" if detail else "")
                 self._set_member(cid, m.device_id, verdict, now, why)
-                # Not served the failing release again: back to what it had.
-                return self._withdraw(m.device_id, release.id)
-        if m.admitted_at is not None and now - m.admitted_at >= policy.timeout:
+                state_now = MemberState.FAILED
+                if state in ("reverted", "rejected"):
+                    # Not served the failing release again: back to what it had.
+                    return self._withdraw(m.device_id, release.id)
+        if (
+            state_now is MemberState.ADMITTED
+            and m.admitted_at is not None
+            and now - m.admitted_at >= policy.timeout
+        ):
             self._set_member(
                 cid,
                 m.device_id,
@@ -601,6 +617,14 @@ class CampaignStore:
                 f"timed out ({rules.format_duration(policy.timeout)} without confirming)",
             )
         return False
+
+    def _serve(self, device_id: str, release_id: int) -> bool:
+        cur = self._db.execute(
+            "UPDATE devices SET campaign_release = ? WHERE id = ? "
+            "AND (campaign_release IS NULL OR campaign_release != ?)",
+            (release_id, device_id, release_id),
+        )
+        return cur.rowcount > 0
 
     def _withdraw(self, device_id: str, release_id: int) -> bool:
         cur = self._db.execute(
