@@ -320,3 +320,25 @@ def test_a_failed_download_keeps_the_release_served_and_a_late_confirm_succeeds(
     states = {m.device_id: m.state for m in store.campaign_members(c.id)}
     assert states[a] is MemberState.SUCCEEDED
     store.close()
+
+
+def test_fleet_operator_role_starts_and_follows_a_campaign(setup: Setup) -> None:
+    """The seam the fleet simulator uses (device_sim/fleet/operator_role.py)."""
+    from device_sim.fleet.operator_role import campaign_progress, start_campaign
+
+    store = _open(setup)
+    _stage(setup, store, 11, "good")
+    store.close()
+    cid = start_campaign(
+        setup.data,
+        "acme-devices.example",
+        CLASS_A,
+        11,
+        waves="10%,100%",
+        max_downloads=5,
+        timeout=600.0,
+    )
+    progress = campaign_progress(setup.data, cid)
+    assert progress["state"] == "running" and progress["policy"]["max_downloads"] == 5
+    assert [w["size"] for w in progress["per_wave"]] == [1, N - 1]
+    assert sum(m["state"] == "admitted" for m in progress["members"]) == 1

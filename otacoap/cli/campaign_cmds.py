@@ -25,6 +25,7 @@ from ..core.build import rebuild_envelope
 from ..core.campaign import ACTIVE_STATES, CampaignError, Policy
 from ..fsutil import atomic_write
 from ..store import ReleaseRecord, SQLiteStore
+from ..store.campaigns import campaign_dict, status_dict
 from ..store.models import CampaignRecord, CampaignStatus
 from .manifest_cmds import load_signing_key
 from .server_cmds import _CLI_ACTOR, _common, _datadir, _store
@@ -221,61 +222,6 @@ def find_release(store: SQLiteStore, text: str) -> ReleaseRecord:
     raise CliError(f"{text!r} is ambiguous: give the class label (vendor/class)")
 
 
-def _campaign_dict(c: CampaignRecord) -> dict[str, Any]:
-    p, pol = c.progress, c.policy
-    return {
-        "id": c.id,
-        "release": {"class": c.class_label, "seq": c.sequence_number, "id": c.release_id},
-        "state": c.state,
-        "target": str(c.target),
-        "waves": rules.format_waves(c.waves),
-        "opened": p.opened,
-        "wave_count": p.wave_count,
-        "approved": p.approved,
-        "halt_reason": p.halt_reason,
-        "policy": {
-            "success_threshold": pol.success_threshold,
-            "failure_threshold": pol.failure_threshold,
-            "soak": pol.soak,
-            "approve": pol.approve,
-            "timeout": pol.timeout,
-            "window": str(pol.window) if pol.window else None,
-            "urgent": pol.urgent,
-            "max_downloads": pol.max_downloads,
-        },
-        "created_at": c.created_at,
-        "created_by": c.created_by,
-        "updated_at": c.updated_at,
-    }
-
-
-def _status_dict(s: CampaignStatus, members: bool) -> dict[str, Any]:
-    d = _campaign_dict(s.campaign)
-    d["per_wave"] = [
-        {
-            "wave": i + 1,
-            "open": i < s.campaign.progress.opened,
-            "size": w.size,
-            "pending": w.pending,
-            "admitted": w.admitted,
-            "succeeded": w.succeeded,
-            "failed": w.failed,
-        }
-        for i, w in enumerate(s.waves)
-    ]
-    if members:
-        d["members"] = [
-            {
-                "device": m.device_id,
-                "wave": m.wave + 1,
-                "state": m.state.value,
-                "reason": m.reason,
-            }
-            for m in s.members
-        ]
-    return d
-
-
 def _summary_line(c: CampaignRecord) -> str:
     return (
         f"campaign {c.id}  {c.class_label} seq {c.sequence_number}  {c.state}  "
@@ -347,7 +293,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         store.tick_campaigns()
         status = store.campaign_status(c.id)
     if args.json:
-        _emit(_status_dict(status, False))
+        _emit(status_dict(status, False))
     else:
         sizes = "/".join(str(w.size) for w in status.waves)
         print(f"created campaign {c.id}: {c.class_label} seq {c.sequence_number}, "
@@ -361,7 +307,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         store.tick_campaigns()
         campaigns = store.list_campaigns(active_only=args.active)
     if args.json:
-        _emit([_campaign_dict(c) for c in campaigns])
+        _emit([campaign_dict(c) for c in campaigns])
         return 0
     if not campaigns:
         print("no campaigns")
@@ -379,7 +325,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with _store(args) as store:
         status = _status(store, args.id)
     if args.json:
-        _emit(_status_dict(status, args.members))
+        _emit(status_dict(status, args.members))
     else:
         _print_status(status, args.members)
     return 0
@@ -391,7 +337,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         while True:
             status = _status(store, args.id)
             if args.json:
-                _emit(_status_dict(status, False))
+                _emit(status_dict(status, False))
             else:
                 print(time.strftime("%H:%M:%S", time.gmtime()) + "Z")
                 _print_status(status, False)
@@ -418,7 +364,7 @@ def cmd_transition(args: argparse.Namespace) -> int:
         store.tick_campaigns()
         status = store.campaign_status(c.id)
     if args.json:
-        _emit(_status_dict(status, False))
+        _emit(status_dict(status, False))
     else:
         done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}
         print(

@@ -708,4 +708,67 @@ def _counts(members: Sequence[CampaignMember], wave_count: int) -> tuple[WaveCou
     return tuple(WaveCounts(*t) for t in tally)
 
 
-__all__ = ["MIGRATION", "CampaignError", "CampaignStore", "served_release"]
+def campaign_dict(c: CampaignRecord) -> dict[str, Any]:
+    """A campaign as plain JSON-able data (`campaign ... --json`, the fleet simulator)."""
+    p, pol = c.progress, c.policy
+    return {
+        "id": c.id,
+        "release": {"class": c.class_label, "seq": c.sequence_number, "id": c.release_id},
+        "state": c.state,
+        "target": str(c.target),
+        "waves": rules.format_waves(c.waves),
+        "opened": p.opened,
+        "wave_count": p.wave_count,
+        "approved": p.approved,
+        "halt_reason": p.halt_reason,
+        "policy": {
+            "success_threshold": pol.success_threshold,
+            "failure_threshold": pol.failure_threshold,
+            "soak": pol.soak,
+            "approve": pol.approve,
+            "timeout": pol.timeout,
+            "window": str(pol.window) if pol.window else None,
+            "urgent": pol.urgent,
+            "max_downloads": pol.max_downloads,
+        },
+        "created_at": c.created_at,
+        "created_by": c.created_by,
+        "updated_at": c.updated_at,
+    }
+
+
+def status_dict(s: CampaignStatus, members: bool) -> dict[str, Any]:
+    d = campaign_dict(s.campaign)
+    d["per_wave"] = [
+        {
+            "wave": i + 1,
+            "open": i < s.campaign.progress.opened,
+            "size": w.size,
+            "pending": w.pending,
+            "admitted": w.admitted,
+            "succeeded": w.succeeded,
+            "failed": w.failed,
+        }
+        for i, w in enumerate(s.waves)
+    ]
+    if members:
+        d["members"] = [
+            {
+                "device": m.device_id,
+                "wave": m.wave + 1,
+                "state": m.state.value,
+                "reason": m.reason,
+            }
+            for m in s.members
+        ]
+    return d
+
+
+__all__ = [
+    "MIGRATION",
+    "CampaignError",
+    "CampaignStore",
+    "campaign_dict",
+    "served_release",
+    "status_dict",
+]
