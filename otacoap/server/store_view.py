@@ -219,8 +219,12 @@ class StoreView:
         and every `interval` seconds (soak, timeouts and windows are time-driven); tell
         /m observers at once when an admission changed what a device is served."""
         while True:
+            # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation
+            # that arrives as the wait ends (a report just before shutdown), and this
+            # loop would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._campaign_wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._campaign_wake.wait()
             self._campaign_wake.clear()
             try:
                 events = await self.db(lambda s: s.tick_campaigns())
