@@ -244,3 +244,14 @@ def test_no_wave_opens_before_its_predecessor_reaches_and_halts_are_final_until_
                 m[2 if o == "s" else 3] += 1
                 break
         now += 1.0
+
+
+def test_block_rate_budget_admits_one_at_a_time_and_only_when_measured_below() -> None:
+    waves = [WaveCounts(pending=5), WaveCounts(), WaveCounts()]
+    policy = Policy(block_rate=100.0)
+    assert evaluate(policy, _progress(), waves, 0.0, None).admit == 0  # not measured
+    assert evaluate(policy, _progress(), waves, 0.0, 150.0).admit == 0  # over budget
+    assert evaluate(policy, _progress(), waves, 0.0, 20.0).admit == 1
+    assert evaluate(Policy(), _progress(), waves, 0.0, 1e9).admit == 5  # no budget
+    with pytest.raises(CampaignError):
+        Policy(block_rate=0.0)

@@ -212,3 +212,29 @@ def test_kill_9_mid_wave_loses_no_report_and_admits_nobody_twice(tmp_path: Path)
     finally:
         store.close()
     assert sorted(admitted) == sorted(rigs)
+
+
+def test_block_rate_budget_paces_admissions_through_the_server(tmp_path: Path) -> None:
+    """--block-rate: the server measures the image's block rate and admits one device
+    per evaluation while under budget; every device still gets the release."""
+    setup, rigs = _setup(tmp_path, 3)
+    _stage(setup, 6, Behaviour.HEALTHY)
+    with running_server(setup.data) as server:
+        cid = _create(setup, 6, "--waves", "100%", "--block-rate", "500")
+        assert not any(s is MemberState.ADMITTED for s in _members(setup, cid).values())
+        end = time.monotonic() + 90
+        updated: set[str] = set()
+        while len(updated) < len(rigs) and time.monotonic() < end:
+            for d in _members(setup, cid):
+                if d not in updated and _members(setup, cid)[d] is MemberState.ADMITTED:
+                    assert _run(rigs[d], server.uri) == Outcome.UPDATED
+                    updated.add(d)
+            time.sleep(0.3)
+        assert updated == set(rigs)
+        _wait("the finish", lambda: _campaign_state(setup, cid)[0] is CampaignState.FINISHED)
+        store = DataDir(setup.data).open_store()
+        try:
+            admits = [e.detail for e in store.audit_entries() if e.action == "campaign.admit"]
+        finally:
+            store.close()
+        assert all(a.startswith("1 device(s)") for a in admits) and len(admits) == 3

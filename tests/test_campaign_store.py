@@ -342,3 +342,18 @@ def test_fleet_operator_role_starts_and_follows_a_campaign(setup: Setup) -> None
     assert progress["state"] == "running" and progress["policy"]["max_downloads"] == 5
     assert [w["size"] for w in progress["per_wave"]] == [1, N - 1]
     assert sum(m["state"] == "admitted" for m in progress["members"]) == 1
+
+
+def test_block_rate_campaign_admits_only_on_a_measured_rate_below_budget(setup: Setup) -> None:
+    store = _open(setup)
+    rel = _stage(setup, store, 11, "good")
+    c = store.create_campaign(rel.id, Target(), parse_waves("100%"), Policy(block_rate=50.0), ACTOR)
+    store.tick_campaigns()  # the CLI's evaluation measures nothing: admits nobody
+    assert _admitted(store, c.id) == []
+    store.tick_campaigns(block_rates={rel.image.digest: 80.0})
+    assert _admitted(store, c.id) == []
+    store.tick_campaigns(block_rates={})  # nothing served: well below the budget
+    store.tick_campaigns(block_rates={rel.image.digest: 10.0})
+    assert len(_admitted(store, c.id)) == 2
+    assert store.get_campaign(c.id).policy.block_rate == 50.0  # type: ignore[union-attr]
+    store.close()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cliargs import CliError, positive_int, positive_seconds
+from ..cliargs import CliError, positive_float_type, positive_int, positive_seconds
 from ..core import campaign as rules
 from ..core.build import rebuild_envelope
 from ..core.campaign import ACTIVE_STATES, CampaignError, Policy
@@ -121,6 +121,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="N",
         help="at most N devices admitted and not yet done at once (the others keep "
         "their release until a slot frees: network-aware pacing)",
+    )
+    p.add_argument(
+        "--block-rate",
+        type=positive_float_type("block-rate"),
+        metavar="BLOCKS/S",
+        help="firmware block budget of this release's image (a constrained cell or "
+        "mesh): the server admits one device at a time while the measured rate is below "
+        "it (only a running server admits such a campaign's devices)",
     )
     p.set_defaults(handler=cmd_create, _cmd_path=["campaign", "create"])
 
@@ -249,6 +257,8 @@ def _print_status(s: CampaignStatus, members: bool) -> None:
         extras.append("urgent")
     if pol.max_downloads:
         extras.append(f"max-downloads {pol.max_downloads}")
+    if pol.block_rate:
+        extras.append(f"block-rate {pol.block_rate:g}/s")
     print("  " + ", ".join(extras))
     for i, w in enumerate(s.waves):
         mark = "open" if i < c.progress.opened else "waiting"
@@ -282,6 +292,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             window=args.window,
             urgent=args.urgent,
             max_downloads=args.max_downloads,
+            block_rate=args.block_rate,
         )
     except CampaignError as exc:
         raise CliError(str(exc)) from None

@@ -319,6 +319,7 @@ class Policy:
     window: Window | None = None
     urgent: bool = False
     max_downloads: int | None = None
+    block_rate: float | None = None  # firmware blocks/s this campaign's image may use
 
     def __post_init__(self) -> None:
         for name in ("success_threshold", "failure_threshold"):
@@ -329,6 +330,10 @@ class Policy:
             raise CampaignError("soak must be >= 0 and timeout > 0")
         if self.max_downloads is not None and self.max_downloads < 1:
             raise CampaignError("max-downloads must be at least 1")
+        if self.block_rate is not None and not (
+            math.isfinite(self.block_rate) and self.block_rate > 0
+        ):
+            raise CampaignError("block-rate must be a positive number of blocks per second")
 
 
 @dataclass(frozen=True)
@@ -374,13 +379,22 @@ def needed(threshold: float, size: int) -> int:
 
 
 def evaluate(
-    policy: Policy, progress: Progress, waves: Sequence[WaveCounts], now: float
+    policy: Policy,
+    progress: Progress,
+    waves: Sequence[WaveCounts],
+    now: float,
+    block_rate: float | None = None,
 ) -> Decision:
     """The campaign's next progress, the transitions on the way, the admission budget.
 
     Time-driven steps (soak expiry, windows) happen whenever this is evaluated, so
     the server evaluates on every report and on a periodic tick, and the CLI before it
     shows a campaign (see otacoap/store/campaigns.py).
+
+    `block_rate` is the firmware blocks/s the server measured for this campaign's image
+    (None: not measured, e.g. the CLI). With a `policy.block_rate` budget, devices are
+    admitted one per evaluation, and only while a measurement says the image's traffic
+    is below the budget: network-aware pacing that never fails a device in flight.
     """
     p = progress
     events: list[tuple[str, str]] = []
@@ -426,6 +440,9 @@ def evaluate(
     if policy.max_downloads is not None:
         in_progress = sum(w.admitted for w in waves)
         budget = min(budget, max(0, policy.max_downloads - in_progress))
+    if policy.block_rate is not None:
+        under = block_rate is not None and block_rate < policy.block_rate
+        budget = min(budget, 1) if under else 0
     return Decision(p, tuple(events), budget)
 
 

@@ -15,7 +15,9 @@ told.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -64,6 +66,9 @@ class StoreView:
         self.epoch = 0
         self._refusals: dict[tuple[str, str], float] = {}
         self._campaign_wake = asyncio.Event()
+        # Firmware blocks served per image SHA-256 (fast path and /fw resource): the
+        # campaigns' --block-rate budgets are checked against their rate.
+        self.blocks_served: collections.Counter[bytes] = collections.Counter()
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
         self.plain_principal: Principal | None = None
@@ -218,6 +223,8 @@ class StoreView:
         """Evaluate the campaigns (Store.tick_campaigns) on the DB thread after reports
         and every `interval` seconds (soak, timeouts and windows are time-driven); tell
         /m observers at once when an admission changed what a device is served."""
+        seen = collections.Counter(self.blocks_served)
+        since = self._clock()
         while True:
             # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation
             # that arrives as the wait ends (a report just before shutdown), and this
@@ -226,8 +233,13 @@ class StoreView:
                 async with asyncio.timeout(interval):
                     await self._campaign_wake.wait()
             self._campaign_wake.clear()
+            now = self._clock()
+            elapsed = max(now - since, 1e-3)
+            rates = {d: (n - seen[d]) / elapsed for d, n in self.blocks_served.items()}
+            if now - since >= interval:  # a rate over at least one interval
+                seen, since = collections.Counter(self.blocks_served), now
             try:
-                events = await self.db(lambda s: s.tick_campaigns())
+                events = await self.db(functools.partial(_tick_campaigns, rates))
             except Exception:
                 log.exception("evaluating the rollout campaigns failed")
                 continue
@@ -243,6 +255,10 @@ class StoreView:
                 self.refresh()
             except Exception:
                 log.exception("polling the store for changes failed")
+
+
+def _tick_campaigns(rates: dict[bytes, float], store: Store) -> list[str]:
+    return store.tick_campaigns(block_rates=rates)
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

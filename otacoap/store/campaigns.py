@@ -115,6 +115,7 @@ def _policy_json(p: Policy) -> str:
             "window": str(p.window) if p.window else None,
             "urgent": p.urgent,
             "max_downloads": p.max_downloads,
+            "block_rate": p.block_rate,
         },
         sort_keys=True,
     )
@@ -132,6 +133,7 @@ def _policy(text: str) -> Policy:
         window=window,
         urgent=d["urgent"],
         max_downloads=d["max_downloads"],
+        block_rate=d.get("block_rate"),
     )
 
 
@@ -387,9 +389,15 @@ class CampaignStore:
 
     # --- campaigns: progress -----------------------------------------------------------
 
-    def tick_campaigns(self, now: float | None = None) -> list[str]:
+    def tick_campaigns(
+        self, now: float | None = None, block_rates: Mapping[bytes, float] | None = None
+    ) -> list[str]:
         """Evaluate every active campaign once (module docstring); the audit actions of
-        the transitions that happened. Cheap when no campaign is active."""
+        the transitions that happened. Cheap when no campaign is active.
+
+        `block_rates`: firmware blocks/s per image SHA-256 as the server measured them;
+        a campaign with a --block-rate budget admits only when given one (the server's
+        evaluation), never from the CLI's."""
         active = [
             r[0]
             for r in self._db.execute(
@@ -404,14 +412,16 @@ class CampaignStore:
             served_changed = False
             # Newest first: a device joining the targets of two campaigns joins the newest.
             for cid in active:
-                changed, happened = self._tick_one(cid, t)
+                changed, happened = self._tick_one(cid, t, block_rates)
                 served_changed |= changed
                 events += happened
             if served_changed:
                 self._bump("release_generation")
         return events
 
-    def _tick_one(self, cid: int, now: float) -> tuple[bool, list[str]]:
+    def _tick_one(
+        self, cid: int, now: float, block_rates: Mapping[bytes, float] | None
+    ) -> tuple[bool, list[str]]:
         c = self._campaign_or_raise(cid)
         release = self.release_by_id(c.release_id)
         assert release is not None  # releases are never deleted
@@ -437,7 +447,10 @@ class CampaignStore:
         # 3. The rules: halt, reach, soak, approve, open, finish; then admit.
         members_now = self.campaign_members(cid)
         counts = _counts(members_now, c.progress.wave_count)
-        decision = rules.evaluate(c.policy, c.progress, counts, now)
+        measured = None
+        if block_rates is not None:
+            measured = block_rates.get(release.image.digest, 0.0)
+        decision = rules.evaluate(c.policy, c.progress, counts, now, measured)
         progress = decision.progress
         happened: list[str] = []
         for action, detail in decision.events:
@@ -730,6 +743,7 @@ def campaign_dict(c: CampaignRecord) -> dict[str, Any]:
             "window": str(pol.window) if pol.window else None,
             "urgent": pol.urgent,
             "max_downloads": pol.max_downloads,
+            "block_rate": pol.block_rate,
         },
         "created_at": c.created_at,
         "created_by": c.created_by,
