@@ -357,3 +357,19 @@ def test_block_rate_campaign_admits_only_on_a_measured_rate_below_budget(setup: 
     assert len(_admitted(store, c.id)) == 2
     assert store.get_campaign(c.id).policy.block_rate == 50.0  # type: ignore[union-attr]
     store.close()
+
+
+def test_a_removed_device_leaves_the_campaign_instead_of_failing_it(setup: Setup) -> None:
+    clock = [1_000_000.0]
+    store = _open(setup, clock)
+    rel = _stage(setup, store, 11, "good")
+    c = store.create_campaign(rel.id, Target(), parse_waves("10%,100%"), Policy(timeout=60), ACTOR)
+    store.tick_campaigns()
+    (canary,) = _admitted(store, c.id)
+    store.remove_device(canary, ACTOR)
+    clock[0] += 120
+    store.tick_campaigns()
+    states = {m.device_id: m for m in store.campaign_members(c.id)}
+    assert states[canary].state is MemberState.LEFT and states[canary].reason == "device removed"
+    assert store.get_campaign(c.id).progress.state is CampaignState.RUNNING  # type: ignore[union-attr]
+    store.close()

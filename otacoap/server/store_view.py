@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_CACHED = 8192
+_CAMPAIGN_MIN_GAP = 0.2  # seconds between two campaign evaluations
 
 
 class StoreView:
@@ -246,6 +247,9 @@ class StoreView:
             if events:
                 log.info("campaigns: %s", ", ".join(events))
                 self.refresh()
+            # A burst of reports costs one evaluation per gap, not one each: the DB
+            # thread also commits the reports themselves.
+            await asyncio.sleep(_CAMPAIGN_MIN_GAP)
 
     async def poll(self) -> None:
         interval = self.config.server.observe_poll_interval

@@ -436,8 +436,15 @@ class CampaignStore:
                 if self._in_newer_campaign(cid, device_id):
                     continue
                 self._join(cid, release, device_id, wave, actor)
+        gone = {
+            d
+            for d, m in members.items()
+            if m.state in (MemberState.PENDING, MemberState.ADMITTED) and self.get_device(d) is None
+        }
         for device_id, m in members.items():
-            if m.state is MemberState.PENDING and device_id not in targeted:
+            if device_id in gone:
+                self._set_member(cid, device_id, MemberState.LEFT, now, "device removed")
+            elif m.state is MemberState.PENDING and device_id not in targeted:
                 self._set_member(cid, device_id, MemberState.LEFT, now, "left the target")
         # 2. Outcomes of admitted (and failed) members, from the reports stored since
         # their admission.
