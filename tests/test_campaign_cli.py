@@ -178,3 +178,10 @@ def test_release_rebuild_makes_a_rollback_release(setup: Setup, tmp_path: Path) 
     r = cli("release", "rebuild", "--data", setup.data, f"{CLASS_A}:10", "--seq", "9",
             "--key", key, "-o", out)  # fmt: skip
     assert r.code == 1 and "must be above" in r.err
+
+
+def test_network_publish_refuses_rollout_none(setup: Setup) -> None:
+    rel = setup.release(CLASS_A, 11, make_image("v11", 2000))
+    r = cli("publish", "--data", setup.data, "--server", "coaps://127.0.0.1:1", "--rollout",
+            "none", rel.envelope_path, rel.image_path)  # fmt: skip
+    assert r.code == 1 and "local publish" in r.err
