@@ -185,3 +185,8 @@ def test_network_publish_refuses_rollout_none(setup: Setup) -> None:
     r = cli("publish", "--data", setup.data, "--server", "coaps://127.0.0.1:1", "--rollout",
             "none", rel.envelope_path, rel.image_path)  # fmt: skip
     assert r.code == 1 and "local publish" in r.err
+
+
+def test_campaign_for_a_release_not_above_the_current_one_is_refused(setup: Setup) -> None:
+    r = cli("campaign", "create", "--data", setup.data, f"{CLASS_A}:10")
+    assert r.code == 1 and "not above the class's current release (seq 10)" in r.err

@@ -315,6 +315,14 @@ class CampaignStore:
             release = self.release_by_id(release_id)
             if release is None:
                 raise NotFound(f"no release {release_id}")
+            current = self.current_release(release.class_key)
+            if current is not None and current.sequence_number >= release.sequence_number:
+                # Every device is already served it or something newer: the campaign
+                # could only time out. A rollback is a new release (release rebuild).
+                raise CampaignError(
+                    f"{release.class_label} seq {release.sequence_number} is not above the "
+                    f"class's current release (seq {current.sequence_number})"
+                )
             cur = db.execute(
                 "INSERT INTO campaigns (release_id, target, waves, policy, state, opened, "
                 "wave_count, reached_at, approved, failure_ack, halt_reason, created_at, "
