@@ -373,3 +373,19 @@ def test_a_removed_device_leaves_the_campaign_instead_of_failing_it(setup: Setup
     assert states[canary].state is MemberState.LEFT and states[canary].reason == "device removed"
     assert store.get_campaign(c.id).progress.state is CampaignState.RUNNING  # type: ignore[union-attr]
     store.close()
+
+
+def test_a_campaign_whose_devices_were_all_taken_over_is_superseded_not_finished(
+    setup: Setup,
+) -> None:
+    store = _open(setup)
+    r11 = _stage(setup, store, 11, "v11")
+    a = store.create_campaign(r11.id, Target(), parse_waves("10%,100%"), Policy(), ACTOR)
+    r12 = _stage(setup, store, 12, "v12")
+    store.create_campaign(r12.id, Target(), parse_waves("100%"), Policy(), ACTOR)
+    assert "campaign.superseded" in store.tick_campaigns()
+    old = store.get_campaign(a.id)
+    assert old is not None and old.progress.state is CampaignState.SUPERSEDED
+    assert "campaign.finish" not in _audit_actions(store)
+    assert store.current_release(r11.class_key).sequence_number == 10  # type: ignore[union-attr]
+    store.close()

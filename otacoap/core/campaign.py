@@ -47,6 +47,7 @@ class CampaignState(StrEnum):
     HALTED = "halted"
     CANCELLED = "cancelled"
     FINISHED = "finished"
+    SUPERSEDED = "superseded"  # newer campaigns took every one of its devices over
 
 
 ACTIVE_STATES = frozenset((CampaignState.RUNNING, CampaignState.PAUSED, CampaignState.HALTED))

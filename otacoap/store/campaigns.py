@@ -462,6 +462,19 @@ class CampaignStore:
         # 3. The rules: halt, reach, soak, approve, open, finish; then admit.
         members_now = self.campaign_members(cid)
         counts = _counts(members_now, c.progress.wave_count)
+        if not any(w.size for w in counts) and any(
+            m.state is MemberState.SUPERSEDED for m in members_now
+        ):
+            # Nothing of it is left: it did not finish, it was replaced.
+            self._save_progress(cid, replace(c.progress, state=CampaignState.SUPERSEDED))
+            self.audit(
+                actor,
+                "campaign.superseded",
+                f"campaign {cid}",
+                "ok",
+                "every one of its devices was taken over by a newer campaign",
+            )
+            return changed, ["campaign.superseded"]
         measured = None
         if block_rates is not None:
             measured = block_rates.get(release.image.digest, 0.0)
