@@ -190,3 +190,21 @@ def test_network_publish_refuses_rollout_none(setup: Setup) -> None:
 def test_campaign_for_a_release_not_above_the_current_one_is_refused(setup: Setup) -> None:
     r = cli("campaign", "create", "--data", setup.data, f"{CLASS_A}:10")
     assert r.code == 1 and "not above the class's current release (seq 10)" in r.err
+
+
+def test_campaign_over_a_class_without_devices_makes_the_release_current(
+    setup: Setup,
+) -> None:
+    rel = setup.release("toaster", 1, make_image("t1", 1000))
+    cli_ok("publish", "--data", setup.data, "--rollout", "none", rel.envelope_path,
+           rel.image_path)  # fmt: skip
+    label = next(
+        line.split("  ")[0]
+        for line in cli_ok("release", "list", "--data", setup.data, "--all").splitlines()
+        if "seq 1 " in line
+    )
+    out = cli_ok("campaign", "create", "--data", setup.data, f"{label}:1")
+    assert "already over; the release is now the class's current one" in out
+    cli_ok("device", "add", "--data", setup.data, "toaster-1", "--vendor-domain", VENDOR,
+           "--class-info", "toaster")  # fmt: skip
+    assert "release: seq 1" in cli_ok("device", "show", "--data", setup.data, "toaster-1")

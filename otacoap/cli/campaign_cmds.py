@@ -310,6 +310,11 @@ def cmd_create(args: argparse.Namespace) -> int:
         print(f"created campaign {c.id}: {c.class_label} seq {c.sequence_number}, "
               f"{sum(w.size for w in status.waves)} devices in waves of {sizes}")  # fmt: skip
         _print_status(status, False)
+        if not any(w.size for w in status.waves):
+            print(
+                "note: no device matches the target, so the campaign is already over"
+                + ("; the release is now the class's current one" if c.target.whole_class else "")
+            )
     return 0
 
 
