@@ -431,6 +431,8 @@ class CampaignStore:
         self, cid: int, now: float, block_rates: Mapping[bytes, float] | None
     ) -> tuple[bool, list[str]]:
         c = self._campaign_or_raise(cid)
+        if c.progress.state not in ACTIVE_STATES:
+            return False, []  # ended by another connection since the list was read
         release = self.release_by_id(c.release_id)
         assert release is not None  # releases are never deleted
         actor = "campaign"
@@ -444,10 +446,16 @@ class CampaignStore:
                 if self._in_newer_campaign(cid, device_id):
                     continue
                 self._join(cid, release, device_id, wave, actor)
+        existing = {
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM devices WHERE vendor_id = ? AND class_id = ?", release.class_key
+            )
+        }
         gone = {
             d
             for d, m in members.items()
-            if m.state in (MemberState.PENDING, MemberState.ADMITTED) and self.get_device(d) is None
+            if m.state in (MemberState.PENDING, MemberState.ADMITTED) and d not in existing
         }
         for device_id, m in members.items():
             if device_id in gone:
