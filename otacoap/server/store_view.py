@@ -239,17 +239,20 @@ class StoreView:
             rates = {d: (n - seen[d]) / elapsed for d, n in self.blocks_served.items()}
             if now - since >= interval:  # a rate over at least one interval
                 seen, since = collections.Counter(self.blocks_served), now
+            started = self._clock()
             try:
                 events = await self.db(functools.partial(_tick_campaigns, rates))
             except Exception:
                 log.exception("evaluating the rollout campaigns failed")
-                continue
+                events = []
             if events:
                 log.info("campaigns: %s", ", ".join(events))
                 self.refresh()
-            # A burst of reports costs one evaluation per gap, not one each: the DB
-            # thread also commits the reports themselves.
-            await asyncio.sleep(_CAMPAIGN_MIN_GAP)
+            # A burst of reports costs one evaluation per gap, not one each, and a big
+            # campaign (an evaluation reads every member) takes at most a third of the
+            # DB thread, which also commits the reports themselves.
+            took = self._clock() - started
+            await asyncio.sleep(max(_CAMPAIGN_MIN_GAP, 2 * took))
 
     async def poll(self) -> None:
         interval = self.config.server.observe_poll_interval
