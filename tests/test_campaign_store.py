@@ -324,11 +324,12 @@ def test_a_failed_download_keeps_the_release_served_and_a_late_confirm_succeeds(
 
 def test_fleet_operator_role_starts_and_follows_a_campaign(setup: Setup) -> None:
     """The seam the fleet simulator uses (device_sim/fleet/operator_role.py)."""
-    from device_sim.fleet.operator_role import campaign_progress, start_campaign
+    from device_sim.fleet.operator_role import campaign_progress, start_campaign, tag_devices
 
     store = _open(setup)
     _stage(setup, store, 11, "good")
     store.close()
+    tag_devices(setup.data, {"t00": {"ring": "a"}})
     cid = start_campaign(
         setup.data,
         "acme-devices.example",
@@ -342,6 +343,9 @@ def test_fleet_operator_role_starts_and_follows_a_campaign(setup: Setup) -> None
     assert progress["state"] == "running" and progress["policy"]["max_downloads"] == 5
     assert [w["size"] for w in progress["per_wave"]] == [1, N - 1]
     assert sum(m["state"] == "admitted" for m in progress["members"]) == 1
+    tagged = start_campaign(setup.data, "acme-devices.example", CLASS_A, 11, target="ring=a",
+                            waves="100%")  # fmt: skip
+    assert [m["device"] for m in campaign_progress(setup.data, tagged)["members"]] == ["t00"]
 
 
 def test_block_rate_campaign_admits_only_on_a_measured_rate_below_budget(setup: Setup) -> None:

@@ -163,6 +163,18 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
     }
 
 
+def tag_devices(data: Path, tags: dict[str, dict[str, str]]) -> None:
+    """`otacoap device tag ID KEY=VALUE ...` for each device (campaign targets)."""
+    store = DataDir(data).open_store()
+    try:
+        for device_id, kv in tags.items():
+            store.set_device_tags(device_id, kv, ACTOR)
+    except OtaError as exc:
+        raise FleetError(f"tagging: {exc}") from None
+    finally:
+        store.close()
+
+
 def start_campaign(
     data: Path,
     vendor: str,
