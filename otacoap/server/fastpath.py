@@ -286,4 +286,3 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
     if len(path) != 2 or path[0] != _FW:
         return None
     return path[1], block2
-
