@@ -24,7 +24,6 @@ from server_helpers import (
 from otacoap.core import cose, ids
 from otacoap.core.errors import (
     AuthenticationError,
-    IncompatibleError,
     LimitExceeded,
     OtaError,
     PolicyError,
@@ -106,8 +105,6 @@ def _refusals(setup: Setup) -> list[tuple[str, bytes, bytes, type[OtaError], str
         ("seq jump", r(CLASS_A, 111, good).envelope, good, RollbackError, "jumps by 101"),
         ("oversize image", r(CLASS_A, 11, good, size=70000).envelope, good, PolicyError,
          "does not fit"),
-        ("unknown class", r("toaster", 11, good).envelope, good, IncompatibleError,
-         "no registered device"),
         ("absolute uri", r(CLASS_A, 11, good, uri="coaps://elsewhere/fw/x").envelope, good,
          PolicyError, "must be '/fw/"),
         ("other uri", r(CLASS_A, 11, good, uri="/fw/0000000000000000").envelope, good,
@@ -116,7 +113,7 @@ def _refusals(setup: Setup) -> list[tuple[str, bytes, bytes, type[OtaError], str
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(11))
 def test_refused_publish_leaves_only_an_audit_entry(setup: Setup, case: int) -> None:
     name, envelope, image, error, message = _refusals(setup)[case]
     before = _state(setup)
@@ -126,6 +123,28 @@ def test_refused_publish_leaves_only_an_audit_entry(setup: Setup, case: int) -> 
     action, outcome, detail = _last_audit(setup)
     assert (action, outcome) == ("publish", "refused")
     assert message in detail
+
+
+def test_release_for_a_class_without_devices_is_published_and_reaches_nobody(
+    setup: Setup,
+) -> None:
+    """Issue 11: a release may be published before any device of its class exists
+    (formerly refused as "no registered device"); it is named by its class ids."""
+    good = make_image("toaster", 4000)
+    envelope = setup.release("toaster", 11, good).envelope
+    _publish(setup, envelope, good)
+    action, outcome, _detail = _last_audit(setup)
+    assert (action, outcome) == ("publish", "ok")
+    store = DataDir(setup.data).open_store()
+    try:
+        key = ids.class_key_of(VENDOR, "toaster")
+        rel = store.latest_release(key)
+        assert rel is not None and rel.sequence_number == 11
+        assert rel.class_label == f"{ids.uuid_str(key[0])}/{ids.uuid_str(key[1])}"
+        # Nobody has it: no device of the class, and others are not served it.
+        assert all(store.release_for_device(d.id) != rel for d in store.list_devices())
+    finally:
+        store.close()
 
 
 def test_oversize_image_is_cut_off_while_streaming(setup: Setup) -> None:

@@ -73,9 +73,12 @@ def register_and_publish(
     envelope: bytes,
     image_path: Path,
     key: Any,
+    *,
+    rollout: str = "all",
 ) -> dict[str, Any]:
     """Register through the store (as `otacoap device add`) and publish (as
-    `otacoap publish`); the server notices both through its store poll."""
+    `otacoap publish --rollout ROLLOUT`); the server notices both through its store
+    poll. With rollout "none" nobody gets the release until `start_campaign`."""
     assert opts.data is not None
     datadir = DataDir(opts.data)
     config = datadir.config()
@@ -93,7 +96,7 @@ def register_and_publish(
             published = "already current"
         else:
             Publisher(store, datadir.blobs, config.publish).publish_file(
-                envelope, image_path, ACTOR
+                envelope, image_path, ACTOR, make_current=rollout == "all"
             )
             published = "published"
     finally:
@@ -158,3 +161,67 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
         "devices_confirmed": confirmed,
         "audit_entries": audit,
     }
+
+
+def tag_devices(data: Path, tags: dict[str, dict[str, str]]) -> None:
+    """`otacoap device tag ID KEY=VALUE ...` for each device (campaign targets)."""
+    store = DataDir(data).open_store()
+    try:
+        for device_id, kv in tags.items():
+            store.set_device_tags(device_id, kv, ACTOR)
+    except OtaError as exc:
+        raise FleetError(f"tagging: {exc}") from None
+    finally:
+        store.close()
+
+
+def start_campaign(
+    data: Path,
+    vendor: str,
+    class_info: str,
+    seq: int,
+    *,
+    target: str = "all",
+    waves: str = "1%,10%,50%,100%",
+    **policy: Any,
+) -> int:
+    """`otacoap campaign create VENDOR/CLASS:SEQ --target TARGET --waves WAVES ...`:
+    the campaign's id. `policy` takes otacoap.core.campaign.Policy's fields
+    (success_threshold, failure_threshold, soak, approve, timeout, window, urgent,
+    max_downloads; durations in seconds, shares in (0, 1])."""
+    from otacoap.core import campaign as rules
+
+    store = DataDir(data).open_store()
+    try:
+        release = store.release_by_seq(class_key_of(vendor, class_info), seq)
+        if release is None:
+            raise FleetError(f"no release seq {seq} for {vendor}/{class_info} in {data}")
+        window = policy.pop("window", None)
+        c = store.create_campaign(
+            release.id,
+            rules.parse_target(target),
+            rules.parse_waves(waves),
+            rules.Policy(window=rules.parse_window(window) if window else None, **policy),
+            ACTOR,
+        )
+        store.tick_campaigns()
+        return c.id
+    except OtaError as exc:
+        raise FleetError(f"campaign: {exc}") from None
+    finally:
+        store.close()
+
+
+def campaign_progress(data: Path, campaign_id: int, *, evaluate: bool = True) -> dict[str, Any]:
+    """`otacoap campaign show ID --json --members`: state, per-wave counts, members.
+    With `evaluate` the campaigns are evaluated first (as the CLI does); without, this
+    reads what the server last decided."""
+    from otacoap.store.campaigns import status_dict
+
+    store = DataDir(data).open_store()
+    try:
+        if evaluate:
+            store.tick_campaigns()
+        return status_dict(store.campaign_status(campaign_id), True)
+    finally:
+        store.close()

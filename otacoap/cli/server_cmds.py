@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vendor-domain", required=True, metavar="DOMAIN")
     p.add_argument("--class-info", required=True, metavar="TEXT")
     add_psk_options(p, env=PSK_ENV, what="the device's PSK")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)"
+    )
     p.set_defaults(handler=cmd_device_add, _cmd_path=["device", "add"])
     p = d.add_parser("list", parents=[common, js], help="list devices")
     p.set_defaults(handler=cmd_device_list, _cmd_path=["device", "list"])
@@ -107,6 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = d.add_parser("remove", parents=[common], help="remove a device")
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(handler=cmd_device_remove, _cmd_path=["device", "remove"])
+    from .campaign_cmds import register_device_tags, register_release_rebuild
+
+    register_device_tags(d, common)
 
     # operator ------------------------------------------------------------------------
     o = group("operator", "manage operator identities (network publishing)")
@@ -145,6 +151,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="network timeout per request"
     )
+    p.add_argument(
+        "--rollout",
+        choices=("all", "none"),
+        default="all",
+        help="all (default, as before campaigns): every device of the class is served it "
+        "at once; none: stored only, handed out by 'otacoap campaign create'",
+    )
     p.set_defaults(handler=cmd_publish, _cmd_path=["publish"])
 
     # release -------------------------------------------------------------------------
@@ -162,6 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("device_id", metavar="DEVICE")
     p.add_argument("seq", metavar="SEQ|current")
     p.set_defaults(handler=cmd_release_assign, _cmd_path=["release", "assign"])
+    register_release_rebuild(r, common)
 
     # report --------------------------------------------------------------------------
     rp = group("report", "device status reports")
@@ -320,9 +334,17 @@ def cmd_trust_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
+    from ..core.campaign import CampaignError, parse_tag
+
+    try:
+        tags = dict(parse_tag(t) for t in args.tag)
+    except CampaignError as exc:
+        raise CliError(str(exc)) from None
     psk, generated = _psk(args)
     with _store(args) as store:
-        dev = store.add_device(args.device_id, args.vendor_domain, args.class_info, psk, _CLI_ACTOR)
+        dev = store.add_device(
+            args.device_id, args.vendor_domain, args.class_info, psk, _CLI_ACTOR, tags=tags
+        )
     print(f"registered device {dev.id} ({dev.class_label})")
     if generated:
         # Shown once: only the sealed form is stored.
@@ -378,6 +400,7 @@ def cmd_device_show(args: argparse.Namespace) -> int:
             raise NotFound(f"no device {args.device_id!r}")
         release = store.release_for_device(dev.id)
         last = store.latest_reports().get(dev.id)
+        tags = store.device_tags(dev.id)
     row = _device_row(dev, last)
     row.update(
         dtls_identity=dev.id,
@@ -390,11 +413,13 @@ def cmd_device_show(args: argparse.Namespace) -> int:
         release_image=release.image.image_id if release else None,
         pinned=dev.assigned_release is not None,
         last_detail=last.detail if last and last.detail else None,
+        tags=dict(tags),
     )
     pin = " (pinned)" if row["pinned"] else ""
     row["release"] = (
         f"seq {release.sequence_number}, image {release.image.image_id}{pin}" if release else "none"
     )
+    row["tag_list"] = " ".join(f"{k}={v}" for k, v in tags.items()) or None
     labels = (
         ("id", "id"),
         ("dtls identity", "dtls_identity"),
@@ -403,6 +428,7 @@ def cmd_device_show(args: argparse.Namespace) -> int:
         ("class info", "class_info"),
         ("class id", "class_id"),
         ("registered", "registered"),
+        ("tags", "tag_list"),
         ("release", "release"),
         ("running seq", "running_seq"),
         ("state", "state"),
@@ -455,6 +481,8 @@ def cmd_operator_remove(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     envelope = read_envelope_file(args.envelope)
     if args.server:
+        if args.rollout != "all":
+            raise CliError("--rollout none is a local publish (--data) for now")
         return _publish_remote(args, envelope)
     if args.identity or args.psk or args.psk_file:
         raise CliError("--identity, --psk-file and --psk only make sense with --server")
@@ -462,11 +490,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
         release = Publisher(store, datadir.blobs, config.publish).publish_file(
-            envelope, Path(args.image), _CLI_ACTOR
+            envelope, Path(args.image), _CLI_ACTOR, make_current=args.rollout == "all"
         )
     print(
         f"published {release.class_label} seq {release.sequence_number}: image "
         f"{release.image.uri} ({release.image.size} bytes), signed by {release.signer}"
+        + ("" if args.rollout == "all" else "; rollout by campaign only")
     )
     return 0
 

@@ -8,6 +8,7 @@ boot); invoke boots it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -146,3 +147,19 @@ def sign_envelope(
         raise ValueError(f"the envelope is already signed with key {key.public.key_id}")
     block = suit.AuthBlock(cose.sign1(envelope.authentication.digest_raw, key, alg))
     return suit.with_blocks(envelope, (*envelope.authentication.blocks, block))
+
+
+def rebuild_envelope(envelope: bytes, sequence_number: int, key: cose.SigningKey) -> bytes:
+    """A new signed envelope for the same manifest with another sequence number.
+
+    SUIT forbids going back to a lower sequence number (manifest-34 §8.4.2), so a
+    rollback is a new release: the old manifest's components, conditions, image digest,
+    size and URI unchanged, a higher sequence number, a new signature (`otacoap release
+    rebuild`). Severable members travel along; their digests in the manifest still hold.
+    """
+    if not 0 <= sequence_number < 1 << 64:
+        raise ValueError("sequence number must be an unsigned 64-bit integer")
+    old = suit.decode_envelope(envelope)
+    manifest = dataclasses.replace(old.manifest, sequence_number=sequence_number)
+    fresh = suit.make_envelope(manifest, severable=old.severable, integrated=old.integrated)
+    return suit.encode_envelope(sign_envelope(fresh, key))

@@ -1,10 +1,14 @@
 """Who is served what: the one authorisation rule of /m and /fw.
 
-A principal comes from the DTLS session (StoreView.principal_of). Today a device is
-served its release (pinned, else its class's current one) and may read that release's
-image and no other; an operator is served neither. Campaigns will change who gets
-which release and which images a device may read: change it here, and the /m
-resource, the /fw resource and the /fw fast path follow, since all three ask only this.
+A principal comes from the DTLS session (StoreView.principal_of). A device is served
+its release and may read that release's image and no other; an operator is served
+neither. Which release: a pinned one (`release assign`), else the newer of its class's
+current release and the one a rollout campaign admitted it to (`store.campaigns.
+served_release`, through the view's caches). So a device outside a campaign's open
+waves, or not admitted yet (window, --max-downloads), keeps what it had: it is "not
+yet" told anything new, over its existing session, and its /m observation is notified
+when it is admitted. The /m resource, the /fw resource and the /fw fast path follow,
+since all three ask only this.
 """
 
 from __future__ import annotations

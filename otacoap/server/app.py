@@ -37,6 +37,7 @@ _SWEEP_INTERVAL = 5.0
 _LOAD_LOG_INTERVAL = 60.0  # seconds between 'load:' log lines (only when changed)
 _STALE_TEMP = 3600.0
 LOCK_NAME = "serve.lock"
+CAMPAIGN_TICK_INTERVAL = 1.0  # seconds between campaign evaluations (also after reports)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,9 @@ class OtaServer:
         self._tasks = [
             asyncio.create_task(view.poll(), name="otacoap store poll"),
             asyncio.create_task(self._sweep(), name="otacoap upload sweep"),
+            asyncio.create_task(
+                view.run_campaigns(CAMPAIGN_TICK_INTERVAL), name="otacoap rollout campaigns"
+            ),
         ]
 
     async def _sweep(self) -> None:

@@ -221,6 +221,7 @@ class FirmwareResource(_Base, resource.PathCapable):
         except OtaError as exc:
             log.debug("/fw/%s for %s: %s", image.image_id, principal, exc)
             raise
+        self.view.blocks_served[image.digest] += 1  # campaigns' --block-rate budgets
         log.debug("/fw/%s for %s: %s", image.image_id, principal, response.opt.block2)
         return response
 
@@ -252,6 +253,8 @@ class ReportResource(_Base):
         except OtaError as exc:
             self.view.refused(str(principal), "report", principal.name, str(exc))
             raise
+        if outcome.stored:
+            self.view.wake_campaigns()  # a report may end a campaign member's attempt
         log.info(
             "report from %s: #%d %s %s%s",
             principal.name,

@@ -15,6 +15,9 @@ told.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from typing import Any, TypeVar
 from ..config import Config
 from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
+from ..store.campaigns import served_release
 from ..store.models import ClassKey
 from .credentials import PskDirectory
 
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_CACHED = 8192
+_CAMPAIGN_MIN_GAP = 0.2  # seconds between two campaign evaluations
 
 
 class StoreView:
@@ -61,6 +66,10 @@ class StoreView:
         # elsewhere (the /fw fast path's grants) know to drop theirs too.
         self.epoch = 0
         self._refusals: dict[tuple[str, str], float] = {}
+        self._campaign_wake = asyncio.Event()
+        # Firmware blocks served per image SHA-256 (fast path and /fw resource): the
+        # campaigns' --block-rate budgets are checked against their rate.
+        self.blocks_served: collections.Counter[bytes] = collections.Counter()
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
         self.plain_principal: Principal | None = None
@@ -164,13 +173,16 @@ class StoreView:
     # --- releases ------------------------------------------------------------------
 
     def release_for(self, device: DeviceRecord) -> ReleaseRecord | None:
-        """What this device should run: its pinned release, else its class's current."""
-        if device.assigned_release is not None:
-            rid = device.assigned_release
-            if rid not in self._releases_by_id:
-                self._releases_by_id[rid] = self.reader.release_by_id(rid)
-            return self._releases_by_id[rid]
-        key = device.class_key
+        """What this device should run: the store's one rule (`served_release`: its
+        pinned release, else the newer of its class's current and its campaign's)."""
+        return served_release(device, self._release_by_id, self._class_release)
+
+    def _release_by_id(self, rid: int) -> ReleaseRecord | None:
+        if rid not in self._releases_by_id:
+            self._releases_by_id[rid] = self.reader.release_by_id(rid)
+        return self._releases_by_id[rid]
+
+    def _class_release(self, key: ClassKey) -> ReleaseRecord | None:
         if key not in self._class_releases:
             self._class_releases[key] = self.reader.current_release(key)
         return self._class_releases[key]
@@ -202,6 +214,46 @@ class StoreView:
                 except Exception:
                     log.exception("release-change listener failed")
 
+    # --- rollout campaigns ------------------------------------------------------------
+
+    def wake_campaigns(self) -> None:
+        """A report was stored: evaluate the campaigns soon (coalesced)."""
+        self._campaign_wake.set()
+
+    async def run_campaigns(self, interval: float) -> None:
+        """Evaluate the campaigns (Store.tick_campaigns) on the DB thread after reports
+        and every `interval` seconds (soak, timeouts and windows are time-driven); tell
+        /m observers at once when an admission changed what a device is served."""
+        seen = collections.Counter(self.blocks_served)
+        since = self._clock()
+        while True:
+            # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation
+            # that arrives as the wait ends (a report just before shutdown), and this
+            # loop would never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._campaign_wake.wait()
+            self._campaign_wake.clear()
+            now = self._clock()
+            elapsed = max(now - since, 1e-3)
+            rates = {d: (n - seen[d]) / elapsed for d, n in self.blocks_served.items()}
+            if now - since >= interval:  # a rate over at least one interval
+                seen, since = collections.Counter(self.blocks_served), now
+            started = self._clock()
+            try:
+                events = await self.db(functools.partial(_tick_campaigns, rates))
+            except Exception:
+                log.exception("evaluating the rollout campaigns failed")
+                events = []
+            if events:
+                log.info("campaigns: %s", ", ".join(events))
+                self.refresh()
+            # A burst of reports costs one evaluation per gap, not one each, and a big
+            # campaign (an evaluation reads every member) takes at most a third of the
+            # DB thread, which also commits the reports themselves.
+            took = self._clock() - started
+            await asyncio.sleep(max(_CAMPAIGN_MIN_GAP, 2 * took))
+
     async def poll(self) -> None:
         interval = self.config.server.observe_poll_interval
         while True:
@@ -210,6 +262,10 @@ class StoreView:
                 self.refresh()
             except Exception:
                 log.exception("polling the store for changes failed")
+
+
+def _tick_campaigns(rates: dict[bytes, float], store: Store) -> list[str]:
+    return store.tick_campaigns(block_rates=rates)
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

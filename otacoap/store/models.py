@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..core import cose, ids, protocol
+from ..core.campaign import MemberState, Policy, Progress, Target, WaveCounts, WaveSize
 
 ClassKey = tuple[bytes, bytes]
 """(vendor_id, class_id): what a release is published for (manifest-34 §8.4.8.2)."""
@@ -49,6 +50,8 @@ class DeviceRecord:
     created_at: str
     last_counter: int | None = None
     assigned_release: int | None = None
+    # The release a rollout campaign admitted this device to (store/campaigns.py).
+    campaign_release: int | None = None
 
     @property
     def class_key(self) -> ClassKey:
@@ -123,8 +126,8 @@ class ReleaseRecord:
 class ReleaseCandidate:
     """A release that passed every publish check and may be committed.
 
-    `previous_release_id` is what was current when the checks ran; the commit refuses
-    if another publisher moved the class meanwhile (optimistic concurrency, so the
+    `previous_release_id` is the class's latest release when the checks ran; the commit
+    refuses if another publisher moved the class meanwhile (optimistic concurrency, so the
     sequence check cannot be raced).
     """
 
@@ -161,3 +164,43 @@ class ReportOutcome:
 
     stored: bool
     report_id: int
+
+
+@dataclass(frozen=True)
+class CampaignRecord:
+    """A rollout campaign as the store keeps it (rules: otacoap/core/campaign.py)."""
+
+    id: int
+    release_id: int
+    class_label: str
+    sequence_number: int
+    target: Target
+    waves: tuple[WaveSize, ...]
+    policy: Policy
+    progress: Progress
+    created_at: str
+    created_by: str
+    updated_at: str
+
+    @property
+    def state(self) -> str:
+        return self.progress.state.value
+
+
+@dataclass(frozen=True)
+class CampaignMember:
+    device_id: str
+    wave: int  # 0-based
+    state: MemberState
+    admitted_at: float | None
+    done_at: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class CampaignStatus:
+    """A campaign with its members counted per wave (what `campaign show` prints)."""
+
+    campaign: CampaignRecord
+    waves: tuple[WaveCounts, ...]
+    members: tuple[CampaignMember, ...]

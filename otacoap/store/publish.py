@@ -101,17 +101,19 @@ class Publisher:
                 f"(this one names {len(first.vendor_ids)} and {len(first.class_ids)})"
             )
         key = (first.vendor_ids[0], first.class_ids[0])
-        label = self._store.class_has_devices(key)
-        if label is None:
-            raise IncompatibleError(
-                f"no registered device has vendor {ids.uuid_str(key[0])} "
-                f"class {ids.uuid_str(key[1])}"
-            )
+        # A class may have no device yet (campaigns decide who gets a release, and
+        # devices registered later join them): it is then named by its ids.
+        current = self._store.latest_release(key)
+        label = self._store.class_has_devices(key) or (
+            current.class_label
+            if current is not None
+            else f"{ids.uuid_str(key[0])}/{ids.uuid_str(key[1])}"
+        )
         # 1b. A class with a signed anchor list: its current authors only (revocation).
         check_publish_signer(self._store, key, authentic.signer)
-        # 2. Freshness against the class's current release, through the same gate the
-        # devices use (seq must be above it; equal is refused; bounded jump).
-        current = self._store.current_release(key)
+        # 2. Freshness against the class's latest release (current or only handed out
+        # by a campaign), through the same gate the devices use (seq must be above it;
+        # equal is refused; bounded jump).
         policy = dataclasses.replace(
             base,
             current_sequence=current.sequence_number if current else None,
@@ -124,8 +126,10 @@ class Publisher:
             verified = trust.admit(authentic, policy)
         except (RollbackError, AlreadyInstalled) as exc:
             now = current.sequence_number if current else "none"
+            served = self._store.current_release(key)
+            which = "current" if current is None or served == current else "latest"
             raise RollbackError(
-                f"{exc}: the current release of {label} is seq {now}, "
+                f"{exc}: the {which} release of {label} is seq {now}, "
                 "a new release needs a higher one"
             ) from None
         # 3. Exactly one fetched image, and it is the one handed in.
@@ -166,15 +170,23 @@ class Publisher:
             previous_release_id=current.id if current else None,
         )
 
-    def publish_file(self, envelope: bytes, image_path: Path, actor: str) -> ReleaseRecord:
-        """Stream an image file into a temp blob, check, commit; audit either way."""
+    def publish_file(
+        self, envelope: bytes, image_path: Path, actor: str, *, make_current: bool = True
+    ) -> ReleaseRecord:
+        """Stream an image file into a temp blob, check, commit; audit either way.
+
+        `make_current` (publish --rollout all, the default): every device of the class
+        is served it at once; otherwise only a campaign hands it out (otacoap campaign).
+        """
         try:
             with self._blobs.temp(cap=self._config.max_image_size) as blob:
                 with open(image_path, "rb") as f:
                     while chunk := f.read(_COPY_CHUNK):
                         blob.write(chunk)
                 blob.finish()
-                return self._check_and_commit(self.authenticate(envelope), blob, actor)
+                return self._check_and_commit(
+                    self.authenticate(envelope), blob, actor, make_current=make_current
+                )
         except OtaError as exc:
             self.refused(envelope, actor, exc)
             raise
@@ -223,12 +235,17 @@ class Publisher:
         self._store.audit(actor, "publish", subject, "refused", detail)
 
     def _check_and_commit(
-        self, authentic: trust.AuthenticatedManifest, blob: TempBlob, actor: str
+        self,
+        authentic: trust.AuthenticatedManifest,
+        blob: TempBlob,
+        actor: str,
+        *,
+        make_current: bool = True,
     ) -> ReleaseRecord:
         candidate = self.check(authentic, blob.digest, blob.size)
         created = self._blobs.commit(blob)
         try:
-            release = self._store.commit_release(candidate, actor)
+            release = self._store.commit_release(candidate, actor, make_current=make_current)
         except BaseException:
             # Only undo what we added: a blob another release already uses stays.
             if created and not self._store.image_referenced(candidate.image.digest):

@@ -29,6 +29,8 @@ from . import anchor_lists
 from . import audit as chain
 from . import checkpoint as checkpoints
 from .audit import AuditEntry
+from .campaigns import MIGRATION as CAMPAIGNS_MIGRATION
+from .campaigns import CampaignStore, served_release
 from .crosscheck import missing_entries
 from .errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed, StoreError
 from .models import (
@@ -144,6 +146,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         # carries the running count (report key -7), so lost history is visible.
         ("ALTER TABLE reports ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",),
     ),
+    CAMPAIGNS_MIGRATION,  # 3: device tags, rollout campaigns (store/campaigns.py)
     (
         4,
         "the audit chain is keyed and its head sealed (issue 10 section 3)",
@@ -168,7 +171,8 @@ _RELEASE_COLUMNS = (
     "r.image_digest, i.size, r.signer, r.published_at, r.published_by"
 )
 _DEVICE_COLUMNS = (
-    "id, vendor_domain, class_info, vendor_id, class_id, created_at, last_counter, assigned_release"
+    "id, vendor_domain, class_info, vendor_id, class_id, created_at, last_counter, "
+    "assigned_release, campaign_release"
 )
 
 
@@ -222,8 +226,9 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-class SQLiteStore(anchor_lists.AnchorListStore):
-    """`Store` over one SQLite connection."""
+class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
+    """`Store` over one SQLite connection (tags and campaigns: store/campaigns.py;
+    anchor lists: store/anchor_lists.py)."""
 
     def __init__(
         self,
@@ -532,7 +537,14 @@ class SQLiteStore(anchor_lists.AnchorListStore):
     # --- principals ----------------------------------------------------------------
 
     def add_device(
-        self, device_id: str, vendor_domain: str, class_info: str, psk: bytes, actor: str
+        self,
+        device_id: str,
+        vendor_domain: str,
+        class_info: str,
+        psk: bytes,
+        actor: str,
+        *,
+        tags: dict[str, str] | None = None,
     ) -> DeviceRecord:
         check_device_id(device_id)
         check_label(vendor_domain, "vendor domain")
@@ -558,6 +570,8 @@ class SQLiteStore(anchor_lists.AnchorListStore):
                 raise AlreadyExists(f"device {device_id!r} is already registered") from None
             self._bump("principal_generation")
             self.audit(actor, "device.add", device_id, "ok", f"{vendor_domain}/{class_info}")
+            if tags:
+                self.set_device_tags(device_id, tags, actor)
         return DeviceRecord(device_id, vendor_domain, class_info, vendor, klass, now)
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -656,9 +670,7 @@ class SQLiteStore(anchor_lists.AnchorListStore):
         device = self.get_device(device_id)
         if device is None:
             return None
-        if device.assigned_release is not None:
-            return self.release_by_id(device.assigned_release)
-        return self.current_release(device.class_key)
+        return served_release(device, self.release_by_id, self.current_release)
 
     def release_by_id(self, release_id: int) -> ReleaseRecord | None:
         return self._release_where("r.id = ?", (release_id,))
@@ -666,15 +678,23 @@ class SQLiteStore(anchor_lists.AnchorListStore):
     def release_by_seq(self, key: ClassKey, seq: int) -> ReleaseRecord | None:
         return self._release_where("r.vendor_id = ? AND r.class_id = ? AND r.seq = ?", (*key, seq))
 
-    def commit_release(self, candidate: ReleaseCandidate, actor: str) -> ReleaseRecord:
+    def commit_release(
+        self, candidate: ReleaseCandidate, actor: str, *, make_current: bool = True
+    ) -> ReleaseRecord:
+        """Store a checked release; `make_current` (publish --rollout all) makes it what
+        every device of the class is served, otherwise only a campaign hands it out."""
         c = candidate
         if c.sequence_number > MAX_DB_INT:
             raise PolicyError(f"sequence number {c.sequence_number} is above 2^63-1")
         key = (c.vendor_id, c.class_id)
         now = self._now()
         with self._tx() as db:
+            # The freshness check ran against the class's latest release (current or
+            # not, see Publisher.check): it must still be the latest.
             row = db.execute(
-                "SELECT release_id FROM current_releases WHERE vendor_id = ? AND class_id = ?", key
+                "SELECT id FROM releases WHERE vendor_id = ? AND class_id = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                key,
             ).fetchone()
             current_id = row[0] if row else None
             if current_id != c.previous_release_id:
@@ -710,11 +730,13 @@ class SQLiteStore(anchor_lists.AnchorListStore):
                 ),
             )
             release_id = int(cur.lastrowid or 0)
-            db.execute(
-                "INSERT INTO current_releases (vendor_id, class_id, release_id) VALUES (?, ?, ?) "
-                "ON CONFLICT (vendor_id, class_id) DO UPDATE SET release_id = excluded.release_id",
-                (*key, release_id),
-            )
+            if make_current:
+                db.execute(
+                    "INSERT INTO current_releases (vendor_id, class_id, release_id) "
+                    "VALUES (?, ?, ?) ON CONFLICT (vendor_id, class_id) "
+                    "DO UPDATE SET release_id = excluded.release_id",
+                    (*key, release_id),
+                )
             self._bump("release_generation")
             self.audit(
                 actor,
@@ -722,7 +744,8 @@ class SQLiteStore(anchor_lists.AnchorListStore):
                 f"{c.class_label} seq {c.sequence_number}",
                 "ok",
                 f"image {c.image.image_id} ({c.image.size} bytes), signer {c.signer}, "
-                f"manifest {c.manifest_digest.hex()[:16]}",
+                f"manifest {c.manifest_digest.hex()[:16]}"
+                + ("" if make_current else ", rollout by campaign only"),
             )
         return ReleaseRecord(
             release_id,
