@@ -19,7 +19,7 @@ from ..core.errors import OtaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import manifest_cmds, server_cmds
+    from . import manifest_cmds, server_cmds, stats_cmds
 
     parser = Parser(
         prog="otacoap",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     manifest_cmds.register(sub)
     server_cmds.register(sub)
+    stats_cmds.register(sub)
     return parser
 
 

@@ -6,20 +6,38 @@ lookup (primary key), invalidated when the principal generation changes. Unknown
 identities get a stable decoy key, so their handshake fails at the Finished check
 exactly like a wrong key would (RFC 4279 §2), and the claims recorded for such a
 session are None, which authorises nothing.
+
+A session's claims are a `SessionClaim`: the principal *and* the tag of the key
+registration it was made with (`store.models.key_tag_of`). Removing a principal or
+changing its key changes what `current_tag` answers, so the sessions made with the
+old key are told apart from new ones even when the same name is added back (issue
+10 §1): the server ends them, and until it has, `StoreView.principal_of` refuses them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from ..store.models import Principal
+from ..store.models import Credential, Principal
 from ..store.names import MAX_IDENTITY_BYTES, PSK_LENGTH
 
 log = logging.getLogger(__name__)
 
-Lookup = Callable[[str], tuple[Principal, bytes] | None]
+Lookup = Callable[[str], Credential | None]
 Decoy = Callable[[bytes, int], bytes]
+
+
+@dataclass(frozen=True)
+class SessionClaim:
+    """What a DTLS session authenticated as: who, and with which key registration.
+
+    Compared by value: aiocoap's SecurityStore checks that tinydtls' repeated lookups
+    during one handshake return the same claims."""
+
+    principal: Principal
+    key_tag: bytes
 
 
 class PskDirectory:
@@ -29,20 +47,12 @@ class PskDirectory:
         self._lookup = lookup
         self._decoy = decoy
         self._max = max_cached
-        self._cache: dict[str, tuple[Principal, bytes]] = {}
+        self._cache: dict[str, tuple[SessionClaim, bytes]] = {}
 
     def invalidate(self) -> None:
         self._cache.clear()
 
-    def find_dtls_psk(self, identity: bytes) -> tuple[bytes, Principal | None]:
-        """Called by tinydtls (through aiocoap's SecurityStore) during the handshake."""
-        text: str | None
-        try:
-            text = bytes(identity).decode("ascii")
-        except UnicodeDecodeError:
-            text = None
-        if text is None or not 0 < len(identity) <= MAX_IDENTITY_BYTES:
-            return self._decoy(bytes(identity), PSK_LENGTH), None
+    def _find(self, text: str) -> tuple[SessionClaim, bytes] | None:
         hit = self._cache.get(text)
         if hit is None:
             try:
@@ -52,9 +62,37 @@ class PskDirectory:
                 found = None
             if found is None:
                 # Negative answers are not cached: unknown names are attacker-chosen.
-                return self._decoy(bytes(identity), PSK_LENGTH), None
+                return None
             if len(self._cache) >= self._max:
                 self._cache.clear()
-            self._cache[text] = hit = found
-        principal, psk = hit
-        return psk, principal
+            hit = (SessionClaim(found.principal, found.key_tag), found.psk)
+            self._cache[text] = hit
+        return hit
+
+    def find_dtls_psk(self, identity: bytes) -> tuple[bytes, SessionClaim | None]:
+        """Called by tinydtls (through aiocoap's SecurityStore) during the handshake."""
+        text: str | None
+        try:
+            text = bytes(identity).decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+        hit = None
+        if text is not None and 0 < len(identity) <= MAX_IDENTITY_BYTES:
+            hit = self._find(text)
+        if hit is None:
+            return self._decoy(bytes(identity), PSK_LENGTH), None
+        claim, psk = hit
+        return psk, claim
+
+    def current_tag(self, principal: Principal) -> bytes | None:
+        """The key tag `principal` has now, None if it is gone (cached like the PSK)."""
+        hit = self._find(principal.identity)
+        if hit is None or hit[0].principal != principal:
+            return None
+        return hit[0].key_tag
+
+    def is_current(self, claim: object) -> bool:
+        """False for a session claim whose key was removed or replaced since."""
+        if not isinstance(claim, SessionClaim):
+            return True  # no key to check (claims of another kind authorise nothing)
+        return self.current_tag(claim.principal) == claim.key_tag

@@ -57,6 +57,7 @@ from ..core.coap_numbers import (
 from ..core.coap_options import field, header, option
 from ..store import Principal
 from . import access
+from .credentials import SessionClaim
 from .store_view import StoreView
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,11 @@ class _Image:
         return hit
 
 
-def _claimed(remote: Any, plain: Principal | None) -> Principal | None:
-    """The principal the session claims (not yet checked against the store)."""
+def _claimed(remote: Any, plain: Principal | None) -> object | None:
+    """The claim the session holds (not yet checked against the store): a
+    `SessionClaim` (principal and key tag) on DTLS, else a principal."""
     for claim in getattr(remote, "authenticated_claims", ()):
-        if isinstance(claim, Principal):
+        if isinstance(claim, SessionClaim | Principal):
             return claim
     if plain is not None and getattr(remote, "scheme", None) == "coap":
         return plain
@@ -131,9 +133,11 @@ class FirmwareFastPath:
 
     def __init__(self, view: StoreView) -> None:
         self.view = view
-        # id(claimed principal) -> (that principal, its image or None). The entry
-        # holds the principal, so its id cannot be reused while the entry exists.
-        self._grants: dict[int, tuple[Principal, _Image | None]] = {}
+        # id(claim) -> (that claim, its image or None). The entry holds the claim, so
+        # its id cannot be reused while the entry exists. Any change of principals or
+        # keys bumps the view's epoch, which drops every verdict (`_grant`): a session
+        # whose key was revoked is looked up again and refused (issue 10 §1).
+        self._grants: dict[int, tuple[object, _Image | None]] = {}
         self._images: dict[bytes, _Image] = {}
         self._memo: dict[int, tuple[int, int, bytes]] = {}
         self._epoch = view.epoch
@@ -285,4 +289,3 @@ def _walk_options(data: bytes, i: int) -> tuple[bytes, int] | None:
     if len(path) != 2 or path[0] != _FW:
         return None
     return path[1], block2
-
