@@ -280,7 +280,7 @@ def test_a_stale_key_is_refused_by_the_resources_and_the_fast_path_before_evicti
         found = view.psks.find_dtls_psk(b"r3")
         claim = found[1]
         assert isinstance(claim, SessionClaim)
-        stale = SessionClaim(claim.principal, bytes(len(claim.key_tag)))
+        stale = SessionClaim(claim.role, claim.name, bytes(len(claim.key_tag)))
         request = _fw_get(w.release.image_id)
         return (
             view.principal_of(SessionRemote([claim])),

@@ -16,6 +16,7 @@ old key are told apart from new ones even when the same name is added back (issu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,14 +31,19 @@ Decoy = Callable[[bytes, int], bytes]
 
 
 @dataclass(frozen=True)
-class SessionClaim:
-    """What a DTLS session authenticated as: who, and with which key registration.
+class SessionClaim(Principal):
+    """A principal as one DTLS session authenticated it: with the tag of the key
+    registration it used. A Principal still (role, name, `str`), so whatever reads
+    claims for the identity keeps working; `principal` is the bare principal.
 
     Compared by value: aiocoap's SecurityStore checks that tinydtls' repeated lookups
     during one handshake return the same claims."""
 
-    principal: Principal
     key_tag: bytes
+
+    @functools.cached_property
+    def principal(self) -> Principal:
+        return Principal(self.role, self.name)
 
 
 class PskDirectory:
@@ -65,7 +71,8 @@ class PskDirectory:
                 return None
             if len(self._cache) >= self._max:
                 self._cache.clear()
-            hit = (SessionClaim(found.principal, found.key_tag), found.psk)
+            who = found.principal
+            hit = (SessionClaim(who.role, who.name, found.key_tag), found.psk)
             self._cache[text] = hit
         return hit
 
@@ -87,7 +94,7 @@ class PskDirectory:
     def current_tag(self, principal: Principal) -> bytes | None:
         """The key tag `principal` has now, None if it is gone (cached like the PSK)."""
         hit = self._find(principal.identity)
-        if hit is None or hit[0].principal != principal:
+        if hit is None or hit[0].principal != Principal(principal.role, principal.name):
             return None
         return hit[0].key_tag
 

@@ -57,7 +57,6 @@ from ..core.coap_numbers import (
 from ..core.coap_options import field, header, option
 from ..store import Principal
 from . import access
-from .credentials import SessionClaim
 from .store_view import StoreView
 
 log = logging.getLogger(__name__)
@@ -117,11 +116,11 @@ class _Image:
         return hit
 
 
-def _claimed(remote: Any, plain: Principal | None) -> object | None:
-    """The claim the session holds (not yet checked against the store): a
-    `SessionClaim` (principal and key tag) on DTLS, else a principal."""
+def _claimed(remote: Any, plain: Principal | None) -> Principal | None:
+    """The claim the session holds (not yet checked against the store): on DTLS a
+    `SessionClaim` (the principal and its key tag), the one verdicts are cached for."""
     for claim in getattr(remote, "authenticated_claims", ()):
-        if isinstance(claim, SessionClaim | Principal):
+        if isinstance(claim, Principal):  # a SessionClaim on DTLS
             return claim
     if plain is not None and getattr(remote, "scheme", None) == "coap":
         return plain
@@ -137,7 +136,7 @@ class FirmwareFastPath:
         # its id cannot be reused while the entry exists. Any change of principals or
         # keys bumps the view's epoch, which drops every verdict (`_grant`): a session
         # whose key was revoked is looked up again and refused (issue 10 §1).
-        self._grants: dict[int, tuple[object, _Image | None]] = {}
+        self._grants: dict[int, tuple[Principal, _Image | None]] = {}
         self._images: dict[bytes, _Image] = {}
         self._memo: dict[int, tuple[int, int, bytes]] = {}
         self._epoch = view.epoch

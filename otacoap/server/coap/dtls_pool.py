@@ -90,6 +90,9 @@ class SessionAddress(_AddressDTLS):
     # first application data shows it arrived; see `repeat_final_flight`.
     final_flight: list[bytes] | None = None
     _repeats = 0
+    # Whether the client's ChangeCipherSpec arrived: its next epoch-1 handshake record
+    # is its Finished (RFC 6347 §4.2.4, the client's final flight).
+    _client_ccs = False
     MAX_REPEATS = 4
 
     def __init__(self, protocol: Any, underlying_address: Any) -> None:
@@ -141,6 +144,19 @@ class SessionAddress(_AddressDTLS):
                 self.final_flight.append(data)  # the Finished, encrypted under epoch 1
         self._sendto(data, self._peer)
         return len(data)
+
+    def client_finished_in(self, data: bytes) -> bool:
+        """Whether `data` holds the client's Finished: a handshake record in epoch 1
+        after its ChangeCipherSpec (RFC 6347 §4.1 record headers, 13 bytes each)."""
+        i, n = 0, len(data)
+        while i + 13 <= n:
+            ctype, epoch = data[i], data[i + 3 : i + 5]
+            if ctype == 20 and epoch == b"\x00\x00":
+                self._client_ccs = True
+            elif ctype == 22 and epoch != b"\x00\x00" and self._client_ccs:
+                return True
+            i += 13 + int.from_bytes(data[i + 11 : i + 13], "big")
+        return False
 
     def repeat_final_flight(self, data: bytes) -> bool:
         """Send our last flight again if `data` is the peer repeating its own.
@@ -204,9 +220,11 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
     before), checked at most once a second as datagrams arrive: `_connections` is kept
     in last-heard order, so the sweep stops at the first peer heard recently.
 
-    Handshakes that fail (a fatal alert, usually the Finished check: a wrong key or an
-    unknown identity; silence; or being crowded out by other handshakes) are reported
-    to `on_failed_handshake(source host, identity or None, reason)`.
+    Handshakes that fail are dropped and reported to `on_failed_handshake(source
+    host, identity or None, reason)`: "bad key" (the client's Finished did not verify:
+    a wrong PSK, or an unknown identity's decoy), "alert" (tinydtls gave up with a
+    fatal alert, e.g. an oversized identity), "timeout" (silent for HANDSHAKE_IDLE) or
+    "crowded out" (by newer handshakes).
     """
 
     _Address = SessionAddress
@@ -231,6 +249,7 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
             "spoofable": 0,
             "handshakes": 0,
             "revoked": 0,
+            "bad_key": 0,
         }
         self.handshakes_completed = 0
 
@@ -259,9 +278,19 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
         if address.cookie_verified:
             if address.final_flight is not None and address.repeat_final_flight(data):
                 return
-            if not address.established and sockaddr in self._handshaking:
+            if address.established:
+                self._message_interface._received_datagram(address, data)
+                return
+            if sockaddr in self._handshaking:
                 self._handshaking.move_to_end(sockaddr)
+            finished = address.client_finished_in(data)
             self._message_interface._received_datagram(address, data)
+            if finished and not address.established and conns.get(sockaddr) is address:
+                # tinydtls drops a Finished it cannot decrypt or verify without a word
+                # (RFC 6347 §4.1.2.7: invalid records are discarded), so the peer would
+                # hold its handshake slot until HANDSHAKE_IDLE: a wrong key, or an
+                # unknown identity's decoy. It can never succeed: count it, drop it.
+                self._drop(address, "bad_key")
             return
         unverified = self._unverified
         if sockaddr in unverified:  # always, unless a callback dropped it meanwhile
@@ -329,8 +358,8 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
         # Debug only: a spoofed flood would otherwise write a line per datagram. The
         # server logs the counters once a minute instead (OtaServer.load_figures).
         log.debug("dropping %s DTLS session with %s (%s)", _stage(victim), victim.hostinfo, why)
-        if victim.cookie_verified and not victim.established and why != "revoked":
-            self._handshake_failed(victim, "timeout" if why == "idle" else "crowded out")
+        if victim.cookie_verified and not victim.established and why in _FAILURES:
+            self._handshake_failed(victim, _FAILURES[why])
         victim.evict(why)
         key = victim._peer
         if self._connections.get(key) is victim:  # defensive: never loop forever
@@ -353,6 +382,10 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
     def unverified_count(self) -> int:
         """Peers that have not echoed a cookie yet (their own pool, same cap)."""
         return len(self._unverified)
+
+
+# Why a handshake was dropped -> the reason its failure is counted under.
+_FAILURES = {"idle": "timeout", "handshakes": "crowded out", "bad_key": "bad key"}
 
 
 def _stage(address: SessionAddress) -> str:
