@@ -296,6 +296,62 @@ def test_a_stale_key_is_refused_by_the_resources_and_the_fast_path_before_evicti
     assert declined is None
 
 
+def test_a_wrong_key_is_counted_at_once_by_identity_and_source(
+    revocation: Revocation,
+) -> None:
+    """A handshake whose Finished does not verify (wrong key for a real identity, or
+    an unknown identity) is dropped at once, not left to time out, and the operator
+    sees it in `otacoap server stats`: by reason, identity and source address."""
+    w = revocation
+    dest = (HOST, w.server.port)
+    attempts = [
+        RawDtlsClient(dest, b"r3", os.urandom(16), source="127.0.0.2"),
+        RawDtlsClient(dest, b"ghost\x07", os.urandom(16), source="127.0.0.3"),
+    ]
+    try:
+        assert not any(c.handshake(timeout=3.0, settle=0.3) for c in attempts)
+    finally:
+        for c in attempts:
+            c.close()
+    seen: dict[str, Any] = {}
+
+    def counted() -> bool:
+        result = cli("server", "stats", "--data", w.setup.data, "--json")
+        if result.code != 0:
+            return False
+        seen.update(json.loads(result.out)["handshakes"])
+        return seen["by_reason"].get("bad key", 0) >= 2
+
+    assert _wait_for(counted, 15.0), seen
+    assert seen["by_identity"]["r3"] >= 1 and seen["by_identity"]["ghost\\x07"] >= 1, seen
+    assert {"127.0.0.2", "127.0.0.3"} <= seen["by_source"].keys(), seen
+    assert w.server.call(lambda: w.server.server.dtls.handshake_count) == 0  # type: ignore[union-attr]
+    text = cli_ok("server", "stats", "--data", w.setup.data)
+    assert "ghost\\x07" in text and "\x07" not in text, text  # escaped, never raw
+
+
+def test_failure_counters_stay_bounded_and_the_log_is_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from otacoap.server import stats
+
+    now = [0.0]
+    failures = stats.HandshakeFailures(log_every=10.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="otacoap.server.stats"):
+        for i in range(stats.MAX_KEYS + 50):
+            now[0] += 0.01
+            failures.record(f"10.0.{i // 256}.{i % 256}", os.urandom(8).hex().encode(), "bad key")
+        now[0] += 10.0
+        failures.flush_log()
+    counted = failures.as_dict()
+    assert counted["failed"] == stats.MAX_KEYS + 50
+    assert len(counted["by_identity"]) == stats.MAX_KEYS
+    assert counted["identities_not_kept"] == 50 and counted["sources_not_kept"] == 50
+    lines = [r.getMessage() for r in caplog.records if "failed DTLS handshake" in r.getMessage()]
+    assert len(lines) == 2, lines  # the first at once, the rest summed up 10 s later
+    assert lines[1].startswith(f"{stats.MAX_KEYS + 49} failed"), lines
+
+
 def _fw_get(image_id: str) -> bytes:
     msg = aiocoap.Message(code=Code.GET, uri_path=("fw", image_id))
     msg.mtype = aiocoap.CON
@@ -434,6 +490,10 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
     assert failed["by_source"].keys() >= set(SOURCES), failed
     assert sum(failed["by_identity"].values()) + failed["identities_not_kept"] >= 60, failed
     assert stats["dtls"]["dropped"]["full"] == 0, stats
+    # Handshakes in progress have their own cap and pushed each other out.
+    assert stats["dtls"]["dropped"]["handshakes"] >= 1, stats
+    assert stats["dtls"]["handshaking"] <= 6 and stats["dtls"]["sessions"] <= 3, stats
+    assert {"bad key", "crowded out"} <= failed["by_reason"].keys(), failed
     text = cli_ok("server", "stats", "--data", flood.setup.data)
     assert "failed DTLS handshakes" in text and "127.0.0.2" in text, text
     # Logged, but rate-limited: not a line per stranger.
