@@ -58,12 +58,18 @@ class PskDirectory:
     def invalidate(self) -> None:
         self._cache.clear()
 
-    def _find(self, text: str) -> tuple[SessionClaim, bytes] | None:
+    def _find(self, text: str, *, strict: bool = False) -> tuple[SessionClaim, bytes] | None:
+        """The cached or looked-up claim and PSK. A DB error is "unknown" for a
+        handshake (it must not kill the DTLS callback) but raises when `strict`: a
+        revocation check must not take a passing DB error for a removed key and end
+        every session."""
         hit = self._cache.get(text)
         if hit is None:
             try:
                 found = self._lookup(text)
-            except Exception:  # a DB error must not kill the DTLS callback
+            except Exception:
+                if strict:
+                    raise
                 log.exception("PSK lookup for %r failed", text)
                 found = None
             if found is None:
@@ -93,7 +99,7 @@ class PskDirectory:
 
     def current_tag(self, principal: Principal) -> bytes | None:
         """The key tag `principal` has now, None if it is gone (cached like the PSK)."""
-        hit = self._find(principal.identity)
+        hit = self._find(principal.identity, strict=True)
         if hit is None or hit[0].principal != Principal(principal.role, principal.name):
             return None
         return hit[0].key_tag
