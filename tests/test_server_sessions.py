@@ -414,6 +414,7 @@ max_dtls_sessions = 3
 max_dtls_handshakes = 6
 """
 SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+STRANGERS = 300  # issue 10: about 300 random identities were enough before
 
 
 @dataclass
@@ -463,7 +464,7 @@ def _stranger(dest: tuple[str, int], n: int) -> bool:
 
 def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flood) -> None:
     """ATTACKS.md #30 / issue 10 §2. Sessions are capped at 3 and handshakes at 6.
-    While `dl` downloads its 118-block image again and again, 120 strangers (random
+    While `dl` downloads its 118-block image again and again, 300 strangers (random
     identities, from 3 source addresses, a third of them leaving their handshake
     half-done) get past the cookie exchange. Before, each of them counted as admitted
     and pushed the least recently heard authenticated session out: `dl` got a
@@ -485,7 +486,7 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
     def strangers(done: threading.Event) -> list[bool]:
         try:
             with ThreadPoolExecutor(6) as pool:
-                return list(pool.map(lambda n: _stranger(dest, n), range(120)))
+                return list(pool.map(lambda n: _stranger(dest, n), range(STRANGERS)))
         finally:
             done.set()
 
@@ -528,12 +529,13 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
         if out.code != 0:
             return False
         stats.update(json.loads(out.out))
-        return int(stats["handshakes"]["failed"]) >= 60
+        return int(stats["handshakes"]["failed"]) >= STRANGERS // 2
 
     assert _wait_for(counted, 20.0), stats
     failed = stats["handshakes"]
     assert failed["by_source"].keys() >= set(SOURCES), failed
-    assert sum(failed["by_identity"].values()) + failed["identities_not_kept"] >= 60, failed
+    named = sum(failed["by_identity"].values()) + failed["identities_not_kept"]
+    assert named >= STRANGERS // 2, failed
     assert stats["dtls"]["dropped"]["full"] == 0, stats
     # Handshakes in progress have their own cap and pushed each other out.
     assert stats["dtls"]["dropped"]["handshakes"] >= 1, stats
