@@ -90,8 +90,10 @@ class SessionAddress(_AddressDTLS):
     # first application data shows it arrived; see `repeat_final_flight`.
     final_flight: list[bytes] | None = None
     _repeats = 0
-    # Whether the client's ChangeCipherSpec arrived: its next epoch-1 handshake record
-    # is its Finished (RFC 6347 §4.2.4, the client's final flight).
+    # Whether the client's ClientKeyExchange, then its ChangeCipherSpec, arrived (in
+    # that order): its next epoch-1 handshake record is its Finished (RFC 6347 §4.2.4,
+    # the client's final flight, one record per datagram from tinydtls).
+    _client_kx = False
     _client_ccs = False
     MAX_REPEATS = 4
 
@@ -146,14 +148,18 @@ class SessionAddress(_AddressDTLS):
         return len(data)
 
     def client_finished_in(self, data: bytes) -> bool:
-        """Whether `data` holds the client's Finished: a handshake record in epoch 1
-        after its ChangeCipherSpec (RFC 6347 §4.1 record headers, 13 bytes each)."""
+        """Whether `data` holds the client's Finished, arrived after its
+        ClientKeyExchange and ChangeCipherSpec: then tinydtls has the keys to check it,
+        and a Finished that does not verify means the wrong key, not a lost or
+        reordered datagram (RFC 6347 §4.1 record headers, 13 bytes each)."""
         i, n = 0, len(data)
         while i + 13 <= n:
-            ctype, epoch = data[i], data[i + 3 : i + 5]
-            if ctype == 20 and epoch == b"\x00\x00":
+            ctype, epoch0 = data[i], data[i + 3 : i + 5] == b"\x00\x00"
+            if ctype == 22 and epoch0 and i + 13 < n and data[i + 13] == 16:
+                self._client_kx = True
+            elif ctype == 20 and epoch0 and self._client_kx:
                 self._client_ccs = True
-            elif ctype == 22 and epoch != b"\x00\x00" and self._client_ccs:
+            elif ctype == 22 and not epoch0 and self._client_ccs:
                 return True
             i += 13 + int.from_bytes(data[i + 11 : i + 13], "big")
         return False
