@@ -250,6 +250,23 @@ def test_operator_rekey_ends_the_old_operator_session(revocation: Revocation) ->
     assert re.search(r"operator\.rekey\s+ops\s+ok", audit), audit
 
 
+def test_operator_remove_ends_the_operator_session(revocation: Revocation) -> None:
+    w = revocation
+
+    async def go() -> tuple[float | None, Code | None]:
+        async with coaps_client(w.server.port, "operator:ops2", w.setup.operators["ops2"]) as old:
+            # An operator has no /m of its own: 4.04, but over an authenticated session.
+            assert (await get(old, w.server.uri + "/m")).code == Code.NOT_FOUND
+            before = w.dropped("revoked")
+            await _cli("operator", "remove", "--data", w.setup.data, "ops2")
+            took = await asyncio.to_thread(w.wait_dropped, "revoked", before, 10.0)
+            return took, await _code(old, w.server.uri + "/m")
+
+    took, code = run(go(), timeout=60)
+    assert took is not None and took < REVOCATION_BOUND + SLACK, took
+    assert code is None
+
+
 def test_rekey_prints_a_generated_key_once_and_refuses_unknown_names(
     revocation: Revocation,
 ) -> None:
@@ -497,7 +514,10 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
             coaps_client(port, "dl", flood.setup.devices["dl"].psk) as ctx,
         ):
             uri = f"coaps://{HOST}:{port}"
-            assert (await get(ctx, uri + "/m")).code == Code.CONTENT
+            # aiocoap's client holds its DTLS connection only through messages' .remote:
+            # keep one, or it may quietly handshake again (test_server_attacks.pin).
+            first = await get(ctx, uri + "/m")
+            assert first.code == Code.CONTENT
             attack = asyncio.create_task(asyncio.to_thread(strangers, done))
             downloads = 0
             while not done.is_set() or downloads < 2:
@@ -507,6 +527,7 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
             connected = await attack
             # The session is still the same one after the flood, too.
             assert (await get(ctx, uri + "/m")).code == Code.CONTENT
+            assert first.remote is not None
             return downloads, connected
 
     rss_before = _rss_kib(pid)
@@ -537,6 +558,7 @@ def test_strangers_beyond_the_cap_never_push_out_a_downloading_device(flood: Flo
     named = sum(failed["by_identity"].values()) + failed["identities_not_kept"]
     assert named >= STRANGERS // 2, failed
     assert stats["dtls"]["dropped"]["full"] == 0, stats
+    assert stats["handshakes"]["completed"] == 1, stats  # the device's, server-side
     # Handshakes in progress have their own cap and pushed each other out.
     assert stats["dtls"]["dropped"]["handshakes"] >= 1, stats
     assert stats["dtls"]["handshaking"] <= 6 and stats["dtls"]["sessions"] <= 3, stats
