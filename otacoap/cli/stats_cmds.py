@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,19 @@ def cmd_server_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything)."""
+    if not 0 < pid < 1 << 31:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def _safe(text: object) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
 
@@ -64,8 +78,10 @@ def render(doc: dict[str, Any]) -> list[str]:
     """The text form: one fact a line."""
     dtls = doc.get("dtls", {})
     hs = doc.get("handshakes", {})
+    pid = doc.get("pid")
+    state = "running" if isinstance(pid, int) and _alive(pid) else "not running any more"
     lines = [
-        f"as of {_safe(doc.get('written_at', '?'))} (server pid {_safe(doc.get('pid', '?'))})",
+        f"as of {_safe(doc.get('written_at', '?'))} (server pid {_safe(pid)}, {state})",
         f"DTLS sessions: {_safe(dtls.get('sessions', '?'))} authenticated, "
         f"{_safe(dtls.get('handshaking', '?'))} handshaking, "
         f"{_safe(dtls.get('unverified', '?'))} before the cookie",
