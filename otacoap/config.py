@@ -55,7 +55,7 @@ class ServerConfig:
     # Peers past the cookie exchange whose PSK handshake has not completed: they only
     # displace each other, never an authenticated session (issue 10 §2).
     max_dtls_handshakes: int = _option(
-        64, "DTLS handshakes in progress; beyond this the longest silent one is dropped"
+        256, "DTLS handshakes in progress; beyond this the longest silent one is dropped"
     )
     # RFC 7252 §4.5 duplicate detection keeps each response for EXCHANGE_LIFETIME
     # (§4.8.2: 247 s); we cap the number of entries instead of trusting traffic levels.

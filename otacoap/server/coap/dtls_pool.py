@@ -235,7 +235,7 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
 
     _Address = SessionAddress
     max_sockets = 256
-    max_handshakes = 64
+    max_handshakes = 256
     idle_timeout = 300.0
     # A handshake peer silent this long has given up: tinydtls' client retransmits
     # with a doubling timer from 1 s and stops after 7 tries (RFC 6347 §4.2.4.1).
