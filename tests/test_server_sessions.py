@@ -414,6 +414,52 @@ def test_rekey_changes_key_and_tag_bumps_the_generation_and_audits_together(
         store.close()
 
 
+@pytest.mark.parametrize("lost", ["key exchange", "change cipher spec"])
+def test_a_lost_record_of_the_clients_final_flight_is_not_taken_for_a_bad_key(
+    revocation: Revocation, lost: str
+) -> None:
+    """A Finished that does not verify ends a handshake at once, but only after the
+    client's ClientKeyExchange and ChangeCipherSpec arrived in order: when one of
+    them is lost, the Finished cannot be checked either, and the device's
+    retransmitted flight must still complete the handshake."""
+    from device_sim.coap import CoapTransport
+
+    w = revocation
+    state = {"dropped": 0}
+
+    def forward(data: bytes, from_server: bool) -> bool:
+        if from_server or state["dropped"] or data[3:5] != b"\x00\x00":
+            return True
+        if (lost == "key exchange" and data[0] == 22 and data[13] == 16) or (
+            lost == "change cipher spec" and data[0] == 20
+        ):
+            state["dropped"] += 1
+            return False
+        return True
+
+    async def go() -> Code:
+        async with dtls_relay(w.server.port, forward) as port:
+            transport = CoapTransport(f"coaps://127.0.0.1:{port}", "r3", _psk_of(w, "r3"))
+            try:
+                resp = await transport.get("/m", block2=(0, 0, 6), timeout=20.0)
+                return resp.code
+            finally:
+                await transport.close()
+
+    before = w.dropped("bad_key")
+    assert run(go(), timeout=60) == Code.CONTENT
+    assert state["dropped"] == 1
+    assert w.dropped("bad_key") == before
+
+
+def _psk_of(w: Revocation, device: str) -> bytes:
+    """The device's current PSK (an earlier test may have re-keyed it)."""
+    psk = os.urandom(16)
+    cli_ok("device", "rekey", "--data", w.setup.data, device, "--psk", psk.hex())
+    w.server.call(lambda: w.server.server.view.refresh())  # type: ignore[union-attr]
+    return psk
+
+
 def _fw_get(image_id: str) -> bytes:
     msg = aiocoap.Message(code=Code.GET, uri_path=("fw", image_id))
     msg.mtype = aiocoap.CON
