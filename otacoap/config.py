@@ -52,6 +52,11 @@ class ServerConfig:
     # Peers still before the cookie exchange have a pool of their own.
     max_dtls_sessions: int = _option(256, "beyond this the least recently used session is dropped")
     dtls_idle_timeout: float = _option(300.0, "seconds of silence before a DTLS session is dropped")
+    # Peers past the cookie exchange whose PSK handshake has not completed: they only
+    # displace each other, never an authenticated session (issue 10 §2).
+    max_dtls_handshakes: int = _option(
+        256, "DTLS handshakes in progress; beyond this the longest silent one is dropped"
+    )
     # RFC 7252 §4.5 duplicate detection keeps each response for EXCHANGE_LIFETIME
     # (§4.8.2: 247 s); we cap the number of entries instead of trusting traffic levels.
     dedup_max_entries: int = _option(4096, "RFC 7252 §4.5 duplicate-detection cache (entries)")

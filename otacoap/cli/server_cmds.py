@@ -110,6 +110,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = d.add_parser("remove", parents=[common], help="remove a device")
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(handler=cmd_device_remove, _cmd_path=["device", "remove"])
+    p = d.add_parser(
+        "rekey",
+        parents=[common],
+        help="give a device a new PSK; sessions made with the old one end",
+        description="Replace device ID's PSK (audited). A running server ends every "
+        "DTLS session made with the old key within a second. Without --psk a random "
+        f"{PSK_LENGTH}-byte PSK is generated and printed once.",
+    )
+    p.add_argument("device_id", metavar="ID")
+    add_psk_options(p, env=PSK_ENV, what="the device's new PSK")
+    p.set_defaults(handler=cmd_device_rekey, _cmd_path=["device", "rekey"])
     from .campaign_cmds import register_device_tags, register_release_rebuild
 
     register_device_tags(d, common)
@@ -132,6 +143,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = o.add_parser("remove", parents=[common], help="remove an operator")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(handler=cmd_operator_remove, _cmd_path=["operator", "remove"])
+    p = o.add_parser(
+        "rekey",
+        parents=[common],
+        help="give an operator a new PSK; sessions made with the old one end",
+        description="Replace operator NAME's PSK (audited). A running server ends every "
+        "DTLS session made with the old key within a second.",
+    )
+    p.add_argument("name", metavar="NAME")
+    add_psk_options(p, env=PSK_ENV, what="the operator's new PSK")
+    p.set_defaults(handler=cmd_operator_rekey, _cmd_path=["operator", "rekey"])
 
     # publish -------------------------------------------------------------------------
     p = sub.add_parser(
@@ -448,6 +469,16 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_rekey(args: argparse.Namespace) -> int:
+    psk, generated = _psk(args)
+    with _store(args) as store:
+        store.rekey_device(args.device_id, psk, _CLI_ACTOR)
+    print(f"new key for device {args.device_id}; sessions made with the old one end")
+    if generated:
+        print(f"psk {psk.hex()}")
+    return 0
+
+
 def cmd_operator_add(args: argparse.Namespace) -> int:
     psk, generated = _psk(args)
     with _store(args) as store:
@@ -475,6 +506,16 @@ def cmd_operator_remove(args: argparse.Namespace) -> int:
     with _store(args) as store:
         store.remove_operator(args.name, _CLI_ACTOR)
     print(f"removed operator {args.name}")
+    return 0
+
+
+def cmd_operator_rekey(args: argparse.Namespace) -> int:
+    psk, generated = _psk(args)
+    with _store(args) as store:
+        store.rekey_operator(args.name, psk, _CLI_ACTOR)
+    print(f"new key for operator {args.name}; sessions made with the old one end")
+    if generated:
+        print(f"psk {psk.hex()}")
     return 0
 
 

@@ -28,6 +28,7 @@ from ..store.errors import StoreError
 from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
 from .resources import ManifestResource, build_site
+from .stats import STATS_NAME, HandshakeFailures, ServerStats
 from .store_view import StoreView
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 _SWEEP_INTERVAL = 5.0
 _LOAD_LOG_INTERVAL = 60.0  # seconds between 'load:' log lines (only when changed)
 _STALE_TEMP = 3600.0
+_STATS_INTERVAL = 2.0  # seconds between writes of DATA/server-stats.json (when changed)
 LOCK_NAME = "serve.lock"
 CAMPAIGN_TICK_INTERVAL = 1.0  # seconds between campaign evaluations (also after reports)
 
@@ -85,6 +87,8 @@ class OtaServer:
         self.uploads: Uploads | None = None
         self.staged: StagedImages | None = None
         self._lock: TextIO | None = None
+        self.failures = HandshakeFailures()
+        self.stats = ServerStats(self.failures, self.load_figures)
 
     @property
     def dtls_port(self) -> int:
@@ -142,11 +146,17 @@ class OtaServer:
                 view.psks,
                 s.max_dtls_sessions,
                 s.dtls_idle_timeout,
+                s.max_dtls_handshakes,
+                self.failures.record,
             ),
             s.dedup_max_entries,
             s.dedup_lifetime,
         )
         self.dtls.fast = fast
+        dtls = self.dtls
+        # Issue 10 §1: once the view has seen a device or operator removed or re-keyed
+        # (by the CLI, another process), end the sessions made with the old key.
+        view.on_principal_change(lambda: _revoked(dtls.revoke(view.psks.is_current)))
         if opts.plain_coap:
             self.plain = await add_transport(
                 ctx,
@@ -163,7 +173,18 @@ class OtaServer:
             asyncio.create_task(
                 view.run_campaigns(CAMPAIGN_TICK_INTERVAL), name="otacoap rollout campaigns"
             ),
+            asyncio.create_task(self._write_stats(), name="otacoap stats"),
         ]
+
+    async def _write_stats(self) -> None:
+        path = self.datadir.root / STATS_NAME
+        while True:
+            await asyncio.sleep(_STATS_INTERVAL)
+            self.failures.flush_log()
+            try:
+                self.stats.write(path)
+            except OSError as exc:  # a full disk must not stop the server
+                log.error("cannot write %s: %s", path, exc)
 
     async def _sweep(self) -> None:
         logged: dict[str, Any] = {}
@@ -188,7 +209,10 @@ class OtaServer:
         figures: dict[str, Any] = {}
         if self.dtls is not None:
             figures["dtls_sessions"] = self.dtls.session_count
+            figures["dtls_handshakes"] = self.dtls.handshake_count
             figures["dtls_unverified"] = self.dtls.unverified_count
+            figures["handshakes_completed"] = self.dtls.handshakes_completed
+            figures["handshakes_failed"] = self.failures.total
             for why, n in self.dtls.dropped.items():
                 figures[f"dropped_{why}"] = n
         if self.fastpath is not None:
@@ -256,6 +280,11 @@ async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
             loop.remove_signal_handler(signum)
     print("stopped", flush=True)
     return 0
+
+
+def _revoked(count: int) -> None:
+    if count:
+        log.info("ended %d DTLS session(s) made with a removed or replaced key", count)
 
 
 def _default_logging() -> None:
