@@ -128,6 +128,9 @@ max_duration = 3600.0
 staged_ttl = 600.0
 max_staged = 4
 busy_max_age = 30
+[monitoring]
+metrics_bind = ""
+log_format = "text"
 """
 
 

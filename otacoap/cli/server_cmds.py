@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cliargs import OPERATOR_PSK_ENV, PSK_ENV, CliError, add_psk_options, read_psk
-from ..config import EVENT_LOOPS
+from ..config import EVENT_LOOPS, LOG_FORMATS
 from ..core import ids
 from ..core.errors import OtaError, ReportReason
 from ..fsutil import atomic_write, read_capped
@@ -272,6 +272,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="IDENTITY",
         help="DANGEROUS development mode: treat every plain CoAP request as coming from "
         "this registered device (or operator:NAME); needs --insecure-plain-coap",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /health over HTTP there (e.g. 127.0.0.1:9464; "
+        "default from config: off)",
+    )
+    p.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="log as text or JSON lines (default: text)"
     )
     p.set_defaults(handler=cmd_serve, _cmd_path=["serve"])
 
@@ -761,6 +770,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         plain_coap=args.insecure_plain_coap,
         plain_port=args.plain_port,
         plain_identity=args.insecure_plain_identity,
+        metrics=args.metrics,
+        log_format=args.log_format,
     )
     server = options.apply(config).server
     try:

@@ -13,20 +13,23 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import aiocoap
 from aiocoap.util import hostportjoin
 
-from ..config import Config
+from ..config import Config, split_host_port
 from ..store import DataDir
 from ..store.errors import StoreError
 from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
+from .metrics import MetricsEndpoint
 from .resources import ManifestResource, build_site
 from .stats import STATS_NAME, HandshakeFailures, ServerStats
 from .store_view import StoreView
@@ -57,15 +60,26 @@ class ServeOptions:
     plain_coap: bool = False
     plain_port: int | None = None  # None: the DTLS port - 1, like 5683 beside 5684
     plain_identity: str | None = None
+    metrics: str | None = None  # [monitoring] metrics_bind
+    log_format: str | None = None  # [monitoring] log_format
 
     def apply(self, config: Config) -> Config:
-        """`config` with this command line's [server] overrides (validated again)."""
+        """`config` with this command line's overrides (validated again)."""
         overrides = {
             name: value
             for name in ("bind", "port", "loop")
             if (value := getattr(self, name)) is not None
         }
-        return dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+        monitoring = {
+            key: value
+            for key, value in (("metrics_bind", self.metrics), ("log_format", self.log_format))
+            if value is not None
+        }
+        return dataclasses.replace(
+            config,
+            server=dataclasses.replace(config.server, **overrides),
+            monitoring=dataclasses.replace(config.monitoring, **monitoring),
+        )
 
     def plain_port_for(self, dtls_port: int) -> int:
         # RFC 7252 §6.1/§6.2: plain CoAP sits beside DTLS as 5683 beside 5684.
@@ -89,6 +103,8 @@ class OtaServer:
         self._lock: TextIO | None = None
         self.failures = HandshakeFailures()
         self.stats = ServerStats(self.failures, self.load_figures)
+        self.metrics: MetricsEndpoint | None = None
+        self.metrics_address: tuple[str, int] | None = None
 
     @property
     def dtls_port(self) -> int:
@@ -175,6 +191,10 @@ class OtaServer:
             ),
             asyncio.create_task(self._write_stats(), name="otacoap stats"),
         ]
+        if cfg.monitoring.metrics_bind:
+            host, port = split_host_port(cfg.monitoring.metrics_bind, "the metrics address")
+            self.metrics = MetricsEndpoint(view, self.stats.snapshot)
+            self.metrics_address = await self.metrics.start(host, port)
 
     async def _write_stats(self) -> None:
         path = self.datadir.root / STATS_NAME
@@ -228,6 +248,9 @@ class OtaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
         if self.context is not None:
             if self.context.request_interfaces:  # aiocoap cannot shut down an empty one
                 await self.context.shutdown()
@@ -249,7 +272,7 @@ class OtaServer:
 
 async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM; the exit code for `otacoap serve`."""
-    _default_logging()
+    _default_logging(options.apply(config).monitoring.log_format)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -272,6 +295,10 @@ async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
             "serving %s from %s (%s loop)", server.dtls_uri, datadir.root, server.config.server.loop
         )
         print(f"listening on {server.dtls_uri}", flush=True)
+        if server.metrics_address is not None:
+            host, port = server.metrics_address
+            where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            print(f"metrics on {where}/metrics, health on {where}/health", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -287,8 +314,26 @@ def _revoked(count: int) -> None:
         log.info("ended %d DTLS session(s) made with a removed or replaced key", count)
 
 
-def _default_logging() -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (`[monitoring] log_format = "json"`), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _default_logging(log_format: str = "text") -> None:
     """A server logs its publishes, refusals and reports at info level by default."""
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     ota = logging.getLogger("otacoap")
     if ota.getEffectiveLevel() > logging.INFO:
         ota.setLevel(logging.INFO)

@@ -243,7 +243,7 @@ class FirmwareFastPath:
         if len(payload) != length:
             return None  # the blob is shorter than recorded: FirmwareResource logs it
         self.served += 1
-        self.view.blocks_served[image.digest] += 1  # campaigns' --block-rate budgets
+        self.view.count_served(image.digest, length)
         # RFC 7252 §5.2.1: a piggybacked ACK with the request's Message ID and token.
         return b"".join((_ACK_CONTENT[tkl], data[2 : 4 + tkl], options, payload))
 

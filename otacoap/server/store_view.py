@@ -74,7 +74,10 @@ class StoreView:
         self._campaign_wake = asyncio.Event()
         # Firmware blocks served per image SHA-256 (fast path and /fw resource): the
         # campaigns' --block-rate budgets are checked against their rate.
+        # Firmware blocks served per image (campaigns' --block-rate budgets) and bytes in
+        # all (metrics), by the /fw resource and the fast path alike (count_served).
         self.blocks_served: collections.Counter[bytes] = collections.Counter()
+        self.fw_bytes_served = 0
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
         self.plain_principal: Principal | None = None
@@ -86,6 +89,11 @@ class StoreView:
 
     # --- DB thread -----------------------------------------------------------------
 
+
+    def count_served(self, digest: bytes, payload_bytes: int) -> None:
+        """One firmware block of `digest` went out with `payload_bytes` bytes."""
+        self.blocks_served[digest] += 1
+        self.fw_bytes_served += payload_bytes
     def _in_db(self, fn: Callable[[Store], T]) -> T:
         if self._writer is None:
             self._writer = self.datadir.open_store()

@@ -894,6 +894,11 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
             )
         return ReportOutcome(True, int(cur.lastrowid or 0))
 
+    def report_counts(self) -> dict[str, int]:
+        """Reports stored, by state (metrics)."""
+        rows = self._db.execute("SELECT state, COUNT(*) FROM reports GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
+
     def latest_reports(self) -> dict[str, ReportRecord]:
         """Each device's newest report (by arrival): what it last said it was doing."""
         rows = self._db.execute(
