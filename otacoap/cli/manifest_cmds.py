@@ -1,4 +1,4 @@
-"""`otacoap keygen` and `otacoap manifest build|sign|inspect|verify`."""
+"""`otacoap keygen` and `otacoap manifest build|sign|inspect|verify|decrypt`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import string
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, sign_envelope
 from ..core.errors import ManifestError
 from ..fsutil import atomic_write, read_capped
+from . import encrypt_cmds
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
 MAX_KEY_FILE = 64 * 1024
@@ -70,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--uri", help="payload URI (default: the server-relative /fw/<id>)")
     b.add_argument("--key", metavar="PRIVATE", help="sign with this private key (PEM)")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
+    encrypt_cmds.add_build_options(b)
     b.set_defaults(handler=cmd_build, _cmd_path=["manifest", "build"])
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
@@ -105,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     v.add_argument("--json", action="store_true", help="print the result as one JSON object")
     v.set_defaults(handler=cmd_verify, _cmd_path=["manifest", "verify"])
+
+    encrypt_cmds.register_decrypt(msub)
 
 
 def _uint(text: str) -> int:
@@ -168,15 +173,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     if size == 0:
         raise CliError(f"{args.image}: the image is empty")
     key = load_signing_key(args.key) if args.key else None
+    crypto = encrypt_cmds.resolve(args, key)
     release = Release(digest, size, args.vendor_domain, args.class_info, args.seq, args.uri)
-    envelope = build_envelope(release, key)
+    encrypted = None
+    if crypto.encrypts:
+        encrypted = encrypt_cmds.encrypt_image(args.image, crypto, args.uri)
+        release = replace(release, uri=encrypted.uri, encryption_info=encrypted.info)
+    envelope = encrypt_cmds.authenticate(build_envelope(release), key, crypto)
     data = suit.encode_envelope(envelope)
     atomic_write(args.out, data)
-    signed = f"signed with key {key.public.key_id}" if key else "UNSIGNED"
+    if crypto.hmac_key is not None:
+        signed = "MACed (HMAC 256/256)"
+    elif key is not None:
+        alg = crypto.alg if crypto.alg is not None else key.default_alg
+        signed = f"signed {cose.ALG_NAMES[alg]} with key {key.public.key_id}"
+    else:
+        signed = "UNSIGNED"
     print(
         f"wrote {args.out}: {len(data)} bytes, seq {args.seq}, image {size} bytes "
         f"sha256 {digest.hex()}, uri {release.uri or ids.image_uri(digest)}, {signed}"
     )
+    if encrypted is not None:
+        print(
+            f"wrote {crypto.payload_out}: the encrypted payload to publish, "
+            f"{encrypted.ciphertext_size} bytes, sha256 {encrypted.ciphertext_sha256.hex()}"
+        )
     return 0
 
 

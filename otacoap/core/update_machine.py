@@ -86,6 +86,7 @@ from urllib.parse import urljoin, urlsplit
 from . import interpreter, protocol, suit, trust
 from .blockwise import MAX_SZX, size_of
 from .boot_status import BootEvent, boot_step
+from .encryption import DecryptionKeys
 from .errors import (
     AlreadyInstalled,
     CommandError,
@@ -478,6 +479,8 @@ class MachineConfig:
     server_base: str  # e.g. "coaps://[::1]:5684": /m and /fw/<id> resolve against it
     sector_size: int
     checkpoint_bytes: int = 16 * 1024
+    # The device's payload decryption keys (firmware-encryption; from its identity).
+    decryption_keys: DecryptionKeys = field(default_factory=DecryptionKeys)
 
     @property
     def checkpoint(self) -> int:
@@ -850,7 +853,8 @@ class UpdateMachine(Generic[R]):
         path = (
             None if action.uri.startswith("#") else resolve_uri(self.config.server_base, action.uri)
         )
-        fetch = _Fetch(action, action.size, action.digest, path, select_kind(action, vm))
+        kind = select_kind(action, vm, self.config.decryption_keys)
+        fetch = _Fetch(action, action.size, action.digest, path, kind)
         self._fetch = fetch
         record, staging = self.record, self._staging
         held = record.slots[staging]
@@ -946,7 +950,7 @@ class UpdateMachine(Generic[R]):
         integrated = None
         if fetch.path is None:
             integrated = vm.envelope.integrated_payload(fetch.action.uri)
-            if integrated is None or len(integrated) != fetch.size:
+            if integrated is None or len(integrated) != fetch.kind.payload_size(fetch.size):
                 return self._fail(PolicyError("integrated payload missing or of the wrong size"))
         fetch.decoder = fetch.kind.decoder(fetch.start)
         opened = OpenWriter(self._staging, fetch.size, fetch.digest, fetch.start)
@@ -954,7 +958,10 @@ class UpdateMachine(Generic[R]):
             self._then = self._image_complete
             return [opened, FinishImage()]
         fetch.stream = FetchPayload(
-            fetch.path, integrated, fetch.kind.fetch_offset(fetch.start), fetch.size
+            fetch.path,
+            integrated,
+            fetch.kind.fetch_offset(fetch.start),
+            fetch.kind.payload_size(fetch.size),
         )
         return [opened, fetch.stream]
 
@@ -982,7 +989,12 @@ class UpdateMachine(Generic[R]):
     def _fetch_done(self) -> list[Effect]:
         fetch = self._fetch
         assert fetch is not None and fetch.decoder is not None
-        tail = fetch.decoder.finish()
+        try:
+            tail = fetch.decoder.finish()
+        except OtaError as exc:
+            # A payload that fails authentication (A128GCM tag) is not resumed either.
+            self._record = replace(self.record, download=None)
+            return self._fail(exc)
         self._then = self._image_complete
         return [Write(tail), FinishImage()] if tail else [FinishImage()]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import PublishConfig
-from ..core import cose, ids, suit, trust
+from ..core import cose, encryption, ids, suit, trust
 from ..core.errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -134,11 +134,23 @@ class Publisher:
             raise PolicyError("the image digest must be SHA-256 (the blob store's address)")
         if image.size is None:
             raise PolicyError("the manifest does not state the image size")
-        if image.size != image_size:
+        if image.encryption_info is not None:
+            # An encrypted payload (firmware-encryption): the server stores and serves
+            # the ciphertext and never sees the plaintext, so it cannot check the image
+            # digest (the plaintext's; the device does). The signed URI below names the
+            # ciphertext by its SHA-256, and its size must fit the content algorithm.
+            info = encryption.parse_encryption_info(image.encryption_info)
+            want = info.ciphertext_size(image.size)
+            if image_size != want:
+                raise ImageMismatch(
+                    f"ciphertext is {image_size} bytes; the manifest's encrypted "
+                    f"{image.size}-byte image needs {want}"
+                )
+        elif image.size != image_size:
             raise ImageMismatch(
                 f"image is {image_size} bytes, the manifest says {image.size}",
             )
-        if image.digest.value != image_digest:
+        elif image.digest.value != image_digest:
             raise ImageMismatch(
                 "image SHA-256 does not match the manifest's image digest",
                 detail=f"image {image_digest.hex()}, manifest {image.digest.value.hex()}",
