@@ -382,6 +382,7 @@ class UpdateAgent:
             server_base=self.transport.base_uri,
             sector_size=self.layout.sector_size,
             checkpoint_bytes=self.config.checkpoint_bytes,
+            decryption_keys=self.identity.decryption_keys(),
         )
 
     async def check_and_update(self) -> RunResult:

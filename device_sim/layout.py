@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from otacoap.core import cbor, cose, ids, protocol
+from otacoap.core import cbor, cose, encryption, ids, protocol
 from otacoap.core.sizes import round_up
 
 from .flash import FlashFaults, SimFlash
@@ -178,6 +178,11 @@ class Identity:
     factory_size: int = 0
     factory_digest: bytes = b""
     max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS
+    # Payload decryption keys (firmware-encryption): class or device A128KW KEKs and
+    # the device's own P-256 private key (PKCS#8 DER) for ECDH-ES+A128KW. Secrets, like
+    # the PSK: docs/decisions/firmware-encryption.md has who holds which key.
+    decryption_keks: tuple[bytes, ...] = ()
+    decryption_ec_der: bytes = b""
 
     def __post_init__(self) -> None:
         if not self.device_id or len(self.device_id) > MAX_IDENTITY_TEXT:
@@ -195,6 +200,15 @@ class Identity:
             raise ProvisioningError(f"need 1..{MAX_ANCHORS} trust anchors")
         if not 1 <= self.max_trial_boots <= 16:
             raise ProvisioningError("max trial boots must be 1..16")
+        if len(self.decryption_keks) > MAX_ANCHORS or any(
+            len(k) != 16 for k in self.decryption_keks
+        ):
+            raise ProvisioningError(f"up to {MAX_ANCHORS} A128KW keys of 16 bytes each")
+        if self.decryption_ec_der:
+            try:
+                encryption.load_ec_private_der(self.decryption_ec_der)
+            except encryption.EncryptionError as exc:
+                raise ProvisioningError(f"device decryption key: {exc}") from exc
 
     @property
     def vendor_id(self) -> bytes:
@@ -211,6 +225,14 @@ class Identity:
     def anchors(self) -> tuple[cose.TrustAnchor, ...]:
         return tuple(cose.load_public_key(pem) for pem in self.anchors_pem)
 
+    def decryption_keys(self) -> encryption.DecryptionKeys:
+        """What this device can decrypt payloads with (empty: plain images only)."""
+        der = self.decryption_ec_der
+        return encryption.DecryptionKeys(
+            keks=tuple((None, k) for k in self.decryption_keks),
+            ec_private=(encryption.load_ec_private_der(der),) if der else (),
+        )
+
     def encode(self) -> bytes:
         body: dict[str, Any] = {
             "id": self.device_id,
@@ -222,6 +244,8 @@ class Identity:
             "factory": [self.factory_size, self.factory_digest],
             "trials": self.max_trial_boots,
         }
+        if self.decryption_keks or self.decryption_ec_der:
+            body["dec"] = [list(self.decryption_keks), self.decryption_ec_der]
         payload = cbor.dumps(body)
         head = _ID_HEADER.pack(IDENTITY_MAGIC, IDENTITY_VERSION, len(payload)) + payload
         record = head + _ID_TRAILER.pack(zlib.crc32(head))
@@ -259,6 +283,15 @@ class Identity:
                 raise ProvisioningError("identity: bad factory entry")
             if not (isinstance(anchors, list) and all(isinstance(a, bytes) for a in anchors)):
                 raise ProvisioningError("identity: bad anchors")
+            dec = body.get("dec", [[], b""])
+            if not (
+                isinstance(dec, list)
+                and len(dec) == 2
+                and isinstance(dec[0], list)
+                and all(isinstance(k, bytes) for k in dec[0])
+                and isinstance(dec[1], bytes)
+            ):
+                raise ProvisioningError("identity: bad decryption keys")
             fields = (body["id"], body["vendor"], body["class"])
             if not all(isinstance(f, str) for f in fields) or not isinstance(body["psk"], bytes):
                 raise ProvisioningError("identity: bad field types")
@@ -272,6 +305,8 @@ class Identity:
                 factory_size=_int(factory[0]),
                 factory_digest=bytes(factory[1]),
                 max_trial_boots=_int(body["trials"]),
+                decryption_keks=tuple(dec[0]),
+                decryption_ec_der=dec[1],
             )
         except KeyError as exc:
             raise ProvisioningError(f"identity record lacks {exc}") from None

@@ -62,6 +62,8 @@ def provision(
     write_align: int = DEFAULT_WRITE_ALIGN,
     max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS,
     force: bool = False,
+    decryption_keks: tuple[bytes, ...] = (),
+    decryption_ec_der: bytes = b"",
 ) -> ProvisionResult:
     """Create a provisioned flash file at `path`; raise ProvisioningError on bad input."""
     target = Path(path)
@@ -87,6 +89,8 @@ def provision(
             factory_size=len(factory_image),
             factory_digest=image_digest,
             max_trial_boots=max_trial_boots,
+            decryption_keks=decryption_keks,
+            decryption_ec_der=decryption_ec_der,
         )
         identity.anchors()  # every anchor must load now, not at the first update
     except OtaError as exc:

@@ -285,6 +285,25 @@ def load_ec_private(pem: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def load_ec_private_der(der: bytes) -> ec.EllipticCurvePrivateKey:
+    """A device's stored ECDH-ES key (PKCS#8 DER, as provisioning writes it)."""
+    try:
+        key = serialization.load_der_private_key(der, password=None)
+    except (ValueError, TypeError) as exc:
+        raise EncryptionError("not a PKCS#8 DER private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise EncryptionError("an ECDH-ES recipient key must be a P-256 private key")
+    return key
+
+
+def private_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def load_ec_public(pem: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key: Any = serialization.load_pem_public_key(pem)
