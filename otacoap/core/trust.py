@@ -365,7 +365,8 @@ def summarize(envelope: suit.Envelope) -> Summary:
     for i in range(n):
         digest, size = params[i].get(suit.P_IMAGE_DIGEST), params[i].get(suit.P_IMAGE_SIZE)
         if digest is not None or size is not None or last_uri[i] is not None:
-            images.append(ImageInfo(i, digest, size, last_uri[i]))
+            enc = params[i].get(suit.P_ENCRYPTION_INFO)
+            images.append(ImageInfo(i, digest, size, last_uri[i], enc))
     return Summary(
         tuple(images),
         tuple(fetches),

@@ -1001,7 +1001,10 @@ class UpdateMachine(Generic[R]):
     def _image_complete(self) -> list[Effect]:
         fetch, dl = self._fetch, self.record.download
         assert fetch is not None and dl is not None
-        t = self._go(Step.FETCH_DONE)
+        # The DOWNLOADED report names a payload kind other than the plain image (e.g.
+        # "payload encrypted-a128ctr"), so the operator sees how the image arrived.
+        kind = fetch.kind.name
+        t = self._go(Step.FETCH_DONE, detail="" if kind == "plain" else f"payload {kind}")
         done = replace(self.record, download=replace(dl, durable=fetch.size))
         done = self._queue(done, t, fetch.size)
         return self._persist(done, then=lambda: self._interpret(None))
