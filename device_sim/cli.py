@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an A128KW key (16 bytes or 32 hex) for encrypted payloads, e.g. a class key "
         "(repeatable)",
     )
+    p.add_argument(
+        "--no-seal",
+        action="store_true",
+        help="store the PSK and keys in the clear (default: sealed under the simulated "
+        "chip's hardware key, FLASH.huk)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing flash file")
     p.set_defaults(handler=cmd_provision)
 
@@ -231,6 +237,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         force=args.force,
         decryption_keks=keks,
         decryption_ec_der=der,
+        seal=not args.no_seal,
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "

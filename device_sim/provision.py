@@ -33,6 +33,8 @@ from .layout import (
     FlashLayout,
     Identity,
     ProvisioningError,
+    ensure_hardware_key,
+    load_hardware_key,
     open_flash,
 )
 
@@ -64,8 +66,14 @@ def provision(
     force: bool = False,
     decryption_keks: tuple[bytes, ...] = (),
     decryption_ec_der: bytes = b"",
+    seal: bool = False,
 ) -> ProvisionResult:
-    """Create a provisioned flash file at `path`; raise ProvisioningError on bad input."""
+    """Create a provisioned flash file at `path`; raise ProvisioningError on bad input.
+
+    `seal`: store the PSK and decryption keys sealed under the simulated chip's hardware
+    unique key (created beside the flash file, `layout.huk_path`), so the flash file
+    alone neither reveals them nor clones the device.
+    """
     target = Path(path)
     if target.exists() and not force:
         raise ProvisioningError(f"{target}: already exists (use --force to replace it)")
@@ -91,6 +99,7 @@ def provision(
             max_trial_boots=max_trial_boots,
             decryption_keks=decryption_keks,
             decryption_ec_der=decryption_ec_der,
+            hardware_key=ensure_hardware_key(target) if seal else None,
         )
         identity.anchors()  # every anchor must load now, not at the first update
     except OtaError as exc:
@@ -113,6 +122,7 @@ def provision(
     tmp = Path(tmp_name)
     try:
         flash = SimFlash.create(tmp, layout.total_size, layout.sector_size, layout.write_align)
+        flash.hardware_key = identity.hardware_key
         try:
             flash.write(layout.identity_offset, identity.encode())
             _write_padded(flash, layout.slot_offset(0), factory_image)
@@ -179,7 +189,7 @@ def _next_boot_problem(path: str | os.PathLike[str]) -> str:
         scratch = Path(tmp) / "flash"
         shutil.copyfile(path, scratch)
         try:
-            flash, _ = open_flash(scratch)
+            flash, _ = open_flash(scratch, hardware_key=load_hardware_key(path))
         except (ProvisioningError, OSError, ValueError) as exc:
             return f"flash does not open: {exc}"
         try:
