@@ -109,6 +109,7 @@ from .fetcher import (
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .record_store import StateStoreError
+from .slot_view import SlotView
 from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
@@ -460,7 +461,8 @@ class UpdateAgent:
                 return Done()
             case OpenWriter():
                 self._writer = ImageWriter(
-                    self.flash,
+                    # encrypted at rest under the chip's hardware key, if it has one
+                    SlotView(self.flash, self.layout, effect.slot, effect.digest.value),
                     base=self.layout.slot_offset(effect.slot),
                     capacity=self.layout.slot_size,
                     size=effect.size,

@@ -37,6 +37,7 @@ from .layout import (
     load_hardware_key,
     open_flash,
 )
+from .slot_view import SlotView
 
 _IO_CHUNK = 64 * 1024
 
@@ -125,7 +126,8 @@ def provision(
         flash.hardware_key = identity.hardware_key
         try:
             flash.write(layout.identity_offset, identity.encode())
-            _write_padded(flash, layout.slot_offset(0), factory_image)
+            factory_view = SlotView(flash, layout, 0, image_digest)
+            _write_padded(factory_view, layout.slot_offset(0), factory_image)
             slot = SlotInfo(len(factory_image), image_digest, sequence, manifest_digest)
             if factory_envelope is not None:
                 _write_padded(flash, layout.envelope_offset(0), factory_envelope)
@@ -166,7 +168,7 @@ def _check_factory_envelope(flash: SimFlash, identity: Identity, state: DeviceSt
         raise ProvisioningError(f"factory envelope does not vouch for the image: {exc}") from exc
 
 
-def _write_padded(flash: SimFlash, offset: int, data: bytes) -> None:
+def _write_padded(flash: SimFlash | SlotView, offset: int, data: bytes) -> None:
     """Program data on erased flash in bounded chunks, padding the tail with 0xFF."""
     align = flash.write_align
     pos = 0
@@ -219,10 +221,11 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         if info is None:
             raise ProvisioningError(f"running slot {running} holds no image")
         digest = hashlib.sha256()
+        view = SlotView(flash, lay, running, info.image_digest)
         pos, end = 0, info.image_size
         while pos < end:
             n = min(4096, end - pos)
-            digest.update(flash.read(lay.slot_offset(running) + pos, n))
+            digest.update(view.read(lay.slot_offset(running) + pos, n))
             pos += n
         problem = _next_boot_problem(path)
         bootable = not problem

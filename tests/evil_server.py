@@ -521,6 +521,7 @@ def make_rig(
     psk: bytes = PSK,
     decryption_keks: tuple[bytes, ...] = (),
     decryption_ec_der: bytes = b"",
+    seal: bool = False,
 ) -> Rig:
     key = key or cose.generate_key("es256")
     factory = make_image(factory_size, version=seq, seed=1)
@@ -541,6 +542,7 @@ def make_rig(
         force=True,
         decryption_keks=decryption_keks,
         decryption_ec_der=decryption_ec_der,
+        seal=seal,
     )
     rig = Rig(path, key, factory, env, slot_size=slot_size)
     rig.accept(factory)

@@ -212,3 +212,38 @@ def test_gcm_download_restarts_from_zero(tmp_path: Path) -> None:
             assert rig.boots() == (1, hashlib.sha256(image).digest())
 
     run(go)
+
+
+def _chunks(image: bytes, size: int = 64) -> list[bytes]:
+    return [image[i : i + size] for i in range(0, len(image) - size, 997)]
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "control-unsealed"])
+def test_staging_slot_dump_mid_update_holds_no_plaintext(tmp_path: Path, sealed: bool) -> None:
+    """A sealed device keeps every slot encrypted at rest under its hardware key
+    (device_sim.slot_view): a dump of the staging slot mid-download, and of the flash
+    after the update, shows no plaintext. The unsealed control shows the dump would."""
+    rig = make_rig(tmp_path, seq=5, decryption_keks=(KEK,), seal=sealed)
+    config = replace(FAST, checkpoint_bytes=8 * 1024)
+
+    async def go() -> None:
+        async with EvilServer(script=Script(block=stall_from(21))) as server:
+            image, _ = publish_encrypted(rig, server, 40_000, 6, encryption.KekRecipient(KEK))
+            first, _ = await run_device(rig, server.base_uri, config=config)
+            assert first.outcome == Outcome.FAILED
+            staged = rig.slot_bytes(1)
+            written = [c for c in _chunks(image[: 16 * 1024]) if c in staged]
+            if sealed:
+                assert written == [], "plaintext firmware in the staging slot mid-update"
+            else:
+                assert written, "the control: an unsealed slot holds the plaintext"
+                return
+            server.script.block = honest_block
+            second, _ = await run_device(rig, server.base_uri, config=config)
+            assert second.outcome == Outcome.UPDATED, second
+            raw = rig.path.read_bytes()
+            assert not [c for c in _chunks(image) if c in raw]
+            assert not [c for c in _chunks(rig.factory) if c in raw]
+            assert rig.boots() == (1, hashlib.sha256(image).digest())
+
+    run(go)

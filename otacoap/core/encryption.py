@@ -21,8 +21,8 @@ holding at most 16 bytes:
 * A128CTR is the draft's streaming mode (firmware-encryption §7, "non-AEAD"): no tag;
   integrity comes from the signed manifest's image-digest over the *plaintext*, which
   the image writer checks as for any payload. The counter of byte ``n`` is
-  ``IV + n // 16``, so a decryptor can start at any 16-byte-aligned offset: a download
-  resumes from its last checkpoint.
+  ``IV + n // 16``, so a decryptor can start at any offset: a download resumes from
+  its last checkpoint.
 * A128GCM: the tag is the last 16 bytes of the ciphertext. The decryptor holds back the
   trailing 16 bytes it has seen (they may be the tag), releases everything before them,
   and checks the tag in `finish` (GHASH runs incrementally; nothing else is kept). The
@@ -386,9 +386,8 @@ def _ctr_block(iv: bytes, offset: int) -> bytes:
 class Decryptor:
     """Ciphertext in, plaintext out, in order; holds at most 16 bytes (the GCM tag).
 
-    `offset` (CTR only) is the plaintext offset the stream starts at; it must be
-    16-byte aligned (the counter of a block is IV + block number, RFC 3686 style as
-    RFC 9459 §4 uses it).
+    `offset` (CTR only) is the plaintext offset the stream starts at: the counter of a
+    block is IV + block number (RFC 9459 §4), so any offset can be reached.
     """
 
     def __init__(self, info: EncryptionInfo, cek: bytes, offset: int = 0) -> None:
@@ -398,11 +397,13 @@ class Decryptor:
         self._held = b""
         self.done = False
         if self.alg == A128CTR:
-            if offset % 16:
-                raise EncryptionError("A128CTR can only start at a 16-byte boundary")
+            if offset < 0:
+                raise EncryptionError("A128CTR cannot start before the payload")
             self._ctx: Any = Cipher(
                 algorithms.AES(cek), modes.CTR(_ctr_block(info.iv, offset))
             ).decryptor()
+            if offset % 16:
+                self._ctx.update(bytes(offset % 16))  # into the block: skip its first bytes
         else:
             if offset:
                 raise EncryptionError("A128GCM decryption cannot start mid-payload")
@@ -534,8 +535,9 @@ class EncryptedPayload:
     The CEK is unwrapped once, when the kind is chosen (before any payload byte). The
     manifest's image-digest and image-size are the plaintext's (firmware-encryption §7),
     so the image writer checks the decrypted bytes as for any image. A128CTR resumes at
-    any checkpoint (sector-aligned, hence 16-byte aligned); A128GCM restarts from zero
-    and never checkpoints (its GHASH state is not in flash).
+    any checkpoint; A128GCM restarts from zero
+    and never checkpoints (its GHASH state is not in flash). The CTR resume point is the
+    durable offset itself (a sector checkpoint, or the whole image when it is complete).
     """
 
     info: EncryptionInfo
@@ -555,7 +557,7 @@ class EncryptedPayload:
         return self.info.streaming_resumable
 
     def resume_from(self, durable: int) -> int:
-        return durable - durable % 16 if self.info.streaming_resumable else 0
+        return durable if self.info.streaming_resumable else 0
 
     def fetch_offset(self, slot_offset: int) -> int:
         return slot_offset

@@ -20,6 +20,7 @@ import hmac
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -57,3 +58,32 @@ def unseal(huk: bytes, blob: bytes, context: bytes) -> bytes:
             "sealed secrets do not open with this device's hardware key "
             "(a flash image from another device?)"
         ) from None
+
+
+class SlotCipher:
+    """At-rest encryption of one image in one slot under the chip's hardware key.
+
+    AES-128-CTR under HKDF-SHA-256(HUK, "otacoap slot v1"); the initial counter block is
+    SHA-256("otacoap slot iv" | slot | image digest) cut to 128 bits, and the counter of
+    slot byte ``p`` is that block plus ``p // 16``. So the keystream depends on the slot
+    and on which image is there: two different images never share keystream in the same
+    slot (unlike address-only schemes), the same image re-staged writes the same bytes,
+    and any byte can be read or written on its own (random access, as XIP flash
+    decryption needs). Integrity is not its job: the manifest's digest is checked over
+    the decrypted bytes, so a wrong key or a changed byte fails secure boot.
+    """
+
+    def __init__(self, huk: bytes, slot: int, image_digest: bytes) -> None:
+        okm = HKDF(hashes.SHA256(), 16, None, b"otacoap slot v1").derive(huk)
+        self._key = okm
+        iv = hashlib.sha256(b"otacoap slot iv" + bytes([slot]) + image_digest).digest()[:16]
+        self._iv = int.from_bytes(iv, "big")
+
+    def apply(self, position: int, data: bytes | bytearray | memoryview) -> bytes:
+        """XOR `data` at slot offset `position` with the keystream (encrypt = decrypt)."""
+        counter = (self._iv + position // 16) % (1 << 128)
+        ctx = Cipher(algorithms.AES(self._key), modes.CTR(counter.to_bytes(16, "big"))).encryptor()
+        skip = position % 16
+        if skip:
+            ctx.update(bytes(skip))
+        return bytes(ctx.update(bytes(data)))
