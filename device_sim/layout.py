@@ -364,6 +364,7 @@ def ensure_hardware_key(path: str | os.PathLike[str]) -> bytes:
     key = load_hardware_key(path)
     if key is None:
         key = os.urandom(sealing.HUK_SIZE)
+        huk_path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(huk_path(path), key, mode=0o600)
     return key
 
