@@ -64,10 +64,12 @@ checkpoint). The next two plug in without touching the table:
   `checkpoints` is False or `resume_from` answers 0 unless the patch is stored
   uncompressed; the slot bytes' digest is checked by the writer as today.
 * encrypted (draft-ietf-suit-firmware-encryption, A128KW / ECDH-ES+A128KW with A128CTR
-  or A128GCM): the CEK is unwrapped once (core.cose) before the fetch; the decoder
-  decrypts while streaming. CTR resumes at any 16-byte-aligned checkpoint (the counter
-  is computable, so `resume_from` is the durable offset); GCM authenticates only at the
-  end, so `resume_from` answers 0 and the tag is checked in `finish`.
+  or A128GCM; `core.encryption.EncryptedPayload`, done): the CEK is unwrapped once with
+  `MachineConfig.decryption_keys` when the kind is chosen, before the fetch (a wrong key
+  is a refusal); the decoder decrypts while streaming. CTR resumes at any checkpoint
+  (the counter is computable, so `resume_from` is the durable offset); GCM
+  authenticates only at the end, so `resume_from` answers 0 and the tag is checked in
+  `finish` (a bad tag forgets the download, like a digest mismatch).
 
 A kind that needs more resume state than the durable offset (a delta's patch offset) adds
 it to `Download` in the persisted record (a new record format field, keyed by the same
