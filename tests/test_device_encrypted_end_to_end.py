@@ -49,9 +49,9 @@ def device_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
     )
 
 
-@pytest.mark.parametrize("scheme", ["ecdh-es", "a128kw"])
+@pytest.mark.parametrize("scheme", ["ecdh-es", "a128kw", "a128kw-network"])
 def test_encrypted_release_through_the_server(tmp_path: Path, scheme: str) -> None:
-    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)])
+    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)], operators=["ops"])
     factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
     key_pem = tmp_path / "signing.pem"
     key_pem.write_bytes(setup.key.pem)
@@ -92,13 +92,20 @@ def test_encrypted_release_through_the_server(tmp_path: Path, scheme: str) -> No
     )  # fmt: skip
     ciphertext = (tmp_path / "v2.enc").read_bytes()
     assert image[:64] not in ciphertext
-    cli_ok("publish", "--data", setup.data, tmp_path / "v2.suit", tmp_path / "v2.enc")
-    # The server holds the ciphertext, never the plaintext.
-    blobs = [p for p in (setup.data / "blobs").rglob("*") if p.is_file()]
-    stored = b"".join(p.read_bytes() for p in blobs)
-    assert ciphertext in stored and image[:4096] not in stored
+    network = scheme.endswith("-network")
+    if not network:
+        cli_ok("publish", "--data", setup.data, tmp_path / "v2.suit", tmp_path / "v2.enc")
 
     with running_server(setup.data) as server:
+        if network:  # as an operator over DTLS: the upload is taken by the URI's id
+            cli_ok(
+                "publish", "--server", server.uri, "--identity", "ops",
+                "--psk", setup.operators["ops"].hex(), tmp_path / "v2.suit", tmp_path / "v2.enc",
+            )  # fmt: skip
+        # The server holds the ciphertext, never the plaintext.
+        blobs = [p for p in (setup.data / "blobs").rglob("*") if p.is_file()]
+        stored = b"".join(p.read_bytes() for p in blobs)
+        assert ciphertext in stored and image[:4096] not in stored
         run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
         assert run.returncode == 0, run.stderr + run.stdout
         outcome = json.loads(run.stdout.strip().splitlines()[-1])

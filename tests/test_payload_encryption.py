@@ -432,3 +432,24 @@ def test_build_release_carries_the_encryption_info_into_the_fetch() -> None:
     )
     (fetch,) = [a for a in actions if isinstance(a, interpreter.Fetch)]
     assert fetch.encryption_info == raw and fetch.size == 500
+
+
+def test_staged_upload_is_taken_by_its_image_id_only_for_its_owner(tmp_path: Path) -> None:
+    """An encrypted release names its ciphertext only by /fw/<id>: a network publish
+    takes the operator's own upload by that id prefix."""
+    from otacoap.config import UploadConfig
+    from otacoap.server.uploads import StagedImages
+    from otacoap.store import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    blobs.create_dirs()
+    staged = StagedImages(UploadConfig(staged_ttl=60, max_staged=4))
+    blob = blobs.temp()
+    blob.write(b"ciphertext")
+    digest = blob.finish()
+    staged.put("operator:a", blob)
+    assert staged.take("operator:b", digest[:8]) is None
+    assert staged.take("operator:a", b"\x00" * 8) is None
+    taken = staged.take("operator:a", digest[:8])
+    assert taken is not None and taken.digest == digest
+    taken.discard()

@@ -42,7 +42,9 @@ class StagedImages(Protocol):
     """Where a network publish finds the image its envelope names (server/uploads.py).
 
     `take` hands over the caller's own upload with this SHA-256, or None; once taken,
-    the blob is the publisher's to commit or discard.
+    the blob is the publisher's to commit or discard. A shorter `digest` is an image id
+    (the SHA-256 prefix a `/fw/<id>` URI names): an encrypted release names its
+    ciphertext only that way, and the upload must be the only one with that prefix.
     """
 
     def take(self, digest: bytes) -> TempBlob | None: ...
@@ -223,6 +225,14 @@ class Publisher:
         image = _the_image(verified)
         if image.digest is None:
             raise PolicyError("a release must fetch exactly one image with a digest")
+        if image.encryption_info is not None:
+            # The manifest's digest is the plaintext's (firmware-encryption §7), which
+            # the server never sees; the signed URI names the ciphertext by its id.
+            uri = image.uri or ""
+            head, _, tail = uri.rpartition("/")
+            if head != "/" + ids.IMAGE_PATH_PREFIX or not ids.is_image_id(tail):
+                raise PolicyError("an encrypted release must name its ciphertext as /fw/<id>")
+            return bytes.fromhex(tail)
         return image.digest.value
 
     def refused(self, envelope: bytes, actor: str, exc: OtaError) -> None:
