@@ -453,3 +453,15 @@ def test_staged_upload_is_taken_by_its_image_id_only_for_its_owner(tmp_path: Pat
     taken = staged.take("operator:a", digest[:8])
     assert taken is not None and taken.digest == digest
     taken.discard()
+
+
+def test_inspect_names_the_encrypted_payload(capsys: pytest.CaptureFixture[str]) -> None:
+    require_vectors()
+    code, out, err = cli(
+        capsys, "manifest", "inspect", str(VECTORS / "fw-encryption_es-ecdh_write.hex")
+    )
+    assert code == 0, err
+    assert (
+        "encrypted payload: component 0, A128GCM, in the manifest, "
+        "recipients: ECDH-ES+A128KW kid b'kid-2'"
+    ) in out

@@ -186,6 +186,28 @@ def authenticate(
     return sign_envelope(envelope, key, crypto.alg)
 
 
+def describe_encryption(envelope: suit.Envelope) -> list[str]:
+    """`manifest inspect` lines for each encrypted payload the manifest names."""
+    lines = []
+    for found in encryption.encrypted_parameters(envelope):
+        try:
+            info = encryption.parse_encryption_info(found.info)
+        except Exception as exc:  # inspect shows what is there, even when it is broken
+            lines.append(f"encrypted payload: component {found.component}, unreadable: {exc}")
+            continue
+        recipients = ", ".join(
+            encryption.ALG_NAMES[r.alg] + (f" kid {r.kid!r}" if r.kid is not None else "")
+            for r in info.recipients
+        )
+        where = "in the manifest" if found.content is not None else "fetched"
+        lines.append(
+            f"encrypted payload: component {found.component}, "
+            f"{encryption.ALG_NAMES[info.content_alg]}, {where}, "
+            f"recipients: {recipients or 'none (COSE_Encrypt0)'}"
+        )
+    return lines
+
+
 # --- manifest decrypt ------------------------------------------------------------------
 
 
