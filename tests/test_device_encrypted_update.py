@@ -247,3 +247,32 @@ def test_staging_slot_dump_mid_update_holds_no_plaintext(tmp_path: Path, sealed:
             assert rig.boots() == (1, hashlib.sha256(image).digest())
 
     run(go)
+
+
+def test_unsupported_payload_encryption_is_refused_before_any_byte(tmp_path: Path) -> None:
+    """A signed manifest whose encryption info asks for A256GCM (not in the MTI
+    profiles otacoap implements): a typed refusal, nothing fetched, image untouched."""
+    import cbor2
+
+    rig = make_rig(tmp_path, seq=5, decryption_keks=(KEK,))
+    before = rig.boots()
+    info = cbor2.dumps(
+        cbor2.CBORTag(
+            96, [cbor2.dumps({1: 3}), {5: b"\x00" * 12}, None, [[b"", {1: -3}, b"\x00" * 24]]]
+        )
+    )
+
+    async def go() -> None:
+        async with EvilServer() as server:
+            image = make_image(4_000, version=6, seed=6)
+            uri = ids.image_uri(hashlib.sha256(image).digest())
+            envelope, _ = release(rig.key, image, 6, uri=uri, encryption_info=info)
+            server.script.envelope = envelope
+            server.script.images[uri] = image
+            result, _ = await run_device(rig, server.base_uri)
+            assert result.outcome != Outcome.UPDATED
+            assert result.reason == ReportReason.ALG_UNSUPPORTED, result
+            assert server.block_log() == []
+            assert rig.boots() == before
+
+    run(go)

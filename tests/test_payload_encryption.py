@@ -465,3 +465,43 @@ def test_inspect_names_the_encrypted_payload(capsys: pytest.CaptureFixture[str])
         "encrypted payload: component 0, A128GCM, in the manifest, "
         "recipients: ECDH-ES+A128KW kid b'kid-2'"
     ) in out
+
+
+def test_publisher_takes_ciphertext_and_checks_its_size(tmp_path: Path) -> None:
+    """The server stores the ciphertext: its size must fit the content algorithm and the
+    signed URI must name it; the plaintext digest is the device's to check."""
+    from server_helpers import CLASS_A, VENDOR, DeviceSpec, make_setup
+
+    from otacoap.core.errors import PolicyError
+    from otacoap.store import DataDir, Publisher
+    from otacoap.store.errors import ImageMismatch
+
+    setup = make_setup(tmp_path, devices=[DeviceSpec("t1")])
+    image = os.urandom(3000)
+    info, ct = encryption.encrypt(image, [KEK], _rand, encryption.A128GCM)
+    uri = ids.image_uri(hashlib.sha256(ct).digest())
+
+    def envelope(seq: int, uri: str) -> bytes:
+        release = build.Release(
+            hashlib.sha256(image).digest(), len(image), VENDOR, CLASS_A, seq, uri,
+            encryption_info=info,
+        )  # fmt: skip
+        return suit.encode_envelope(build.build_envelope(release, setup.key))
+
+    def publish(env: bytes, payload: bytes) -> None:
+        d = DataDir(setup.data)
+        store = d.open_store()
+        path = tmp_path / "payload.bin"
+        path.write_bytes(payload)
+        try:
+            Publisher(store, d.blobs, d.config().publish).publish_file(env, path, "test")
+        finally:
+            store.close()
+
+    with pytest.raises(ImageMismatch, match="ciphertext"):
+        publish(envelope(2, uri), ct[:-16])  # the tag cut off
+    with pytest.raises(PolicyError, match="URI"):
+        publish(envelope(2, ids.image_uri(hashlib.sha256(image).digest())), ct)
+    publish(envelope(2, uri), ct)
+    blobs = [p.read_bytes() for p in (setup.data / "blobs").rglob("*") if p.is_file()]
+    assert ct in blobs and image not in blobs
