@@ -505,3 +505,26 @@ def test_publisher_takes_ciphertext_and_checks_its_size(tmp_path: Path) -> None:
     publish(envelope(2, uri), ct)
     blobs = [p.read_bytes() for p in (setup.data / "blobs").rglob("*") if p.is_file()]
     assert ct in blobs and image not in blobs
+
+
+def test_manifest_sign_adds_an_esp256_signature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = cose.generate_key("es256")
+    (tmp_path / "k.pem").write_bytes(key.pem)
+    release = build.Release(hashlib.sha256(b"i").digest(), 1, "a.example", "c", 1)
+    (tmp_path / "in.suit").write_bytes(suit.encode_envelope(build.build_envelope(release)))
+    code, _, err = cli(
+        capsys, "manifest", "sign", "--key", str(tmp_path / "k.pem"), "--alg", "esp256",
+        str(tmp_path / "in.suit"), "-o", str(tmp_path / "out.suit"),
+    )  # fmt: skip
+    assert code == 0, err
+    envelope = suit.decode_envelope((tmp_path / "out.suit").read_bytes())
+    (block,) = envelope.authentication.blocks
+    assert cose.parse_block(block.raw).alg == cose.ESP256
+    trust.accept((tmp_path / "out.suit").read_bytes(), trust.TrustPolicy(anchors=(key.public,)))
+    code, _, err = cli(
+        capsys, "manifest", "sign", "--key", str(tmp_path / "k.pem"), "--alg", "ed25519",
+        str(tmp_path / "in.suit"), "-o", str(tmp_path / "x.suit"),
+    )  # fmt: skip
+    assert code == 1 and len(err.splitlines()) == 1

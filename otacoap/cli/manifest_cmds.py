@@ -77,6 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
     s.add_argument("--key", required=True, metavar="PRIVATE", help="private key (PEM)")
+    s.add_argument(
+        "--alg",
+        choices=["es256", "esp256", "eddsa", "ed25519"],
+        help="signature algorithm (default: es256 for P-256 keys, ed25519 (-19) for Ed25519)",
+    )
     s.add_argument("envelope", metavar="IN", help="envelope (CBOR or hex)")
     s.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     s.set_defaults(handler=cmd_sign, _cmd_path=["manifest", "sign"])
@@ -214,8 +219,11 @@ def _hash_file(path: str) -> tuple[bytes, int]:
 def cmd_sign(args: argparse.Namespace) -> int:
     key = load_signing_key(args.key)
     envelope = suit.decode_envelope(read_envelope_file(args.envelope))
+    alg = cose.alg_by_name(args.alg) if args.alg else None
+    if alg is not None and alg not in cose.algs_for(key.kind):
+        raise CliError(f"--alg {args.alg} does not fit a {key.kind} key")
     try:
-        signed = sign_envelope(envelope, key)
+        signed = sign_envelope(envelope, key, alg)
     except ValueError as exc:
         raise ManifestError(str(exc)) from None
     data = suit.encode_envelope(signed)
