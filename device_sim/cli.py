@@ -124,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="unconfirmed trial boots before a release is given up "
         f"(default {DEFAULT_MAX_TRIAL_BOOTS})",
     )
+    p.add_argument(
+        "--decryption-key",
+        metavar="PRIVATE.pem",
+        help="the device's P-256 key for encrypted payloads (ECDH-ES+A128KW); its public "
+        "half is what `manifest build --encrypt-for` takes",
+    )
+    p.add_argument(
+        "--kek",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an A128KW key (16 bytes or 32 hex) for encrypted payloads, e.g. a class key "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--no-seal",
+        action="store_true",
+        help="store the PSK and keys in the clear (default: sealed under the simulated "
+        "chip's hardware key, FLASH.huk)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing flash file")
     p.set_defaults(handler=cmd_provision)
 
@@ -245,6 +265,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     envelope = (
         maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
     )
+    keks, der = _decryption_keys(args)
     result = provision(
         args.flash,
         device_id=args.id,
@@ -260,12 +281,27 @@ def cmd_provision(args: argparse.Namespace) -> int:
         force=args.force,
         roots_pem=tuple(_read(r, MAX_SMALL_FILE) for r in args.root),
         root_threshold=args.root_threshold,
+        decryption_keks=keks,
+        decryption_ec_der=der,
+        seal=not args.no_seal,
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "
         f"seq {result.sequence}, image sha256 {result.image_digest.hex()}"
     )
     return EXIT_OK
+
+
+def _decryption_keys(args: argparse.Namespace) -> tuple[tuple[bytes, ...], bytes]:
+    """The provisioning keywords for payload decryption keys (firmware-encryption)."""
+    from otacoap.core import encryption
+
+    keks = tuple(encryption.load_kek(_read(k, MAX_SMALL_FILE))[1] for k in args.kek)
+    der = b""
+    if args.decryption_key:
+        key = encryption.load_ec_private(_read(args.decryption_key, MAX_SMALL_FILE))
+        der = encryption.private_der(key)
+    return keks, der
 
 
 def cmd_status(args: argparse.Namespace) -> int:

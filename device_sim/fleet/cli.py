@@ -131,6 +131,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="device class (default: a fresh 'fleet-<random>' per run)",
     )
     rel.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the generated release (A128CTR under a fresh class A128KW key that "
+        "every device is provisioned with); the server stores only the ciphertext",
+    )
+    rel.add_argument(
         "--seq",
         type=positive_int,
         default=2,
@@ -246,6 +252,8 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
             )
     elif args.devices_file is not None:
         raise FleetError("--devices-file only applies with --operator")
+    if args.encrypt and (remote or args.release):
+        raise FleetError("--encrypt applies to a generated release published with --data")
     if args.release is not None and args.class_info is None:
         raise FleetError("--release needs --class-info (and --vendor-domain) of its class")
     if args.devices > MAX_DEVICES:
@@ -296,6 +304,7 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         report=args.report,
         plot=args.plot,
         progress=args.progress,
+        encrypt=args.encrypt,
     )
 
 

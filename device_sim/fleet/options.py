@@ -68,6 +68,9 @@ class FleetOptions:
     report: Path | None = None
     plot: Path | None = None
     progress: bool | None = None  # None: when stderr is a TTY
+    # Encrypt the generated release (A128CTR, CEK wrapped under a class A128KW key the
+    # devices are provisioned with; draft-ietf-suit-firmware-encryption).
+    encrypt: bool = False
 
     def run_deadline(self) -> float:
         """The whole run's bound: every wave of devices using its full deadline."""

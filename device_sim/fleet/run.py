@@ -118,6 +118,7 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 timeout=opts.timeout,
                 attempts=opts.attempts,
                 expected_seq=prepared.seq,
+                decryption_keks=prepared.decryption_keks,
                 expected_digest=prepared.image_digest.hex(),
             )
         )
@@ -216,6 +217,7 @@ def _settings(
         "release_seq": prepared.seq,
         "image_id": prepared.image_id,
         "image_sha256": prepared.image_digest.hex(),
+        "encrypted": bool(prepared.decryption_keks),
         "block_size": opts.block_size,
         "max_window": opts.max_window,
         "concurrency": opts.concurrency,

@@ -59,6 +59,7 @@ class WorkerJob:
     attempts: int
     expected_seq: int
     expected_digest: str  # hex SHA-256 of the new image
+    decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key
 
 
 @dataclass
@@ -90,6 +91,7 @@ def provision_worker(job: WorkerJob) -> None:
             slot_size=job.slot_size,
             sector_size=SECTOR_SIZE,
             force=True,
+            decryption_keks=job.decryption_keks,
         )
 
 

@@ -45,6 +45,9 @@ class ImageInfo:
     digest: suit.SuitDigest | None
     size: int | None
     uri: str | None
+    # suit-parameter-encryption-info when the fetch brings ciphertext (digest and size
+    # are then the plaintext's, firmware-encryption §7)
+    encryption_info: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,13 @@ def summarize(envelope: suit.Envelope) -> Summary:
                     uri = p.get(suit.P_URI)
                     last_uri[i] = uri if uri is not None else last_uri[i]
                     fetches.append(
-                        ImageInfo(i, p.get(suit.P_IMAGE_DIGEST), p.get(suit.P_IMAGE_SIZE), uri)
+                        ImageInfo(
+                            i,
+                            p.get(suit.P_IMAGE_DIGEST),
+                            p.get(suit.P_IMAGE_SIZE),
+                            uri,
+                            p.get(suit.P_ENCRYPTION_INFO),
+                        )
                     )
             elif cmd.code == suit.CMD_RUN_SEQUENCE:
                 for i in list(current):
@@ -362,7 +371,8 @@ def summarize(envelope: suit.Envelope) -> Summary:
     for i in range(n):
         digest, size = params[i].get(suit.P_IMAGE_DIGEST), params[i].get(suit.P_IMAGE_SIZE)
         if digest is not None or size is not None or last_uri[i] is not None:
-            images.append(ImageInfo(i, digest, size, last_uri[i]))
+            enc = params[i].get(suit.P_ENCRYPTION_INFO)
+            images.append(ImageInfo(i, digest, size, last_uri[i], enc))
     return Summary(
         tuple(images),
         tuple(fetches),
