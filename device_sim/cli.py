@@ -33,10 +33,12 @@ from otacoap.cliargs import (
 from otacoap.core import cose
 from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
+from otacoap.fsutil import atomic_write
 
 from .bootloader import BootError
 from .device_state import StateError
 from .fetcher import DEFAULT_MAX_WINDOW, MAX_WINDOW
+from .firmware import Behaviour, make_image
 from .flash import FlashError
 from .layout import (
     DEFAULT_MAX_TRIAL_BOOTS,
@@ -146,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing flash file")
     p.set_defaults(handler=cmd_provision)
+
+    m = sub.add_parser(
+        "make-image",
+        help="write a simulated firmware image (for walkthroughs and tests)",
+        description="Write a deterministic firmware image the simulated device can run. "
+        "Its header says how it behaves after an update: healthy (confirms), crash (never "
+        "gets to confirm) or unhealthy (its health check fails: the bootloader reverts).",
+    )
+    m.add_argument("-o", "--out", required=True, metavar="FILE", help="the image to write")
+    m.add_argument(
+        "--size", type=size_type(MAX_INPUT_FILE), default=32 * 1024, metavar="BYTES",
+        help="image size, K/M suffixes allowed (default 32K)",
+    )  # fmt: skip
+    m.add_argument("--version", type=int, default=1, metavar="N", help="version (default 1)")
+    m.add_argument(
+        "--behaviour", choices=[b.value for b in Behaviour], default=Behaviour.HEALTHY.value,
+        help="what the image does after an update (default healthy)",
+    )  # fmt: skip
+    m.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    m.set_defaults(handler=cmd_make_image)
 
     s = sub.add_parser(
         "status",
@@ -302,6 +324,20 @@ def _decryption_keys(args: argparse.Namespace) -> tuple[tuple[bytes, ...], bytes
         key = encryption.load_ec_private(_read(args.decryption_key, MAX_SMALL_FILE))
         der = encryption.private_der(key)
     return keks, der
+
+
+def cmd_make_image(args: argparse.Namespace) -> int:
+    if not 0 <= args.version < 1 << 32:
+        raise CliError("--version must be 0..4294967295")
+    if os.path.exists(args.out) and not args.force:
+        raise CliError(f"{args.out} exists (use --force to overwrite)")
+    try:
+        image = make_image(args.size, version=args.version, behaviour=Behaviour(args.behaviour))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    atomic_write(args.out, image)
+    print(f"wrote {args.out}: {len(image)} bytes, version {args.version}, {args.behaviour}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
