@@ -100,7 +100,7 @@ def test_status_summarises_classes_releases_and_campaigns(data: Path) -> None:
     assert klass["by_state"] == {"failed": 1, "no report yet": 1}
     assert {(r["seq"], r["devices"]) for r in status["running"]} == {(2, 1), (None, 1)}
     text = cli_ok("status", "--data", data)
-    assert "2 devices in 1 classes" in text and "LAST REPORTED STATE" in text
+    assert "2 devices in 1 class\n" in text and "LAST REPORTED STATE" in text
 
 
 def test_status_shows_an_active_campaign_per_wave(tmp_path: Path) -> None:

@@ -46,20 +46,24 @@ def fleet_status(store: Any) -> dict[str, Any]:
     store.tick_campaigns()
     devices = store.list_devices()
     latest = store.latest_reports()
-    current = {r.class_label: r for r in store.list_releases(current_only=True)}
+    # By class key, not label: a release published before any device of its class
+    # existed is labelled by the class's ids, its devices by their names.
+    current = {r.class_key: r for r in store.list_releases(current_only=True)}
+    labels = {key: r.class_label for key, r in current.items()}
+    labels.update((dev.class_key, dev.class_label) for dev in devices)
     classes: dict[str, dict[str, Any]] = {}
     running: Counter[tuple[str, int | None]] = Counter()
-    by_class: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    by_class: defaultdict[tuple[bytes, bytes], Counter[str]] = defaultdict(Counter)
     for dev in devices:
         last = latest.get(dev.id)
-        by_class[dev.class_label][last.state if last else NO_REPORT] += 1
+        by_class[dev.class_key][last.state if last else NO_REPORT] += 1
         running[(dev.class_label, last.installed_sequence if last else None)] += 1
-    for label in sorted(set(by_class) | set(current)):
-        rel = current.get(label)
-        classes[label] = {
-            "devices": sum(by_class[label].values()),
+    for key in sorted(labels, key=labels.__getitem__):
+        rel = current.get(key)
+        classes[labels[key]] = {
+            "devices": sum(by_class[key].values()),
             "current_seq": rel.sequence_number if rel else None,
-            "by_state": dict(sorted(by_class[label].items())),
+            "by_state": dict(sorted(by_class[key].items())),
         }
     campaigns = []
     for c in store.list_campaigns(active_only=True):
@@ -101,7 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, sort_keys=True))
         return 0
-    print(f"{status['devices']} devices in {len(status['classes'])} classes")
+    n, k = status["devices"], len(status["classes"])
+    print(f"{n} device{'s' * (n != 1)} in {k} class{'es' * (k != 1)}")
     if status["classes"]:
         rows = [
             {
