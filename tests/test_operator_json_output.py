@@ -4,13 +4,16 @@ said (running sequence number, state, last seen, reason by name), and `--version
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from server_helpers import CLASS_A, DeviceSpec, cli, cli_ok, make_image, make_setup
 
+from otacoap.cli import build_parser
 from otacoap.core.errors import ReportReason
 from otacoap.core.report import Report, State
 from otacoap.store import DataDir
@@ -116,3 +119,24 @@ def test_status_shows_an_active_campaign_per_wave(tmp_path: Path) -> None:
     assert camp["waves"][0]["admitted"] == 1
     text = cli_ok("status", "--data", setup.data)
     assert "campaign 1 " in text and "1 of 2 waves open" in text and "SUCCEEDED" in text
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_list_and_show_command_takes_json() -> None:
+    readers = {"list", "show", "status", "inspect", "stats", "watch"}
+    missing = [
+        " ".join(path)
+        for path, sub in _commands(build_parser())
+        if path[-1] in readers
+        and "--json" not in {o for a in sub._actions for o in a.option_strings}
+    ]
+    assert missing == []

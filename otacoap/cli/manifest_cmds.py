@@ -21,6 +21,7 @@ from ..core.build import Release, build_envelope, sign_envelope
 from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
 from . import encrypt_cmds
+from .output import json_parent
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
 MAX_KEY_FILE = 64 * 1024
@@ -97,7 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     s.set_defaults(handler=cmd_sign, _cmd_path=["manifest", "sign"])
 
-    i = msub.add_parser("inspect", help="show an envelope in readable form")
+    i = msub.add_parser(
+        "inspect", parents=[json_parent()], help="show an envelope in readable form"
+    )
     i.add_argument("envelope", metavar="FILE", help="envelope (CBOR or hex)")
     i.set_defaults(handler=cmd_inspect, _cmd_path=["manifest", "inspect"])
 
@@ -276,6 +279,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     m = envelope.manifest
     summary = trust.summarize(envelope)
     images, vendors, classes = summary.images, summary.vendor_ids, summary.class_ids
+    if args.json:
+        print(json.dumps(_inspection(data, envelope, summary), sort_keys=True))
+        return 0
     out = sys.stdout
     print(
         f"envelope: {len(data)} bytes, {'tagged 107' if envelope.tagged else 'untagged'}", file=out
@@ -311,6 +317,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("\nmanifest (CBOR diagnostic notation):", file=out)
     print(cbor.diagnostic(_expand(cbor.loads(envelope.manifest_raw))), file=out)
     return 0
+
+
+def _inspection(data: bytes, envelope: suit.Envelope, summary: Any) -> dict[str, Any]:
+    """What `inspect` shows, as data (nothing here is verified: see `verify`)."""
+    blocks: list[dict[str, Any]] = []
+    for blk in envelope.authentication.blocks:
+        try:
+            parsed = cose.parse_block(blk.raw)
+        except OtaError as exc:
+            blocks.append({"error": str(exc)})
+            continue
+        blocks.append({"cose_tag": parsed.tag, "alg": cose.ALG_NAMES.get(parsed.alg, parsed.alg)})
+    return {
+        "size": len(data),
+        "tagged": envelope.tagged,
+        "manifest_digest": envelope.manifest_digest.value.hex(),
+        "digest_matches": envelope.manifest_digest == envelope.authentication.digest,
+        "authentication_blocks": blocks,
+        "sequence_number": envelope.manifest.sequence_number,
+        "vendor_ids": [ids.uuid_str(v) or v.hex() for v in summary.vendor_ids],
+        "class_ids": [ids.uuid_str(c) or c.hex() for c in summary.class_ids],
+        "components": [[p.hex() for p in c] for c in envelope.manifest.common.components],
+        "images": [
+            {
+                "component": i.component,
+                "size": i.size,
+                "digest": i.digest.value.hex() if i.digest else None,
+                "uri": i.uri,
+            }
+            for i in summary.images
+        ],
+        "encryption": encrypt_cmds.describe_encryption(envelope),
+    }
 
 
 def _expand(value: Any) -> Any:
