@@ -17,7 +17,7 @@ from typing import Any
 
 from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
-from ..core.build import Release, build_envelope, sign_envelope
+from ..core.build import Release, build_envelope, check_release_names, sign_envelope
 from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
 from . import encrypt_cmds
@@ -215,6 +215,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.expires_in <= 0:
             raise CliError("--expires-in must be a positive number of seconds")
         expires = int(time.time()) + args.expires_in
+    check_release_names(args.vendor_domain, args.uri)
     crypto = encrypt_cmds.resolve(args, key)
     release = Release(
         digest, size, args.vendor_domain, args.class_info, args.seq, args.uri, expires=expires

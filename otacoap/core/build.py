@@ -32,7 +32,8 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 §3.1
 
 
 def check_release_names(vendor_domain: str, uri: str | None) -> None:
-    """Refuse names a device could never match or fetch, before anything is signed:
+    """Refuse names a device could never match or fetch, before anything is signed
+    (the operator's `manifest build` calls it; the model itself takes any text):
     the vendor-id is derived from the domain (UUID5, manifest-34 §8.4.8.2), so a typo
     or an empty domain silently makes a manifest for no device at all."""
     if not _DOMAIN.fullmatch(vendor_domain):
@@ -75,7 +76,6 @@ class Release:
 
 
 def build_manifest(release: Release) -> suit.Manifest:
-    check_release_names(release.vendor_domain, release.uri)
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
