@@ -13,7 +13,7 @@ The trees, one per target family:
 | -------- | ---------------------------------------- | ------------------------------- |
 | cbor     | core.cbor.loads (strict profile)         | ManifestError (LimitExceeded)   |
 | envelope | core.suit.decode_envelope                | ManifestError                   |
-| trust    | core.trust.accept (authenticate + admit) | OtaError                        |
+| trust    | core.trust.accept, then the interpreter  | OtaError                        |
 | report   | core.report.decode_report                | ManifestError                   |
 | options  | server fast-path option walk             | none: it returns None           |
 |          | core.block2_responder.answer             | BlockError                      |
@@ -31,6 +31,7 @@ goes stale against the encoders.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -47,7 +48,17 @@ from device_sim.flash import SimFlash
 from device_sim.layout import FlashLayout
 from device_sim.record_store import encode_record
 from otacoap.config import UploadConfig
-from otacoap.core import block2_responder, blockwise, cbor, cose, report, suit, trust
+from otacoap.core import (
+    block2_responder,
+    blockwise,
+    cbor,
+    cose,
+    ids,
+    interpreter,
+    report,
+    suit,
+    trust,
+)
 from otacoap.core.build import Release, build_envelope, build_manifest
 from otacoap.core.errors import ManifestError, OtaError, ReportReason
 from otacoap.core.update_record import BootStatus, Download, SlotInfo, Trial
@@ -174,6 +185,11 @@ _POLICY = trust.TrustPolicy(
 )
 
 
+_DEVICE = interpreter.DeviceDescription(
+    vendor_id=ids.vendor_id(VENDOR), class_id=ids.class_id(ids.vendor_id(VENDOR), CLASS)
+)
+
+
 def _run_trust(data: bytes) -> None:
     """First byte even: the bytes are an envelope (signature and all). Odd: the rest is
     a manifest that the harness authenticates with the trusted key, so the fuzzer
@@ -181,7 +197,21 @@ def _run_trust(data: bytes) -> None:
     if not data:
         raise ManifestError("empty")
     envelope = mac_envelope(data[1:]) if data[0] & 1 else data[1:]
-    trust.accept(envelope, _POLICY)
+    vm = trust.accept(envelope, _POLICY)
+    # What the device does next with an accepted manifest: its SUIT command sequences
+    # (manifest-34 §6), with image checks answered by bit 1 of the first byte.
+    image_ok = bool(data[0] & 2)
+
+    def answer(action: interpreter.Action) -> object:
+        if isinstance(action, interpreter.CheckImage):
+            return image_ok
+        if isinstance(action, interpreter.CheckCondition):
+            return False
+        return None
+
+    for procedure in (interpreter.UPDATE, interpreter.INVOKE):
+        with contextlib.suppress(*TRUST_ERRORS):
+            interpreter.drive(interpreter.run(vm.envelope, procedure, _DEVICE), answer)
 
 
 def _trust_seeds() -> list[bytes]:
