@@ -57,6 +57,8 @@ from otacoap.core.update_machine import (
     BlockReceived,
     CheckSlotImage,
     Done,
+    Drain,
+    Drained,
     Effect,
     EnvelopeFetched,
     Event,
@@ -109,6 +111,7 @@ from .fetcher import (
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .record_store import StateStoreError
+from .slot_view import SlotView
 from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
@@ -382,7 +385,12 @@ class UpdateAgent:
             server_base=self.transport.base_uri,
             sector_size=self.layout.sector_size,
             checkpoint_bytes=self.config.checkpoint_bytes,
+            source=self.slot_view,
         )
+
+    def slot_view(self, slot: int) -> SlotView:
+        """A read-only view of a slot: a delta's source is the running one (core.delta)."""
+        return SlotView(self.flash, self.layout.slot_offset(slot), self.layout.slot_size)
 
     async def check_and_update(self) -> RunResult:
         """One update attempt; returns once the candidate is staged (or nothing to do).
@@ -421,9 +429,7 @@ class UpdateAgent:
                 return answer
         return None
 
-    async def _effect(
-        self, machine: UpdateMachine[DeviceState], effect: Effect
-    ) -> Event | None:
+    async def _effect(self, machine: UpdateMachine[DeviceState], effect: Effect) -> Event | None:
         match effect:
             case Persist(record=record):
                 return Persisted(self.state_file.save(record))
@@ -470,6 +476,8 @@ class UpdateAgent:
                 return None
             case FetchPayload():
                 return await self._stream(machine, effect)
+            case Drain():
+                return Drained()
             case FinishImage():
                 assert self._writer is not None
                 self._writer.finish()
@@ -505,9 +513,7 @@ class UpdateAgent:
         """Feed the payload to the machine block by block; FetchDone at its end."""
         if fetch.integrated is not None:
             for pos in range(fetch.start, fetch.size, MAX_BLOCK):
-                await self._drive(
-                    machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK])
-                )
+                await self._drive(machine, BlockReceived(fetch.integrated[pos : pos + MAX_BLOCK]))
                 if not machine.streaming:
                     return None
             return FetchDone()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import cbor, cose, ids, suit
+from . import cbor, cose, delta, ids, suit
 from .suit import Command, CommandSequence, Parameters
 
 # Reporting policies as used by the draft's examples (DIGEST.md §4).
@@ -34,7 +34,17 @@ class Release:
     description: str | None = None
 
 
-def build_manifest(release: Release) -> suit.Manifest:
+def build_manifest(
+    release: Release, patch: delta.DeltaInfo | None = None, *, fallback: bool = True
+) -> suit.Manifest:
+    """The release's manifest; with `patch`, its delta form (docs/decisions/delta-updates.md).
+
+    The delta form's install is a try-each: first the patch, if the running image is its
+    source (the custom condition), else (or if the patch fails) the full image; the
+    image-digest and image-size stay the resulting image's, so validate and secure boot
+    are the same as for the full manifest. `fallback=False` leaves the full image out
+    (a delta-only manifest: a device that cannot use the patch refuses it).
+    """
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
@@ -60,13 +70,26 @@ def build_manifest(release: Release) -> suit.Manifest:
             Command(suit.CMD_CLASS_IDENTIFIER, REP_ALL),
         ]
     )
-    install = CommandSequence.build(
-        [
-            Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(((suit.P_URI, uri),))),
-            Command(suit.CMD_FETCH, REP_FAILURE),
-            Command(suit.CMD_IMAGE_MATCH, REP_ALL),
-        ]
-    )
+    full = [
+        Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(((suit.P_URI, uri),))),
+        Command(suit.CMD_FETCH, REP_FAILURE),
+    ]
+    if patch is not None:
+        patch_params = ((suit.P_URI, ids.image_uri(patch.patch_digest.value)),)
+        by_delta = CommandSequence.build(
+            [
+                Command(
+                    suit.CMD_OVERRIDE_PARAMETERS, Parameters(patch_params + patch.parameters())
+                ),
+                Command(suit.CMD_DELTA_SOURCE_MATCH, REP_ALL),
+                Command(suit.CMD_FETCH, REP_FAILURE),
+            ]
+        )
+        if fallback:
+            full = [Command(suit.CMD_TRY_EACH, (by_delta, CommandSequence.build(full)))]
+        else:
+            full = list(by_delta.commands)
+    install = CommandSequence.build([*full, Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     validate = CommandSequence.build([Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     invoke = CommandSequence.build([Command(suit.CMD_INVOKE, REP_FAILURE)])
     common = suit.Common((release.component,), shared)
@@ -80,9 +103,14 @@ def build_manifest(release: Release) -> suit.Manifest:
 
 
 def build_envelope(
-    release: Release, key: cose.SigningKey | None = None, alg: int | None = None
+    release: Release,
+    key: cose.SigningKey | None = None,
+    alg: int | None = None,
+    *,
+    patch: delta.DeltaInfo | None = None,
+    fallback: bool = True,
 ) -> suit.Envelope:
-    envelope = suit.make_envelope(build_manifest(release))
+    envelope = suit.make_envelope(build_manifest(release, patch, fallback=fallback))
     return sign_envelope(envelope, key, alg) if key is not None else envelope
 
 

@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import cbor2
 
-from . import cbor, cose, suit
+from . import cbor, cose, delta, suit
 from .errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -45,6 +45,8 @@ class ImageInfo:
     digest: suit.SuitDigest | None
     size: int | None
     uri: str | None
+    # A delta fetch: the patch and its source (core.delta; decoded here, by the gate).
+    delta: delta.DeltaInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -322,9 +324,8 @@ def summarize(envelope: suit.Envelope) -> Summary:
                     p = params[i]
                     uri = p.get(suit.P_URI)
                     last_uri[i] = uri if uri is not None else last_uri[i]
-                    fetches.append(
-                        ImageInfo(i, p.get(suit.P_IMAGE_DIGEST), p.get(suit.P_IMAGE_SIZE), uri)
-                    )
+                    image_digest, size = p.get(suit.P_IMAGE_DIGEST), p.get(suit.P_IMAGE_SIZE)
+                    fetches.append(ImageInfo(i, image_digest, size, uri, delta.info_of(p)))
             elif cmd.code == suit.CMD_RUN_SEQUENCE:
                 for i in list(current):
                     walk(cmd.arg, [i])
@@ -332,7 +333,12 @@ def summarize(envelope: suit.Envelope) -> Summary:
                 for i in list(current):
                     for alt in cmd.arg:
                         if alt is not None:
+                            # Each alternative starts from the parameters before the
+                            # try-each, as the interpreter runs it (manifest-34
+                            # §8.4.10.2): one alternative's must not leak into the next.
+                            saved = dict(params[i])
                             walk(alt, [i])
+                            params[i] = saved
 
     keys = [
         suit.M_DEPENDENCY_RESOLUTION,
@@ -405,6 +411,11 @@ def _check_policy(envelope: suit.Envelope, summary: Summary, policy: TrustPolicy
                 raise PolicyError(
                     "manifest targets a component this device does not allow to be written"
                 )
+    for fetch in summary.fetches:
+        # A delta's source is a slot's image; the patch streams (no slot holds it).
+        limit = policy.max_image_size
+        if fetch.delta is not None and limit is not None and fetch.delta.source_size > limit:
+            raise PolicyError("delta source is larger than a slot")
     if policy.max_image_size is not None:
         for fetch in summary.fetches:
             if fetch.size is None:
