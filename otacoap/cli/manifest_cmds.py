@@ -16,6 +16,7 @@ from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, sign_envelope
 from ..core.errors import ManifestError
 from ..fsutil import atomic_write, read_capped
+from . import delta_cmds
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
 MAX_KEY_FILE = 64 * 1024
@@ -70,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--uri", help="payload URI (default: the server-relative /fw/<id>)")
     b.add_argument("--key", metavar="PRIVATE", help="sign with this private key (PEM)")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
+    delta_cmds.add_build_arguments(b)
     b.set_defaults(handler=cmd_build, _cmd_path=["manifest", "build"])
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
@@ -169,10 +171,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CliError(f"{args.image}: the image is empty")
     key = load_signing_key(args.key) if args.key else None
     release = Release(digest, size, args.vendor_domain, args.class_info, args.seq, args.uri)
-    envelope = build_envelope(release, key)
+    patch_line = ""
+    if args.delta_from:
+        envelope, patch_line = delta_cmds.build_delta(args, release, key)
+    else:
+        envelope = build_envelope(release, key)
     data = suit.encode_envelope(envelope)
     atomic_write(args.out, data)
     signed = f"signed with key {key.public.key_id}" if key else "UNSIGNED"
+    if patch_line:
+        print(patch_line)
     print(
         f"wrote {args.out}: {len(data)} bytes, seq {args.seq}, image {size} bytes "
         f"sha256 {digest.hex()}, uri {release.uri or ids.image_uri(digest)}, {signed}"

@@ -20,6 +20,7 @@ from ..core import ids
 from ..core.errors import OtaError
 from ..store import DEFAULT_DATA_DIR, DataDir, Publisher, SQLiteStore
 from ..store.names import PSK_LENGTH, parse_psk_hex
+from .delta_cmds import publish_local
 from .manifest_cmds import load_anchor, read_envelope_file
 
 # Who the audit log names for local commands: the OS user, as far as we can tell.
@@ -120,6 +121,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("envelope", metavar="ENVELOPE")
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "--delta",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("DELTA_ENVELOPE", "PATCH"),
+        help="also publish a delta envelope of this release and its patch (repeatable); "
+        "a delta envelope given as ENVELOPE (with its PATCH) is added to its release",
+    )
     p.add_argument("--server", metavar="coaps://HOST:PORT", help="publish over the network")
     p.add_argument("--identity", metavar="NAME", help="operator name (with --server)")
     p.add_argument("--psk", metavar="HEX", help="operator PSK (with --server)")
@@ -360,13 +370,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     datadir = _datadir(args)
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
-        release = Publisher(store, datadir.blobs, config.publish).publish_file(
-            envelope, Path(args.image), _CLI_ACTOR
-        )
-    print(
-        f"published {release.class_label} seq {release.sequence_number}: image "
-        f"{release.image.uri} ({release.image.size} bytes), signed by {release.signer}"
-    )
+        publisher = Publisher(store, datadir.blobs, config.publish)
+        done = publish_local(publisher, envelope, Path(args.image), args.delta, _CLI_ACTOR)
+    for published in done:
+        print(published.line())
     return 0
 
 
@@ -376,17 +383,20 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     from .. import eventloop
     from ..operator.client import publish
 
-    result = eventloop.run(
-        publish(
-            args.server,
-            args.identity,
-            parse_psk_hex(args.psk),
-            envelope,
-            Path(args.image),
-            timeout=args.timeout,
+    pairs = [(envelope, Path(args.image))]
+    pairs += [(read_envelope_file(e), Path(p)) for e, p in args.delta]
+    for env, path in pairs:  # a delta after its release, each like a release
+        result = eventloop.run(
+            publish(
+                args.server,
+                args.identity,
+                parse_psk_hex(args.psk),
+                env,
+                path,
+                timeout=args.timeout,
+            )
         )
-    )
-    print(result)
+        print(result)
     return 0
 
 

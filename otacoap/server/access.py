@@ -9,20 +9,64 @@ resource, the /fw resource and the /fw fast path follow, since all three ask onl
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..store import ImageRecord, Principal, ReleaseRecord, Role
 from .store_view import StoreView
 
 
 def release_of(view: StoreView, principal: Principal) -> ReleaseRecord | None:
-    """The release whose envelope `principal` is served on /m, if any."""
+    """The release whose envelope `principal` is served on /m, if any.
+
+    With a delta envelope for the image the device runs (store/deltas.py), that
+    envelope is the one served: the record carries it (and its manifest digest)."""
     if principal.role is not Role.DEVICE:
         return None
     device = view.device(principal.name)
-    return view.release_for(device) if device is not None else None
+    release = view.release_for(device) if device is not None else None
+    if release is None or device is None:
+        return None
+    delta = view.delta_for(device, release)
+    if delta is None:
+        return release
+    return dataclasses.replace(
+        release, envelope=delta.envelope, manifest_digest=delta.manifest_digest
+    )
+
+
+def _served(
+    view: StoreView, principal: Principal
+) -> tuple[ReleaseRecord | None, ImageRecord | None]:
+    """(its release, the patch of the delta envelope it is served, if one)."""
+    if principal.role is not Role.DEVICE:
+        return None, None
+    device = view.device(principal.name)
+    release = view.release_for(device) if device is not None else None
+    if release is None or device is None:
+        return None, None
+    delta = view.delta_for(device, release)
+    return release, delta.patch if delta is not None else None
 
 
 def readable_image(view: StoreView, principal: Principal) -> ImageRecord | None:
-    """The one image `principal` may read on /fw/<image id>, if any (ATTACKS.md #32:
-    any other id is "not found", with no hint whether it exists)."""
-    release = release_of(view, principal)
+    """The image `principal` may read on /fw/<image id>, if any (ATTACKS.md #32: any
+    other id is "not found", with no hint whether it exists): its release's image, or
+    the patch when it is served a delta envelope (the /fw fast path grants this one)."""
+    release, patch = _served(view, principal)
+    if patch is not None:
+        return patch
     return release.image if release is not None else None
+
+
+def fallback_image(view: StoreView, principal: Principal) -> ImageRecord | None:
+    """When `principal` is served a delta envelope, its full-image fallback."""
+    release, patch = _served(view, principal)
+    return release.image if release is not None and patch is not None else None
+
+
+def image_named(view: StoreView, principal: Principal, image_id: str) -> ImageRecord | None:
+    """The readable image (or delta fallback) with this id, else None."""
+    for image in (readable_image(view, principal), fallback_image(view, principal)):
+        if image is not None and image.image_id == image_id:
+            return image
+    return None

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from ..config import Config
 from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
+from ..store.deltas import DeltaRecord
 from ..store.models import ClassKey
 from .credentials import PskDirectory
 
@@ -56,6 +57,7 @@ class StoreView:
         self._operators: dict[str, bool] = {}
         self._class_releases: dict[ClassKey, ReleaseRecord | None] = {}
         self._releases_by_id: dict[int, ReleaseRecord | None] = {}
+        self._has_deltas: dict[int, bool] = {}  # release id -> any delta envelopes?
         self._release_listeners: list[Callable[[], None]] = []
         # Bumped whenever the caches above are dropped, so caches derived from them
         # elsewhere (the /fw fast path's grants) know to drop theirs too.
@@ -175,6 +177,14 @@ class StoreView:
             self._class_releases[key] = self.reader.current_release(key)
         return self._class_releases[key]
 
+    def delta_for(self, device: DeviceRecord, release: ReleaseRecord) -> DeltaRecord | None:
+        """The delta envelope of `release` this device is served instead, if any
+        (store/deltas.py says which); one cached lookup for a release without deltas."""
+        has = self._has_deltas.get(release.id)
+        if has is None:
+            has = self._has_deltas[release.id] = bool(self.reader.deltas_of(release.id))
+        return self.reader.delta_for_device(device.id, release) if has else None
+
     def on_release_change(self, listener: Callable[[], None]) -> None:
         self._release_listeners.append(listener)
 
@@ -196,6 +206,7 @@ class StoreView:
         if releases_changed:
             self._class_releases.clear()
             self._releases_by_id.clear()
+            self._has_deltas.clear()
             for listener in list(self._release_listeners):
                 try:
                     listener()

@@ -26,6 +26,8 @@ from ..core.errors import ManifestError, PolicyError, RollbackError
 from ..core.report import Report
 from . import audit as chain
 from .audit import AuditEntry
+from .deltas import MIGRATION as DELTA_MIGRATION
+from .deltas import DeltaTables
 from .errors import AlreadyExists, NotFound, ReportReplayed, StoreError
 from .models import (
     AnchorRecord,
@@ -140,6 +142,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         # carries the running count (report key -7), so lost history is visible.
         ("ALTER TABLE reports ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",),
     ),
+    DELTA_MIGRATION,  # 6: delta envelopes (store/deltas.py)
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -176,7 +179,7 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-class SQLiteStore:
+class SQLiteStore(DeltaTables):
     """`Store` over one SQLite connection."""
 
     def __init__(
@@ -612,7 +615,7 @@ class SQLiteStore:
         row = self._db.execute(
             "SELECT 1 FROM releases WHERE image_digest = ? LIMIT 1", (digest,)
         ).fetchone()
-        return row is not None
+        return row is not None or self.patch_referenced(digest)
 
     def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None:
         with self._tx() as db:
