@@ -3,10 +3,11 @@
 detools (github.com/eerimoq/detools) computes the bsdiff control/diff/extra stream; its
 own LZMA step uses the preset's 8 MiB dictionary, which no small device can hold. So the
 patch is made uncompressed and its body packed here with LZMA1 ("alone" format, what
-detools itself writes) and a `DICT_SIZE` dictionary and lc=lp=pb=0, which measured
-smaller than detools' default on every shared pair (docs/decisions/delta-updates.md) and
-needs about 21 KiB in an embedded LzmaDec. The result is still a valid detools patch:
-`detools.apply_patch` applies it, and so does the device's `core.delta` decoder.
+detools itself writes), an 8 KiB dictionary and lc=lp=pb=0, which measured smaller than
+detools' default on the MicroPython pairs (docs/decisions/delta-updates.md) and needs
+about 13 KiB in an embedded LzmaDec (CPython's liblzma: 41 KiB). The result is still a
+valid detools patch: `detools.apply_patch` applies it, and so does the device's
+`core.delta` decoder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import detools
 
 from .core import delta
 
-DICT_SIZE = 16 * 1024
+DICT_SIZE = 8 * 1024
 _FILTERS = [
     {
         "id": lzma.FILTER_LZMA1,

@@ -32,7 +32,7 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
         "--compression",
         choices=["lzma", "none"],
         default="lzma",
-        help="patch compression (lzma: 16 KiB dictionary, what small devices can hold)",
+        help="patch compression (lzma: 8 KiB dictionary, what small devices can hold)",
     )
     b.add_argument(
         "--no-fallback",

@@ -18,7 +18,7 @@ at most `CHUNK`, at most `OUT_MAX` output bytes, and the decompressor's dictiona
 which the device bounds (`MAX_DICT`): a patch made with detools' default LZMA settings
 (an 8 MiB dictionary) is refused with a typed reason instead of exhausting RAM. Only the
 compressions a small device should run are accepted: none and LZMA (heatshrink's figures
-on the shared pairs are 35 % larger than LZMA with a 16 KiB dictionary;
+on the shared pairs are 35 % larger than LZMA with an 8 KiB dictionary;
 docs/decisions/delta-updates.md).
 
 A patch is never trusted: its size and digest are checked against the signed manifest
@@ -62,14 +62,14 @@ COMPRESSION_NAMES = {
     6: "lz4",
 }
 
-CHUNK = 4096
+CHUNK = 1024
 """Most decompressed patch bytes held at once (and the largest source read)."""
-OUT_MAX = 4096
+OUT_MAX = 1024
 """Most slot bytes one `feed`/`drain` returns: the caller drains until b''."""
 OUT_ALIGN = 256
 """Slot bytes come out in multiples of this (any write unit up to 256 divides it)."""
 MAX_DICT = 32 * 1024
-"""Largest LZMA dictionary a device accepts (otacoap's patches use 16 KiB)."""
+"""Largest LZMA dictionary a device accepts (otacoap's patches use 8 KiB)."""
 LZMA_FIXED_OVERHEAD = 65536
 """liblzma's own decoder state estimate beyond the dictionary (measured with memlimit);
 an embedded LzmaDec needs (1846 + 768 << (lc + lp)) * 2 bytes instead."""
@@ -163,15 +163,22 @@ def info_of(params: Mapping[int, Any]) -> DeltaInfo | None:
 # --- applying a patch ------------------------------------------------------------------
 
 
+def _masks(n: int) -> tuple[int, int]:
+    return int.from_bytes(b"\x7f" * n, "little"), int.from_bytes(b"\x80" * n, "little")
+
+
+_FULL_MASKS = _masks(CHUNK)
+
+
 def add_bytes(a: bytes | bytearray | memoryview, b: bytes) -> bytes:
-    """Bytewise (a + b) mod 256, bsdiff's diff step, as one big-integer operation (SWAR)."""
+    """Bytewise (a + b) mod 256, bsdiff's diff step, as one big-integer operation (SWAR:
+    add the low 7 bits of every byte, then put each top bit back without a carry)."""
     n = len(b)
     if n == 0:
         return b""
     x = int.from_bytes(a, "little")
     y = int.from_bytes(b, "little")
-    low7 = int.from_bytes(b"\x7f" * n, "little")
-    high = int.from_bytes(b"\x80" * n, "little")
+    low7, high = _FULL_MASKS if n == CHUNK else _masks(n)
     return (((x & low7) + (y & low7)) ^ ((x ^ y) & high)).to_bytes(n, "little")
 
 
