@@ -17,7 +17,7 @@ from otacoap import patching
 from otacoap.core import delta, suit
 from otacoap.core.report import Report, State
 from otacoap.fsutil import atomic_write
-from otacoap.store import DataDir
+from otacoap.store import DataDir, Principal
 
 
 class Operator:
@@ -151,3 +151,76 @@ def test_the_device_is_served_the_delta_for_the_image_it_reports_installed(op: O
         store.record_report("dev-1", Report(counter=3, state=State.CONFIRMED, sequence_number=2,
                             manifest_digest=by_full, installed_sequence=2), b"r3")  # fmt: skip
         assert store.delta_for_device("dev-1", release) is None
+
+
+def test_access_serves_and_lets_read_the_patch_only_to_a_device_on_its_source(
+    op: Operator,
+) -> None:
+    """server.access: the delta envelope and its patch for a device whose installed
+    image is the source; its full image stays readable (the fallback); for any other
+    device, the full envelope and no patch. Both /fw paths agree."""
+    import asyncio
+
+    from server_helpers import SessionRemote
+    from test_server_access import _request, _resource_code
+
+    from otacoap.server import access
+    from otacoap.server.fastpath import FirmwareFastPath
+    from otacoap.server.store_view import StoreView
+
+    op.setup.add_device(DeviceSpec("dev-2"))
+    _, _, old_bin, new_bin = _two_releases(op)
+    full = op.build(new_bin, 2, "v2.suit")
+    d = op.build(new_bin, 2, "d.suit", "--delta-from", old_bin)
+    cli_ok("publish", "--data", op.data, full, new_bin, "--delta", d, op.dir / "d.suit.patch")
+    with contextlib.closing(DataDir(op.data).open_store()) as store:
+        store.record_report("dev-1", Report(counter=1, state=State.CONFIRMED,
+                            installed_sequence=1), b"r1")  # fmt: skip
+        (release,) = store.list_releases(current_only=True)
+        (dr,) = store.deltas_of(release.id)
+        old_release = store.release_by_seq(release.class_key, 1)
+        assert old_release is not None
+    datadir = DataDir(op.data)
+    view = StoreView(datadir, datadir.config())
+    try:
+        on_source = view.psks.find_dtls_psk(b"dev-1")[1]
+        other = view.psks.find_dtls_psk(b"dev-2")[1]
+        assert isinstance(on_source, Principal) and isinstance(other, Principal)
+        served = access.release_of(view, on_source)
+        assert served is not None and served.envelope == dr.envelope
+        assert served.manifest_digest == dr.manifest_digest
+        plain = access.release_of(view, other)
+        assert plain is not None and plain.envelope == release.envelope
+        assert access.readable_image(view, on_source) == dr.patch
+        assert access.readable_image(view, other) == release.image
+
+        def verdicts(principal: Principal) -> dict[str, tuple[bool, int]]:
+            remote = SessionRemote([principal])
+            fast = FirmwareFastPath(view)
+            try:
+                out = {}
+                for name, image in (
+                    ("patch", dr.patch),
+                    ("full", release.image),
+                    ("old", old_release.image),
+                ):
+                    data = _request(image.image_id)
+                    code = _resource_code(view, remote, data)
+                    out[name] = (fast.handle(remote, data) is not None, int(code))
+                return out
+            finally:
+                fast.close()
+
+        content, not_found = 69, 132  # 2.05, 4.04
+        assert verdicts(on_source) == {
+            "patch": (True, content),
+            "full": (False, content),  # the fallback: through the resource
+            "old": (False, not_found),
+        }
+        assert verdicts(other) == {
+            "patch": (False, not_found),
+            "full": (True, content),
+            "old": (False, not_found),
+        }
+    finally:
+        asyncio.run(view.close())
