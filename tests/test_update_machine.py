@@ -649,7 +649,7 @@ SCENARIOS.append(
         "a failed delta falls back to the full image",
         delta_host,
         factory_record,
-        [CHECK, ACCEPTED, STARTED, (Phase.DOWNLOADING, Step.FETCH_STARTED), FETCHED, STAGED],
+        [CHECK, ACCEPTED, STARTED, (Phase.DOWNLOADING, Step.FALLBACK), FETCHED, STAGED],
         Phase.STAGED,
         [State.DOWNLOADING, State.DOWNLOADING, State.DOWNLOADED, State.INSTALLING],
         check_delta_fallback,

@@ -55,14 +55,17 @@ bytes into slot bytes. The image writer checks size and digest of the *slot byte
 whatever the kind. Today's only kind is the plain image (pass-through, resume at any
 checkpoint). The next two plug in without touching the table:
 
-* delta (detools sequential patch, DESIGN.md): `select_kind` recognises the delta
-  manifest; the decoder applies the patch while streaming, reading the "from" image
-  through a read-only region of the *running* slot the host injects (as the writer's
-  flash is injected), and the machine first checks the running slot's digest against
-  the manifest's source digest (a `CheckSlotImage` on the running slot; a mismatch is a
-  refusal before any payload byte). detools' decompressor state is not in flash, so
-  `checkpoints` is False or `resume_from` answers 0 unless the patch is stored
-  uncompressed; the slot bytes' digest is checked by the writer as today.
+* delta (detools sequential patch, core.delta; docs/decisions/delta-updates.md):
+  `select_kind` recognises the delta fetch from the trust gate's `DeltaInfo`; the
+  decoder applies the patch while streaming, reading the "from" image through a
+  read-only region of the *running* slot the host injects (`MachineConfig.source`, as
+  the writer's flash is injected); a patch expands, so its decoder is drained in
+  bounded pieces (`Drain`/`Drained`). The custom condition delta-source-match becomes a
+  `CheckSlotImage` on the running slot: a mismatch fails that try-each alternative
+  before any payload byte. detools' decompressor state is not in flash, so
+  `checkpoints` is False and `resume_from` answers 0. A delta payload that fails is
+  thrown into the interpreter at its Fetch, so try-each runs the next alternative (the
+  full image; `Step.FALLBACK`), and the reports say which payload was used.
 * encrypted (draft-ietf-suit-firmware-encryption, A128KW / ECDH-ES+A128KW with A128CTR
   or A128GCM): the CEK is unwrapped once (core.cose) before the fetch; the decoder
   decrypts while streaming. CTR resumes at any 16-byte-aligned checkpoint (the counter
@@ -150,6 +153,7 @@ class Step(StrEnum):
     ACCEPTED = "accepted"  # trust.accept returned a VerifiedManifest
     REFUSED = "refused"  # trust gate, local policy or a failed pre-fetch condition
     FETCH_STARTED = "fetch-started"
+    FALLBACK = "fallback"  # a failed delta's fetch is followed by the full image's
     BLOCK = "block"
     FETCH_DONE = "fetch-done"
     STAGED = "staged"
@@ -180,8 +184,9 @@ TRANSITIONS: Mapping[tuple[Phase, Step], tuple[Phase, State | None]] = {
     (Phase.VERIFIED, Step.ERROR): (Phase.FAILED, State.FAILED),
     (Phase.DOWNLOADING, Step.BLOCK): (Phase.DOWNLOADING, None),
     (Phase.DOWNLOADING, Step.FETCH_DONE): (Phase.DOWNLOADED, State.DOWNLOADED),
-    # A delta that failed falls back to try-each's next alternative, the full image.
-    (Phase.DOWNLOADING, Step.FETCH_STARTED): (Phase.DOWNLOADING, State.DOWNLOADING),
+    # A delta that failed falls back to try-each's next alternative, the full image
+    # (a new fetch, but only ever after a first one: FETCH_STARTED stays VERIFIED-only).
+    (Phase.DOWNLOADING, Step.FALLBACK): (Phase.DOWNLOADING, State.DOWNLOADING),
     (Phase.DOWNLOADING, Step.ERROR): (Phase.FAILED, State.FAILED),
     (Phase.DOWNLOADED, Step.STAGED): (Phase.STAGED, None),  # boot table reports INSTALLING
     (Phase.DOWNLOADED, Step.ERROR): (Phase.FAILED, State.FAILED),
@@ -1005,7 +1010,8 @@ class UpdateMachine(Generic[R]):
         fetch = self._fetch
         assert fetch is not None
         fetch.start = fetch.offset = dl.durable
-        t = self._go(Step.FETCH_STARTED, detail=self._payload_detail())
+        step = Step.FALLBACK if self._phase == Phase.DOWNLOADING else Step.FETCH_STARTED
+        t = self._go(step, detail=self._payload_detail())
         started = self._queue(replace(self.record, download=dl), t, dl.durable)
         return self._persist(started, then=self._flush_then_open)
 
