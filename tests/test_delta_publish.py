@@ -63,6 +63,9 @@ def test_build_delta_and_publish_it_with_its_release(op: Operator) -> None:
     assert "patch " in out and "% of the image" in out
     patch = (op.dir / "v2-from-v1.suit.patch").read_bytes()
     assert patching.apply_with_detools(old, patch) == new
+    shown = cli_ok("manifest", "inspect", op.dir / "v2-from-v1.suit")
+    assert f"delta: component 0, detools-sequential patch {len(patch)} bytes" in shown
+    assert f"from source {len(old)} bytes sha256 {suit.SuitDigest.of(old).value.hex()}" in shown
     d_env, d_patch = op.dir / "v2-from-v1.suit", op.dir / "v2-from-v1.suit.patch"
     out = cli_ok("publish", "--data", op.data, full, new_bin, "--delta", d_env, d_patch)
     lines = out.strip().splitlines()

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..cliargs import CliError
-from ..core import cose, delta, suit
+from ..core import cose, delta, suit, trust
 from ..core.build import Release, build_envelope
 from ..fsutil import atomic_write, read_capped
 from ..store import Publisher
@@ -40,6 +40,21 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
         help="leave the full image out of the delta envelope (devices that cannot use the "
         "patch refuse it instead)",
     )
+
+
+def describe_deltas(summary: trust.Summary) -> list[str]:
+    """`manifest inspect` lines for the delta fetches of a manifest (none: [])."""
+    lines = []
+    for fetch in summary.fetches:
+        info = fetch.delta
+        if info is not None:
+            fmt = delta.FORMAT_NAMES.get(info.format, str(info.format))
+            lines.append(
+                f"delta: component {fetch.component}, {fmt} patch {info.patch_size} bytes "
+                f"sha256 {info.patch_digest.value.hex()}, uri {fetch.uri or '-'}, "
+                f"from source {info.source_size} bytes sha256 {info.source_digest.value.hex()}"
+            )
+    return lines
 
 
 def build_delta(

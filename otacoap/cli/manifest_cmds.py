@@ -247,6 +247,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"image: component {img.component}, {img.size} bytes, sha256 {d}, uri {img.uri or '-'}",
             file=out,
         )
+    for line in delta_cmds.describe_deltas(summary):
+        print(line, file=out)
     print("\nmanifest (CBOR diagnostic notation):", file=out)
     print(cbor.diagnostic(_expand(cbor.loads(envelope.manifest_raw))), file=out)
     return 0
