@@ -98,7 +98,7 @@ def test_power_cut_at_every_flash_op_of_a_delta_install(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not DELTA_DIR.is_dir(), reason="../shared/delta not available")
-@pytest.mark.parametrize(("name", "seeds"), [("programmer", 40), ("pybv11", 20)])
+@pytest.mark.parametrize(("name", "seeds"), [("programmer", 40), ("pybv11", 12)])
 def test_random_power_cuts_during_a_delta_install_of_a_real_pair(
     tmp_path: Path, name: str, seeds: int
 ) -> None:

@@ -30,10 +30,6 @@ by the image writer, whatever the patch did. Every failure is a `PatchError` wit
 from __future__ import annotations
 
 import hmac
-
-# The LZMA codec itself: `lzma.py` also defines LZMAFile and so imports io, which the
-# sans-I/O core may not (tests/test_core_has_no_io.py); the decompressor is all we use.
-from _lzma import FORMAT_ALONE, LZMADecompressor, LZMAError
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,6 +37,7 @@ from typing import Any, Protocol
 
 from . import cbor, suit
 from .errors import ConditionFailed, ManifestError
+from .lzma_decoder import LzmaDecoder, LzmaError, LzmaTooLarge, LzmaTruncated
 
 FORMAT_DETOOLS_SEQUENTIAL = 1
 """suit-parameter-delta-format: a detools sequential patch (patch type 0)."""
@@ -70,9 +67,6 @@ OUT_ALIGN = 256
 """Slot bytes come out in multiples of this (any write unit up to 256 divides it)."""
 MAX_DICT = 32 * 1024
 """Largest LZMA dictionary a device accepts (otacoap's patches use 8 KiB)."""
-LZMA_FIXED_OVERHEAD = 65536
-"""liblzma's own decoder state estimate beyond the dictionary (measured with memlimit);
-an embedded LzmaDec needs (1846 + 768 << (lc + lp)) * 2 bytes instead."""
 _MAX_VARINT = 10
 
 
@@ -237,7 +231,7 @@ class SequentialPatchDecoder:
         self._received = 0
         self._state = _State.HEADER
         self._header = bytearray()
-        self._lz: Any = None  # an LZMADecompressor, or None: stored uncompressed
+        self._lz: LzmaDecoder | None = None  # None: the patch is stored uncompressed
         self._input = bytearray()  # received, not yet decompressed
         self._body = bytearray()  # decompressed, not yet parsed
         self._out = bytearray()
@@ -284,9 +278,7 @@ class SequentialPatchDecoder:
                 f"patch makes {to_size} bytes, the manifest's image is {self._image_size}",
             )
         if compression == COMPRESSION_LZMA:
-            self._lz = LZMADecompressor(
-                format=FORMAT_ALONE, memlimit=LZMA_FIXED_OVERHEAD + MAX_DICT
-            )
+            self._lz = LzmaDecoder(max_dict=MAX_DICT)
         elif compression != COMPRESSION_NONE:
             name = COMPRESSION_NAMES.get(compression, str(compression))
             raise PatchError(PatchFault.UNSUPPORTED, f"{name} compression is not supported")
@@ -306,21 +298,25 @@ class SequentialPatchDecoder:
             self._body += self._input[:take]
             del self._input[:take]
             return True
-        if self._lz.eof:
+        lz = self._lz
+        if lz.eof:
             return False
-        data = b""
-        if self._lz.needs_input:
-            if not self._input:
-                return False
-            data, self._input = bytes(self._input), bytearray()
+        fed = bool(self._input)
+        if fed:
+            lz.feed(self._input)
+            self._input = bytearray()
+        if self._received >= self._info.patch_size:
+            lz.finish_input()  # the whole patch is in: decode to its end
         try:
-            got = self._lz.decompress(data, max_length=CHUNK)
-        except (LZMAError, EOFError) as exc:
-            fault = PatchFault.UNSUPPORTED if "Memory" in str(exc) else PatchFault.MALFORMED
-            why = "dictionary too large" if fault is PatchFault.UNSUPPORTED else "bad stream"
-            raise PatchError(fault, f"lzma {why}") from None
+            got = lz.decompress(CHUNK)
+        except LzmaTooLarge:
+            raise PatchError(PatchFault.UNSUPPORTED, "lzma dictionary too large") from None
+        except LzmaTruncated:
+            raise PatchError(PatchFault.TRUNCATED, "the compressed stream ended early") from None
+        except LzmaError:
+            raise PatchError(PatchFault.MALFORMED, "lzma bad stream") from None
         self._body += got
-        return bool(got) or bool(data)
+        return bool(got) or fed
 
     # -- output --------------------------------------------------------------------------
 
@@ -414,7 +410,7 @@ class SequentialPatchDecoder:
             tail += chunk
         if self._state != _State.DONE or self._input or self._body:
             raise PatchError(PatchFault.TRUNCATED, "the patch ended before the image")
-        if self._lz is not None and (not self._lz.eof or self._lz.unused_data):
+        if self._lz is not None and (not self._lz.eof or self._lz.buffered):
             raise PatchError(PatchFault.TRUNCATED, "the compressed stream is not complete")
         tail += self._out
         self._out = bytearray()
