@@ -14,9 +14,10 @@ stream, github.com/eerimoq/detools `apply_patch_sequential`) push-style: fetched
 bytes in, slot bytes out, reading the source through an injected read-only region (the
 running slot; the core never opens anything). Memory is flat in the image size: the
 compressed input of one block, at most `CHUNK` decompressed bytes, one source read of
-at most `CHUNK`, at most `OUT_MAX` output bytes, and the decompressor's dictionary,
-which the device bounds (`MAX_DICT`): a patch made with detools' default LZMA settings
-(an 8 MiB dictionary) is refused with a typed reason instead of exhausting RAM. Only the
+at most `CHUNK`, at most `OUT_MAX` output bytes, and the LZMA decoder's state
+(`core.lzma_decoder`: the dictionary, which the device bounds by `MAX_DICT`, and 5 KiB
+of probabilities): a patch made with detools' default LZMA settings (an 8 MiB
+dictionary) is refused with a typed reason instead of exhausting RAM. Only the
 compressions a small device should run are accepted: none and LZMA (heatshrink's figures
 on the shared pairs are 35 % larger than LZMA with an 8 KiB dictionary;
 docs/decisions/delta-updates.md).
