@@ -68,6 +68,8 @@ def test_build_delta_and_publish_it_with_its_release(op: Operator) -> None:
     assert f"from source {len(old)} bytes sha256 {suit.SuitDigest.of(old).value.hex()}" in shown
     d_env, d_patch = op.dir / "v2-from-v1.suit", op.dir / "v2-from-v1.suit.patch"
     out = cli_ok("publish", "--data", op.data, full, new_bin, "--delta", d_env, d_patch)
+    listing = cli_ok("release", "list", "--data", op.data)
+    assert f"  delta from {suit.SuitDigest.of(old).value.hex()[:16]}  patch " in listing
     lines = out.strip().splitlines()
     assert f"{CLASS_A} seq 2: image /fw/" in lines[0]
     assert f"{CLASS_A} seq 2: delta from " in lines[1]

@@ -404,6 +404,7 @@ def cmd_release_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         releases = store.list_releases(current_only=not args.all)
         current = {r.id for r in store.list_releases(current_only=True)}
+        deltas = {r.id: store.deltas_of(r.id) for r in releases}
     if not releases:
         print("no releases")
     for r in releases:
@@ -412,6 +413,9 @@ def cmd_release_list(args: argparse.Namespace) -> int:
             f"{r.class_label}  seq {r.sequence_number}{mark}  image {r.image.image_id}  "
             f"{r.image.size} bytes  {r.published_at}  by {r.published_by}"
         )
+        for d in deltas[r.id]:  # delta envelopes, by source image (store/deltas.py)
+            print(f"  delta from {d.source_digest.hex()[:16]}  patch {d.patch.image_id}  "
+                  f"{d.patch.size} bytes  {d.published_at}  by {d.published_by}")  # fmt: skip
     return 0
 
 
