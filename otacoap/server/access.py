@@ -2,7 +2,9 @@
 
 A principal comes from the DTLS session (StoreView.principal_of). Today a device is
 served its release (pinned, else its class's current one) and may read that release's
-image and no other; an operator is served neither. Campaigns will change who gets
+image and no other, except that a device on a delta's source image is served that
+delta envelope and may read its patch too (store/deltas.py); an operator is served
+neither. Campaigns will change who gets
 which release and which images a device may read: change it here, and the /m
 resource, the /fw resource and the /fw fast path follow, since all three ask only this.
 """
@@ -12,7 +14,21 @@ from __future__ import annotations
 import dataclasses
 
 from ..store import ImageRecord, Principal, ReleaseRecord, Role
+from ..store.deltas import DeltaRecord
 from .store_view import StoreView
+
+
+def _served(
+    view: StoreView, principal: Principal
+) -> tuple[ReleaseRecord | None, DeltaRecord | None]:
+    """(its release, the delta envelope of it this device is served instead, if any)."""
+    if principal.role is not Role.DEVICE:
+        return None, None
+    device = view.device(principal.name)
+    release = view.release_for(device) if device is not None else None
+    if release is None or device is None:
+        return None, None
+    return release, view.delta_for(device, release)
 
 
 def release_of(view: StoreView, principal: Principal) -> ReleaseRecord | None:
@@ -20,52 +36,32 @@ def release_of(view: StoreView, principal: Principal) -> ReleaseRecord | None:
 
     With a delta envelope for the image the device runs (store/deltas.py), that
     envelope is the one served: the record carries it (and its manifest digest)."""
-    if principal.role is not Role.DEVICE:
-        return None
-    device = view.device(principal.name)
-    release = view.release_for(device) if device is not None else None
-    if release is None or device is None:
-        return None
-    delta = view.delta_for(device, release)
-    if delta is None:
+    release, delta = _served(view, principal)
+    if release is None or delta is None:
         return release
     return dataclasses.replace(
         release, envelope=delta.envelope, manifest_digest=delta.manifest_digest
     )
 
 
-def _served(
-    view: StoreView, principal: Principal
-) -> tuple[ReleaseRecord | None, ImageRecord | None]:
-    """(its release, the patch of the delta envelope it is served, if one)."""
-    if principal.role is not Role.DEVICE:
-        return None, None
-    device = view.device(principal.name)
-    release = view.release_for(device) if device is not None else None
-    if release is None or device is None:
-        return None, None
-    delta = view.delta_for(device, release)
-    return release, delta.patch if delta is not None else None
-
-
 def readable_image(view: StoreView, principal: Principal) -> ImageRecord | None:
     """The image `principal` may read on /fw/<image id>, if any (ATTACKS.md #32: any
     other id is "not found", with no hint whether it exists): its release's image, or
     the patch when it is served a delta envelope (the /fw fast path grants this one)."""
-    release, patch = _served(view, principal)
-    if patch is not None:
-        return patch
+    release, delta = _served(view, principal)
+    if delta is not None:
+        return delta.patch
     return release.image if release is not None else None
 
 
 def fallback_image(view: StoreView, principal: Principal) -> ImageRecord | None:
     """When `principal` is served a delta envelope, its full-image fallback."""
-    release, patch = _served(view, principal)
-    return release.image if release is not None and patch is not None else None
+    release, delta = _served(view, principal)
+    return release.image if release is not None and delta is not None else None
 
 
 def image_named(view: StoreView, principal: Principal, image_id: str) -> ImageRecord | None:
-    """The readable image (or delta fallback) with this id, else None."""
+    """The readable image (or a delta's full-image fallback) with this id, else None."""
     for image in (readable_image(view, principal), fallback_image(view, principal)):
         if image is not None and image.image_id == image_id:
             return image
