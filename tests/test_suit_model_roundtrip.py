@@ -78,12 +78,20 @@ def test_every_vector_is_covered(vectors: list[Vector]) -> None:
 component_ids = st.lists(st.binary(max_size=8), min_size=1, max_size=4).map(tuple)
 
 
+# Path text `build.check_release_names` lets through: printable, no whitespace.
+_path_text = st.text(max_size=40).filter(
+    lambda s: s.isprintable() and not any(c.isspace() for c in s)
+)
 # URIs the default trust policy accepts: absolute, or server-relative ("/...").
 acceptable_uris = (
     st.none()
-    | st.text(max_size=40).map(lambda s: "/" + s)
-    | st.text(max_size=40).map(lambda s: "coaps://fw.example.com/" + s)
+    | _path_text.map(lambda s: "/" + s)
+    | _path_text.map(lambda s: "coaps://fw.example.com/" + s)
 )
+# Vendor domains the builder accepts (RFC 1035 labels; other names are refused before
+# anything is built: tests/test_operator_rough_edges.py).
+_label = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,8}[A-Za-z0-9])?", fullmatch=True)
+domains = st.lists(_label, min_size=1, max_size=3).map(".".join)
 
 
 @st.composite
@@ -91,10 +99,10 @@ def releases(draw: st.DrawFn, uris: st.SearchStrategy[str | None] | None = None)
     return Release(
         image_digest=draw(st.binary(min_size=32, max_size=32)),
         image_size=draw(st.integers(min_value=1, max_value=(1 << 64) - 1)),
-        vendor_domain=draw(st.text(min_size=1, max_size=30)),
+        vendor_domain=draw(domains),
         class_info=draw(st.text(min_size=1, max_size=30)),
         sequence_number=draw(U64),
-        uri=draw(uris if uris is not None else st.none() | st.text(max_size=80)),
+        uri=draw(uris if uris is not None else acceptable_uris),
         component=draw(st.just(build.MAIN_COMPONENT) | component_ids),
     )
 
