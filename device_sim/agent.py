@@ -58,6 +58,8 @@ from otacoap.core.update_machine import (
     BlockReceived,
     CheckSlotImage,
     Done,
+    Drain,
+    Drained,
     Effect,
     EnvelopeFetched,
     Event,
@@ -113,6 +115,7 @@ from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .record_store import StateStoreError
 from .slot_view import SlotView
+from .source_slot import SourceSlot
 from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
@@ -395,7 +398,19 @@ class UpdateAgent:
             sector_size=self.layout.sector_size,
             checkpoint_bytes=self.config.checkpoint_bytes,
             decryption_keys=self.identity.decryption_keys(),
+            source=self.source_slot,
         )
+
+    def source_slot(self, slot: int) -> SourceSlot:
+        """A read-only view of a slot: a delta's source is the running one (core.delta).
+
+        It reads through the slot's SlotView, keyed by the image its record vouches for,
+        so a slot encrypted at rest is read as plaintext (the source-match condition has
+        checked that image's digest before the patch reads a byte)."""
+        info = self.load().slots[slot]
+        digest = info.image_digest if info is not None else b""
+        view = SlotView(self.flash, self.layout, slot, digest)
+        return SourceSlot(view, self.layout.slot_offset(slot), self.layout.slot_size)
 
     async def check_and_update(self) -> RunResult:
         """One update attempt; returns once the candidate is staged (or nothing to do).
@@ -486,6 +501,8 @@ class UpdateAgent:
                 return None
             case FetchPayload():
                 return await self._stream(machine, effect)
+            case Drain():
+                return Drained()
             case FinishImage():
                 assert self._writer is not None
                 self._writer.finish()
@@ -510,7 +527,11 @@ class UpdateAgent:
         except ResourceNotFound:
             return NoRelease()
         except (
-            ServerUnreachable, HandshakeFailed, TransportError, SlowRetrieval, DeadlineExceeded
+            ServerUnreachable,
+            HandshakeFailed,
+            TransportError,
+            SlowRetrieval,
+            DeadlineExceeded,
         ) as exc:
             # A manifest that trickles in is a link (or server) problem, not a refusal
             # of anything signed: try again at the next poll, like a silent server.

@@ -30,6 +30,8 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "otacoap.eventloop": (frozenset(), frozenset({"uvloop"})),
     # The argparse pieces (parser, CliError, value types) every command line shares (a leaf).
     "otacoap.cliargs": (frozenset(), frozenset()),
+    # Making delta patches (the operator's side; the device's decoder is core.delta).
+    "otacoap.patching": (frozenset({"otacoap.core"}), frozenset({"detools"})),
     "otacoap.config": (frozenset({"otacoap.core"}), frozenset()),
     "otacoap.store": (
         frozenset({"otacoap.core", "otacoap.config", "otacoap.fsutil"}),
@@ -55,6 +57,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                 "otacoap.eventloop",
                 "otacoap.cliargs",
                 "otacoap.cli",
+                "otacoap.patching",
             }
         ),
         frozenset({"aiocoap", "uvloop"}),

@@ -575,6 +575,88 @@ SCENARIOS = [
 ]
 
 
+# --- delta payloads (core.delta): a patch that fails falls back to the full image ----------
+
+
+class _Source:
+    def read(self, offset: int, length: int) -> bytes:
+        return FACTORY[offset : offset + length]
+
+
+DELTA_CONFIG = replace(CONFIG, source=lambda slot: _Source())
+
+
+def _delta_envelope() -> tuple[bytes, bytes]:
+    from otacoap import patching
+    from otacoap.core import delta
+    from otacoap.core.build import Release, build_envelope
+
+    patch = patching.create_patch(FACTORY, IMAGE)
+    info = delta.DeltaInfo(
+        suit.SuitDigest.of(FACTORY), len(FACTORY), suit.SuitDigest.of(patch), len(patch)
+    )
+    release = Release(hashlib.sha256(IMAGE).digest(), len(IMAGE), VENDOR, CLASS, SEQ + 1)
+    return suit.encode_envelope(build_envelope(release, KEY, patch=info)), patch
+
+
+@dataclass
+class DeltaHost(Host):
+    """Serves the patch (here: a damaged one) and the full image by path; drains."""
+
+    patch: bytes = b""
+    machine: UpdateMachine[DeltaState] = field(default_factory=lambda: UpdateMachine(DELTA_CONFIG))
+
+    def answer(self, effect: Effect) -> Event | None:
+        match effect:
+            case update_machine.Drain():
+                return update_machine.Drained()
+            case CheckSlotImage(slot=0, action=action):  # the running slot: the source
+                return ImageChecked(action.digest.value == hashlib.sha256(FACTORY).digest())
+            case FetchPayload(path=path, start=start, size=size):
+                data = (
+                    self.image
+                    if path == ids.image_uri(hashlib.sha256(IMAGE).digest())
+                    else self.patch
+                )
+                for pos in range(start, size, 1024):
+                    self.drive(BlockReceived(data[pos : pos + 1024]))
+                    if not self.machine.streaming:
+                        return None
+                return FetchDone()
+        return super().answer(effect)
+
+
+DeltaState = DeviceState
+
+
+def delta_host() -> DeltaHost:
+    env, patch = _delta_envelope()
+    damaged = bytearray(patch)
+    damaged[len(damaged) // 2] ^= 0x01
+    return DeltaHost(envelope=env, patch=bytes(damaged))
+
+
+def check_delta_fallback(host: Host) -> None:
+    assert bytes(host.slot) == IMAGE
+    paths = [e.path for e in host.of(FetchPayload)]
+    assert len(paths) == 2 and paths[1] == ids.image_uri(hashlib.sha256(IMAGE).digest())
+    details = [decode_report(b).detail for b in host.persisted[-1].reports]
+    assert any(d.startswith("full image (delta failed: delta patch") for d in details)
+
+
+SCENARIOS.append(
+    Scenario(
+        "a failed delta falls back to the full image",
+        delta_host,
+        factory_record,
+        [CHECK, ACCEPTED, STARTED, (Phase.DOWNLOADING, Step.FALLBACK), FETCHED, STAGED],
+        Phase.STAGED,
+        [State.DOWNLOADING, State.DOWNLOADING, State.DOWNLOADED, State.INSTALLING],
+        check_delta_fallback,
+    )
+)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(scenario: Scenario) -> None:
     host = scenario.host()

@@ -20,7 +20,7 @@ from ..core import cbor, cose, ids, suit, trust
 from ..core.build import Release, build_envelope, check_release_names, sign_envelope
 from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
-from . import encrypt_cmds
+from . import delta_cmds, encrypt_cmds
 from .output import json_parent
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
@@ -85,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     b.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     encrypt_cmds.add_build_options(b)
+    delta_cmds.add_build_arguments(b)
     b.set_defaults(handler=cmd_build, _cmd_path=["manifest", "build"])
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
@@ -217,6 +218,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         expires = int(time.time()) + args.expires_in
     check_release_names(args.vendor_domain, args.uri)
     crypto = encrypt_cmds.resolve(args, key)
+    if args.delta_from:
+        if crypto.encrypts:
+            raise CliError("--delta-from cannot be combined with payload encryption")
+        _refuse_overwrite([delta_cmds.patch_path(args)], args.force)
     release = Release(
         digest, size, args.vendor_domain, args.class_info, args.seq, args.uri, expires=expires
     )
@@ -224,7 +229,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     if crypto.encrypts:
         encrypted = encrypt_cmds.encrypt_image(args.image, crypto, args.uri)
         release = replace(release, uri=encrypted.uri, encryption_info=encrypted.info)
-    envelope = encrypt_cmds.authenticate(build_envelope(release), key, crypto)
+    patch_line = ""
+    if args.delta_from:
+        unsigned, patch_line = delta_cmds.build_delta(args, release)
+    else:
+        unsigned = build_envelope(release)
+    envelope = encrypt_cmds.authenticate(unsigned, key, crypto)
     data = suit.encode_envelope(envelope)
     atomic_write(args.out, data)
     if crypto.hmac_key is not None:
@@ -234,6 +244,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         signed = f"signed {cose.ALG_NAMES[alg]} with key {key.public.key_id}"
     else:
         signed = "UNSIGNED"
+    if patch_line:
+        print(patch_line)
     print(
         f"wrote {args.out}: {len(data)} bytes, seq {args.seq}, image {size} bytes "
         f"sha256 {digest.hex()}, uri {release.uri or ids.image_uri(digest)}, {signed}"
@@ -314,6 +326,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             file=out,
         )
     for line in encrypt_cmds.describe_encryption(envelope):
+        print(line, file=out)
+    for line in delta_cmds.describe_deltas(summary):
         print(line, file=out)
     print("\nmanifest (CBOR diagnostic notation):", file=out)
     print(cbor.diagnostic(_expand(cbor.loads(envelope.manifest_raw))), file=out)

@@ -28,6 +28,7 @@ from ..store.checkpoint import MAX_CHECKPOINT_FILE, CheckpointInvalid
 from ..store.errors import NotFound
 from ..store.models import DeviceRecord, ReportRecord
 from ..store.names import PSK_LENGTH, parse_psk_hex
+from .delta_cmds import publish_local
 from .manifest_cmds import load_anchor, read_envelope_file
 from .output import emit_list, emit_one, json_parent
 
@@ -166,6 +167,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("envelope", metavar="ENVELOPE")
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "--delta",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("DELTA_ENVELOPE", "PATCH"),
+        help="also publish a delta envelope of this release and its patch (repeatable); "
+        "a delta envelope given as ENVELOPE (with its PATCH) is added to its release",
+    )
     p.add_argument("--server", metavar="coaps://HOST:PORT", help="publish over the network")
     p.add_argument("--identity", metavar="NAME", help="operator name (with --server)")
     add_psk_options(p, env=OPERATOR_PSK_ENV, what="the operator's PSK (with --server)")
@@ -539,14 +549,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     datadir = _datadir(args)
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
-        release = Publisher(store, datadir.blobs, config.publish).publish_file(
-            envelope, Path(args.image), _CLI_ACTOR, make_current=args.rollout == "all"
+        publisher = Publisher(store, datadir.blobs, config.publish)
+        done = publish_local(
+            publisher,
+            envelope,
+            Path(args.image),
+            args.delta,
+            _CLI_ACTOR,
+            make_current=args.rollout == "all",
         )
-    print(
-        f"published {release.class_label} seq {release.sequence_number}: image "
-        f"{release.image.uri} ({release.image.size} bytes), signed by {release.signer}"
-        + ("" if args.rollout == "all" else "; rollout by campaign only")
-    )
+    for n, published in enumerate(done):
+        campaign_only = n == 0 and args.rollout != "all" and published.delta_from is None
+        print(published.line() + ("; rollout by campaign only" if campaign_only else ""))
     return 0
 
 
@@ -560,25 +574,28 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     from .. import eventloop
     from ..operator.client import publish
 
+    pairs = [(envelope, Path(args.image))]
+    pairs += [(read_envelope_file(e), Path(p)) for e, p in args.delta]
     try:
-        result = eventloop.run(
-            publish(
-                args.server,
-                args.identity,
-                psk,
-                envelope,
-                Path(args.image),
-                timeout=args.timeout,
-                progress=UploadProgress(Path(args.image).name, sys.stderr),
+        for env, path in pairs:  # a delta after its release, each like a release
+            result = eventloop.run(
+                publish(
+                    args.server,
+                    args.identity,
+                    psk,
+                    env,
+                    path,
+                    timeout=args.timeout,
+                    progress=UploadProgress(path.name, sys.stderr),
+                )
             )
-        )
+            print(result)
     except KeyboardInterrupt:
         print(
             "\notacoap publish: interrupted; the partial upload was withdrawn from the server",
             file=sys.stderr,
         )
         return 130
-    print(result)
     return 0
 
 
@@ -612,7 +629,8 @@ def cmd_release_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         releases = store.list_releases(current_only=not args.all)
         current = {r.id for r in store.list_releases(current_only=True)}
-    rows = [
+        deltas = {r.id: store.deltas_of(r.id) for r in releases}
+    rows: list[dict[str, Any]] = [
         {
             "class": r.class_label,
             "seq": r.sequence_number,
@@ -622,6 +640,18 @@ def cmd_release_list(args: argparse.Namespace) -> int:
             "signer": r.signer,
             "published_at": r.published_at,
             "published_by": r.published_by,
+            # Delta envelopes of the release, by source image (store/deltas.py).
+            "deltas": [
+                {
+                    "from": d.source_digest.hex(),
+                    "patch": d.patch.image_id,
+                    "size": d.patch.size,
+                    "signer": d.signer,
+                    "published_at": d.published_at,
+                    "published_by": d.published_by,
+                }
+                for d in deltas[r.id]
+            ],
         }
         for r in releases
     ]
@@ -633,9 +663,19 @@ def cmd_release_list(args: argparse.Namespace) -> int:
         ("BYTES", "size"),
         ("PUBLISHED", "published_at"),
         ("BY", "published_by"),
+        ("DELTAS", "deltas"),
     ]
+    if not args.json:  # one cell per release: "from <source> patch <id> (<n> bytes)", ...
+        rows = [{**row, "deltas": _delta_cell(row["deltas"])} for row in rows]
     emit_list(args, rows, columns, "no releases")
     return 0
+
+
+def _delta_cell(deltas: list[dict[str, Any]]) -> str | None:
+    text = ", ".join(
+        f"from {d['from'][:16]} patch {d['patch']} ({d['size']} bytes)" for d in deltas
+    )
+    return text or None
 
 
 def cmd_release_assign(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from . import cbor, cose, freshness, ids, suit
+from . import cbor, cose, delta, freshness, ids, suit
 from .errors import OtaError
 from .suit import Command, CommandSequence, Parameters
 
@@ -75,7 +75,21 @@ class Release:
     encryption_info: bytes | None = None
 
 
-def build_manifest(release: Release) -> suit.Manifest:
+def build_manifest(
+    release: Release, patch: delta.DeltaInfo | None = None, *, fallback: bool = True
+) -> suit.Manifest:
+    """The release's manifest; with `patch`, its delta form (docs/decisions/delta-updates.md).
+
+    The delta form's install is a try-each: first the patch, if the running image is its
+    source (the custom condition), else (or if the patch fails) the full image; the
+    image-digest and image-size stay the resulting image's, so validate and secure boot
+    are the same as for the full manifest. `fallback=False` leaves the full image out
+    (a delta-only manifest: a device that cannot use the patch refuses it). A patch of
+    an encrypted release is refused: it would be plaintext (the delta form of an
+    encrypted payload is out of scope).
+    """
+    if patch is not None and release.encryption_info is not None:
+        raise OtaError("an encrypted release cannot have a delta form")
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
@@ -109,13 +123,26 @@ def build_manifest(release: Release) -> suit.Manifest:
         # no second component to fetch the ciphertext into and copy from (the draft's
         # examples fetch then copy; write and copy are the directives it names).
         fetch_params = ((suit.P_ENCRYPTION_INFO, release.encryption_info), *fetch_params)
-    install = CommandSequence.build(
-        [
-            Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(fetch_params)),
-            Command(suit.CMD_FETCH, REP_FAILURE),
-            Command(suit.CMD_IMAGE_MATCH, REP_ALL),
-        ]
-    )
+    full = [
+        Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(fetch_params)),
+        Command(suit.CMD_FETCH, REP_FAILURE),
+    ]
+    if patch is not None:
+        patch_params = ((suit.P_URI, ids.image_uri(patch.patch_digest.value)),)
+        by_delta = CommandSequence.build(
+            [
+                Command(
+                    suit.CMD_OVERRIDE_PARAMETERS, Parameters(patch_params + patch.parameters())
+                ),
+                Command(suit.CMD_DELTA_SOURCE_MATCH, REP_ALL),
+                Command(suit.CMD_FETCH, REP_FAILURE),
+            ]
+        )
+        if fallback:
+            full = [Command(suit.CMD_TRY_EACH, (by_delta, CommandSequence.build(full)))]
+        else:
+            full = list(by_delta.commands)
+    install = CommandSequence.build([*full, Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     validate = CommandSequence.build([Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     invoke = CommandSequence.build([Command(suit.CMD_INVOKE, REP_FAILURE)])
     common = suit.Common((release.component,), shared)
@@ -130,9 +157,14 @@ def build_manifest(release: Release) -> suit.Manifest:
 
 
 def build_envelope(
-    release: Release, key: cose.SigningKey | None = None, alg: int | None = None
+    release: Release,
+    key: cose.SigningKey | None = None,
+    alg: int | None = None,
+    *,
+    patch: delta.DeltaInfo | None = None,
+    fallback: bool = True,
 ) -> suit.Envelope:
-    envelope = suit.make_envelope(build_manifest(release))
+    envelope = suit.make_envelope(build_manifest(release, patch, fallback=fallback))
     return sign_envelope(envelope, key, alg) if key is not None else envelope
 
 

@@ -18,18 +18,23 @@ The slot's size and digest are always those of the *slot bytes* (the manifest's
 image-size and image-digest, manifest-34 §8.4.8.6/§8.4.8.7), checked by the image writer
 whatever the kind, so a decoder never decides what is trusted.
 
-Kinds: `PLAIN_IMAGE` (fetched bytes are the image) and the encrypted payload
+Kinds: `PLAIN_IMAGE` (fetched bytes are the image), the encrypted payload
 (`core.encryption.EncryptedPayload`, chosen when the Fetch carries
-suit-parameter-encryption-info). How the next ones plug in is described in
-`core.update_machine`.
+suit-parameter-encryption-info) and `DeltaKind` (a detools patch applied against the
+running slot, `core.delta`, whose `payload_size` is the patch's, not the image's). A
+decoder whose output can be much longer than its input (a patch) is a
+`DrainingDecoder`, which the machine drains in bounded pieces so memory stays flat. How
+the next ones plug in is described in `core.update_machine`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from . import encryption, interpreter, trust
+from . import delta, encryption, interpreter, trust
+from .errors import PolicyError
 
 
 class PayloadDecoder(Protocol):
@@ -39,6 +44,15 @@ class PayloadDecoder(Protocol):
 
     def finish(self) -> bytes:
         """Slot bytes still held when the fetch ends (raise if the payload is cut short)."""
+        ...
+
+
+@runtime_checkable
+class DrainingDecoder(PayloadDecoder, Protocol):
+    """A decoder that may hold more output than one `feed` returns (a patch)."""
+
+    def drain(self) -> bytes:
+        """More slot bytes from the input already fed (b'': feed more)."""
         ...
 
 
@@ -97,20 +111,81 @@ class PlainImage:
 PLAIN_IMAGE = PlainImage()
 
 
+@dataclass(frozen=True)
+class DeltaKind:
+    """A detools sequential patch against the running slot (core.delta).
+
+    The decompressor's state cannot be rebuilt from the slot's prefix, so there are no
+    mid-stream checkpoints: after a power cut the apply starts over from the first patch
+    byte (the source slot is never written, so it is still there). The patch is about a
+    ninth of the image on the shared firmware pairs, so a restart costs less air time
+    than resuming a full image would save; docs/decisions/delta-updates.md.
+    """
+
+    info: delta.DeltaInfo
+    source: delta.SourceRegion
+    image_size: int
+    name: str = "delta"
+    checkpoints: bool = False
+
+    def resume_from(self, durable: int) -> int:
+        return 0
+
+    def fetch_offset(self, slot_offset: int) -> int:
+        return 0
+
+    def payload_size(self, slot_size: int) -> int:
+        return self.info.patch_size  # the patch is fetched, not the image
+
+    def decoder(self, slot_offset: int) -> PayloadDecoder:
+        assert slot_offset == 0, "a delta always starts from its first byte"
+        return delta.SequentialPatchDecoder(self.info, self.source, self.image_size)
+
+
+def delta_of(action: interpreter.Fetch, vm: trust.VerifiedManifest) -> delta.DeltaInfo | None:
+    """The trust gate's DeltaInfo for this Fetch (same component and URI), if it is one."""
+    for fetch in vm.fetches:
+        same = (fetch.component, fetch.uri) == (action.component, action.uri)
+        if fetch.delta is not None and same:
+            return fetch.delta
+    return None
+
+
+def delta_in_force(params: Mapping[int, Any], vm: trust.VerifiedManifest) -> delta.DeltaInfo | None:
+    """The gate's DeltaInfo whose parameters are those in force (at a condition), if any.
+
+    The machine matches against what the trust gate decoded rather than decoding the
+    parameters itself (one place turns the encoding into trusted values)."""
+    for fetch in vm.fetches:
+        info = fetch.delta
+        if info is not None and all(params.get(k) == v for k, v in info.parameters()):
+            return info
+    return None
+
+
 def select_kind(
     action: interpreter.Fetch,
     vm: trust.VerifiedManifest,
     keys: encryption.DecryptionKeys | None = None,
+    source: delta.SourceRegion | None = None,
 ) -> PayloadKind:
     """The kind of the payload a Fetch brings, from the verified manifest.
 
     An encrypted payload is named by suit-parameter-encryption-info on the component
     (draft-ietf-suit-firmware-encryption §4); its CEK is unwrapped here with the device's
     `keys`, once, before any payload byte (a wrong key is a refusal, not a download).
-    A delta (source component and a detools patch) will be recognised here too; a
-    manifest that asks for a kind this device lacks is refused before any payload byte
-    (the caller turns the error into a refusal).
+    A delta is named by otacoap's delta parameters (core.delta) and read against
+    `source`, the running slot the host injects. An encrypted delta is not supported
+    (docs/decisions/delta-updates.md). A manifest that asks for a kind this device lacks
+    is refused before any payload byte (the caller turns the error into a refusal).
     """
+    info = delta_of(action, vm)
+    if info is not None:
+        if action.encryption_info is not None:
+            raise PolicyError("an encrypted delta payload is not supported")
+        if source is None or action.size is None:
+            raise PolicyError("this device cannot apply delta payloads")
+        return DeltaKind(info, source, action.size)
     if action.encryption_info is not None:
         return encryption.EncryptedPayload.for_fetch(
             action.encryption_info, keys or encryption.DecryptionKeys()

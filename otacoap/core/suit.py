@@ -163,7 +163,11 @@ COMMAND_NAMES = {
     33: "directive-unlink",
     34: "directive-override-multiple",
     35: "directive-copy-params",
+    # otacoap's delta extension (custom, negative: manifest-34 §8.4.9 suit-condition-custom;
+    # docs/decisions/delta-updates.md): the running image is the patch's source.
+    -1001: "condition-delta-source-match",
 }
+CMD_DELTA_SOURCE_MATCH = -1001
 
 # Parameters (manifest-34 §11.5, firmware-encryption, update-management).
 P_VENDOR_ID = 1
@@ -186,6 +190,14 @@ P_UPDATE_PRIORITY = 27
 P_VERSION = 28
 P_WAIT_INFO = 29
 P_COMPONENT_METADATA = 30
+# otacoap's delta extension (custom parameters, negative: manifest-34 §8.4.8
+# suit-parameter-custom; docs/decisions/delta-updates.md). Digests are bstr .cbor
+# SUIT_Digest, like image-digest.
+P_DELTA_SOURCE_DIGEST = -1001
+P_DELTA_SOURCE_SIZE = -1002
+P_DELTA_PATCH_DIGEST = -1003
+P_DELTA_PATCH_SIZE = -1004
+P_DELTA_FORMAT = -1005
 PARAMETER_NAMES = {
     1: "vendor-id",
     2: "class-id",
@@ -207,6 +219,11 @@ PARAMETER_NAMES = {
     28: "version",
     29: "wait-info",
     30: "component-metadata",
+    -1001: "delta-source-digest",
+    -1002: "delta-source-size",
+    -1003: "delta-patch-digest",
+    -1004: "delta-patch-size",
+    -1005: "delta-format",
 }
 
 # Digest algorithms (manifest-34 §10). SHAKE variants are OPTIONAL and not supported.

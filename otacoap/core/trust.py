@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import cbor2
 
-from . import cbor, cose, freshness, suit
+from . import cbor, cose, delta, freshness, suit
 from .errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -48,6 +48,8 @@ class ImageInfo:
     # suit-parameter-encryption-info when the fetch brings ciphertext (digest and size
     # are then the plaintext's, firmware-encryption §7)
     encryption_info: bytes | None = None
+    # A delta fetch: the patch and its source (core.delta; decoded here, by the gate).
+    delta: delta.DeltaInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,8 @@ def summarize(envelope: suit.Envelope) -> Summary:
                             p.get(suit.P_IMAGE_DIGEST),
                             p.get(suit.P_IMAGE_SIZE),
                             uri,
-                            p.get(suit.P_ENCRYPTION_INFO),
+                            encryption_info=p.get(suit.P_ENCRYPTION_INFO),
+                            delta=delta.info_of(p),
                         )
                     )
             elif cmd.code == suit.CMD_RUN_SEQUENCE:
@@ -347,7 +350,12 @@ def summarize(envelope: suit.Envelope) -> Summary:
                 for i in list(current):
                     for alt in cmd.arg:
                         if alt is not None:
+                            # Each alternative starts from the parameters before the
+                            # try-each, as the interpreter runs it (manifest-34
+                            # §8.4.10.2): one alternative's must not leak into the next.
+                            saved = dict(params[i])
                             walk(alt, [i])
+                            params[i] = saved
 
     keys = [
         suit.M_DEPENDENCY_RESOLUTION,
@@ -421,6 +429,11 @@ def _check_policy(envelope: suit.Envelope, summary: Summary, policy: TrustPolicy
                 raise PolicyError(
                     "manifest targets a component this device does not allow to be written"
                 )
+    for fetch in summary.fetches:
+        # A delta's source is a slot's image; the patch streams (no slot holds it).
+        limit = policy.max_image_size
+        if fetch.delta is not None and limit is not None and fetch.delta.source_size > limit:
+            raise PolicyError("delta source is larger than a slot")
     if policy.max_image_size is not None:
         for fetch in summary.fetches:
             if fetch.size is None:

@@ -51,18 +51,22 @@ Payload kinds. What the fetched bytes are is a strategy (`core.payload_kind`) th
 asks for when the manifest's Fetch comes: where a download may resume given its durable
 bytes (`resume_from`), which payload offset to ask for (`fetch_offset`), whether
 mid-stream checkpoints are allowed (`checkpoints`), and a decoder that turns fetched
-bytes into slot bytes. The image writer checks size and digest of the *slot bytes*
-whatever the kind. Today's only kind is the plain image (pass-through, resume at any
-checkpoint). The next two plug in without touching the table:
+bytes into slot bytes, and how many bytes the fetch brings (`payload_size`). The image
+writer checks size and digest of the *slot bytes* whatever the kind. Besides the plain
+image (pass-through, resume at any checkpoint), two kinds plug in without touching the
+table (an encrypted delta is not supported: `select_kind` refuses it):
 
-* delta (detools sequential patch, DESIGN.md): `select_kind` recognises the delta
-  manifest; the decoder applies the patch while streaming, reading the "from" image
-  through a read-only region of the *running* slot the host injects (as the writer's
-  flash is injected), and the machine first checks the running slot's digest against
-  the manifest's source digest (a `CheckSlotImage` on the running slot; a mismatch is a
-  refusal before any payload byte). detools' decompressor state is not in flash, so
-  `checkpoints` is False or `resume_from` answers 0 unless the patch is stored
-  uncompressed; the slot bytes' digest is checked by the writer as today.
+* delta (detools sequential patch, core.delta; docs/decisions/delta-updates.md):
+  `select_kind` recognises the delta fetch from the trust gate's `DeltaInfo`; the
+  decoder applies the patch while streaming, reading the "from" image through a
+  read-only region of the *running* slot the host injects (`MachineConfig.source`, as
+  the writer's flash is injected); a patch expands, so its decoder is drained in
+  bounded pieces (`Drain`/`Drained`). The custom condition delta-source-match becomes a
+  `CheckSlotImage` on the running slot: a mismatch fails that try-each alternative
+  before any payload byte. detools' decompressor state is not in flash, so
+  `checkpoints` is False and `resume_from` answers 0. A delta payload that fails is
+  thrown into the interpreter at its Fetch, so try-each runs the next alternative (the
+  full image; `Step.FALLBACK`), and the reports say which payload was used.
 * encrypted (draft-ietf-suit-firmware-encryption, A128KW / ECDH-ES+A128KW with A128CTR
   or A128GCM; `core.encryption.EncryptedPayload`, done): the CEK is unwrapped once with
   `MachineConfig.decryption_keys` when the kind is chosen, before the fetch (a wrong key
@@ -85,7 +89,7 @@ from enum import StrEnum
 from typing import Any, Generic, TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from . import interpreter, protocol, suit, trust
+from . import delta, interpreter, protocol, suit, trust
 from .blockwise import MAX_SZX, size_of
 from .boot_status import BootEvent, boot_step
 from .encryption import DecryptionKeys
@@ -97,7 +101,13 @@ from .errors import (
     PolicyError,
     ReportReason,
 )
-from .payload_kind import PayloadDecoder, PayloadKind, select_kind
+from .payload_kind import (
+    DrainingDecoder,
+    PayloadDecoder,
+    PayloadKind,
+    delta_in_force,
+    select_kind,
+)
 from .report import Report, State
 from .sizes import round_up
 from .update_record import (
@@ -109,6 +119,7 @@ from .update_record import (
     UpdateRecord,
     with_slot,
 )
+from .writer import StagingError
 
 R = TypeVar("R", bound=UpdateRecord)
 
@@ -145,6 +156,7 @@ class Step(StrEnum):
     ACCEPTED = "accepted"  # trust.accept returned a VerifiedManifest
     REFUSED = "refused"  # trust gate, local policy or a failed pre-fetch condition
     FETCH_STARTED = "fetch-started"
+    FALLBACK = "fallback"  # a failed delta's fetch is followed by the full image's
     BLOCK = "block"
     FETCH_DONE = "fetch-done"
     STAGED = "staged"
@@ -175,6 +187,9 @@ TRANSITIONS: Mapping[tuple[Phase, Step], tuple[Phase, State | None]] = {
     (Phase.VERIFIED, Step.ERROR): (Phase.FAILED, State.FAILED),
     (Phase.DOWNLOADING, Step.BLOCK): (Phase.DOWNLOADING, None),
     (Phase.DOWNLOADING, Step.FETCH_DONE): (Phase.DOWNLOADED, State.DOWNLOADED),
+    # A delta that failed falls back to try-each's next alternative, the full image
+    # (a new fetch, but only ever after a first one: FETCH_STARTED stays VERIFIED-only).
+    (Phase.DOWNLOADING, Step.FALLBACK): (Phase.DOWNLOADING, State.DOWNLOADING),
     (Phase.DOWNLOADING, Step.ERROR): (Phase.FAILED, State.FAILED),
     (Phase.DOWNLOADED, Step.STAGED): (Phase.STAGED, None),  # boot table reports INSTALLING
     (Phase.DOWNLOADED, Step.ERROR): (Phase.FAILED, State.FAILED),
@@ -281,6 +296,11 @@ class StoreFailed:
     detail: str
 
 
+@dataclass(frozen=True)
+class Drained:
+    """Answers `Drain`: the slot bytes handed out so far were written."""
+
+
 Event = (
     Begin[Any]
     | EnvelopeFetched
@@ -296,6 +316,7 @@ Event = (
     | Done
     | Failed
     | StoreFailed
+    | Drained
 )
 
 
@@ -381,6 +402,12 @@ class Write:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """Answer `Drained` so the machine can hand out more slot bytes of the same block
+    (a patch expands: its output is handed out in bounded pieces)."""
+
+
+@dataclass(frozen=True)
 class FinishImage:
     """Check size and digest of the slot bytes (Failed(ConditionFailed) on a mismatch)."""
 
@@ -422,6 +449,7 @@ Effect = (
     | OpenWriter
     | FetchPayload
     | Write
+    | Drain
     | FinishImage
     | RememberRefusal
     | KeepReport
@@ -441,6 +469,7 @@ ANSWERS: Mapping[type[Any], tuple[type[Any], ...]] = {
     StoreEnvelope: (Done, Failed),
     FetchPayload: (BlockReceived, FetchDone, Failed),
     FinishImage: (Done, Failed),
+    Drain: (Drained, Failed),
 }
 
 
@@ -486,6 +515,9 @@ class MachineConfig:
     checkpoint_bytes: int = 16 * 1024
     # The device's payload decryption keys (firmware-encryption; from its identity).
     decryption_keys: DecryptionKeys = field(default_factory=DecryptionKeys)
+    # A read-only view of a slot (the running one is a delta's source, core.delta);
+    # None: this device applies no deltas.
+    source: Callable[[int], delta.SourceRegion] | None = None
 
     @property
     def checkpoint(self) -> int:
@@ -538,6 +570,8 @@ class UpdateMachine(Generic[R]):
         self._probe_ok = False
         self._tail_state: tuple[_Tail, bytes, State] | None = None
         self._checkpoint = config.checkpoint
+        self._source_check: delta.DeltaInfo | None = None  # a source-match in flight
+        self._delta_note = ""  # why a delta was not used, for the reports
 
     @property
     def phase(self) -> Phase:
@@ -604,6 +638,9 @@ class UpdateMachine(Generic[R]):
             case Verified(vm=vm):
                 return self._accepted(vm)
             case ImageChecked(matches=matches):
+                if self._source_check is not None and not matches:
+                    self._delta_note = "running image is not the patch's source"
+                self._source_check = None
                 return self._interpret(matches)
             case FetchDone():
                 return self._fetch_done()
@@ -726,7 +763,37 @@ class UpdateMachine(Generic[R]):
             # Wrong bytes (ATTACKS.md #10): resuming would re-hash the same wrong prefix,
             # so the download is forgotten, in the same save as the FAILED report.
             self._record = replace(self.record, download=None)
+        if isinstance(pending, FetchPayload | Drain | FinishImage):
+            return self._payload_failed(error)
         return self._fail(error)
+
+    # -- delta payloads: which one was used, and the fallback --------------------------
+
+    def _payload_detail(self) -> str:
+        """What the reports say about the payload: "" for a plain image as always."""
+        fetch = self._fetch
+        assert fetch is not None
+        if fetch.kind.name == "delta":
+            info = delta_of_kind(fetch.kind)
+            return f"delta from {info.source_digest.value.hex()[:16]}" if info else "delta"
+        if self._delta_note:
+            return f"full image ({self._delta_note})"[:200]
+        return ""
+
+    def _payload_failed(self, error: OtaError) -> list[Effect]:
+        """A delta's payload failed: try the manifest's next alternative (the full image).
+
+        The error is thrown into the interpreter at the delta's Fetch; a try-each catches
+        it and runs its next alternative (manifest-34 §8.4.10.2), whose Fetch the machine
+        plans like any other (the slot is rewritten from its first byte). Without one,
+        the error ends the attempt as before. The source slot was only read.
+        """
+        fetch = self._fetch
+        if fetch is None or fetch.kind.name != "delta" or isinstance(error, StagingError):
+            return self._fail(error)
+        self._delta_note = f"delta failed: {error}"
+        self._fetch = None
+        return self._interpret(None, error=ConditionFailed(str(error)))
 
     def _fail(self, error: OtaError) -> list[Effect]:
         """An OtaError while acting on an accepted manifest."""
@@ -788,11 +855,14 @@ class UpdateMachine(Generic[R]):
     def _staging(self) -> int:
         return self.record.candidate
 
-    def _interpret(self, answer: object) -> list[Effect]:
-        """Run the interpreter until it needs the host, fetches, or ends."""
+    def _interpret(self, answer: object, error: OtaError | None = None) -> list[Effect]:
+        """Run the interpreter until it needs the host, fetches, or ends.
+
+        `error` is thrown in at the pending action instead (a delta's failed Fetch:
+        try-each then runs its next alternative, manifest-34 §8.4.10.2)."""
         assert self._gen is not None
         try:
-            action = self._gen.send(answer)
+            action = self._gen.send(answer) if error is None else self._gen.throw(error)
             while True:
                 if isinstance(action, interpreter.Fetch):
                     if action.component != 0 or self._fetch is not None:
@@ -803,6 +873,13 @@ class UpdateMachine(Generic[R]):
                         return [CheckSlotImage(self._staging, action)]
                     answer = False
                 elif isinstance(action, interpreter.CheckCondition):
+                    assert self._vm is not None
+                    info = delta_in_force(action.parameters, self._vm)
+                    if action.code == suit.CMD_DELTA_SOURCE_MATCH and info is not None:
+                        # The running slot must hold the patch's source (core.delta).
+                        self._source_check = info
+                        check = interpreter.CheckImage(0, info.source_digest, info.source_size)
+                        return [CheckSlotImage(self.record.running, check)]
                     answer = False  # manifest-34 §8.4.10: unknown conditions fail
                 else:
                     raise CommandError(f"{type(action).__name__} is not supported in update")
@@ -858,7 +935,8 @@ class UpdateMachine(Generic[R]):
         path = (
             None if action.uri.startswith("#") else resolve_uri(self.config.server_base, action.uri)
         )
-        kind = select_kind(action, vm, self.config.decryption_keys)
+        source = self.config.source(self.record.running) if self.config.source else None
+        kind = select_kind(action, vm, self.config.decryption_keys, source)
         fetch = _Fetch(action, action.size, action.digest, path, kind)
         self._fetch = fetch
         record, staging = self.record, self._staging
@@ -941,7 +1019,8 @@ class UpdateMachine(Generic[R]):
         fetch = self._fetch
         assert fetch is not None
         fetch.start = fetch.offset = dl.durable
-        t = self._go(Step.FETCH_STARTED)
+        step = Step.FALLBACK if self._phase == Phase.DOWNLOADING else Step.FETCH_STARTED
+        t = self._go(step, detail=self._payload_detail())
         started = self._queue(replace(self.record, download=dl), t, dl.durable)
         return self._persist(started, then=self._flush_then_open)
 
@@ -953,9 +1032,10 @@ class UpdateMachine(Generic[R]):
         fetch, vm = self._fetch, self._vm
         assert fetch is not None and vm is not None
         integrated = None
+        wire_size = fetch.kind.payload_size(fetch.size)
         if fetch.path is None:
             integrated = vm.envelope.integrated_payload(fetch.action.uri)
-            if integrated is None or len(integrated) != fetch.kind.payload_size(fetch.size):
+            if integrated is None or len(integrated) != wire_size:
                 return self._fail(PolicyError("integrated payload missing or of the wrong size"))
         fetch.decoder = fetch.kind.decoder(fetch.start)
         opened = OpenWriter(self._staging, fetch.size, fetch.digest, fetch.start)
@@ -963,10 +1043,7 @@ class UpdateMachine(Generic[R]):
             self._then = self._image_complete
             return [opened, FinishImage()]
         fetch.stream = FetchPayload(
-            fetch.path,
-            integrated,
-            fetch.kind.fetch_offset(fetch.start),
-            fetch.kind.payload_size(fetch.size),
+            fetch.path, integrated, fetch.kind.fetch_offset(fetch.start), wire_size
         )
         return [opened, fetch.stream]
 
@@ -974,9 +1051,29 @@ class UpdateMachine(Generic[R]):
         fetch = self._fetch
         assert fetch is not None and fetch.decoder is not None and fetch.stream is not None
         self._go(Step.BLOCK)
-        out = fetch.decoder.feed(data)
+        try:
+            out = fetch.decoder.feed(data)
+        except OtaError as exc:
+            return self._payload_failed(exc)
+        return self._slot_bytes(out)
+
+    def _drain(self) -> list[Effect]:
+        fetch = self._fetch
+        assert fetch is not None and isinstance(fetch.decoder, DrainingDecoder)
+        try:
+            out = fetch.decoder.drain()
+        except OtaError as exc:
+            return self._payload_failed(exc)
+        return self._slot_bytes(out)
+
+    def _slot_bytes(self, out: bytes) -> list[Effect]:
+        fetch = self._fetch
+        assert fetch is not None and fetch.stream is not None
         fetch.offset += len(out)
         effects: list[Effect] = [Write(out)] if out else []
+        if out and isinstance(fetch.decoder, DrainingDecoder):
+            self._then = self._drain  # there may be more from the same input
+            return [*effects, Drain()]
         self._pending = fetch.stream  # the stream goes on
         offset = fetch.offset
         if fetch.kind.checkpoints and offset % self._checkpoint == 0 and offset < fetch.size:
@@ -997,9 +1094,10 @@ class UpdateMachine(Generic[R]):
         try:
             tail = fetch.decoder.finish()
         except OtaError as exc:
-            # A payload that fails authentication (A128GCM tag) is not resumed either.
-            self._record = replace(self.record, download=None)
-            return self._fail(exc)
+            if fetch.kind.name != "delta":
+                # A payload that fails authentication (A128GCM tag) is not resumed either.
+                self._record = replace(self.record, download=None)
+            return self._payload_failed(exc)
         self._then = self._image_complete
         return [Write(tail), FinishImage()] if tail else [FinishImage()]
 
@@ -1007,9 +1105,16 @@ class UpdateMachine(Generic[R]):
         fetch, dl = self._fetch, self.record.download
         assert fetch is not None and dl is not None
         # The DOWNLOADED report names a payload kind other than the plain image (e.g.
-        # "payload encrypted-a128ctr"), so the operator sees how the image arrived.
+        # "payload encrypted-a128ctr", "delta from 1f2e..."), so the operator sees how
+        # the image arrived.
         kind = fetch.kind.name
-        t = self._go(Step.FETCH_DONE, detail="" if kind == "plain" else f"payload {kind}")
+        plain = "" if kind == "plain" else f"payload {kind}"
+        t = self._go(Step.FETCH_DONE, detail=self._payload_detail() or plain)
         done = replace(self.record, download=replace(dl, durable=fetch.size))
         done = self._queue(done, t, fetch.size)
         return self._persist(done, then=lambda: self._interpret(None))
+
+
+def delta_of_kind(kind: PayloadKind) -> delta.DeltaInfo | None:
+    info = getattr(kind, "info", None)
+    return info if isinstance(info, delta.DeltaInfo) else None

@@ -43,6 +43,7 @@ from ..core.errors import OtaError
 from ..core.report import MAX_REPORT_SIZE, decode_report
 from ..store import Principal, Publisher, Role, TempBlob
 from ..store.errors import NotFound, StoreError
+from ..store.publish_delta import publish_uploaded_any
 from . import access
 from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
 from .store_view import StoreView
@@ -199,9 +200,9 @@ class FirmwareResource(_Base, resource.PathCapable):
     async def render_get(self, request: Message) -> Message:
         path = request.opt.uri_path
         principal = self.principal(request)
-        image = access.readable_image(self.view, principal)
         # Exact match only: case, trailing slashes or encodings are other names.
-        if image is None or path != (image.image_id,):
+        image = access.image_named(self.view, principal, path[0]) if len(path) == 1 else None
+        if image is None:
             # ascii(): the path is attacker-chosen text headed for logs and the audit.
             subject = ascii("/fw/" + "/".join(path))[1:-1][:60]
             self.view.refused(str(principal), "fw.get", subject, "not this device's image")
@@ -396,8 +397,10 @@ class AdminReleaseResource(_AdminUpload):
             blob.discard()
         blobs, cfg = self.view.blobs, self.view.config.publish
         staged = _OwnUploads(self.staged, principal.identity, asyncio.get_running_loop())
+        # A release, or a delta envelope of one (store/publish_delta.py tells them apart).
+        actor = str(principal)
         release = await self.view.db(
-            lambda s: Publisher(s, blobs, cfg).publish_uploaded(envelope, staged, str(principal))
+            lambda s: publish_uploaded_any(Publisher(s, blobs, cfg), envelope, staged, actor)
         )
         self.view.refresh()  # tell /m observers now rather than at the next poll
         return Message(
@@ -406,7 +409,8 @@ class AdminReleaseResource(_AdminUpload):
                 {
                     "class": release.class_label,
                     "seq": release.sequence_number,
-                    "image": release.image.uri,
+                    "image": release.uri,
+                    **({"delta_from": release.delta_from} if release.delta_from else {}),
                 }
             ),
             content_format=coap_numbers.CF_CBOR,

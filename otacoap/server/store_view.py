@@ -28,6 +28,7 @@ from ..config import Config
 from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
 from ..store.campaigns import served_release
+from ..store.deltas import DeltaRecord
 from ..store.models import ClassKey
 from .credentials import PskDirectory, SessionClaim
 
@@ -65,6 +66,7 @@ class StoreView:
         self._operators: dict[str, bool] = {}
         self._class_releases: dict[ClassKey, ReleaseRecord | None] = {}
         self._releases_by_id: dict[int, ReleaseRecord | None] = {}
+        self._has_deltas: dict[int, bool] = {}  # release id -> any delta envelopes?
         self._release_listeners: list[Callable[[], None]] = []
         self._principal_listeners: list[Callable[[], None]] = []
         # Bumped whenever the caches above are dropped, so caches derived from them
@@ -89,11 +91,11 @@ class StoreView:
 
     # --- DB thread -----------------------------------------------------------------
 
-
     def count_served(self, digest: bytes, payload_bytes: int) -> None:
         """One firmware block of `digest` went out with `payload_bytes` bytes."""
         self.blocks_served[digest] += 1
         self.fw_bytes_served += payload_bytes
+
     def _in_db(self, fn: Callable[[Store], T]) -> T:
         if self._writer is None:
             self._writer = self.datadir.open_store()
@@ -207,6 +209,14 @@ class StoreView:
             self._class_releases[key] = self.reader.current_release(key)
         return self._class_releases[key]
 
+    def delta_for(self, device: DeviceRecord, release: ReleaseRecord) -> DeltaRecord | None:
+        """The delta envelope of `release` this device is served instead, if any
+        (store/deltas.py says which); one cached lookup for a release without deltas."""
+        has = self._has_deltas.get(release.id)
+        if has is None:
+            has = self._has_deltas[release.id] = bool(self.reader.deltas_of(release.id))
+        return self.reader.delta_for_device(device.id, release) if has else None
+
     def on_release_change(self, listener: Callable[[], None]) -> None:
         self._release_listeners.append(listener)
 
@@ -234,6 +244,7 @@ class StoreView:
         if releases_changed:
             self._class_releases.clear()
             self._releases_by_id.clear()
+            self._has_deltas.clear()
             _notify(self._release_listeners, "release")
 
     # --- rollout campaigns ------------------------------------------------------------

@@ -134,6 +134,11 @@ class Publisher:
                 f"{exc}: the {which} release of {label} is seq {now}, "
                 "a new release needs a higher one"
             ) from None
+        if any(f.delta is not None for f in verified.fetches):
+            raise PolicyError(
+                "this is a delta envelope: publish it as a delta of its release "
+                "(otacoap publish ... --delta ENVELOPE PATCH)"
+            )
         # 3. Exactly one fetched image, and it is the one handed in.
         image = _the_image(verified)
         uri = image.uri or ""
@@ -213,18 +218,23 @@ class Publisher:
         artefacts are verified after reassembly). Audited either way.
         """
         try:
-            authentic = self.authenticate(envelope)
-            blob = staged.take(self._image_digest(authentic))
-            if blob is None:
-                raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
-            try:
-                blob.finish()
-                return self._check_and_commit(authentic, blob, actor)
-            finally:
-                blob.discard()
+            return self.commit_uploaded(self.authenticate(envelope), staged, actor)
         except OtaError as exc:
             self.refused(envelope, actor, exc)
             raise
+
+    def commit_uploaded(
+        self, authentic: trust.AuthenticatedManifest, staged: StagedImages, actor: str
+    ) -> ReleaseRecord:
+        """`publish_uploaded` after its authentication; the caller audits a refusal."""
+        blob = staged.take(self._image_digest(authentic))
+        if blob is None:
+            raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
+        try:
+            blob.finish()
+            return self._check_and_commit(authentic, blob, actor)
+        finally:
+            blob.discard()
 
     def _image_digest(self, authentic: trust.AuthenticatedManifest) -> bytes:
         """The SHA-256 of the one image an authentic envelope fetches (or raise).

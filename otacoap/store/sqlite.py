@@ -32,6 +32,8 @@ from .audit import AuditEntry
 from .campaigns import MIGRATION as CAMPAIGNS_MIGRATION
 from .campaigns import CampaignStore, served_release
 from .crosscheck import missing_entries
+from .deltas import MIGRATION as DELTA_MIGRATION
+from .deltas import DeltaTables
 from .errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed, StoreError
 from .models import (
     AnchorRecord,
@@ -165,6 +167,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
     anchor_lists.MIGRATION,  # 5: signed anchor lists per class (otacoap/store/anchor_lists.py)
+    DELTA_MIGRATION,  # 6: delta envelopes (store/deltas.py)
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -228,9 +231,9 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
-class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
+class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
     """`Store` over one SQLite connection (tags and campaigns: store/campaigns.py;
-    anchor lists: store/anchor_lists.py)."""
+    anchor lists: store/anchor_lists.py; delta envelopes: store/deltas.py)."""
 
     def __init__(
         self,
@@ -803,7 +806,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
         row = self._db.execute(
             "SELECT 1 FROM releases WHERE image_digest = ? LIMIT 1", (digest,)
         ).fetchone()
-        return row is not None
+        return row is not None or self.patch_referenced(digest)
 
     def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None:
         with self._tx() as db:

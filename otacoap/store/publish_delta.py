@@ -1,0 +1,275 @@
+"""Publishing a release's delta envelopes: the same gate as a release, plus the patch.
+
+A delta envelope is signed by the author like any envelope and checked the same way
+(`Publisher.authenticate` once, then `trust.admit`), and more:
+
+* it is for an existing release: same vendor, class and sequence number, and the image
+  it results in (image-digest and image-size) is that release's image, else
+  ImageMismatch (issue 13 §2: "a delta whose result digest does not match the release's
+  image is refused at publish");
+* it fetches the patch handed in (digest, size, the server-relative /fw/<id> URI) and,
+  besides it, at most the release's own image (the full-image fallback);
+* when the server holds the source image (an earlier release's image), the patch is
+  applied with the device's own decoder (core.delta) and must produce the release's
+  image, so a patch that would only fail on the devices is refused here.
+
+The commit is one blob rename plus one transaction (`DeltaTables.commit_delta`); a
+refusal leaves only its audit entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core import delta, ids, suit, trust
+from ..core.errors import IncompatibleError, OtaError, PolicyError
+from .anchor_lists import check_publish_signer
+from .blobs import TempBlob
+from .deltas import DeltaCandidate, DeltaRecord
+from .errors import ImageMismatch, NotFound
+from .models import ImageRecord, ReleaseRecord
+from .publish import Publisher, StagedImages
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 16
+
+
+class _FileSource:
+    """The source image read from a blob file (bounded reads, like the device's slot)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._f.seek(offset)
+        return self._f.read(length)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class DeltaPublisher:
+    """Checks and commits delta envelopes (see the module docstring)."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._p = publisher
+        self._store: Any = publisher._store
+        self._blobs = publisher._blobs
+        self._config = publisher._config
+
+    def check(
+        self, authentic: trust.AuthenticatedManifest, patch_digest: bytes, patch_size: int
+    ) -> tuple[DeltaCandidate, delta.DeltaInfo]:
+        """Validate a delta envelope without side effects."""
+        verified = trust.admit(authentic, self._p._policy(authentic.anchors))
+        if len(verified.vendor_ids) != 1 or len(verified.class_ids) != 1:
+            raise IncompatibleError("a delta must name exactly one vendor-id and one class-id")
+        key = (verified.vendor_ids[0], verified.class_ids[0])
+        # A class with a signed anchor list: its current authors only, as for a release.
+        check_publish_signer(self._store, key, authentic.signer)
+        release = self._store.release_by_seq(key, verified.sequence_number)
+        if release is None:
+            raise NotFound(
+                f"no release with seq {verified.sequence_number} for this class: "
+                "publish the release (its full envelope) first"
+            )
+        deltas = [f for f in verified.fetches if f.delta is not None]
+        if len(deltas) != 1:
+            raise PolicyError(f"a delta envelope fetches one patch; this one {len(deltas)}")
+        patch_fetch = deltas[0]
+        info = patch_fetch.delta
+        assert info is not None
+        full = release.image
+        for fetch in verified.fetches:
+            if fetch.digest is None or fetch.size is None:
+                raise PolicyError("every fetch must state the resulting image digest and size")
+            if fetch.digest.value != full.digest or fetch.size != full.size:
+                raise ImageMismatch(
+                    "the delta's resulting image is not the release's image",
+                    detail=f"release {full.digest.hex()}, manifest {fetch.digest.value.hex()}",
+                )
+            if fetch.delta is None and fetch.uri != full.uri:
+                raise PolicyError(f"the fallback must fetch the release's image {full.uri!r}")
+        if info.patch_digest.algorithm != suit.DIGEST_SHA256:
+            raise PolicyError("the patch digest must be SHA-256 (the blob store's address)")
+        if info.patch_digest.value != patch_digest or info.patch_size != patch_size:
+            raise ImageMismatch("the patch handed in is not the one the manifest signs")
+        if patch_fetch.uri != ids.image_uri(patch_digest):
+            raise PolicyError(f"the patch URI must be {ids.image_uri(patch_digest)!r}")
+        if info.source_digest.algorithm != suit.DIGEST_SHA256:
+            raise PolicyError("the source digest must be SHA-256")
+        candidate = DeltaCandidate(
+            release,
+            info.source_digest.value,
+            verified.manifest_digest.value,
+            authentic.envelope_bytes,
+            ImageRecord(patch_digest, patch_size),
+            verified.signer,
+        )
+        return candidate, info
+
+    def _try_apply(self, info: delta.DeltaInfo, patch: Path, image: ImageRecord) -> None:
+        """Apply the patch to the source, if the server has it; it must make the image."""
+        source_digest = info.source_digest.value
+        if not self._blobs.has(source_digest):
+            log.info("delta source %s not on this server: not applied", source_digest.hex()[:16])
+            return
+        source = _FileSource(self._blobs.path_of(source_digest))
+        try:
+            decoder = delta.SequentialPatchDecoder(info, source, image.size)
+            out = hashlib.sha256()
+            with open(patch, "rb") as f:
+                while chunk := f.read(1024):
+                    piece = decoder.feed(chunk)
+                    while piece:
+                        out.update(piece)
+                        piece = decoder.drain()
+            out.update(decoder.finish())
+        except delta.PatchError as exc:
+            raise ImageMismatch(f"the patch does not apply to its source: {exc}") from None
+        finally:
+            source.close()
+        if out.digest() != image.digest:
+            raise ImageMismatch("the patch applied to its source does not make the release's image")
+
+    def _check_and_commit(
+        self, authentic: trust.AuthenticatedManifest, blob: TempBlob, actor: str
+    ) -> DeltaRecord:
+        candidate, info = self.check(authentic, blob.digest, blob.size)
+        self._try_apply(info, blob.path, candidate.release.image)
+        created = self._blobs.commit(blob)
+        try:
+            record: DeltaRecord = self._store.commit_delta(candidate, actor)
+        except BaseException:
+            if created and not self._store.image_referenced(candidate.patch.digest):
+                self._blobs.remove(candidate.patch.digest)
+            raise
+        log.info(
+            "published delta of %s seq %d from %s: patch %s (%d bytes) by %s",
+            candidate.release.class_label,
+            candidate.release.sequence_number,
+            candidate.source_digest.hex()[:16],
+            candidate.patch.image_id,
+            candidate.patch.size,
+            actor,
+        )
+        return record
+
+    def commit_file(
+        self, authentic: trust.AuthenticatedManifest, patch_path: Path, actor: str
+    ) -> DeltaRecord:
+        """The local path: stream the patch into a temp blob, check, commit.
+
+        The caller authenticated the envelope (once) and audits a refusal."""
+        with self._blobs.temp(cap=self._config.max_image_size) as blob:
+            with open(patch_path, "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    blob.write(chunk)
+            blob.finish()
+            return self._check_and_commit(authentic, blob, actor)
+
+    def commit_uploaded(
+        self, authentic: trust.AuthenticatedManifest, staged: StagedImages, actor: str
+    ) -> DeltaRecord:
+        """The network path: the envelope names its patch among the operator's uploads."""
+        verified = trust.admit(authentic, self._p._policy(authentic.anchors))
+        infos = [f.delta for f in verified.fetches if f.delta is not None]
+        if len(infos) != 1:
+            raise PolicyError("a delta envelope fetches exactly one patch")
+        blob = staged.take(infos[0].patch_digest.value)
+        if blob is None:
+            raise NotFound("no uploaded patch matches the manifest (POST it to /admin/image)")
+        try:
+            blob.finish()
+            return self._check_and_commit(authentic, blob, actor)
+        finally:
+            blob.discard()
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a publish made visible: a release or a delta of one."""
+
+    class_label: str
+    sequence_number: int
+    uri: str  # the image (a release) or the patch (a delta)
+    size: int
+    signer: str
+    delta_from: bytes | None = None  # the source image digest of a delta
+
+    def line(self) -> str:
+        what = "image" if self.delta_from is None else f"delta from {self.delta_from.hex()[:16]}:"
+        return (
+            f"published {self.class_label} seq {self.sequence_number}: {what} {self.uri} "
+            f"({self.size} bytes), signed by {self.signer}"
+        )
+
+
+def _published(record: ReleaseRecord | DeltaRecord, release: ReleaseRecord | None) -> Published:
+    if isinstance(record, DeltaRecord):
+        assert release is not None
+        return Published(
+            release.class_label,
+            release.sequence_number,
+            record.patch.uri,
+            record.patch.size,
+            record.signer,
+            record.source_digest,
+        )
+    return Published(
+        record.class_label,
+        record.sequence_number,
+        record.image.uri,
+        record.image.size,
+        record.signer,
+    )
+
+
+def _is_delta(publisher: Publisher, authentic: trust.AuthenticatedManifest) -> bool:
+    verified = trust.admit(authentic, publisher._policy(authentic.anchors))
+    return any(f.delta is not None for f in verified.fetches)
+
+
+def publish_file_any(
+    publisher: Publisher, envelope: bytes, path: Path, actor: str, *, make_current: bool = True
+) -> Published:
+    """`otacoap publish`: a release (IMAGE) or a delta of one (PATCH), told apart by the
+    authenticated envelope; one signature verification, a refusal audited.
+    `make_current` is `Publisher.publish_file`'s (a release only)."""
+    try:
+        authentic = publisher.authenticate(envelope)
+        if _is_delta(publisher, authentic):
+            dp = DeltaPublisher(publisher)
+            record = dp.commit_file(authentic, path, actor)
+            return _published(record, dp._store.release_by_id(record.release_id))
+        with publisher._blobs.temp(cap=publisher._config.max_image_size) as blob:
+            with open(path, "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    blob.write(chunk)
+            blob.finish()
+            release = publisher._check_and_commit(authentic, blob, actor, make_current=make_current)
+            return _published(release, None)
+    except OtaError as exc:
+        publisher.refused(envelope, actor, exc)
+        raise
+
+
+def publish_uploaded_any(
+    publisher: Publisher, envelope: bytes, staged: StagedImages, actor: str
+) -> Published:
+    """/admin/release: the same for an envelope whose image or patch was uploaded."""
+    try:
+        authentic = publisher.authenticate(envelope)
+        if _is_delta(publisher, authentic):
+            dp = DeltaPublisher(publisher)
+            record = dp.commit_uploaded(authentic, staged, actor)
+            return _published(record, dp._store.release_by_id(record.release_id))
+        return _published(publisher.commit_uploaded(authentic, staged, actor), None)
+    except OtaError as exc:
+        publisher.refused(envelope, actor, exc)
+        raise

@@ -1,0 +1,131 @@
+"""Helpers for the delta tests: a device whose factory image is a delta's source, and the
+signed delta envelopes (full-image fallback or not) a release carries."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import SHARED
+from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, Rig, manifest_bytes, sign
+
+from device_sim.inprocess import InProcessServer
+from device_sim.provision import provision
+from otacoap import patching
+from otacoap.core import cose, delta, ids, suit
+from otacoap.core.build import Release, build_envelope
+
+DELTA_DIR = SHARED / "delta"
+PAIRS = {
+    "programmer": ("programmer-0.8.0.bin", "programmer-0.9.0.bin"),
+    "pybv11": (
+        "micropython-pybv11-1f5d945af-firmware1.bin",
+        "micropython-pybv11-v1.10-firmware1.bin",
+    ),
+    "esp8266": ("micropython-esp8266-v1.9.4.bin", "micropython-esp8266-v1.10.bin"),
+}
+
+
+def pair(name: str) -> tuple[bytes, bytes]:
+    old, new = PAIRS[name]
+    return (DELTA_DIR / old).read_bytes(), (DELTA_DIR / new).read_bytes()
+
+
+def synthetic_pair(size: int = 6000) -> tuple[bytes, bytes]:
+    """A small old/new pair that looks like a firmware change: edits, an insertion."""
+    old = bytearray()
+    counter = 0
+    while len(old) < size:
+        old += hashlib.sha256(counter.to_bytes(4, "big")).digest()[:8] * 4
+        counter += 1
+    old = old[:size]
+    new = bytearray(old)
+    new[100:140] = b"version 2 of the application code!!!!!!"
+    new[size // 2 : size // 2] = b"an inserted function body" * 8
+    new[-300:-200] = bytes(range(100))
+    return bytes(old), bytes(new)
+
+
+def make_delta_rig(
+    tmp: Path,
+    factory: bytes,
+    *,
+    seq: int = 5,
+    slot_size: int = 64 * 1024,
+    sector_size: int = 4096,
+    key: cose.SigningKey | None = None,
+    seal: bool = False,
+) -> Rig:
+    """`seal`: a chip with a hardware key, so both slots are encrypted at rest."""
+    key = key or cose.generate_key("es256")
+    env = sign(manifest_bytes(image=factory, seq=seq), key)
+    path = tmp / "flash.bin"
+    provision(
+        path,
+        device_id=DEVICE_ID,
+        psk=PSK,
+        vendor_domain=VENDOR,
+        class_info=CLASS,
+        anchors_pem=(key.public.public_pem(),),
+        factory_image=factory,
+        factory_envelope=env,
+        slot_size=slot_size,
+        sector_size=sector_size,
+        max_trial_boots=3,
+        force=True,
+        seal=seal,
+    )
+    rig = Rig(path, key, factory, env, slot_size=slot_size)
+    rig.accept(factory)
+    return rig
+
+
+@dataclass(frozen=True)
+class DeltaRelease:
+    image: bytes
+    patch: bytes
+    info: delta.DeltaInfo
+    envelope: bytes  # delta with full-image fallback
+    delta_only: bytes  # delta without fallback
+    full: bytes  # the plain full-image envelope
+
+    @property
+    def image_path(self) -> str:
+        return ids.image_uri(hashlib.sha256(self.image).digest())
+
+    @property
+    def patch_path(self) -> str:
+        return ids.image_uri(self.info.patch_digest.value)
+
+    def serve(self, server: InProcessServer, patch: bytes | None = None) -> None:
+        server.add_image(self.image_path, self.image)
+        server.add_image(self.patch_path, self.patch if patch is None else patch)
+
+
+def delta_release(
+    key: cose.SigningKey,
+    source: bytes,
+    target: bytes,
+    seq: int,
+    *,
+    patch: bytes | None = None,
+    claimed_source: bytes | None = None,
+) -> DeltaRelease:
+    """Signed envelopes for `target` by delta from `source` (or from `claimed_source`)."""
+    patch = patch if patch is not None else patching.create_patch(source, target)
+    src = claimed_source if claimed_source is not None else source
+    info = delta.DeltaInfo(suit.SuitDigest.of(src), len(src), suit.SuitDigest.of(patch), len(patch))
+    release = Release(hashlib.sha256(target).digest(), len(target), VENDOR, CLASS, seq)
+
+    def signed(env: suit.Envelope) -> bytes:
+        return suit.encode_envelope(env)
+
+    return DeltaRelease(
+        target,
+        patch,
+        info,
+        signed(build_envelope(release, key, patch=info)),
+        signed(build_envelope(release, key, patch=info, fallback=False)),
+        signed(build_envelope(release, key)),
+    )
