@@ -432,7 +432,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
     def audit_entries(self, limit: int | None = None) -> Sequence[AuditEntry]:
         sql = _AUDIT_SELECT
         if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY seq"
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) AS tail ORDER BY seq"
         return [AuditEntry(*row) for row in self._db.execute(sql)]
 
     def verify_audit(self, checkpoint: bytes | None = None) -> tuple[int, bytes]:
@@ -792,7 +792,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
         )
 
     def list_releases(self, *, current_only: bool) -> list[ReleaseRecord]:
-        where = "r.id IN (SELECT release_id FROM current_releases)" if current_only else "1"
+        where = "r.id IN (SELECT release_id FROM current_releases)" if current_only else "1 = 1"
         rows = self._db.execute(
             f"SELECT {_RELEASE_COLUMNS} FROM releases r JOIN images i ON i.digest = r.image_digest "
             f"WHERE {where} ORDER BY r.class_label, r.seq"
