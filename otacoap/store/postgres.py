@@ -240,9 +240,9 @@ def has_principals(url: str) -> bool:
     conn = PgConnection(url)
     try:
         for table in ("devices", "operators"):
-            if conn.execute("SELECT to_regclass(?) IS NOT NULL", (table,)).fetchone() == (True,):
-                if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
-                    return True
+            exists = conn.execute("SELECT to_regclass(?) IS NOT NULL", (table,)).fetchone()
+            if exists == (True,) and conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                return True
         return False
     finally:
         conn.close()
