@@ -17,7 +17,7 @@ from otacoap.config import load_config
 from otacoap.core.campaign import MemberState, Policy, Target, parse_waves
 from otacoap.core.errors import RollbackError
 from otacoap.core.report import Report, State
-from otacoap.store import DataDir, Publisher, SQLiteStore
+from otacoap.store import BlobStore, DataDir, Publisher, SQLiteStore
 from otacoap.store.errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed
 from otacoap.store.postgres import PostgresStore, translate_ddl, translate_dml
 
@@ -266,6 +266,11 @@ def test_store_migrate_copies_a_sqlite_data_dir_into_postgresql(
         _report(store, "t1", 2, State.INSTALLED, 10)
         assert store.list_reports("t1", 10)[-1].id > before[2][-1].id
         assert store.add_device("t5", VENDOR, CLASS_A, b"k" * 16, ACTOR).id == "t5"
+        # The images went along: a host with an empty blobs/ gets them, verified.
+        fresh = BlobStore(tmp_path / "fresh-blobs")
+        fresh.create_dirs()
+        assert store.fill_image(staged_files.digest, fresh)
+        assert fresh.path_of(staged_files.digest).read_bytes() == staged_files.image
         store.verify_audit(checkpoint)
 
     # Nothing left to migrate; and an occupied target database is refused.
@@ -292,3 +297,51 @@ def test_store_migrate_refuses_a_broken_audit_chain(tmp_path: Path, pg_server: P
     refused = cli("store", "migrate", "--data", setup.data, "--to", url)
     assert refused.code != 0 and "audit entry 2" in refused.err
     assert load_config(setup.data / "config.toml").store.url == ""
+
+
+def _second_host(tmp_path: Path, name: str, first: Setup, url: str) -> DataDir:
+    """Another host's data directory on the same PostgreSQL store: its own blobs/, the
+    same server.key (copied, as an operator would), `init --store URL`."""
+    root = tmp_path / name
+    root.mkdir(mode=0o700)
+    key = root / "server.key"
+    key.write_bytes((first.data / "server.key").read_bytes())
+    key.chmod(0o600)
+    cli_ok("init", root, "--store", url)
+    return DataDir(root)
+
+
+def test_a_second_host_serves_an_image_it_fetched_from_postgresql_and_verified(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    import psycopg
+    from server_helpers import coaps_client, fetch_blocks, run, threaded_server
+
+    from otacoap.store.errors import StoreError
+
+    url = pg_server.new_database()
+    a = _make_setup(tmp_path / "a", devices=[DeviceSpec("t1")], store_url=url)
+    rel = a.release(CLASS_A, 10, make_image("v10", 5000))
+    a.publish(rel)
+    b = _second_host(tmp_path, "b", a, url)
+    assert not b.blobs.has(rel.digest)
+    with threaded_server(b.root) as server:
+
+        async def go() -> bytes:
+            async with coaps_client(server.port, "t1", a.devices["t1"].psk) as ctx:
+                uri = f"coaps://127.0.0.1:{server.port}{rel.image_uri}"
+                return await fetch_blocks(ctx, uri)
+
+        assert run(go()) == rel.image
+    assert b.blobs.path_of(rel.digest).read_bytes() == rel.image
+
+    # A chunk changed in the database: the next host refuses it, nothing is cached.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE image_chunks SET data = %s WHERE idx = 0", (b"x" * 5000,))
+    c = _second_host(tmp_path, "c", a, url)
+    with (
+        contextlib.closing(c.open_store()) as store,
+        pytest.raises(StoreError, match="does not match its digest"),
+    ):
+        store.fill_image(rel.digest, c.blobs)
+    assert not c.blobs.has(rel.digest) and c.blobs.temp_files() == []

@@ -67,7 +67,8 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
         SQLiteStore(datadir.db_path, datadir.sealer(), migrate=False)
     ) as source:
         count, head = source.verify_audit()
-        with contextlib.closing(PostgresStore(url, datadir.sealer())) as target:
+        target_store = PostgresStore(url, datadir.sealer(), blobs=datadir.blobs)
+        with contextlib.closing(target_store) as target:
             copied = copy_from_sqlite(source, target)
             pg_count, pg_head = target.verify_audit()
             if (pg_count, pg_head) != (count, head):

@@ -142,7 +142,7 @@ class DataDir:
         if url:
             from .postgres import PostgresStore  # psycopg only when it is used
 
-            return PostgresStore(url, self.sealer())
+            return PostgresStore(url, self.sealer(), blobs=self.blobs)
         return SQLiteStore(self.db_path, self.sealer(), check_same_thread=check_same_thread)
 
 

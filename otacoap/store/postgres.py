@@ -30,6 +30,7 @@ identity table is found by `_identity_tables` at connect time and by the DDL rew
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import time
@@ -39,7 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from .blobs import BlobStore
 from .errors import StoreError
+from .models import ReleaseCandidate, ReleaseRecord
 from .secrets import PskSealer
 from .sqlite import SQLiteStore
 
@@ -49,6 +52,12 @@ _CHANGES_TABLE = (
     "CREATE TABLE IF NOT EXISTS otacoap_changes ("
     "id INTEGER PRIMARY KEY CHECK (id = 1), n BIGINT NOT NULL)"
 )
+# Firmware images, in chunks, for every host (docs/decisions/postgresql-store.md).
+_CHUNKS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS image_chunks (digest BYTEA NOT NULL, idx BIGINT NOT NULL, "
+    "data BYTEA NOT NULL, PRIMARY KEY (digest, idx))"
+)
+CHUNK_SIZE = 256 * 1024
 _TRIGGER = re.compile(
     r"CREATE TRIGGER (\w+) BEFORE (UPDATE|DELETE) ON (\w+)\s+BEGIN SELECT "
     r"RAISE\(ABORT, '([^']*)'\); END",
@@ -152,6 +161,7 @@ class PgConnection:
         self._call(self._conn.execute, "BEGIN")
         self._call(self._conn.execute, "SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
         self._call(self._conn.execute, _CHANGES_TABLE)
+        self._call(self._conn.execute, _CHUNKS_TABLE)
         self._call(
             self._conn.execute,
             "INSERT INTO otacoap_changes (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -258,8 +268,10 @@ class PostgresStore(SQLiteStore):
         *,
         clock: Callable[[], float] = time.time,
         migrate: bool = True,
+        blobs: BlobStore | None = None,
     ) -> None:
         # No super().__init__: it opens an SQLite file. The attributes it sets, here.
+        self._blobs = blobs
         self._pg = PgConnection(url)
         self.path = self._pg.label  # type: ignore[assignment]  # named in messages only
         self.url = url
@@ -285,6 +297,74 @@ class PostgresStore(SQLiteStore):
             return 0
         row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0)
+
+    # --- images: in PostgreSQL for every host, cached (verified) in blobs/ ----------
+
+    def commit_release(
+        self, candidate: ReleaseCandidate, actor: str, *, make_current: bool = True
+    ) -> ReleaseRecord:
+        """SQLiteStore.commit_release, with the image's bytes stored in the same
+        transaction: a release other hosts see is a release they can serve."""
+        with self._tx():
+            self.put_image(candidate.image.digest, candidate.image.size)
+            return super().commit_release(candidate, actor, make_current=make_current)
+
+    def put_image(self, digest: bytes, size: int) -> None:
+        """Copy a local blob into image_chunks (once), checking it against its digest."""
+        if self._blobs is None:
+            raise StoreError("the PostgreSQL store needs the data directory's blobs to publish")
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM image_chunks WHERE digest = ? LIMIT 1", (digest,)
+            ).fetchone():
+                return
+            h, total, idx = hashlib.sha256(), 0, 0
+            try:
+                f = open(self._blobs.path_of(digest), "rb")  # noqa: SIM115
+            except OSError as exc:
+                raise StoreError(
+                    f"image {digest.hex()[:16]} is not in the blob store: {exc}"
+                ) from None
+            with f:
+                while chunk := f.read(CHUNK_SIZE):
+                    h.update(chunk)
+                    total += len(chunk)
+                    db.execute(
+                        "INSERT INTO image_chunks (digest, idx, data) VALUES (?, ?, ?)",
+                        (digest, idx, chunk),
+                    )
+                    idx += 1
+            if h.digest() != digest or total != size:
+                raise StoreError(f"blob {digest.hex()[:16]} does not match its digest or size")
+
+    def fill_image(self, digest: bytes, blobs: BlobStore) -> bool:
+        """Copy the image from PostgreSQL into the local blob store if it is missing.
+
+        The bytes go to a temp blob whose name is the SHA-256 computed while writing
+        (blobs.py); it becomes a servable blob only if that equals `digest` and the size
+        is the recorded one, so a host never serves a block it has not verified."""
+        if blobs.has(digest):
+            return True
+        row = self._db.execute("SELECT size FROM images WHERE digest = ?", (digest,)).fetchone()
+        if row is None:
+            return False
+        with blobs.temp(cap=int(row[0])) as temp:
+            idx = 0
+            while True:
+                part = self._db.execute(
+                    "SELECT data FROM image_chunks WHERE digest = ? AND idx = ?", (digest, idx)
+                ).fetchone()
+                if part is None:
+                    break
+                temp.write(bytes(part[0]))
+                idx += 1
+            if temp.finish() != digest:
+                raise StoreError(
+                    f"image {digest.hex()[:16]} in {self.path} does not match its digest; "
+                    "not served"
+                )
+            blobs.commit(temp)
+        return blobs.has(digest)
 
     def close(self) -> None:
         self._pg.close()
@@ -347,6 +427,8 @@ def copy_from_sqlite(source: SQLiteStore, target: PostgresStore) -> dict[str, in
                 db.execute(sql, tuple(values))
                 n += 1
             copied[table] = n
+        for digest, size in src.execute("SELECT digest, size FROM images ORDER BY digest"):
+            target.put_image(bytes(digest), int(size))
         for table in sorted(target._pg.identity_tables & set(copied)):
             db.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

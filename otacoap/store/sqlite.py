@@ -29,6 +29,7 @@ from . import anchor_lists
 from . import audit as chain
 from . import checkpoint as checkpoints
 from .audit import AuditEntry
+from .blobs import BlobStore
 from .campaigns import MIGRATION as CAMPAIGNS_MIGRATION
 from .campaigns import CampaignStore, served_release
 from .crosscheck import missing_entries
@@ -804,6 +805,11 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
             "SELECT 1 FROM releases WHERE image_digest = ? LIMIT 1", (digest,)
         ).fetchone()
         return row is not None
+
+    def fill_image(self, digest: bytes, blobs: BlobStore) -> bool:
+        """Whether `blobs` holds the image; a shared store (postgres.py) first copies
+        it there, verified. The SQLite store's images live only in the data directory."""
+        return blobs.has(digest)
 
     def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None:
         with self._tx() as db:
