@@ -67,8 +67,10 @@ def test_the_store_api_behaves_alike_on_both_backends(tmp_path: Path, store_url:
         before = store.lookup_credential("t1")
         assert before is not None and before.psk == setup.devices["t1"].psk
         other.changed_elsewhere()
+        store.changed_elsewhere()
         generations = other.generations()
         store.rekey_device("t1", b"n" * 16, ACTOR)
+        assert not store.changed_elsewhere()  # its own commit is not "elsewhere"
         after = store.lookup_credential("t1")
         assert after is not None and after.psk == b"n" * 16 and after.key_tag != before.key_tag
         assert other.changed_elsewhere() and not other.changed_elsewhere()
@@ -345,3 +347,47 @@ def test_a_second_host_serves_an_image_it_fetched_from_postgresql_and_verified(
     ):
         store.fill_image(rel.digest, c.blobs)
     assert not c.blobs.has(rel.digest) and c.blobs.temp_files() == []
+
+
+def test_concurrent_writers_keep_one_audit_chain(tmp_path: Path, store_url: str) -> None:
+    """Writers in several threads, each with its own connection (as several processes or
+    hosts): the store's one-writer rule (BEGIN IMMEDIATE on SQLite, the advisory lock on
+    PostgreSQL) keeps the chain linear and every report counted."""
+    import threading
+
+    setup = _make_setup(
+        tmp_path, devices=[DeviceSpec(f"w{i}") for i in range(4)], store_url=store_url
+    )
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with contextlib.closing(_open(setup)) as store:
+                for counter in range(1, 16):
+                    _report(store, f"w{i}", counter, State.DOWNLOADING, 1)
+                    store.set_device_tags(f"w{i}", {"n": str(counter)}, ACTOR)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    with contextlib.closing(_open(setup)) as store:
+        count, _ = store.verify_audit()
+        assert store.report_counts() == {"downloading": 60}
+        assert count == len(store.audit_entries())
+        assert [e.seq for e in store.audit_entries()] == list(range(1, count + 1))
+
+
+def test_an_unreachable_postgresql_is_one_line(tmp_path: Path, pg_server: PgServer) -> None:
+    url = pg_server.new_database()
+    setup = _make_setup(tmp_path, devices=[DeviceSpec("t1")], store_url=url)
+    dead = f"postgresql://otacoap@/x?host={tmp_path / 'nowhere'}"
+    text = (setup.data / "config.toml").read_text().replace(url, dead)
+    (setup.data / "config.toml").write_text(text)
+    result = cli("device", "list", "--data", setup.data)
+    assert result.code != 0 and "cannot connect" in result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
