@@ -306,8 +306,9 @@ class PostgresStore(SQLiteStore):
         """SQLiteStore.commit_release, with the image's bytes stored in the same
         transaction: a release other hosts see is a release they can serve."""
         with self._tx():
+            release = super().commit_release(candidate, actor, make_current=make_current)
             self.put_image(candidate.image.digest, candidate.image.size)
-            return super().commit_release(candidate, actor, make_current=make_current)
+        return release
 
     def put_image(self, digest: bytes, size: int) -> None:
         """Copy a local blob into image_chunks (once), checking it against its digest."""
