@@ -30,13 +30,19 @@ def datadir(tmp_path: Path, store_url: str, request: pytest.FixtureRequest) -> D
 
 
 def _files(d: DataDir) -> bytes:
-    """Every byte the database keeps on disk: otacoap.db and its WAL, or the whole
-    PostgreSQL data directory (heap files and WAL) after a checkpoint."""
+    """Every byte the database keeps on disk: otacoap.db and its WAL, or the
+    PostgreSQL database's heap files and the server's WAL after a checkpoint."""
     if not d.store_url():
         return b"".join(p.read_bytes() for p in d.root.glob("otacoap.db*"))
     with psycopg.connect(d.store_url(), autocommit=True) as conn:
         conn.execute("CHECKPOINT")
-    return b"".join(p.read_bytes() for p in _PG_DATA[0].rglob("*") if p.is_file())
+        row = conn.execute(
+            "SELECT oid FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    # This database's files, and the write-ahead log every database shares.
+    files = [*(_PG_DATA[0] / "base" / str(row[0])).iterdir(), *(_PG_DATA[0] / "pg_wal").iterdir()]
+    return b"".join(p.read_bytes() for p in files if p.is_file())
 
 
 def _raw(d: DataDir) -> Any:
@@ -67,6 +73,7 @@ def test_psks_are_not_stored_in_plain_text(datadir: DataDir) -> None:
     assert store.lookup_identity("nobody") is None
     store.close()
     assert psk_dev not in _files(datadir) and psk_op not in _files(datadir)
+    assert b"dev1" in _files(datadir)  # what is stored in plain text is found there
 
 
 def test_a_sealed_psk_moved_to_another_identity_does_not_open(datadir: DataDir) -> None:

@@ -391,3 +391,17 @@ def test_an_unreachable_postgresql_is_one_line(tmp_path: Path, pg_server: PgServ
     result = cli("device", "list", "--data", setup.data)
     assert result.code != 0 and "cannot connect" in result.err
     assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_missing_postgresql_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pg_server
+
+    monkeypatch.setattr(pg_server, "find_pg_bin", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="scripts/bootstrap.sh"):
+        pg_server.require_pg_bin()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        pg_server.require_pg_bin()
