@@ -400,7 +400,7 @@ def test_missing_postgresql_fails_in_ci_and_skips_elsewhere(
 
     monkeypatch.setattr(pg_server, "find_pg_bin", lambda: None)
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="scripts/bootstrap.sh"):
+    with pytest.raises(pytest.fail.Exception, match=r"scripts/bootstrap\.sh"):
         pg_server.require_pg_bin()
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception):
