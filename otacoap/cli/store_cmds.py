@@ -63,13 +63,11 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
             f"{datadir.root} already keeps its store in {redact(datadir.store_url())}; "
             "nothing to migrate"
         )
-    with contextlib.closing(
-        SQLiteStore(datadir.db_path, datadir.sealer(), migrate=False)
-    ) as source:
-        count, head = source.verify_audit()
+    with contextlib.closing(SQLiteStore(datadir.db_path, datadir.sealer())) as source:
+        source.verify_audit()  # a broken log is not carried over
         target_store = PostgresStore(url, datadir.sealer(), blobs=datadir.blobs)
         with contextlib.closing(target_store) as target:
-            copied = copy_from_sqlite(source, target)
+            copied, (count, head) = copy_from_sqlite(source, target)
             pg_count, pg_head = target.verify_audit()
             if (pg_count, pg_head) != (count, head):
                 raise CliError(

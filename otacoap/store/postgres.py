@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from .audit import GENESIS
 from .blobs import BlobStore
 from .errors import StoreError
 from .models import ReleaseCandidate, ReleaseRecord
@@ -392,17 +393,23 @@ def _copy_order(src: sqlite3.Connection) -> list[str]:
     return order
 
 
-def copy_from_sqlite(source: SQLiteStore, target: PostgresStore) -> dict[str, int]:
-    """Copy every row of `source` into the empty `target`, in one transaction: the
-    audit chain and its seal verbatim (same server.key, so it verifies unchanged),
-    ids kept, identity counters moved past them. Rows per table."""
+def copy_from_sqlite(
+    source: SQLiteStore, target: PostgresStore
+) -> tuple[dict[str, int], tuple[int, bytes]]:
+    """Copy every row of `source` into the empty `target`, in one transaction on each
+    side (the SQLite write lock is held, so nothing commits there meanwhile): the audit
+    chain and its seal verbatim (same server.key, so it verifies unchanged), ids kept,
+    identity counters moved past them, every image. Rows per table, and the source's
+    (audit count, head) as copied."""
     src = source._db
     if source.schema_version() != target.schema_version():
         raise StoreError(
             f"schema versions differ ({source.schema_version()} vs {target.schema_version()})"
         )
     copied: dict[str, int] = {}
-    with target._tx() as db:
+    with source._tx(), target._tx() as db:
+        last = src.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        at_copy = (int(last[0]), bytes(last[1])) if last else (0, GENESIS)
         row = db.execute("SELECT COUNT(*) FROM audit").fetchone()
         if row is not None and int(row[0]) > 0:
             raise StoreError(
@@ -435,4 +442,4 @@ def copy_from_sqlite(source: SQLiteStore, target: PostgresStore) -> dict[str, in
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                 f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
             )
-    return copied
+    return copied, at_copy
