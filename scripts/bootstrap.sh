@@ -21,7 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   if [[ " ${need[*]} " == *" postgresql "* ]]; then
     # The store tests start their own server (tests/pg_server.py); the package's
     # "main" cluster is not needed: stop it and keep it from starting at boot.
-    pg_ctlcluster --help >/dev/null 2>&1 && for c in /etc/postgresql/*/main; do
+    for c in /etc/postgresql/*/main; do
       [ -d "$c" ] || continue
       v=$(basename "$(dirname "$c")")
       pg_ctlcluster "$v" main stop 2>/dev/null || true
