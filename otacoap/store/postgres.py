@@ -47,7 +47,6 @@ from .models import ReleaseCandidate, ReleaseRecord
 from .secrets import PskSealer
 from .sqlite import SQLiteStore
 
-URL_SCHEMES = ("postgresql", "postgres")
 _WRITE_LOCK = 0x6F7461636F6170  # "otacoap": the advisory lock every writer takes
 _CHANGES_TABLE = (
     "CREATE TABLE IF NOT EXISTS otacoap_changes ("
@@ -66,10 +65,6 @@ _TRIGGER = re.compile(
 )
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)")
 _INSERT_INTO = re.compile(r"^\s*INSERT INTO (\w+)", re.I)
-
-
-def is_postgres_url(url: str) -> bool:
-    return urlsplit(url).scheme in URL_SCHEMES
 
 
 def redact(url: str) -> str:
@@ -159,16 +154,29 @@ class PgConnection:
         self._write_tx = False
         self._own_commits = 0
         self._translated: dict[str, tuple[str, bool]] = {}
-        self._call(self._conn.execute, "BEGIN")
-        self._call(self._conn.execute, "SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
-        self._call(self._conn.execute, _CHANGES_TABLE)
-        self._call(self._conn.execute, _CHUNKS_TABLE)
-        self._call(
-            self._conn.execute,
-            "INSERT INTO otacoap_changes (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING",
-        )
-        self._call(self._conn.execute, "COMMIT")
-        self.identity_tables = self._identity_tables()
+        try:
+            self._plumbing()
+            self.identity_tables = self._identity_tables()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _plumbing(self) -> None:
+        """The backend's own tables (module docstring), created once, under the lock."""
+        run = self._conn.execute
+        present = self._call(
+            run,
+            "SELECT to_regclass('otacoap_changes') IS NOT NULL "
+            "AND to_regclass('image_chunks') IS NOT NULL",
+        ).fetchone()
+        if present and present[0]:
+            return
+        self._call(run, "BEGIN")
+        self._call(run, "SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+        self._call(run, _CHANGES_TABLE)
+        self._call(run, _CHUNKS_TABLE)
+        self._call(run, "INSERT INTO otacoap_changes (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING")
+        self._call(run, "COMMIT")
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
