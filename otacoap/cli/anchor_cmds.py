@@ -16,31 +16,17 @@ Design and threat model: docs/decisions/anchor-rotation.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
 from pathlib import Path
 
 from ..cliargs import CliError
 from ..core import anchor_list, cose, ids
 from ..core.freshness import Freshness
 from ..fsutil import atomic_write, read_capped
-from ..store import DEFAULT_DATA_DIR, DataDir, SQLiteStore
+from ..store import DataDir
 from ..store.anchor_lists import freshness_key_path
 from .manifest_cmds import load_anchor, load_signing_key
 from .output import emit_list, emit_one, json_parent
-
-_CLI_ACTOR = "cli:" + getpass.getuser()
-
-
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "--data",
-        metavar="DIR",
-        default=DEFAULT_DATA_DIR,
-        help=f"data directory (default: ./{DEFAULT_DATA_DIR})",
-    )
-    return p
+from .server_cmds import _CLI_ACTOR, _common, _store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -183,15 +169,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _ids(keys: tuple[anchor_list.Key, ...]) -> str:
     return ", ".join(anchor_list.key_id(k) for k in keys)
-
-
-@contextlib.contextmanager
-def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    store: SQLiteStore = DataDir(Path(args.data)).open_store()
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -438,7 +438,13 @@ def _check_uri(envelope: suit.Envelope, uri: str, policy: TrustPolicy) -> None:
         if envelope.integrated_payload(uri) is None:
             raise PolicyError(f"integrated payload {uri!r} is not in the envelope")
         return
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 -- validates the port (RFC 3986 §3.2.3), ValueError if bad
+    except ValueError:
+        # RFC 3986 §3.2.2: "[" / "]" only around an IP literal. urlsplit raises here, and
+        # an untyped ValueError would escape the gate (found by fuzzing, ATTACKS.md #43).
+        raise PolicyError(f"URI ({describe(uri)}) does not parse") from None
     if not parts.scheme and not parts.netloc:
         # A relative reference resolves against the server the envelope came from.
         if not policy.allow_relative_uris:

@@ -464,10 +464,13 @@ def resolve_uri(base: str, uri: str) -> str:
     server's /m); the result, like an absolute URI, must stay on this server (the trust
     gate already refused other origins; this is the device's own check).
     """
-    resolved = urljoin(base + MANIFEST_PATH, uri)
+    try:  # urljoin/urlsplit raise ValueError on a bad IP literal (RFC 3986 §3.2.2)
+        resolved = urljoin(base + MANIFEST_PATH, uri)
+        parts = urlsplit(resolved)
+    except ValueError:
+        raise PolicyError(f"URI {uri!r} does not parse") from None
     if not resolved.startswith(base + "/"):
         raise PolicyError(f"URI {uri!r} is not on this device's server")
-    parts = urlsplit(resolved)
     if parts.query or parts.fragment or parts.username is not None:
         raise PolicyError(f"URI {uri!r} is not a plain resource path")
     return resolved[len(base) :]

@@ -52,6 +52,9 @@ RELIES_ON: dict[str, str] = {
     f"{_GEN}.__init__(self, mman, log, loop)": "listeners: cls(mman, log, loop)",
     f"{_GEN}._mman": "listeners._FastPathFirst: None once shutting down",
     f"{_GEN}._received_datagram(self, address, datagram)": "listeners._FastPathFirst",
+    f"{_GEN}._received_datagram ~ except error.UnparsableMessage:": (
+        "listeners._FastPathFirst drops the UnicodeDecodeError aiocoap lets out"
+    ),
     f"{_GEN}.shutdown ~ self._pool.shutdown()": "listeners: we set _pool ourselves",
     f"{_PLAIN}._serversocket": "listeners: our socket classes",
     f"{_PLAIN}.create_server ~ self._pool = await self._serversocket.create(": (
