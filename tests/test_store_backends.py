@@ -18,7 +18,13 @@ from otacoap.core.campaign import MemberState, Policy, Target, parse_waves
 from otacoap.core.errors import RollbackError
 from otacoap.core.report import Report, State
 from otacoap.store import BlobStore, DataDir, Publisher, SQLiteStore
-from otacoap.store.errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed
+from otacoap.store.errors import (
+    AlreadyExists,
+    AuditChainBroken,
+    NotFound,
+    ReportReplayed,
+    StoreError,
+)
 from otacoap.store.postgres import PostgresStore, translate_ddl, translate_dml
 
 ACTOR = "test"
@@ -319,8 +325,6 @@ def test_a_second_host_serves_an_image_it_fetched_from_postgresql_and_verified(
     import psycopg
     from server_helpers import coaps_client, fetch_blocks, run, threaded_server
 
-    from otacoap.store.errors import StoreError
-
     url = pg_server.new_database()
     a = _make_setup(tmp_path / "a", devices=[DeviceSpec("t1")], store_url=url)
     rel = a.release(CLASS_A, 10, make_image("v10", 5000))
@@ -405,3 +409,34 @@ def test_missing_postgresql_fails_in_ci_and_skips_elsewhere(
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception):
         pg_server.require_pg_bin()
+
+
+def test_every_image_row_a_transaction_inserts_goes_into_postgresql_with_it(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Not only commit_release: any store method inserting into `images` (a delta's
+    patch, a migrated image) has the bytes stored before its transaction commits; an
+    image whose bytes are not in blobs/ makes the whole transaction roll back."""
+    setup = _make_setup(tmp_path, devices=[DeviceSpec("t1")], store_url=pg_server.new_database())
+    d = DataDir(setup.data)
+    blob = make_image("patch", 300_000)  # more than one chunk
+    digest = d.blobs.put(blob)
+    insert = "INSERT INTO images (digest, image_id, size, created_at) VALUES (?, ?, ?, ?)"
+    with contextlib.closing(d.open_store()) as store:
+        with store._tx() as db:
+            db.execute(insert, (digest, "p1", len(blob), "now"))
+            store.audit(ACTOR, "test.image", "p1", "ok")
+        fresh = BlobStore(tmp_path / "fresh")
+        fresh.create_dirs()
+        assert store.fill_image(digest, fresh)
+        assert fresh.path_of(digest).read_bytes() == blob
+
+        missing = bytes(32)
+        count = len(store.audit_entries())
+        with pytest.raises(StoreError, match="not in blobs/"), store._tx() as db:
+            db.execute(insert, (missing, "p2", 10, "now"))
+            store.audit(ACTOR, "test.image", "p2", "ok")
+        assert len(store.audit_entries()) == count  # nothing of it was committed
+        assert not store.fill_image(missing, fresh)
+        store.add_device("t2", VENDOR, CLASS_A, b"k" * 16, ACTOR)  # and the store goes on
+        store.verify_audit()

@@ -23,6 +23,8 @@ and translates the SQL, so the same methods, migrations and mixins run on both:
 - `PRAGMA data_version` (changed_elsewhere) -> a change counter row every write
   transaction bumps before COMMIT, minus this connection's own commits, so it moves
   only when another connection (another process or host) committed.
+- an INSERT INTO images is noted; before such a transaction commits, the image's bytes
+  go into image_chunks (`PostgresStore._store_new_images`, images for every host).
 
 A new mixin's SQL needs nothing here as long as it stays within that subset; a new
 identity table is found by `_identity_tables` at connect time and by the DDL rewrite.
@@ -43,7 +45,6 @@ import psycopg
 from .audit import GENESIS
 from .blobs import BlobStore
 from .errors import StoreError
-from .models import ReleaseCandidate, ReleaseRecord
 from .secrets import PskSealer
 from .sqlite import SQLiteStore
 
@@ -154,6 +155,8 @@ class PgConnection:
         self._write_tx = False
         self._own_commits = 0
         self._translated: dict[str, tuple[str, bool]] = {}
+        self._new_images: list[bytes] = []
+        self.before_commit: Callable[[], None] | None = None
         try:
             self._plumbing()
             self.identity_tables = self._identity_tables()
@@ -208,6 +211,9 @@ class PgConnection:
             self._translated[sql] = cached
         text, returning = cached
         cur = self._call(self._conn.execute, text, tuple(params))
+        digest_at = _image_digest_param(sql)
+        if digest_at is not None:
+            self._new_images.append(bytes(params[digest_at]))
         rows = cur.fetchall() if cur.description is not None else []
         lastrowid = int(rows[0][0]) if returning and rows else None
         return PgCursor(rows, cur.rowcount, lastrowid)
@@ -231,12 +237,20 @@ class PgConnection:
         elif sql == "COMMIT":
             write, self._write_tx = self._write_tx, False
             if write:
-                self._call(run, "UPDATE otacoap_changes SET n = n + 1 WHERE id = 1")
+                try:
+                    if self.before_commit is not None:
+                        self.before_commit()
+                    self._call(run, "UPDATE otacoap_changes SET n = n + 1 WHERE id = 1")
+                except BaseException:
+                    self._new_images.clear()
+                    self._call(run, "ROLLBACK")  # the caller's _tx has already let go
+                    raise
             self._call(run, "COMMIT")
             if write:
                 self._own_commits += 1
         elif sql == "ROLLBACK":
             self._write_tx = False
+            self._new_images.clear()
             self._call(run, "ROLLBACK")
         elif sql == "PRAGMA DATA_VERSION":
             row = self._call(run, "SELECT n FROM otacoap_changes WHERE id = 1").fetchone()
@@ -245,8 +259,26 @@ class PgConnection:
             return None
         return PgCursor([], -1, None)
 
+    def take_new_images(self) -> list[bytes]:
+        """The digests of the image rows inserted in this transaction (once each)."""
+        taken = list(dict.fromkeys(self._new_images))
+        self._new_images.clear()
+        return taken
+
     def close(self) -> None:
         self._conn.close()
+
+
+_INSERT_IMAGES = re.compile(r"\s*INSERT INTO images\s*\(([^)]*)\)", re.I)
+
+
+def _image_digest_param(sql: str) -> int | None:
+    """Which parameter of an INSERT INTO images is the digest (None: not such an INSERT)."""
+    m = _INSERT_IMAGES.match(sql)
+    if m is None:
+        return None
+    columns = [c.strip() for c in m.group(1).split(",")]
+    return columns.index("digest") if "digest" in columns else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -291,6 +323,7 @@ class PostgresStore(SQLiteStore):
         self.applied_migrations: list[int] = []
         # The adapter stands in for sqlite3.Connection (module docstring).
         self._db = cast(sqlite3.Connection, self._pg)
+        self._pg.before_commit = self._store_new_images
         try:
             if migrate:
                 self.applied_migrations = self.migrate()
@@ -309,43 +342,40 @@ class PostgresStore(SQLiteStore):
 
     # --- images: in PostgreSQL for every host, cached (verified) in blobs/ ----------
 
-    def commit_release(
-        self, candidate: ReleaseCandidate, actor: str, *, make_current: bool = True
-    ) -> ReleaseRecord:
-        """SQLiteStore.commit_release, with the image's bytes stored in the same
-        transaction: a release other hosts see is a release they can serve."""
-        with self._tx():
-            release = super().commit_release(candidate, actor, make_current=make_current)
-            self.put_image(candidate.image.digest, candidate.image.size)
-        return release
+    def _store_new_images(self) -> None:
+        """Called by PgConnection just before a write transaction commits: the bytes
+        of every image row it inserted (a release's, a delta's patch, a migrated one)
+        go into image_chunks in the same transaction, so a release any host can see is
+        one every host can fetch. No store method has to remember to do it."""
+        for digest in self._pg.take_new_images():
+            row = self._db.execute("SELECT size FROM images WHERE digest = ?", (digest,)).fetchone()
+            if row is not None:
+                self._put_chunks(digest, int(row[0]))
 
-    def put_image(self, digest: bytes, size: int) -> None:
-        """Copy a local blob into image_chunks (once), checking it against its digest."""
+    def _put_chunks(self, digest: bytes, size: int) -> None:
+        """Copy a local blob into image_chunks (once), checking it against its digest;
+        runs inside the caller's write transaction."""
         if self._blobs is None:
             raise StoreError("the PostgreSQL store needs the data directory's blobs to publish")
-        with self._tx() as db:
-            if db.execute(
-                "SELECT 1 FROM image_chunks WHERE digest = ? LIMIT 1", (digest,)
-            ).fetchone():
-                return
-            h, total, idx = hashlib.sha256(), 0, 0
-            try:
-                f = open(self._blobs.path_of(digest), "rb")  # noqa: SIM115
-            except OSError as exc:
-                raise StoreError(
-                    f"image {digest.hex()[:16]} is not in the blob store: {exc}"
-                ) from None
-            with f:
-                while chunk := f.read(CHUNK_SIZE):
-                    h.update(chunk)
-                    total += len(chunk)
-                    db.execute(
-                        "INSERT INTO image_chunks (digest, idx, data) VALUES (?, ?, ?)",
-                        (digest, idx, chunk),
-                    )
-                    idx += 1
-            if h.digest() != digest or total != size:
-                raise StoreError(f"blob {digest.hex()[:16]} does not match its digest or size")
+        db = self._db
+        if db.execute("SELECT 1 FROM image_chunks WHERE digest = ? LIMIT 1", (digest,)).fetchone():
+            return
+        h, total, idx = hashlib.sha256(), 0, 0
+        try:
+            f = open(self._blobs.path_of(digest), "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise StoreError(f"image {digest.hex()[:16]} is not in blobs/: {exc}") from None
+        with f:
+            while chunk := f.read(CHUNK_SIZE):
+                h.update(chunk)
+                total += len(chunk)
+                db.execute(
+                    "INSERT INTO image_chunks (digest, idx, data) VALUES (?, ?, ?)",
+                    (digest, idx, chunk),
+                )
+                idx += 1
+        if h.digest() != digest or total != size:
+            raise StoreError(f"blob {digest.hex()[:16]} does not match its digest or size")
 
     def fill_image(self, digest: bytes, blobs: BlobStore) -> bool:
         """Copy the image from PostgreSQL into the local blob store if it is missing.
@@ -443,8 +473,6 @@ def copy_from_sqlite(
                 db.execute(sql, tuple(values))
                 n += 1
             copied[table] = n
-        for digest, size in src.execute("SELECT digest, size FROM images ORDER BY digest"):
-            target.put_image(bytes(digest), int(size))
         for table in sorted(target._pg.identity_tables & set(copied)):
             db.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
