@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .core import protocol
 from .core.coap_numbers import INTERNAL_SERVER_ERROR
@@ -122,11 +123,24 @@ class MonitoringConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """[store]: where the server's state lives (`otacoap init --store URL` writes it)."""
+
+    url: str = _option(
+        "",
+        'empty: otacoap.db in the data directory (SQLite); or "postgresql://USER@HOST/DB" '
+        "(password in ~/.pgpass or PGPASSFILE, not here)",
+        positive=False,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     uploads: UploadConfig = field(default_factory=UploadConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         s, p = self.server, self.publish
@@ -139,6 +153,7 @@ class Config:
             raise ConfigError("monitoring.log_format must be 'text' or 'json'")
         if self.monitoring.metrics_bind:
             split_host_port(self.monitoring.metrics_bind, "monitoring.metrics_bind")
+        check_store_url(self.store.url)
         if not 0 <= s.max_block_szx <= 6:
             raise ConfigError("server.max_block_szx must be 0..6 (RFC 7959 §2.2)")
         for section, cls in _sections().items():
@@ -150,6 +165,20 @@ class Config:
                 f"publish.max_envelope_size may not exceed {protocol.MAX_ENVELOPE_SIZE} "
                 "(devices refuse larger envelopes)"
             )
+
+
+def check_store_url(url: str) -> None:
+    """Empty (SQLite in the data directory) or a PostgreSQL URL without a password:
+    config.toml is world-readable (0644); libpq reads ~/.pgpass or PGPASSFILE."""
+    if not url:
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"store.url must be empty or a postgresql:// URL, not {url!r}")
+    if urlsplit(url).password is not None:
+        raise ConfigError(
+            "store.url must not hold a password (config.toml is readable by others): "
+            "put it in ~/.pgpass or the file PGPASSFILE names"
+        )
 
 
 def split_host_port(text: str, what: str) -> tuple[str, int]:

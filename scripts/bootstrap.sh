@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in autoconf automake libtool libcoap3-bin; do
+for pkg in autoconf automake libtool libcoap3-bin postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +18,16 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [[ " ${need[*]} " == *" postgresql "* ]]; then
+    # The store tests start their own server (tests/pg_server.py); the package's
+    # "main" cluster is not needed: stop it and keep it from starting at boot.
+    for c in /etc/postgresql/*/main; do
+      [ -d "$c" ] || continue
+      v=$(basename "$(dirname "$c")")
+      pg_ctlcluster "$v" main stop 2>/dev/null || true
+      echo manual >"$c/start.conf"
+    done
+  fi
 fi
 
 PY=${PYTHON:-python3}

@@ -65,3 +65,25 @@ def vectors() -> list[Vector]:
 def keys_dir() -> Path:
     require_vectors()
     return KEYS
+
+
+# --- store backends ----------------------------------------------------------------
+# The store's tests run against both backends: the embedded SQLite file and a real
+# PostgreSQL server the suite starts itself (tests/pg_server.py), one per session.
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    from pg_server import running_server
+
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """'' for SQLite in the data directory, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return ""
+    server = request.getfixturevalue("pg_server")
+    return str(server.new_database())

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -209,11 +210,15 @@ def make_setup(
     devices: Sequence[DeviceSpec] = (),
     operators: Sequence[str] = (),
     config: str | None = None,
+    store_url: str = "",
 ) -> Setup:
-    """`otacoap init` a data dir under `base`, trust a fresh ES256 key, register all."""
+    """`otacoap init` a data dir under `base`, trust a fresh ES256 key, register all;
+    `store_url`: keep the store in that PostgreSQL database (`init --store`)."""
     data = base / "data"
-    cli_ok("init", data)
+    cli_ok("init", data, *(["--store", store_url] if store_url else []))
     if config is not None:
+        if store_url:
+            config += f"\n[store]\nurl = {json.dumps(store_url)}\n"
         atomic_write(data / "config.toml", config.encode())
     key = cose.generate_key("es256")
     pub = base / "signing.pub"

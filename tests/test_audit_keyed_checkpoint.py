@@ -5,6 +5,10 @@ does not hold server.key must not be able to make `otacoap audit verify` say OK 
 log that lies: the chain is keyed (HMAC with a key derived from server.key), its head
 is sealed with that key, a checkpoint file kept elsewhere pins everything before it,
 and the store is cross-checked against the log.
+
+The tests on a published data directory run on both backends: the tampering is done
+with the database's own client (sqlite3, or psycopg on the PostgreSQL store), as
+someone with write access to the database would.
 """
 
 from __future__ import annotations
@@ -12,19 +16,51 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from server_helpers import CLASS_A, DeviceSpec, Setup, cli, cli_ok, make_image, make_setup
 
+from otacoap.config import load_config
 from otacoap.store import DataDir
 from otacoap.store import audit as chain
 from otacoap.store import sqlite as sqlite_store
 from otacoap.store.errors import AuditChainBroken
 
 
+class _Raw:
+    """The data directory's database through its own client, no otacoap in between:
+    sqlite3 on otacoap.db, or psycopg on the PostgreSQL store config.toml names."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.url = load_config(db_path.parent / "config.toml").store.url
+        self._conn: Any = psycopg.connect(self.url) if self.url else sqlite3.connect(db_path)
+
+    def _sql(self, sql: str) -> str:
+        if not self.url:
+            return sql
+        if sql.startswith("DROP TRIGGER"):
+            sql += " ON audit"
+        return sql.replace("?", "%s")
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> Any:
+        return self._conn.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        self._conn.cursor().executemany(self._sql(sql), rows)
+
+    def commit(self) -> None:
+        self._conn.commit()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 def _tamper(db_path: Path, *sql: str, params: tuple[object, ...] = ()) -> None:
     """What someone with write access to the file can do: drop the triggers, edit rows."""
-    db = sqlite3.connect(db_path)
+    db = _Raw(db_path)
     db.execute("DROP TRIGGER IF EXISTS audit_no_update")
     db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
     for statement in sql:
@@ -34,7 +70,7 @@ def _tamper(db_path: Path, *sql: str, params: tuple[object, ...] = ()) -> None:
 
 
 def _rows(db_path: Path) -> list[chain.AuditEntry]:
-    db = sqlite3.connect(db_path)
+    db = _Raw(db_path)
     try:
         return [
             chain.AuditEntry(*r)
@@ -63,7 +99,7 @@ def _rewrite_chain(
         )
         rebuilt.append(new)
         prev = new.hash
-    db = sqlite3.connect(db_path)
+    db = _Raw(db_path)
     db.execute("DROP TRIGGER IF EXISTS audit_no_update")
     db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
     db.execute("DELETE FROM audit")
@@ -101,9 +137,10 @@ def _verify_fails(data: Path, message: str, *extra: str | Path) -> str:
 
 
 @pytest.fixture
-def published(tmp_path: Path) -> Setup:
-    """A data dir with a trust anchor, an operator, a device and one live release."""
-    setup = make_setup(tmp_path, devices=[DeviceSpec("t1")], operators=["ops"])
+def published(tmp_path: Path, store_url: str) -> Setup:
+    """A data dir with a trust anchor, an operator, a device and one live release, on
+    SQLite and on PostgreSQL (conftest.store_url)."""
+    setup = make_setup(tmp_path, devices=[DeviceSpec("t1")], operators=["ops"], store_url=store_url)
     setup.publish(setup.release(CLASS_A, 1, make_image("a", 300)))
     assert "audit log OK" in cli_ok("audit", "verify", "--data", setup.data)
     return setup
@@ -191,6 +228,28 @@ def test_checkpoint_is_written_once_and_verifies(published: Setup, tmp_path: Pat
     assert "audit log OK" in cli_ok("audit", "checkpoint", "--data", published.data, cp, "--force")
 
 
+def _admin(url: str) -> tuple[Any, str]:
+    """An autocommit connection to the cluster's `postgres` database, and the store's
+    database name (CREATE DATABASE ... TEMPLATE needs no one connected to the template)."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    return psycopg.connect(parts._replace(path="/postgres").geturl(), autocommit=True), name
+
+
+def _copy_database(url: str, suffix: str) -> None:
+    conn, name = _admin(url)
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}_{suffix}" TEMPLATE "{name}"')
+
+
+def _restore_database(url: str, suffix: str) -> None:
+    """Put the older copy back under the store's name (a restored backup)."""
+    conn, name = _admin(url)
+    with conn:
+        conn.execute(f'DROP DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{name}_{suffix}"')
+
+
 def test_checkpoint_catches_a_rollback_to_an_older_database(
     published: Setup, tmp_path: Path
 ) -> None:
@@ -198,12 +257,16 @@ def test_checkpoint_catches_a_rollback_to_an_older_database(
     with everything fixed up: only a checkpoint taken later, kept elsewhere, sees it."""
     db = published.data / "otacoap.db"
     backup = tmp_path / "old.db"
-    shutil.copyfile(db, backup)
+    url = load_config(published.data / "config.toml").store.url
+    _copy_database(url, "old") if url else shutil.copyfile(db, backup)
     cli_ok("device", "add", "--data", published.data, "t2", "--vendor-domain", "v.example",
            "--class-info", "c")  # fmt: skip
     cp = tmp_path / "audit.checkpoint"
     cli_ok("audit", "checkpoint", "--data", published.data, cp)
-    shutil.copyfile(backup, db)
+    if url:
+        _restore_database(url, "old")
+    else:
+        shutil.copyfile(backup, db)
     for suffix in ("-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     assert "audit log OK" in cli_ok("audit", "verify", "--data", published.data)
@@ -302,7 +365,7 @@ def test_a_removed_device_put_back_by_hand_is_an_error(published: Setup) -> None
     """Its sealed PSK still opens (it is bound to the identity, not the row): the log
     is what says the device was removed."""
     db = published.data / "otacoap.db"
-    conn = sqlite3.connect(db)
+    conn = _Raw(db)
     row = conn.execute("SELECT * FROM devices WHERE id = 't1'").fetchone()
     conn.close()
     cli_ok("device", "remove", "--data", published.data, "t1")

@@ -25,9 +25,10 @@ ACTOR = "test"
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Setup:
+def setup(tmp_path: Path, store_url: str) -> Setup:
+    """Both backends: SQLite, and PostgreSQL (conftest.store_url)."""
     devices = [DeviceSpec(f"t{i:02d}") for i in range(N)] + [DeviceSpec("s1", CLASS_B)]
-    s = make_setup(tmp_path, devices=devices)
+    s = make_setup(tmp_path, devices=devices, store_url=store_url)
     s.publish(s.release(CLASS_A, 10, make_image("v10", 3000)))  # the baseline, rollout all
     return s
 

@@ -57,8 +57,12 @@ def reports(data: Path) -> list[tuple[str, int, int | None]]:
     return [(r.state, r.reason, r.sequence_number) for r in ordered]
 
 
-def test_provision_publish_update_confirm_and_watch(tmp_path: Path) -> None:
-    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)])
+def test_provision_publish_update_confirm_and_watch(tmp_path: Path, store_url: str) -> None:
+    """On both store backends (conftest.store_url): on PostgreSQL the server notices the
+    release another process published through the store's change counter."""
+    setup = make_setup(
+        tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)], store_url=store_url
+    )
     factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
     flash = tmp_path / "device.flash"
     done = device_cli(

@@ -1,10 +1,15 @@
-"""PSK encryption at rest and the audit log's hash chain (issue 3 §2, §5)."""
+"""PSK encryption at rest and the audit log's hash chain (issue 3 §2, §5), on both
+backends: SQLite, and a real PostgreSQL server (conftest.store_url), tampered with
+through its own client as someone with write access to the database would."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from server_helpers import cli
 
@@ -13,16 +18,43 @@ from otacoap.store.audit import GENESIS, make_entry, verify_chain
 from otacoap.store.errors import AuditChainBroken, StoreError
 from otacoap.store.secrets import PskSealer
 
+_PG_DATA: list[Path] = []  # the PostgreSQL server's data directory, when it is used
+
 
 @pytest.fixture
-def datadir(tmp_path: Path) -> DataDir:
+def datadir(tmp_path: Path, store_url: str, request: pytest.FixtureRequest) -> DataDir:
     d = DataDir(tmp_path / "data")
-    d.init()
+    d.init(store_url=store_url or None)
+    _PG_DATA[:] = [request.getfixturevalue("pg_server").data] if store_url else []
     return d
 
 
 def _files(d: DataDir) -> bytes:
-    return b"".join(p.read_bytes() for p in d.root.glob("otacoap.db*"))
+    """Every byte the database keeps on disk: otacoap.db and its WAL, or the
+    PostgreSQL database's heap files and the server's WAL after a checkpoint."""
+    if not d.store_url():
+        return b"".join(p.read_bytes() for p in d.root.glob("otacoap.db*"))
+    with psycopg.connect(d.store_url(), autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+        row = conn.execute(
+            "SELECT oid FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    # This database's files, and the write-ahead log every database shares.
+    files = [*(_PG_DATA[0] / "base" / str(row[0])).iterdir(), *(_PG_DATA[0] / "pg_wal").iterdir()]
+    return b"".join(p.read_bytes() for p in files if p.is_file())
+
+
+def _raw(d: DataDir) -> Any:
+    """The database's own client (no otacoap in between)."""
+    return psycopg.connect(d.store_url()) if d.store_url() else sqlite3.connect(d.db_path)
+
+
+def _sql(d: DataDir, sql: str) -> str:
+    if not d.store_url():
+        return sql
+    sql = re.sub(r"x'([0-9a-f]*)'", r"'\\x\1'::bytea", sql)
+    return sql.replace("?", "%s")
 
 
 def test_psks_are_not_stored_in_plain_text(datadir: DataDir) -> None:
@@ -41,6 +73,7 @@ def test_psks_are_not_stored_in_plain_text(datadir: DataDir) -> None:
     assert store.lookup_identity("nobody") is None
     store.close()
     assert psk_dev not in _files(datadir) and psk_op not in _files(datadir)
+    assert b"dev1" in _files(datadir)  # what is stored in plain text is found there
 
 
 def test_a_sealed_psk_moved_to_another_identity_does_not_open(datadir: DataDir) -> None:
@@ -48,9 +81,9 @@ def test_a_sealed_psk_moved_to_another_identity_does_not_open(datadir: DataDir) 
     store.add_device("dev1", "example.com", "c1", b"A" * 16, "test")
     store.add_device("dev2", "example.com", "c1", b"B" * 16, "test")
     store.close()
-    db = sqlite3.connect(datadir.db_path)
+    db = _raw(datadir)
     sealed = db.execute("SELECT psk_sealed FROM devices WHERE id='dev1'").fetchone()[0]
-    db.execute("UPDATE devices SET psk_sealed=? WHERE id='dev2'", (sealed,))
+    db.execute(_sql(datadir, "UPDATE devices SET psk_sealed=? WHERE id='dev2'"), (sealed,))
     db.commit()
     db.close()
     store = datadir.open_store()
@@ -75,11 +108,12 @@ def _store_with_entries(d: DataDir, n: int = 5) -> SQLiteStore:
 
 def _tamper(d: DataDir, *sql: str) -> None:
     """What someone with write access to the file could do (bypassing the triggers)."""
-    db = sqlite3.connect(d.db_path)
-    db.execute("DROP TRIGGER audit_no_update")
-    db.execute("DROP TRIGGER audit_no_delete")
+    db = _raw(d)
+    on = " ON audit" if d.store_url() else ""
+    db.execute(f"DROP TRIGGER audit_no_update{on}")
+    db.execute(f"DROP TRIGGER audit_no_delete{on}")
     for statement in sql:
-        db.execute(statement)
+        db.execute(_sql(d, statement))
     db.commit()
     db.close()
 
@@ -90,12 +124,12 @@ def test_chain_verifies_and_sql_cannot_change_it(datadir: DataDir) -> None:
     assert count == 6  # init + 5
     assert head == store.audit_entries()[-1].hash
     store.close()
-    db = sqlite3.connect(datadir.db_path)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("UPDATE audit SET detail='x' WHERE seq=2")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM audit WHERE seq=2")
-    db.close()
+    refused = (sqlite3.DatabaseError, psycopg.Error)
+    for statement in ("UPDATE audit SET detail='x' WHERE seq=2", "DELETE FROM audit WHERE seq=2"):
+        db = _raw(datadir)
+        with pytest.raises(refused, match="append-only"):
+            db.execute(statement)
+        db.close()
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,10 @@ busy_max_age = 30
 [monitoring]
 metrics_bind = ""
 log_format = "text"
+[store]
+url = ""
 """
+# ([store] came after issue 9: issue 14 §1, the PostgreSQL store.)
 
 
 def test_generated_defaults_say_what_the_hand_written_file_said() -> None:

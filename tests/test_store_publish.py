@@ -3,9 +3,9 @@ except their audit entry; a good release becomes current in one step."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import sqlite3
 from pathlib import Path
 
 import cbor2
@@ -31,14 +31,17 @@ from otacoap.core.errors import (
 )
 from otacoap.store import DataDir, Publisher
 from otacoap.store.errors import ImageMismatch
+from otacoap.store.postgres import PostgresStore
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Setup:
+def setup(tmp_path: Path, store_url: str) -> Setup:
+    """Both backends: SQLite, and PostgreSQL (conftest.store_url)."""
     s = make_setup(
         tmp_path,
         devices=[DeviceSpec("t1"), DeviceSpec("s1", CLASS_B)],
         config="[publish]\nmax_sequence_jump = 100\nmax_image_size = 65536\n",
+        store_url=store_url,
     )
     s.publish(s.release(CLASS_A, 10, make_image("base", 3000)))
     return s
@@ -47,19 +50,19 @@ def setup(tmp_path: Path) -> Setup:
 def _state(setup: Setup) -> tuple[list[str], list[str], list[tuple[object, ...]]]:
     blobs = sorted(p.name for p in (setup.data / "blobs").iterdir())
     temps = sorted(p.name for p in (setup.data / "blobs" / "tmp").iterdir())
-    db = sqlite3.connect(setup.data / "otacoap.db")
-    releases = db.execute("SELECT id, seq FROM releases ORDER BY id").fetchall()
-    db.close()
+    with contextlib.closing(DataDir(setup.data).open_store()) as store:
+        rows = store._db.execute("SELECT id, seq FROM releases ORDER BY id").fetchall()
+        releases = [tuple(r) for r in rows]
+        if isinstance(store, PostgresStore):  # the images every host fetches from
+            chunks = store._db.execute("SELECT DISTINCT digest FROM image_chunks").fetchall()
+            blobs += sorted(f"pg:{bytes(r[0]).hex()}" for r in chunks)
     return blobs, temps, releases
 
 
 def _last_audit(setup: Setup) -> tuple[str, str, str]:
-    db = sqlite3.connect(setup.data / "otacoap.db")
-    row = db.execute(
-        "SELECT action, outcome, detail FROM audit ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    db.close()
-    return row
+    with contextlib.closing(DataDir(setup.data).open_store()) as store:
+        e = store.audit_entries(1)[0]
+    return e.action, e.outcome, e.detail
 
 
 def _publish(setup: Setup, envelope: bytes, image: bytes) -> None:
@@ -173,6 +176,7 @@ def test_good_publish_makes_the_release_current(setup: Setup) -> None:
     assert f"seq 11: image {rel.image_uri}" in out
     digest = hashlib.sha256(image).digest()
     assert (setup.data / "blobs" / digest.hex()).read_bytes() == image
+    assert digest.hex() in "".join(_state(setup)[0])
     d = DataDir(setup.data)
     store = d.open_store()
     current = store.current_release(
@@ -199,6 +203,7 @@ def test_concurrent_publisher_cannot_race_the_sequence_check(setup: Setup) -> No
     pub = Publisher(store, d.blobs, d.config().publish)
     a = setup.release(CLASS_A, 11, make_image("a", 100))
     b = setup.release(CLASS_A, 12, make_image("b", 100))
+    d.blobs.put(a.image), d.blobs.put(b.image)  # as publish_file stores them first
     cand_a = pub.check(pub.authenticate(a.envelope), a.digest, 100)
     cand_b = pub.check(pub.authenticate(b.envelope), b.digest, 100)
     store.commit_release(cand_b, "test")

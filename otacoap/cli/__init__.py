@@ -22,7 +22,15 @@ from ..core.errors import OtaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import anchor_cmds, campaign_cmds, manifest_cmds, server_cmds, stats_cmds, status_cmds
+    from . import (
+        anchor_cmds,
+        campaign_cmds,
+        manifest_cmds,
+        server_cmds,
+        stats_cmds,
+        status_cmds,
+        store_cmds,
+    )
 
     parser = Parser(
         prog="otacoap",
@@ -43,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     campaign_cmds.register(sub)
     stats_cmds.register(sub)
     status_cmds.register(sub)
+    store_cmds.register(sub)
     return parser
 
 

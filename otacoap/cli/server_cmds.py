@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "migrations are applied.",
     )
     p.add_argument("dir", nargs="?", metavar="DIR", help="data directory (default: --data)")
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the store in PostgreSQL (postgresql://USER@HOST/DB, no password: "
+        "~/.pgpass) instead of DIR/otacoap.db; written to config.toml [store] url",
+    )
     p.set_defaults(handler=cmd_init, _cmd_path=["init"])
 
     # trust ---------------------------------------------------------------------------
@@ -337,7 +343,7 @@ def _psk(args: argparse.Namespace) -> tuple[bytes, bool]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = Path(args.dir or args.data)
-    created = DataDir(root).init()
+    created = DataDir(root).init(store_url=args.store)
     if created:
         print(f"initialised {root}: created {', '.join(created)}")
     else:

@@ -199,14 +199,28 @@ class StoreView:
         pinned release, else the newer of its class's current and its campaign's)."""
         return served_release(device, self._release_by_id, self._class_release)
 
+    def _with_image(self, release: ReleaseRecord | None) -> ReleaseRecord | None:
+        """The release, its image first copied into blobs/ (verified) when the store is
+        shared by several hosts (PostgreSQL, `Store.fill_image`); a missing image is
+        logged, and /fw answers 5.00 for it as before."""
+        if release is not None and not self.blobs.has(release.image.digest):
+            try:
+                if not self.reader.fill_image(release.image.digest, self.blobs):
+                    log.error(
+                        "image %s of %s is missing", release.image.image_id, release.class_label
+                    )
+            except OtaError as exc:
+                log.error("image %s: %s", release.image.image_id, exc)
+        return release
+
     def _release_by_id(self, rid: int) -> ReleaseRecord | None:
         if rid not in self._releases_by_id:
-            self._releases_by_id[rid] = self.reader.release_by_id(rid)
+            self._releases_by_id[rid] = self._with_image(self.reader.release_by_id(rid))
         return self._releases_by_id[rid]
 
     def _class_release(self, key: ClassKey) -> ReleaseRecord | None:
         if key not in self._class_releases:
-            self._class_releases[key] = self.reader.current_release(key)
+            self._class_releases[key] = self._with_image(self.reader.current_release(key))
         return self._class_releases[key]
 
     def delta_for(self, device: DeviceRecord, release: ReleaseRecord) -> DeltaRecord | None:

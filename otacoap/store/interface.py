@@ -16,6 +16,7 @@ from ..core.campaign import Policy, Target, WaveSize
 from ..core.report import Report
 from .anchor_lists import AnchorListRecord, DeviceAnchorStatus
 from .audit import AuditEntry
+from .blobs import BlobStore
 from .deltas import DeltaCandidate, DeltaRecord
 from .models import (
     AnchorRecord,
@@ -93,6 +94,10 @@ class Store(Protocol):
     def deltas_of(self, release_id: int) -> list[DeltaRecord]: ...
     def delta_for_device(self, device_id: str, release: ReleaseRecord) -> DeltaRecord | None: ...
     def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None: ...
+    def fill_image(self, digest: bytes, blobs: BlobStore) -> bool:
+        """Whether the local blob store holds the image, copying it in from a shared
+        store (PostgreSQL) first, verified against the digest, if it can."""
+        ...
 
     # --- device tags and rollout campaigns (rules: core/campaign.py) ------------------
     def device_tags(self, device_id: str) -> dict[str, str]: ...

@@ -29,6 +29,7 @@ from . import anchor_lists
 from . import audit as chain
 from . import checkpoint as checkpoints
 from .audit import AuditEntry
+from .blobs import BlobStore
 from .campaigns import MIGRATION as CAMPAIGNS_MIGRATION
 from .campaigns import CampaignStore, served_release
 from .crosscheck import missing_entries
@@ -435,7 +436,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
     def audit_entries(self, limit: int | None = None) -> Sequence[AuditEntry]:
         sql = _AUDIT_SELECT
         if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY seq"
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) AS tail ORDER BY seq"
         return [AuditEntry(*row) for row in self._db.execute(sql)]
 
     def verify_audit(self, checkpoint: bytes | None = None) -> tuple[int, bytes]:
@@ -795,7 +796,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
         )
 
     def list_releases(self, *, current_only: bool) -> list[ReleaseRecord]:
-        where = "r.id IN (SELECT release_id FROM current_releases)" if current_only else "1"
+        where = "r.id IN (SELECT release_id FROM current_releases)" if current_only else "1 = 1"
         rows = self._db.execute(
             f"SELECT {_RELEASE_COLUMNS} FROM releases r JOIN images i ON i.digest = r.image_digest "
             f"WHERE {where} ORDER BY r.class_label, r.seq"
@@ -807,6 +808,11 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
             "SELECT 1 FROM releases WHERE image_digest = ? LIMIT 1", (digest,)
         ).fetchone()
         return row is not None or self.patch_referenced(digest)
+
+    def fill_image(self, digest: bytes, blobs: BlobStore) -> bool:
+        """Whether `blobs` holds the image; a shared store (postgres.py) first copies
+        it there, verified. The SQLite store's images live only in the data directory."""
+        return blobs.has(digest)
 
     def assign_release(self, device_id: str, sequence_number: int | None, actor: str) -> None:
         with self._tx() as db:
