@@ -55,10 +55,13 @@ def image_bytes(label: str, size: int) -> bytes:
     return random.Random(label).randbytes(size)
 
 
-def prepare(opts: FleetOptions, work: Path, progress: Progress) -> tuple[Prepared, dict[str, Any]]:
+def prepare(
+    opts: FleetOptions, work: Path, progress: Progress, registered: list[str] | None = None
+) -> tuple[Prepared, dict[str, Any]]:
     """Register the devices, build the factory and the release, publish the release.
 
-    Returns what the workers need plus the server facts the report records.
+    Returns what the workers need plus the server facts the report records; each
+    device id is appended to `registered` as soon as the store has it (--cleanup).
     """
     key = _load_key(opts.key_path)
     anchor_pem = key.public.public_pem()
@@ -111,8 +114,24 @@ def prepare(opts: FleetOptions, work: Path, progress: Progress) -> tuple[Prepare
     if opts.data is not None:
         devices = tuple((f"fl{token}-{i:05d}", os.urandom(PSK_LENGTH)) for i in range(opts.devices))
         progress.phase(f"registering {len(devices)} devices of class {vendor}/{class_info}")
+        served_first: tuple[bytes, Path] | None = None
+        if opts.campaign is not None:
+            # Devices outside the open waves are served the class's current release:
+            # the factory one, which they already run.
+            factory_path = work / "factory.bin"
+            factory_path.write_bytes(factory_image)
+            served_first = (factory_envelope, factory_path)
         server_facts = register_and_publish(
-            opts, devices, vendor, class_info, envelope, image_path, key
+            opts,
+            devices,
+            vendor,
+            class_info,
+            envelope,
+            image_path,
+            key,
+            rollout="none" if opts.campaign is not None else "all",
+            factory=served_first,
+            registered=registered,
         )
     else:
         assert opts.devices_file is not None

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import time
+from collections.abc import Callable
 from typing import Any
 
 from otacoap import eventloop
@@ -54,18 +55,30 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
 
 
 def run_inprocess(
-    job: WorkerJob, deadline_s: float, progress: Progress
+    job: WorkerJob,
+    deadline_s: float,
+    progress: Progress,
+    on_start: Callable[[float], None] | None = None,
+    sink: list[Any] | None = None,
 ) -> tuple[float, WorkerResult]:
+    """`on_start(t0)` runs once the flash files exist, right before the devices start
+    (the campaign is created then); `sink` receives the outcome objects as they are
+    made, so a Ctrl-C can still report on them."""
     provision_worker(job)
     progress.phase(f"running {len(job.devices)} devices, {job.concurrency} at once")
     progress.start()
     t0 = time.monotonic()
-    result = eventloop.run(run_worker(job, t0, t0 + deadline_s, progress.update))
+    if on_start is not None:
+        on_start(t0)
+    result = eventloop.run(run_worker(job, t0, t0 + deadline_s, progress.update, sink))
     return t0, result
 
 
 def run_processes(
-    jobs: list[WorkerJob], deadline_s: float, progress: Progress
+    jobs: list[WorkerJob],
+    deadline_s: float,
+    progress: Progress,
+    on_start: Callable[[float], None] | None = None,
 ) -> tuple[float, list[WorkerResult]]:
     """One process per job. Workers provision in parallel, start together on "go"."""
     ctx = multiprocessing.get_context("spawn")
@@ -101,6 +114,8 @@ def run_processes(
         )
         progress.start()
         t0 = time.monotonic()
+        if on_start is not None:
+            on_start(t0)
         deadline = t0 + deadline_s
         for conn in conns:
             conn.send(("go", t0, deadline))
