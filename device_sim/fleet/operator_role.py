@@ -61,6 +61,7 @@ def check_server_running(data: Path) -> None:
     lock can be taken, nobody serves this data directory and every device registered
     now would only be left behind.
     """
+    DataDir(data).check()  # not a data directory at all says so first
     path = data / SERVE_LOCK
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below

@@ -20,7 +20,12 @@ from otacoap.cliargs import maybe_hex
 from otacoap.core import build, cose, ids, suit, trust
 from otacoap.core.errors import OtaError
 
-from .operator_role import publish_over_network, read_devices_file, register_and_publish
+from .operator_role import (
+    check_server_running,
+    publish_over_network,
+    read_devices_file,
+    register_and_publish,
+)
 from .options import MAX_IMAGE_SIZE, PSK_LENGTH, FleetError, FleetOptions, read_input
 from .progress import Progress
 
@@ -112,6 +117,8 @@ def prepare(
 
     server_facts: dict[str, Any]
     if opts.data is not None:
+        # Nothing is registered for a server that is not there to serve it.
+        check_server_running(opts.data)
         devices = tuple((f"fl{token}-{i:05d}", os.urandom(PSK_LENGTH)) for i in range(opts.devices))
         progress.phase(f"registering {len(devices)} devices of class {vendor}/{class_info}")
         served_first: tuple[bytes, Path] | None = None

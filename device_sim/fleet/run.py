@@ -187,8 +187,6 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
     watch: CampaignWatch | None = None
     sink: list[FleetDeviceOutcome] = []
     try:
-        if opts.data is not None:
-            operator_role.check_server_running(opts.data)
         prepared, server_facts = prepare(opts, work, progress, registered)
         jobs = _jobs(opts, prepared, server, work)
         if opts.campaign is None:
