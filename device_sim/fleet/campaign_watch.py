@@ -93,6 +93,10 @@ class CampaignWatch:
         for w in final["per_wave"]:
             n = w["wave"]
             mine = [o for o in outcomes if o.wave == n]
+            ends = [o.finished for o in mine if o.outcome != "untouched"]
+            # Completed: when its last member's update attempt ended (the devices' view:
+            # a campaign that reached its thresholds stops following its stragglers).
+            done = bool(mine) and len(ends) == len(mine) and None not in ends
             per_wave.append(
                 {
                     "wave": n,
@@ -103,7 +107,10 @@ class CampaignWatch:
                     "untouched": sum(o.outcome == "untouched" for o in mine),
                     "server": {k: w[k] for k in ("pending", "admitted", "succeeded", "failed")},
                     "opened_seconds": _round(self.opened_at.get(n)),
-                    "completed_seconds": _round(self.completed_at.get(n)),
+                    "completed_seconds": _round(max(e for e in ends if e is not None))
+                    if done
+                    else None,
+                    "server_completed_seconds": _round(self.completed_at.get(n)),
                 }
             )
         return {

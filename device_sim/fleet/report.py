@@ -156,6 +156,7 @@ class FleetDeviceOutcome(DeviceOutcome):
     # last word on it (pending = never admitted, admitted, succeeded, failed).
     wave: int | None = None
     admitted: float | None = None
+    finished: float | None = None  # when its update attempt ended, whatever the outcome
     member_state: str | None = None
 
 

@@ -236,6 +236,7 @@ async def _update_device(
         out.resets = transport.resets
         out.blocks = transport.blocks
         out.bytes = transport.bytes
+    out.finished = time.monotonic() - t0
     if claimed == "updated":
         _verify_flash(job, path, out)
     if out.outcome == "updated":
