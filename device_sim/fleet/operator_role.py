@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from otacoap import eventloop
-from otacoap.cli.campaign_args import CampaignPlan, parse_plan
+from otacoap.campaign_args import CampaignPlan, parse_plan
 from otacoap.cliargs import CliError
 from otacoap.core.errors import OtaError
 from otacoap.core.ids import class_key_of
@@ -47,7 +47,7 @@ SERVE_LOCK = "serve.lock"
 
 def parse_campaign(text: str) -> CampaignPlan:
     """`--campaign "OPTIONS"`: parsed by `otacoap campaign create`'s own option
-    definitions (otacoap/cli/campaign_args.py), so both take the same options."""
+    definitions (otacoap/campaign_args.py), so both take the same options."""
     try:
         return parse_plan(text)
     except CliError as exc:

@@ -70,7 +70,7 @@ class FleetOptions:
     report: Path | None = None
     plot: Path | None = None
     progress: bool | None = None  # None: when stderr is a TTY
-    # --campaign: the parsed plan (otacoap.cli.campaign_args.CampaignPlan, through
+    # --campaign: the parsed plan (otacoap.campaign_args.CampaignPlan, through
     # operator_role.parse_campaign); the release is then published with rollout none.
     campaign: Any = None
     campaign_text: str | None = None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..campaign_args import add_policy_arguments, core_type, policy_from_args
 from ..cliargs import CliError, positive_int, positive_seconds
 from ..core import campaign as rules
 from ..core.build import rebuild_envelope
@@ -27,7 +28,6 @@ from ..fsutil import atomic_write
 from ..store import ReleaseRecord, SQLiteStore
 from ..store.campaigns import campaign_dict, status_dict
 from ..store.models import CampaignRecord, CampaignStatus
-from .campaign_args import add_policy_arguments, core_type, policy_from_args
 from .manifest_cmds import load_signing_key
 from .server_cmds import _CLI_ACTOR, _common, _datadir, _store
 

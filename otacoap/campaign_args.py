@@ -3,8 +3,9 @@
 `otacoap campaign create` adds them to its parser, and the fleet simulator's
 `--campaign "OPTIONS"` parses its string with exactly the same definitions (through
 `device_sim/fleet/operator_role.py`), so both accept the same options, values and
-defaults and refuse the same mistakes with the same words. Light on purpose: only
-argparse, the shared value types and the campaign rules (no server, no store).
+defaults and refuse the same mistakes with the same words. A layer of its own (not
+in otacoap/cli, which nothing imports): only argparse, the shared value types and the
+campaign rules (no server, no store).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from ..cliargs import CliError, Parser, positive_float_type, positive_int
-from ..core import campaign as rules
-from ..core.campaign import CampaignError, Policy, Target, WaveSize
+from .cliargs import CliError, Parser, positive_float_type, positive_int
+from .core import campaign as rules
+from .core.campaign import CampaignError, Policy, Target, WaveSize
 
 
 def core_type(parse: Any) -> Any:
