@@ -212,7 +212,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="roll the release out as a campaign: 'otacoap campaign create' options in "
         'one string, e.g. "--waves 1%%,10%%,100%% --failure-threshold 5%%" (the release '
         "is published with rollout none, the factory release stays current; devices "
-        "poll until admitted; waiting devices end 'untouched' once it halts or ends)",
+        "poll until admitted; waiting devices end 'untouched' once it halts or ends; a "
+        "single option without a space needs the = form: --campaign=--urgent)",
     )
     camp.add_argument(
         "--bad-fraction",
