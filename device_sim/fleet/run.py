@@ -258,8 +258,13 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
         return report
     finally:
         if opts.cleanup and opts.data is not None and registered:
-            # An error or Ctrl-C: still leave nothing behind.
-            operator_role.cleanup(opts.data, registered, watch.cid if watch is not None else None)
+            # An error or Ctrl-C: still leave nothing behind, without hiding why we stop.
+            try:
+                operator_role.cleanup(
+                    opts.data, registered, watch.cid if watch is not None else None
+                )
+            except Exception as exc:
+                print(f"fleet: --cleanup failed: {exc}", file=stream)
         if not keep:
             _remove_tree(work)
 
