@@ -112,6 +112,7 @@ from .fetcher import (
 from .flash import FlashFaults, FlashWriteError, SimFlash
 from .layout import Identity, open_flash
 from .record_store import StateStoreError
+from .slot_view import SlotView
 from .transport import Clock, RealClock, Response, Transport, TransportError
 
 _log = logging.getLogger(__name__)
@@ -393,6 +394,7 @@ class UpdateAgent:
             server_base=self.transport.base_uri,
             sector_size=self.layout.sector_size,
             checkpoint_bytes=self.config.checkpoint_bytes,
+            decryption_keys=self.identity.decryption_keys(),
         )
 
     async def check_and_update(self) -> RunResult:
@@ -472,7 +474,8 @@ class UpdateAgent:
                 return Done()
             case OpenWriter():
                 self._writer = ImageWriter(
-                    self.flash,
+                    # encrypted at rest under the chip's hardware key, if it has one
+                    SlotView(self.flash, self.layout, effect.slot, effect.digest.value),
                     base=self.layout.slot_offset(effect.slot),
                     capacity=self.layout.slot_size,
                     size=effect.size,

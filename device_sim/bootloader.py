@@ -51,6 +51,7 @@ from .device_state import DeviceState, StateFile, sha256
 from .flash import SimFlash
 from .layout import Identity, read_identity
 from .record_store import StateStoreError
+from .slot_view import SlotView
 
 
 class BootError(Exception):
@@ -139,7 +140,8 @@ def check_image(
     size = action.size
     if size is None or not 0 < size <= identity.layout.slot_size:
         return False
-    digest = hash_region(flash, identity.layout.slot_offset(slot), size, action.digest.algorithm)
+    view = SlotView(flash, identity.layout, slot, action.digest.value)
+    digest = hash_region(view, identity.layout.slot_offset(slot), size, action.digest.algorithm)
     return digest == action.digest.value
 
 
@@ -193,7 +195,8 @@ def verify_slot(
         ):
             raise SlotInvalid("factory slot record does not match the identity")
         lay = identity.layout
-        if hash_region(flash, lay.slot_offset(slot), info.image_size) != info.image_digest:
+        view = SlotView(flash, lay, slot, info.image_digest)
+        if hash_region(view, lay.slot_offset(slot), info.image_size) != info.image_digest:
             raise SlotInvalid("factory image does not match its digest")
         return info
     envelope = read_envelope(flash, identity, slot, info)
@@ -265,7 +268,8 @@ class Bootloader:
                 info = verify_slot(self.flash, identity, state, slot, candidate=test_mode)
             except OtaError as exc:
                 raise BootError(f"slot {slot} does not verify: {exc}") from exc
-        head = self.flash.read(identity.layout.slot_offset(slot), firmware.HEADER_SIZE)
+        view = SlotView(self.flash, identity.layout, slot, info.image_digest)
+        head = view.read(identity.layout.slot_offset(slot), firmware.HEADER_SIZE)
         return BootResult(slot, test_mode, info, firmware.behaviour_of(head), tuple(events))
 
     def _try_candidate(

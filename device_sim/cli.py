@@ -33,10 +33,12 @@ from otacoap.cliargs import (
 from otacoap.core import cose
 from otacoap.core.check_pacing import PacingConfig
 from otacoap.core.errors import OtaError
+from otacoap.fsutil import atomic_write
 
 from .bootloader import BootError
 from .device_state import StateError
 from .fetcher import DEFAULT_MAX_WINDOW, MAX_WINDOW
+from .firmware import Behaviour, make_image
 from .flash import FlashError
 from .layout import (
     DEFAULT_MAX_TRIAL_BOOTS,
@@ -124,8 +126,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="unconfirmed trial boots before a release is given up "
         f"(default {DEFAULT_MAX_TRIAL_BOOTS})",
     )
+    p.add_argument(
+        "--decryption-key",
+        metavar="PRIVATE.pem",
+        help="the device's P-256 key for encrypted payloads (ECDH-ES+A128KW); its public "
+        "half is what `manifest build --encrypt-for` takes",
+    )
+    p.add_argument(
+        "--kek",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an A128KW key (16 bytes or 32 hex) for encrypted payloads, e.g. a class key "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--no-seal",
+        action="store_true",
+        help="store the PSK and keys in the clear (default: sealed under the simulated "
+        "chip's hardware key, FLASH.huk)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing flash file")
     p.set_defaults(handler=cmd_provision)
+
+    m = sub.add_parser(
+        "make-image",
+        help="write a simulated firmware image (for walkthroughs and tests)",
+        description="Write a deterministic firmware image the simulated device can run. "
+        "Its header says how it behaves after an update: healthy (confirms), crash (never "
+        "gets to confirm) or unhealthy (its health check fails: the bootloader reverts).",
+    )
+    m.add_argument("-o", "--out", required=True, metavar="FILE", help="the image to write")
+    m.add_argument(
+        "--size", type=size_type(MAX_INPUT_FILE), default=32 * 1024, metavar="BYTES",
+        help="image size, K/M suffixes allowed (default 32K)",
+    )  # fmt: skip
+    m.add_argument("--version", type=int, default=1, metavar="N", help="version (default 1)")
+    m.add_argument(
+        "--behaviour", choices=[b.value for b in Behaviour], default=Behaviour.HEALTHY.value,
+        help="what the image does after an update (default healthy)",
+    )  # fmt: skip
+    m.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    m.set_defaults(handler=cmd_make_image)
 
     s = sub.add_parser(
         "status",
@@ -245,6 +287,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     envelope = (
         maybe_hex(_read(args.factory_envelope, MAX_SMALL_FILE)) if args.factory_envelope else None
     )
+    keks, der = _decryption_keys(args)
     result = provision(
         args.flash,
         device_id=args.id,
@@ -260,11 +303,40 @@ def cmd_provision(args: argparse.Namespace) -> int:
         force=args.force,
         roots_pem=tuple(_read(r, MAX_SMALL_FILE) for r in args.root),
         root_threshold=args.root_threshold,
+        decryption_keks=keks,
+        decryption_ec_der=der,
+        seal=not args.no_seal,
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "
         f"seq {result.sequence}, image sha256 {result.image_digest.hex()}"
     )
+    return EXIT_OK
+
+
+def _decryption_keys(args: argparse.Namespace) -> tuple[tuple[bytes, ...], bytes]:
+    """The provisioning keywords for payload decryption keys (firmware-encryption)."""
+    from otacoap.core import encryption
+
+    keks = tuple(encryption.load_kek(_read(k, MAX_SMALL_FILE))[1] for k in args.kek)
+    der = b""
+    if args.decryption_key:
+        key = encryption.load_ec_private(_read(args.decryption_key, MAX_SMALL_FILE))
+        der = encryption.private_der(key)
+    return keks, der
+
+
+def cmd_make_image(args: argparse.Namespace) -> int:
+    if not 0 <= args.version < 1 << 32:
+        raise CliError("--version must be 0..4294967295")
+    if os.path.exists(args.out) and not args.force:
+        raise CliError(f"{args.out} exists (use --force to overwrite)")
+    try:
+        image = make_image(args.size, version=args.version, behaviour=Behaviour(args.behaviour))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    atomic_write(args.out, image)
+    print(f"wrote {args.out}: {len(image)} bytes, version {args.version}, {args.behaviour}")
     return EXIT_OK
 
 

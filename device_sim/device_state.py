@@ -67,6 +67,7 @@ MAX_OUTBOX_BYTES = 2048
 """Bytes of encoded reports the outbox may hold (report.MAX_REPORT_SIZE is 1024)."""
 MAX_DIGEST_SIZE = 64  # SHA-512, the longest SUIT digest this device knows
 
+
 class StateError(Exception):
     """No valid state record: the device refuses to guess (fail closed)."""
 
@@ -121,9 +122,7 @@ class DeviceState:
             if not drop:
                 break
             queue, lost = queue[drop:], lost + drop
-        return replace(
-            self, report_counter=counter, reports=(*queue, body), reports_lost=lost
-        )
+        return replace(self, report_counter=counter, reports=(*queue, body), reports_lost=lost)
 
     def without_oldest_report(self) -> DeviceState:
         """The same state with the oldest queued report dropped (and counted as lost)."""
@@ -151,28 +150,38 @@ class DeviceState:
 
     @classmethod
     def decode(cls, data: bytes) -> DeviceState:
+        """The state in `data`, or StateError: never any other exception.
+
+        The store's CRC only proves these are the bytes some save wrote; buggy firmware
+        or a deliberate flash write can still store a record that lacks a field or has
+        one of the wrong type (issue 10 §4). Every field is looked up and type-checked
+        here, so such a record is refused like a torn one and `StateFile.load` falls
+        back to the other copy.
+        """
         try:
             v = cbor.loads(data, max_size=len(data) + 1, max_depth=6)
         except Exception as exc:
             raise StateError("state record does not decode") from exc
         _expect(isinstance(v, dict) and v.get("v") == STATE_FORMAT, "state format")
-        slots = v["slots"]
+        slots = _field(v, "slots")
         _expect(isinstance(slots, list) and len(slots) == 2, "slots")
-        queue = v["q"]
+        queue = _field(v, "q")
         _expect(isinstance(queue, list) and all(isinstance(r, bytes) for r in queue), "queue")
+        boot_value = _field(v, "boot")
+        _expect(isinstance(boot_value, str), "boot status")
         try:
-            boot = BootStatus(v["boot"])
+            boot = BootStatus(boot_value)
         except ValueError:
             raise StateError("state record: unknown boot status") from None
         return cls(
-            sequence=_u(v["seq"]),
-            sequence_digest=_ob(v["seqd"]),
-            active=_slot(v["active"]),
+            sequence=_u(_field(v, "seq")),
+            sequence_digest=_ob(_field(v, "seqd")),
+            active=_slot(_field(v, "active")),
             boot=boot,
             slots=(_slot_from_cbor(slots[0]), _slot_from_cbor(slots[1])),
-            download=_download_from_cbor(v["dl"]),
-            trial=_trial_from_cbor(v["trial"]),
-            report_counter=_u(v["rc"]),
+            download=_download_from_cbor(_field(v, "dl")),
+            trial=_trial_from_cbor(_field(v, "trial")),
+            report_counter=_u(_field(v, "rc")),
             reports=tuple(queue),
             # Absent in records written before the outbox was bounded in bytes.
             reports_lost=_u(v.get("rl", 0)),
@@ -276,6 +285,12 @@ def _expect(cond: bool, what: str) -> None:
         raise StateError(f"state record: bad {what}")
 
 
+def _field(record: dict[Any, Any], key: str) -> Any:
+    if key not in record:
+        raise StateError(f"state record: no {key!r} field")
+    return record[key]
+
+
 def _u(v: Any) -> int:
     _expect(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64, "integer")
     return int(v)
@@ -306,12 +321,18 @@ class StateFile:
         return self._store
 
     def load(self) -> DeviceState:
-        loaded = self._store.load()
-        if loaded is None:
-            # Both copies torn or corrupt. Defaults would mean "seq 0, accept anything";
-            # refusing to run is the only safe answer (ATTACKS.md #45).
-            raise StateError("no valid state record in either copy")
-        return DeviceState.decode(loaded[1])
+        """The newest copy that decodes; StateError when neither does.
+
+        A copy whose CRC holds but whose record does not decode is treated like a torn
+        one (issue 10 §4): the older copy is used, and the next save overwrites the bad
+        copy rather than the good one (see `save`).
+        """
+        found = self._newest_decodable()
+        if found is not None:
+            return found[1]
+        # Both copies torn, corrupt or undecodable. Defaults would mean "seq 0, accept
+        # anything"; refusing to run is the only safe answer (ATTACKS.md #45).
+        raise StateError("no valid state record in either copy")
 
     def save(self, state: DeviceState) -> DeviceState:
         """Persist `state`; returns what was saved.
@@ -328,8 +349,22 @@ class StateFile:
             data = state.encode()
         if len(data) > self._store.max_payload:
             raise RecordTooLarge(f"state record of {len(data)} bytes does not fit its area")
-        self._store.save(data)
+        # Spare the newest copy that *decodes*, not merely the newest valid one: were the
+        # newest copy undecodable, the store alone would erase the only good record, and
+        # a power cut in this save would leave none. Decided afresh on every save (no
+        # cached copy index), since other StateFiles (bootloader, agent) share the flash.
+        found = self._newest_decodable()
+        self._store.save(data, keep=None if found is None else found[0])
         return state
+
+    def _newest_decodable(self) -> tuple[int, DeviceState] | None:
+        """(copy index, state) of the newest copy whose record decodes, if any."""
+        for index, _counter, payload in self._store.load_all():
+            try:
+                return index, DeviceState.decode(payload)
+            except StateError:
+                continue
+        return None
 
 
 def sha256(data: bytes) -> bytes:

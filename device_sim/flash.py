@@ -113,6 +113,10 @@ def _check_geometry(sector_size: int, write_align: int) -> None:
 class SimFlash:
     """A NOR flash device whose contents live in a file; see the module docstring."""
 
+    # The chip's hardware unique key (an eFuse/PUF stand-in, never stored in the flash
+    # file): set by layout.open_flash; the identity's secrets are sealed under it.
+    hardware_key: bytes | None = None
+
     def __init__(
         self,
         path: str | os.PathLike[str],

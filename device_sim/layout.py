@@ -29,13 +29,14 @@ import os
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otacoap.core import anchor_list, cbor, cose, ids, protocol
+from otacoap.core import anchor_list, cbor, cose, encryption, ids, protocol, sealing
 from otacoap.core.errors import OtaError
 from otacoap.core.sizes import round_up
+from otacoap.fsutil import atomic_write
 
 from .flash import FlashFaults, SimFlash
 
@@ -183,6 +184,14 @@ class Identity:
     # provisioned: the author keys above are fixed for the device's life (as before).
     roots_pem: tuple[bytes, ...] = ()
     root_threshold: int = 1
+    # Payload decryption keys (firmware-encryption): class or device A128KW KEKs and
+    # the device's own P-256 private key (PKCS#8 DER) for ECDH-ES+A128KW. Secrets, like
+    # the PSK: docs/decisions/firmware-encryption.md has who holds which key.
+    decryption_keks: tuple[bytes, ...] = ()
+    decryption_ec_der: bytes = b""
+    # Set: the PSK and decryption keys are stored sealed under this hardware unique key
+    # (core.sealing), so the flash file alone neither reveals nor clones them.
+    hardware_key: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.device_id or len(self.device_id) > MAX_IDENTITY_TEXT:
@@ -205,6 +214,15 @@ class Identity:
                 anchor_list.provisioned(self.roots(), self.root_threshold, self.anchors())
             except (OtaError, ValueError) as exc:
                 raise ProvisioningError(f"root keys: {exc}") from None
+        if len(self.decryption_keks) > MAX_ANCHORS or any(
+            len(k) != 16 for k in self.decryption_keks
+        ):
+            raise ProvisioningError(f"up to {MAX_ANCHORS} A128KW keys of 16 bytes each")
+        if self.decryption_ec_der:
+            try:
+                encryption.load_ec_private_der(self.decryption_ec_der)
+            except encryption.EncryptionError as exc:
+                raise ProvisioningError(f"device decryption key: {exc}") from exc
 
     @property
     def vendor_id(self) -> bytes:
@@ -229,11 +247,17 @@ class Identity:
         if not self.roots_pem:
             return None
         return anchor_list.provisioned(self.roots(), self.root_threshold, self.anchors())
+    def decryption_keys(self) -> encryption.DecryptionKeys:
+        """What this device can decrypt payloads with (empty: plain images only)."""
+        der = self.decryption_ec_der
+        return encryption.DecryptionKeys(
+            keks=tuple((None, k) for k in self.decryption_keks),
+            ec_private=(encryption.load_ec_private_der(der),) if der else (),
+        )
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
             "id": self.device_id,
-            "psk": self.psk,
             "vendor": self.vendor_domain,
             "class": self.class_info,
             "anchors": list(self.anchors_pem),
@@ -243,6 +267,14 @@ class Identity:
         }
         if self.roots_pem:  # absent in identities without roots (read as before)
             body["roots"] = [list(self.roots_pem), self.root_threshold]
+        secrets = [self.psk, list(self.decryption_keks), self.decryption_ec_der]
+        if self.hardware_key is not None:
+            context = self.device_id.encode("ascii")
+            body["sealed"] = sealing.seal(self.hardware_key, cbor.dumps(secrets), context)
+        else:
+            body["psk"] = self.psk
+            if self.decryption_keks or self.decryption_ec_der:
+                body["dec"] = secrets[1:]
         payload = cbor.dumps(body)
         head = _ID_HEADER.pack(IDENTITY_MAGIC, IDENTITY_VERSION, len(payload)) + payload
         record = head + _ID_TRAILER.pack(zlib.crc32(head))
@@ -252,8 +284,9 @@ class Identity:
         return record + b"\xff" * pad
 
     @classmethod
-    def decode(cls, data: bytes) -> Identity:
-        """Parse and check an identity record (the first IDENTITY_AREA_SIZE bytes)."""
+    def decode(cls, data: bytes, hardware_key: bytes | None = None) -> Identity:
+        """Parse and check an identity record (the first IDENTITY_AREA_SIZE bytes);
+        a sealed one opens only with the `hardware_key` of the device that sealed it."""
         if len(data) < _ID_HEADER.size + _ID_TRAILER.size:
             raise ProvisioningError("flash is too small to hold an identity")
         magic, version, length = _ID_HEADER.unpack_from(data)
@@ -280,6 +313,17 @@ class Identity:
                 raise ProvisioningError("identity: bad factory entry")
             if not (isinstance(anchors, list) and all(isinstance(a, bytes) for a in anchors)):
                 raise ProvisioningError("identity: bad anchors")
+            if "sealed" in body:
+                body.update(_unsealed(body, hardware_key))
+            dec = body.get("dec", [[], b""])
+            if not (
+                isinstance(dec, list)
+                and len(dec) == 2
+                and isinstance(dec[0], list)
+                and all(isinstance(k, bytes) for k in dec[0])
+                and isinstance(dec[1], bytes)
+            ):
+                raise ProvisioningError("identity: bad decryption keys")
             fields = (body["id"], body["vendor"], body["class"])
             if not all(isinstance(f, str) for f in fields) or not isinstance(body["psk"], bytes):
                 raise ProvisioningError("identity: bad field types")
@@ -294,6 +338,9 @@ class Identity:
                 factory_digest=bytes(factory[1]),
                 max_trial_boots=_int(body["trials"]),
                 **_roots(body.get("roots")),
+                decryption_keks=tuple(dec[0]),
+                decryption_ec_der=dec[1],
+                hardware_key=hardware_key if "sealed" in body else None,
             )
         except KeyError as exc:
             raise ProvisioningError(f"identity record lacks {exc}") from None
@@ -312,14 +359,60 @@ def _roots(value: Any) -> dict[str, Any]:
     return {"roots_pem": tuple(value[0]), "root_threshold": _int(value[1])}
 
 
-def peek_identity(path: str | os.PathLike[str]) -> Identity:
+def _unsealed(body: dict[str, Any], hardware_key: bytes | None) -> dict[str, Any]:
+    sealed, device_id = body["sealed"], body["id"]
+    if not isinstance(sealed, bytes) or not isinstance(device_id, str):
+        raise ProvisioningError("identity: bad sealed secrets")
+    if hardware_key is None:
+        raise ProvisioningError("identity secrets are sealed and this device has no hardware key")
+    try:
+        opened = sealing.unseal(hardware_key, sealed, device_id.encode("ascii", "replace"))
+        secrets = cbor.loads(opened, max_size=IDENTITY_AREA_SIZE)
+    except sealing.UnsealError as exc:
+        raise ProvisioningError(str(exc)) from None
+    except Exception as exc:
+        raise ProvisioningError("identity: sealed secrets are damaged") from exc
+    if not (isinstance(secrets, list) and len(secrets) == 3):
+        raise ProvisioningError("identity: sealed secrets are damaged")
+    return {"psk": secrets[0], "dec": secrets[1:]}
+
+
+def huk_path(path: str | os.PathLike[str]) -> Path:
+    """Where the simulated chip keeps its hardware unique key: beside, never inside, the
+    flash file (an eFuse stand-in; copying the flash file does not copy the chip)."""
+    return Path(str(path) + ".huk")
+
+
+def load_hardware_key(path: str | os.PathLike[str]) -> bytes | None:
+    p = huk_path(path)
+    if not p.is_file():
+        return None
+    key = p.read_bytes()
+    if len(key) != sealing.HUK_SIZE:
+        raise ProvisioningError(f"{p}: a hardware key is {sealing.HUK_SIZE} bytes")
+    return key
+
+
+def ensure_hardware_key(path: str | os.PathLike[str]) -> bytes:
+    """This simulated chip's HUK, fused (created) on first use."""
+    key = load_hardware_key(path)
+    if key is None:
+        key = os.urandom(sealing.HUK_SIZE)
+        huk_path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(huk_path(path), key, mode=0o600)
+    return key
+
+
+def peek_identity(path: str | os.PathLike[str], hardware_key: bytes | None = None) -> Identity:
     """Read the identity straight from the file, to learn the geometry before SimFlash."""
     p = Path(path)
     if not p.is_file():
         raise ProvisioningError(f"{p}: no such flash file")
     with open(p, "rb") as f:
         data = f.read(IDENTITY_AREA_SIZE)
-    identity = Identity.decode(data)
+    if hardware_key is None:
+        hardware_key = load_hardware_key(p)
+    identity = Identity.decode(data, hardware_key)
     size = p.stat().st_size
     if size != identity.layout.total_size:
         raise ProvisioningError(
@@ -333,15 +426,21 @@ def open_flash(
     *,
     faults: FlashFaults | None = None,
     flash_class: type[SimFlash] = SimFlash,
+    hardware_key: bytes | None = None,
 ) -> tuple[SimFlash, Identity]:
-    """Power on: attach to the flash file with the geometry its identity records."""
-    identity = peek_identity(path)
+    """Power on: attach to the flash file with the geometry its identity records.
+
+    The chip's hardware key is `hardware_key`, else the one beside the flash file."""
+    if hardware_key is None:
+        hardware_key = load_hardware_key(path)
+    identity = peek_identity(path, hardware_key)
     lay = identity.layout
     flash = flash_class(
         path, sector_size=lay.sector_size, write_align=lay.write_align, faults=faults
     )
+    flash.hardware_key = hardware_key
     return flash, identity
 
 
 def read_identity(flash: SimFlash) -> Identity:
-    return Identity.decode(flash.read(0, IDENTITY_AREA_SIZE))
+    return Identity.decode(flash.read(0, IDENTITY_AREA_SIZE), flash.hardware_key)

@@ -33,8 +33,11 @@ from .layout import (
     FlashLayout,
     Identity,
     ProvisioningError,
+    ensure_hardware_key,
+    load_hardware_key,
     open_flash,
 )
+from .slot_view import SlotView
 
 _IO_CHUNK = 64 * 1024
 
@@ -64,8 +67,16 @@ def provision(
     force: bool = False,
     roots_pem: tuple[bytes, ...] = (),
     root_threshold: int = 1,
+    decryption_keks: tuple[bytes, ...] = (),
+    decryption_ec_der: bytes = b"",
+    seal: bool = False,
 ) -> ProvisionResult:
-    """Create a provisioned flash file at `path`; raise ProvisioningError on bad input."""
+    """Create a provisioned flash file at `path`; raise ProvisioningError on bad input.
+
+    `seal`: store the PSK and decryption keys sealed under the simulated chip's hardware
+    unique key (created beside the flash file, `layout.huk_path`), so the flash file
+    alone neither reveals them nor clones the device.
+    """
     target = Path(path)
     if target.exists() and not force:
         raise ProvisioningError(f"{target}: already exists (use --force to replace it)")
@@ -91,6 +102,9 @@ def provision(
             max_trial_boots=max_trial_boots,
             roots_pem=roots_pem,
             root_threshold=root_threshold,
+            decryption_keks=decryption_keks,
+            decryption_ec_der=decryption_ec_der,
+            hardware_key=ensure_hardware_key(target) if seal else None,
         )
         identity.anchors()  # every anchor must load now, not at the first update
         identity.roots()
@@ -114,9 +128,11 @@ def provision(
     tmp = Path(tmp_name)
     try:
         flash = SimFlash.create(tmp, layout.total_size, layout.sector_size, layout.write_align)
+        flash.hardware_key = identity.hardware_key
         try:
             flash.write(layout.identity_offset, identity.encode())
-            _write_padded(flash, layout.slot_offset(0), factory_image)
+            factory_view = SlotView(flash, layout, 0, image_digest)
+            _write_padded(factory_view, layout.slot_offset(0), factory_image)
             slot = SlotInfo(len(factory_image), image_digest, sequence, manifest_digest)
             if factory_envelope is not None:
                 _write_padded(flash, layout.envelope_offset(0), factory_envelope)
@@ -158,7 +174,7 @@ def _check_factory_envelope(flash: SimFlash, identity: Identity, state: DeviceSt
         raise ProvisioningError(f"factory envelope does not vouch for the image: {exc}") from exc
 
 
-def _write_padded(flash: SimFlash, offset: int, data: bytes) -> None:
+def _write_padded(flash: SimFlash | SlotView, offset: int, data: bytes) -> None:
     """Program data on erased flash in bounded chunks, padding the tail with 0xFF."""
     align = flash.write_align
     pos = 0
@@ -181,7 +197,7 @@ def _next_boot_problem(path: str | os.PathLike[str]) -> str:
         scratch = Path(tmp) / "flash"
         shutil.copyfile(path, scratch)
         try:
-            flash, _ = open_flash(scratch)
+            flash, _ = open_flash(scratch, hardware_key=load_hardware_key(path))
         except (ProvisioningError, OSError, ValueError) as exc:
             return f"flash does not open: {exc}"
         try:
@@ -211,10 +227,11 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         if info is None:
             raise ProvisioningError(f"running slot {running} holds no image")
         digest = hashlib.sha256()
+        view = SlotView(flash, lay, running, info.image_digest)
         pos, end = 0, info.image_size
         while pos < end:
             n = min(4096, end - pos)
-            digest.update(flash.read(lay.slot_offset(running) + pos, n))
+            digest.update(view.read(lay.slot_offset(running) + pos, n))
             pos += n
         problem = _next_boot_problem(path)
         bootable = not problem

@@ -144,8 +144,34 @@ class StateStore:
         base = self.copy_offset(newest.index)
         return newest.counter, self._flash.read(base + HEADER_SIZE, newest.length)
 
-    def save(self, payload: bytes) -> int:
+    def load_all(self) -> list[tuple[int, int, bytes]]:
+        """(copy index, counter, payload) of every valid copy, newest first.
+
+        For a caller that judges payloads itself (the device state decoder): a copy
+        whose CRC holds may still carry a record the caller cannot use, and then the
+        older copy is the one to use (and to spare, see ``save``'s ``keep``).
+        """
+        copies = sorted(
+            (c for c in (self._probe(0), self._probe(1)) if c is not None),
+            key=lambda c: (c.counter, -c.index),
+            reverse=True,
+        )
+        return [
+            (
+                c.index,
+                c.counter,
+                self._flash.read(self.copy_offset(c.index) + HEADER_SIZE, c.length),
+            )
+            for c in copies
+        ]
+
+    def save(self, payload: bytes, *, keep: int | None = None) -> int:
         """Write payload as the new newest record and return its counter.
+
+        The copy written is the one that does not hold the newest valid record, or, if
+        ``keep`` names a valid copy, the one that is not ``keep``: the caller's way to
+        spare an older copy when the newest one holds a record it cannot decode. The
+        counter always exceeds every valid copy's, so the new record is the newest.
 
         Raises RecordTooLarge if the payload cannot fit, StateStoreError if writing
         kept failing (in both cases the previous record is still what ``load`` returns). PowerCut
@@ -161,6 +187,8 @@ class StateStore:
             # because a wrapped counter would make the older copy look newer.
             raise StateStoreError("state counter exhausted")
         target = 0 if newest is None else 1 - newest.index
+        if keep is not None and newest is not None and self._probe(keep) is not None:
+            target = 1 - keep
         record = encode_record(counter, payload, self._flash.write_align)
         last: Exception | None = None
         for _ in range(self._attempts):

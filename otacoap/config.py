@@ -52,6 +52,11 @@ class ServerConfig:
     # Peers still before the cookie exchange have a pool of their own.
     max_dtls_sessions: int = _option(256, "beyond this the least recently used session is dropped")
     dtls_idle_timeout: float = _option(300.0, "seconds of silence before a DTLS session is dropped")
+    # Peers past the cookie exchange whose PSK handshake has not completed: they only
+    # displace each other, never an authenticated session (issue 10 §2).
+    max_dtls_handshakes: int = _option(
+        256, "DTLS handshakes in progress; beyond this the longest silent one is dropped"
+    )
     # RFC 7252 §4.5 duplicate detection keeps each response for EXCHANGE_LIFETIME
     # (§4.8.2: 247 s); we cap the number of entries instead of trusting traffic levels.
     dedup_max_entries: int = _option(4096, "RFC 7252 §4.5 duplicate-detection cache (entries)")
@@ -97,11 +102,31 @@ class UploadConfig:
     busy_max_age: int = _option(30, "Max-Age of the 5.03 sent when all slots are busy")
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """[monitoring]: what the operator's monitoring sees. `serve --metrics` and
+    `--log-format` override these."""
+
+    metrics_bind: str = _option(
+        "",
+        "HOST:PORT of the HTTP /metrics (Prometheus) and /health endpoint, e.g. "
+        '"127.0.0.1:9464"; empty: off',
+        positive=False,
+    )
+    log_format: str = _option(
+        "text", '"text", or "json" (one JSON object per line, for log shippers)', positive=False
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     uploads: UploadConfig = field(default_factory=UploadConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def __post_init__(self) -> None:
         s, p = self.server, self.publish
@@ -110,6 +135,10 @@ class Config:
             raise ConfigError("server.loop must be 'uvloop' or 'asyncio'")
         if not 0 <= s.port <= 65535:
             raise ConfigError("server.port must be 0..65535")
+        if self.monitoring.log_format not in LOG_FORMATS:
+            raise ConfigError("monitoring.log_format must be 'text' or 'json'")
+        if self.monitoring.metrics_bind:
+            split_host_port(self.monitoring.metrics_bind, "monitoring.metrics_bind")
         if not 0 <= s.max_block_szx <= 6:
             raise ConfigError("server.max_block_szx must be 0..6 (RFC 7959 §2.2)")
         for section, cls in _sections().items():
@@ -121,6 +150,15 @@ class Config:
                 f"publish.max_envelope_size may not exceed {protocol.MAX_ENVELOPE_SIZE} "
                 "(devices refuse larger envelopes)"
             )
+
+
+def split_host_port(text: str, what: str) -> tuple[str, int]:
+    """ "HOST:PORT" or "[V6]:PORT" (port 0: any free one), or ConfigError naming `what`."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9464), not {text!r}")
+    return host, int(port)
 
 
 def _sections() -> dict[str, type[Any]]:

@@ -70,6 +70,7 @@ def manifest_bytes(
     device_uuid: bytes | None = None,
     validate: bool = True,
     invoke: bool = True,
+    encryption_info: bytes | None = None,
 ) -> bytes:
     """A SUIT_Manifest encoding shaped like core.build's, with every knob exposed.
 
@@ -100,9 +101,12 @@ def manifest_bytes(
         shared_cmds = [suit.CMD_SET_COMPONENT_INDEX, True, *shared_cmds]
     common = {suit.C_COMPONENTS: comps, suit.C_SHARED_SEQUENCE: cbor2.dumps(shared_cmds)}
     install_uri = uri if uri is not None else ids.image_uri(digest)
+    fetch_params: dict[int, Any] = {suit.P_URI: install_uri}
+    if encryption_info is not None:
+        fetch_params[suit.P_ENCRYPTION_INFO] = encryption_info
     install = [
         suit.CMD_OVERRIDE_PARAMETERS,
-        {suit.P_URI: install_uri},
+        fetch_params,
         suit.CMD_FETCH,
         REP_FAILURE,
         suit.CMD_IMAGE_MATCH,
@@ -545,6 +549,9 @@ def make_rig(
     psk: bytes = PSK,
     roots: tuple[cose.SigningKey, ...] = (),
     root_threshold: int = 1,
+    decryption_keks: tuple[bytes, ...] = (),
+    decryption_ec_der: bytes = b"",
+    seal: bool = False,
 ) -> Rig:
     key = key or cose.generate_key("es256")
     factory = make_image(factory_size, version=seq, seed=1)
@@ -565,6 +572,9 @@ def make_rig(
         force=True,
         roots_pem=tuple(r.public.public_pem() for r in roots),
         root_threshold=root_threshold,
+        decryption_keks=decryption_keks,
+        decryption_ec_der=decryption_ec_der,
+        seal=seal,
     )
     rig = Rig(path, key, factory, env, slot_size=slot_size)
     rig.accept(factory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ def test_cli_issue_publish_and_refusals(tmp_path: Path) -> None:
     _, author_pub = keypair(tmp_path, "author2")
     l1 = issue(tmp_path, 1, "l1.cbor", "--root", root_pub, "--author", author_pub, "--sign", root)
     shown = cli_ok("anchors", "inspect", l1)
-    assert "version    1" in shown and cose.load_public_key(author_pub.read_bytes()).key_id in shown
+    assert "version: 1" in shown and cose.load_public_key(author_pub.read_bytes()).key_id in shown
+    assert json.loads(cli_ok("anchors", "inspect", l1, "--json"))["version"] == 1
     assert "published anchor list version 1" in cli_ok(
         "anchors", "publish", "--data", setup.data, l1
     )
@@ -92,8 +94,8 @@ def test_cli_issue_publish_and_refusals(tmp_path: Path) -> None:
         "--sign", root, "--sign", other,
     )  # fmt: skip
     cli_ok("anchors", "publish", "--data", setup.data, l2)
-    listing = cli_ok("anchors", "list", "--data", setup.data)
-    assert "version 1" in listing and "version 2" in listing
+    listing = json.loads(cli_ok("anchors", "list", "--data", setup.data, "--json"))
+    assert [r["version"] for r in listing] == [1, 2]
     audit = cli_ok("audit", "list", "--data", setup.data)
     assert "anchors.publish" in audit and "refused" in audit
     cli_ok("audit", "verify", "--data", setup.data)
@@ -201,7 +203,9 @@ def test_rotation_and_freshness_through_the_real_server(tmp_path: Path) -> None:
     assert status[DEVICE].freshness == Freshness.FRESH
     assert "anchors-updated" in [r.state for r in reports]
     shown = cli_ok("anchors", "status", "--data", setup.data)
-    assert f"{DEVICE}  anchor-version 1  freshness fresh" in shown
+    status = json.loads(cli_ok("anchors", "status", "--data", setup.data, "--json"))
+    assert {"device": DEVICE, "anchor_version": 1, "freshness": "fresh"} in status
+    assert re.search(rf"(?m)^{DEVICE} +1 +fresh$", shown)
 
 
 def test_device_cli_with_trusted_clock_refuses_an_expired_release(tmp_path: Path) -> None:

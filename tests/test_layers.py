@@ -43,7 +43,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "otacoap.server": (
         frozenset({"otacoap.core", "otacoap.config", "otacoap.store", "otacoap.fsutil"}),
-        frozenset({"aiocoap", "DTLSSocket", "uvloop"}),
+        frozenset({"aiocoap", "DTLSSocket", "uvloop", "prometheus_client"}),
     ),
     "otacoap.cli": (
         frozenset(

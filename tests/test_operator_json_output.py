@@ -4,13 +4,16 @@ said (running sequence number, state, last seen, reason by name), and `--version
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from server_helpers import CLASS_A, DeviceSpec, cli, cli_ok, make_image, make_setup
 
+from otacoap.cli import build_parser
 from otacoap.core.errors import ReportReason
 from otacoap.core.report import Report, State
 from otacoap.store import DataDir
@@ -90,3 +93,50 @@ def test_report_list_names_reasons(data: Path) -> None:
 def test_version() -> None:
     result = cli("--version")
     assert result.code == 0 and result.out.startswith("otacoap ")
+
+
+def test_status_summarises_classes_releases_and_campaigns(data: Path) -> None:
+    status = json.loads(cli_ok("status", "--data", data, "--json"))
+    assert status["devices"] == 2
+    ((label, klass),) = status["classes"].items()
+    assert label.endswith(CLASS_A) and klass["devices"] == 2
+    assert klass["by_state"] == {"failed": 1, "no report yet": 1}
+    assert {(r["seq"], r["devices"]) for r in status["running"]} == {(2, 1), (None, 1)}
+    text = cli_ok("status", "--data", data)
+    assert "2 devices in 1 class\n" in text and "LAST REPORTED STATE" in text
+
+
+def test_status_shows_an_active_campaign_per_wave(tmp_path: Path) -> None:
+    setup = make_setup(tmp_path, devices=[DeviceSpec(f"d{i}") for i in range(4)])
+    setup.publish(setup.release(CLASS_A, 2, make_image("fw2", 2000)))
+    rel = setup.release(CLASS_A, 3, make_image("fw3", 2000))
+    cli_ok("publish", "--data", setup.data, "--rollout", "none", rel.envelope_path,
+           rel.image_path)  # fmt: skip
+    cli_ok("campaign", "create", "--data", setup.data, f"{CLASS_A}:3", "--waves", "1,100%")
+    status = json.loads(cli_ok("status", "--data", setup.data, "--json"))
+    (camp,) = status["campaigns"]
+    assert camp["state"] == "running" and [w["size"] for w in camp["waves"]] == [1, 3]
+    assert camp["waves"][0]["admitted"] == 1
+    text = cli_ok("status", "--data", setup.data)
+    assert "campaign 1 " in text and "1 of 2 waves open" in text and "SUCCEEDED" in text
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_list_and_show_command_takes_json() -> None:
+    readers = {"list", "show", "status", "inspect", "stats", "watch"}
+    missing = [
+        " ".join(path)
+        for path, sub in _commands(build_parser())
+        if path[-1] in readers
+        and "--json" not in {o for a in sub._actions for o in a.option_strings}
+    ]
+    assert missing == []

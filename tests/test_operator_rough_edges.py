@@ -3,6 +3,7 @@ is one line on stderr, a non-zero exit and no traceback, naming what is wrong.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -233,3 +234,32 @@ def test_signing_twice_with_the_same_key_is_refused(tmp_path: Path, image: Path,
     assert "already signed" in result.err and not (tmp_path / "again").exists()
     # A second, different key is still welcome.
     cli_ok("manifest", "sign", signed, "--key", tmp_path / "k2", "-o", tmp_path / "both")
+
+
+# --- the server's log when strangers knock ---------------------------------------------
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_bad_credentials_are_counted_in_the_log_not_dumped_as_tracebacks(tmp_path: Path) -> None:
+    import asyncio
+
+    from server_helpers import DeviceSpec, coaps_client, get, make_setup, running_server
+
+    setup = make_setup(tmp_path, devices=[DeviceSpec("t1")])
+    with running_server(setup.data) as server:
+
+        async def knock(identity: str, psk: bytes) -> None:
+            with contextlib.suppress(Exception):
+                async with coaps_client(server.port, identity, psk) as ctx:
+                    await asyncio.wait_for(get(ctx, server.uri + "/m"), 6)
+
+        async def go() -> None:
+            await knock("t1", os.urandom(16))  # a wrong key
+            await knock("ghost", os.urandom(16))  # an unknown identity
+
+        asyncio.run(go())
+        log = server.log()
+    for noise in ("Traceback", "Unhandled exception", "Error in close", "tried accessing"):
+        assert noise not in log, log
+    assert "failed DTLS handshake" in log and "(bad key)" in log

@@ -108,6 +108,7 @@ port = 5684
 loop = "uvloop"
 max_dtls_sessions = 256
 dtls_idle_timeout = 300.0
+max_dtls_handshakes = 256
 dedup_max_entries = 4096
 dedup_lifetime = 247.0
 max_block_szx = 6
@@ -127,6 +128,9 @@ max_duration = 3600.0
 staged_ttl = 600.0
 max_staged = 4
 busy_max_age = 30
+[monitoring]
+metrics_bind = ""
+log_format = "text"
 """
 
 

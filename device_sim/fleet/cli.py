@@ -133,6 +133,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="device class (default: a fresh 'fleet-<random>' per run)",
     )
     rel.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the generated release (A128CTR under a fresh class A128KW key that "
+        "every device is provisioned with); the server stores only the ciphertext",
+    )
+    rel.add_argument(
         "--seq",
         type=positive_int,
         default=2,
@@ -283,6 +289,8 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
     if not local and (args.campaign is not None or args.cleanup):
         raise FleetError("--campaign and --cleanup need --data DIR (the server's store)")
     plan = parse_campaign(args.campaign) if args.campaign is not None else None
+    if args.encrypt and (remote or args.release):
+        raise FleetError("--encrypt applies to a generated release published with --data")
     if args.release is not None and args.class_info is None:
         raise FleetError("--release needs --class-info (and --vendor-domain) of its class")
     if args.devices > MAX_DEVICES:
@@ -338,6 +346,7 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         poll_interval=args.poll_interval,
         bad_fraction=args.bad_fraction,
         cleanup=args.cleanup,
+        encrypt=args.encrypt,
     )
 
 

@@ -77,6 +77,9 @@ class FleetOptions:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     bad_fraction: float = 0.0
     cleanup: bool = False
+    # Encrypt the generated release (A128CTR, CEK wrapped under a class A128KW key the
+    # devices are provisioned with; draft-ietf-suit-firmware-encryption).
+    encrypt: bool = False
 
     def run_deadline(self) -> float:
         """The whole run's bound: every wave of devices using its full deadline."""

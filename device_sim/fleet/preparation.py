@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from otacoap.cliargs import maybe_hex
-from otacoap.core import build, cose, ids, suit, trust
+from otacoap.core import build, cose, encryption, ids, suit, trust
 from otacoap.core.errors import OtaError
 
 from .operator_role import (
@@ -46,6 +46,7 @@ class Prepared:
     factory_image: bytes
     factory_envelope: bytes
     anchors_pem: tuple[bytes, ...]
+    decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key devices get
 
 
 def _load_key(path: Path) -> Any:
@@ -69,6 +70,7 @@ def prepare(
     device id is appended to `registered` as soon as the store has it (--cleanup).
     """
     key = _load_key(opts.key_path)
+    keks: tuple[bytes, ...] = ()
     anchor_pem = key.public.public_pem()
     token = secrets.token_hex(4)
     vendor = opts.vendor_domain
@@ -104,9 +106,21 @@ def prepare(
         image = image_bytes(f"otacoap-fleet:{token}:release", opts.image_size)
         digest = hashlib.sha256(image).digest()
         release = build.Release(digest, len(image), vendor, class_info, seq)
+        payload, image_path = image, work / "release.bin"
+        if opts.encrypt:
+            # The server gets the ciphertext (its URI names it); devices the class key.
+            kek = os.urandom(16)
+            keks = (kek,)
+            info, payload = encryption.encrypt(
+                image, [encryption.KekRecipient(kek)], os.urandom, encryption.A128CTR
+            )
+            uri = ids.image_uri(hashlib.sha256(payload).digest())
+            release = build.Release(
+                digest, len(image), vendor, class_info, seq, uri, encryption_info=info
+            )
+            image_path = work / "release.enc"
         envelope = suit.encode_envelope(build.build_envelope(release, key))
-        image_path = work / "release.bin"
-        image_path.write_bytes(image)
+        image_path.write_bytes(payload)
     image_size = len(image)
 
     factory_image = image_bytes(f"otacoap-fleet:{token}:factory", image_size)
@@ -163,5 +177,6 @@ def prepare(
         factory_image,
         factory_envelope,
         (anchor_pem,),
+        keks,
     )
     return prepared, server_facts

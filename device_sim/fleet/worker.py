@@ -69,6 +69,7 @@ class WorkerJob:
     # Devices on which the release fails its health check at its first (trial) boot:
     # the simulated hardware/firmware mismatch of --bad-fraction.
     bad: frozenset[str] = frozenset()
+    decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key
 
 
 @dataclass
@@ -100,6 +101,7 @@ def provision_worker(job: WorkerJob) -> None:
             slot_size=job.slot_size,
             sector_size=SECTOR_SIZE,
             force=True,
+            decryption_keks=job.decryption_keks,
         )
 
 

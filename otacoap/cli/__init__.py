@@ -22,7 +22,7 @@ from ..core.errors import OtaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import anchor_cmds, campaign_cmds, manifest_cmds, server_cmds
+    from . import anchor_cmds, campaign_cmds, manifest_cmds, server_cmds, stats_cmds, status_cmds
 
     parser = Parser(
         prog="otacoap",
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     server_cmds.register(sub)
     anchor_cmds.register(sub)
     campaign_cmds.register(sub)
+    stats_cmds.register(sub)
+    status_cmds.register(sub)
     return parser
 
 

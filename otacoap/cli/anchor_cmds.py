@@ -16,30 +16,17 @@ Design and threat model: docs/decisions/anchor-rotation.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
 from pathlib import Path
 
 from ..cliargs import CliError
 from ..core import anchor_list, cose, ids
 from ..core.freshness import Freshness
 from ..fsutil import atomic_write, read_capped
-from ..store import DEFAULT_DATA_DIR, DataDir, SQLiteStore
+from ..store import DataDir
 from ..store.anchor_lists import freshness_key_path
 from .manifest_cmds import load_anchor, load_signing_key
-
-_CLI_ACTOR = "cli:" + getpass.getuser()
-
-
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "--data",
-        metavar="DIR",
-        default=DEFAULT_DATA_DIR,
-        help=f"data directory (default: ./{DEFAULT_DATA_DIR})",
-    )
-    return p
+from .output import emit_list, emit_one, json_parent
+from .server_cmds import _CLI_ACTOR, _common, _store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -97,15 +84,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     q.add_argument("list", metavar="LIST.cbor")
     q.set_defaults(handler=cmd_publish, _cmd_path=["anchors", "publish"])
 
-    v = g.add_parser("inspect", help="show what a signed list says")
+    js = json_parent()
+    v = g.add_parser("inspect", parents=[js], help="show what a signed list says")
     v.add_argument("list", metavar="LIST.cbor")
     v.set_defaults(handler=cmd_inspect, _cmd_path=["anchors", "inspect"])
 
-    s = g.add_parser("list", parents=[common], help="published anchor lists")
+    s = g.add_parser("list", parents=[common, js], help="published anchor lists")
     s.set_defaults(handler=cmd_list, _cmd_path=["anchors", "list"])
 
     t = g.add_parser(
-        "status", parents=[common], help="anchor version and freshness each device reported"
+        "status",
+        parents=[common, js],
+        help="anchor version and freshness each device reported",
     )
     t.set_defaults(handler=cmd_status, _cmd_path=["anchors", "status"])
 
@@ -160,27 +150,25 @@ def _read_list(path: str) -> bytes:
 def cmd_inspect(args: argparse.Namespace) -> int:
     signed = anchor_list.decode_signed(_read_list(args.list))
     c = signed.contents
-    print(f"version    {c.version}")
-    print(f"vendor-id  {c.vendor_id.hex()}")
-    print(f"class-id   {c.class_id.hex()}")
-    print(f"roots      {c.threshold}-of-{len(c.roots)}: " + _ids(c.roots))
-    print(f"authors    {_ids(c.authors)}")
-    print(f"freshness  {_ids(c.freshness) or '(none)'}")
-    print(f"signatures {len(signed.signatures)} (not verified here)")
+    row = {
+        "version": c.version,
+        "vendor_id": c.vendor_id.hex(),
+        "class_id": c.class_id.hex(),
+        "roots": f"{c.threshold}-of-{len(c.roots)}: " + _ids(c.roots),
+        "root_ids": [anchor_list.key_id(k) for k in c.roots],
+        "threshold": c.threshold,
+        "authors": _ids(c.authors),
+        "freshness": _ids(c.freshness) or "(none)",
+        "signatures": len(signed.signatures),
+    }
+    labels = [(k, k) for k in ("version", "vendor_id", "class_id", "roots", "authors")]
+    emit_one(args, row, [*labels, ("freshness", "freshness"), ("signatures (not verified here)",
+                                                               "signatures")])  # fmt: skip
     return 0
 
 
 def _ids(keys: tuple[anchor_list.Key, ...]) -> str:
     return ", ".join(anchor_list.key_id(k) for k in keys)
-
-
-@contextlib.contextmanager
-def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    store: SQLiteStore = DataDir(Path(args.data)).open_store()
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -198,25 +186,45 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         records = store.list_anchor_lists()
-    if not records:
-        print("no anchor lists published")
-    for r in records:
-        c = r.contents
-        print(
-            f"{r.vendor_id.hex()[:8]}/{r.class_id.hex()[:8]}  version {r.version}  "
-            f"authors {_ids(c.authors)}  freshness {_ids(c.freshness) or '-'}  "
-            f"published {r.published_at} by {r.published_by}"
-        )
+    rows = [
+        {
+            "class": f"{r.vendor_id.hex()[:8]}/{r.class_id.hex()[:8]}",
+            "vendor_id": r.vendor_id.hex(),
+            "class_id": r.class_id.hex(),
+            "version": r.version,
+            "authors": _ids(r.contents.authors),
+            "freshness": _ids(r.contents.freshness) or None,
+            "published_at": r.published_at,
+            "published_by": r.published_by,
+        }
+        for r in records
+    ]
+    columns = (
+        ("CLASS", "class"),
+        ("VERSION", "version"),
+        ("AUTHORS", "authors"),
+        ("FRESHNESS", "freshness"),
+        ("PUBLISHED", "published_at"),
+        ("BY", "published_by"),
+    )
+    emit_list(args, rows, columns, "no anchor lists published")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rows = list(store.anchor_status())
-    for row in rows:
-        version = "-" if row.anchor_version is None else str(row.anchor_version)
-        fresh = "-" if row.freshness is None else Freshness(row.freshness).name.lower()
-        print(f"{row.device_id}  anchor-version {version}  freshness {fresh}")
+    out = [
+        {
+            "device": row.device_id,
+            "anchor_version": row.anchor_version,
+            "freshness": None if row.freshness is None else Freshness(row.freshness).name.lower(),
+        }
+        for row in rows
+    ]
+    columns = (("DEVICE", "device"), ("ANCHOR VERSION", "anchor_version"),
+               ("FRESHNESS", "freshness"))  # fmt: skip
+    emit_list(args, out, columns, "no devices")
     return 0
 
 

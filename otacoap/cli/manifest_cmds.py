@@ -1,4 +1,4 @@
-"""`otacoap keygen` and `otacoap manifest build|sign|inspect|verify`."""
+"""`otacoap keygen` and `otacoap manifest build|sign|inspect|verify|decrypt`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import string
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
-from ..core.build import Release, build_envelope, sign_envelope
+from ..core.build import Release, build_envelope, check_release_names, sign_envelope
 from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
+from . import encrypt_cmds
+from .output import json_parent
 
 MAX_ENVELOPE_FILE = 4 * cbor.DEFAULT_MAX_SIZE  # a hex file is twice as long, plus slack
 MAX_KEY_FILE = 64 * 1024
@@ -81,15 +84,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--key", metavar="PRIVATE", help="sign with this private key (PEM)")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     b.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    encrypt_cmds.add_build_options(b)
     b.set_defaults(handler=cmd_build, _cmd_path=["manifest", "build"])
 
     s = msub.add_parser("sign", help="add a signature to an envelope")
     s.add_argument("--key", required=True, metavar="PRIVATE", help="private key (PEM)")
+    s.add_argument(
+        "--alg",
+        choices=["es256", "esp256", "eddsa", "ed25519"],
+        help="signature algorithm (default: es256 for P-256 keys, ed25519 (-19) for Ed25519)",
+    )
     s.add_argument("envelope", metavar="IN", help="envelope (CBOR or hex)")
     s.add_argument("-o", "--out", required=True, metavar="OUT", help="output envelope")
     s.set_defaults(handler=cmd_sign, _cmd_path=["manifest", "sign"])
 
-    i = msub.add_parser("inspect", help="show an envelope in readable form")
+    i = msub.add_parser(
+        "inspect", parents=[json_parent()], help="show an envelope in readable form"
+    )
     i.add_argument("envelope", metavar="FILE", help="envelope (CBOR or hex)")
     i.set_defaults(handler=cmd_inspect, _cmd_path=["manifest", "inspect"])
 
@@ -116,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     v.add_argument("--json", action="store_true", help="print the result as one JSON object")
     v.set_defaults(handler=cmd_verify, _cmd_path=["manifest", "verify"])
+
+    encrypt_cmds.register_decrypt(msub)
 
 
 def _uint(text: str) -> int:
@@ -202,17 +215,34 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.expires_in <= 0:
             raise CliError("--expires-in must be a positive number of seconds")
         expires = int(time.time()) + args.expires_in
+    check_release_names(args.vendor_domain, args.uri)
+    crypto = encrypt_cmds.resolve(args, key)
     release = Release(
         digest, size, args.vendor_domain, args.class_info, args.seq, args.uri, expires=expires
     )
-    envelope = build_envelope(release, key)
+    encrypted = None
+    if crypto.encrypts:
+        encrypted = encrypt_cmds.encrypt_image(args.image, crypto, args.uri)
+        release = replace(release, uri=encrypted.uri, encryption_info=encrypted.info)
+    envelope = encrypt_cmds.authenticate(build_envelope(release), key, crypto)
     data = suit.encode_envelope(envelope)
     atomic_write(args.out, data)
-    signed = f"signed with key {key.public.key_id}" if key else "UNSIGNED"
+    if crypto.hmac_key is not None:
+        signed = "MACed (HMAC 256/256)"
+    elif key is not None:
+        alg = crypto.alg if crypto.alg is not None else key.default_alg
+        signed = f"signed {cose.ALG_NAMES[alg]} with key {key.public.key_id}"
+    else:
+        signed = "UNSIGNED"
     print(
         f"wrote {args.out}: {len(data)} bytes, seq {args.seq}, image {size} bytes "
         f"sha256 {digest.hex()}, uri {release.uri or ids.image_uri(digest)}, {signed}"
     )
+    if encrypted is not None:
+        print(
+            f"wrote {crypto.payload_out}: the encrypted payload to publish, "
+            f"{encrypted.ciphertext_size} bytes, sha256 {encrypted.ciphertext_sha256.hex()}"
+        )
     return 0
 
 
@@ -230,8 +260,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
     key = load_signing_key(args.key)
     with naming(args.envelope):
         envelope = suit.decode_envelope(read_envelope_file(args.envelope))
+    alg = cose.alg_by_name(args.alg) if args.alg else None
+    if alg is not None and alg not in cose.algs_for(key.kind):
+        raise CliError(f"--alg {args.alg} does not fit a {key.kind} key")
     try:
-        signed = sign_envelope(envelope, key)
+        signed = sign_envelope(envelope, key, alg)
     except ValueError as exc:
         raise ManifestError(str(exc)) from None
     data = suit.encode_envelope(signed)
@@ -247,6 +280,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     m = envelope.manifest
     summary = trust.summarize(envelope)
     images, vendors, classes = summary.images, summary.vendor_ids, summary.class_ids
+    if args.json:
+        print(json.dumps(_inspection(data, envelope, summary), sort_keys=True))
+        return 0
     out = sys.stdout
     print(
         f"envelope: {len(data)} bytes, {'tagged 107' if envelope.tagged else 'untagged'}", file=out
@@ -277,9 +313,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"image: component {img.component}, {img.size} bytes, sha256 {d}, uri {img.uri or '-'}",
             file=out,
         )
+    for line in encrypt_cmds.describe_encryption(envelope):
+        print(line, file=out)
     print("\nmanifest (CBOR diagnostic notation):", file=out)
     print(cbor.diagnostic(_expand(cbor.loads(envelope.manifest_raw))), file=out)
     return 0
+
+
+def _inspection(data: bytes, envelope: suit.Envelope, summary: Any) -> dict[str, Any]:
+    """What `inspect` shows, as data (nothing here is verified: see `verify`)."""
+    blocks: list[dict[str, Any]] = []
+    for blk in envelope.authentication.blocks:
+        try:
+            parsed = cose.parse_block(blk.raw)
+        except OtaError as exc:
+            blocks.append({"error": str(exc)})
+            continue
+        blocks.append({"cose_tag": parsed.tag, "alg": cose.ALG_NAMES.get(parsed.alg, parsed.alg)})
+    return {
+        "size": len(data),
+        "tagged": envelope.tagged,
+        "manifest_digest": envelope.manifest_digest.value.hex(),
+        "digest_matches": envelope.manifest_digest == envelope.authentication.digest,
+        "authentication_blocks": blocks,
+        "sequence_number": envelope.manifest.sequence_number,
+        "vendor_ids": [ids.uuid_str(v) or v.hex() for v in summary.vendor_ids],
+        "class_ids": [ids.uuid_str(c) or c.hex() for c in summary.class_ids],
+        "components": [[p.hex() for p in c] for c in envelope.manifest.common.components],
+        "images": [
+            {
+                "component": i.component,
+                "size": i.size,
+                "digest": i.digest.value.hex() if i.digest else None,
+                "uri": i.uri,
+            }
+            for i in summary.images
+        ],
+        "encryption": encrypt_cmds.describe_encryption(envelope),
+    }
 
 
 def _expand(value: Any) -> Any:

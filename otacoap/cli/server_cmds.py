@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cliargs import OPERATOR_PSK_ENV, PSK_ENV, CliError, add_psk_options, read_psk
-from ..config import EVENT_LOOPS
+from ..config import EVENT_LOOPS, LOG_FORMATS
 from ..core import ids
 from ..core.errors import OtaError, ReportReason
 from ..fsutil import atomic_write, read_capped
@@ -110,6 +110,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = d.add_parser("remove", parents=[common], help="remove a device")
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(handler=cmd_device_remove, _cmd_path=["device", "remove"])
+    p = d.add_parser(
+        "rekey",
+        parents=[common],
+        help="give a device a new PSK; sessions made with the old one end",
+        description="Replace device ID's PSK (audited). A running server ends every "
+        "DTLS session made with the old key within a second. Without --psk a random "
+        f"{PSK_LENGTH}-byte PSK is generated and printed once.",
+    )
+    p.add_argument("device_id", metavar="ID")
+    add_psk_options(p, env=PSK_ENV, what="the device's new PSK")
+    p.set_defaults(handler=cmd_device_rekey, _cmd_path=["device", "rekey"])
     from .campaign_cmds import register_device_tags, register_release_rebuild
 
     register_device_tags(d, common)
@@ -132,6 +143,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = o.add_parser("remove", parents=[common], help="remove an operator")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(handler=cmd_operator_remove, _cmd_path=["operator", "remove"])
+    p = o.add_parser(
+        "rekey",
+        parents=[common],
+        help="give an operator a new PSK; sessions made with the old one end",
+        description="Replace operator NAME's PSK (audited). A running server ends every "
+        "DTLS session made with the old key within a second.",
+    )
+    p.add_argument("name", metavar="NAME")
+    add_psk_options(p, env=PSK_ENV, what="the operator's new PSK")
+    p.set_defaults(handler=cmd_operator_rekey, _cmd_path=["operator", "rekey"])
 
     # publish -------------------------------------------------------------------------
     p = sub.add_parser(
@@ -251,6 +272,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="IDENTITY",
         help="DANGEROUS development mode: treat every plain CoAP request as coming from "
         "this registered device (or operator:NAME); needs --insecure-plain-coap",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /health over HTTP there (e.g. 127.0.0.1:9464; "
+        "default from config: off)",
+    )
+    p.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="log as text or JSON lines (default: text)"
     )
     p.set_defaults(handler=cmd_serve, _cmd_path=["serve"])
 
@@ -448,6 +478,16 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_rekey(args: argparse.Namespace) -> int:
+    psk, generated = _psk(args)
+    with _store(args) as store:
+        store.rekey_device(args.device_id, psk, _CLI_ACTOR)
+    print(f"new key for device {args.device_id}; sessions made with the old one end")
+    if generated:
+        print(f"psk {psk.hex()}")
+    return 0
+
+
 def cmd_operator_add(args: argparse.Namespace) -> int:
     psk, generated = _psk(args)
     with _store(args) as store:
@@ -475,6 +515,16 @@ def cmd_operator_remove(args: argparse.Namespace) -> int:
     with _store(args) as store:
         store.remove_operator(args.name, _CLI_ACTOR)
     print(f"removed operator {args.name}")
+    return 0
+
+
+def cmd_operator_rekey(args: argparse.Namespace) -> int:
+    psk, generated = _psk(args)
+    with _store(args) as store:
+        store.rekey_operator(args.name, psk, _CLI_ACTOR)
+    print(f"new key for operator {args.name}; sessions made with the old one end")
+    if generated:
+        print(f"psk {psk.hex()}")
     return 0
 
 
@@ -720,6 +770,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         plain_coap=args.insecure_plain_coap,
         plain_port=args.plain_port,
         plain_identity=args.insecure_plain_identity,
+        metrics=args.metrics,
+        log_format=args.log_format,
     )
     server = options.apply(config).server
     try:

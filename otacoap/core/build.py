@@ -32,7 +32,8 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 §3.1
 
 
 def check_release_names(vendor_domain: str, uri: str | None) -> None:
-    """Refuse names a device could never match or fetch, before anything is signed:
+    """Refuse names a device could never match or fetch, before anything is signed
+    (the operator's `manifest build` calls it; the model itself takes any text):
     the vendor-id is derived from the domain (UUID5, manifest-34 §8.4.8.2), so a typo
     or an empty domain silently makes a manifest for no device at all."""
     if not _DOMAIN.fullmatch(vendor_domain):
@@ -68,10 +69,13 @@ class Release:
     component: tuple[bytes, ...] = MAIN_COMPONENT
     description: str | None = None
     expires: int | None = None  # POSIX seconds: core.freshness.M_EXPIRES (signed expiry)
+    # suit-parameter-encryption-info (firmware-encryption): the fetched payload is
+    # ciphertext; image_digest and image_size stay the plaintext's (§7), and `uri` should
+    # name the ciphertext (the server addresses blobs by their SHA-256).
+    encryption_info: bytes | None = None
 
 
 def build_manifest(release: Release) -> suit.Manifest:
-    check_release_names(release.vendor_domain, release.uri)
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
@@ -99,9 +103,15 @@ def build_manifest(release: Release) -> suit.Manifest:
             Command(suit.CMD_CLASS_IDENTIFIER, REP_ALL),
         ]
     )
+    fetch_params: tuple[tuple[int, object], ...] = ((suit.P_URI, uri),)
+    if release.encryption_info is not None:
+        # Decrypt while fetching, into the one component: the device streams, so there is
+        # no second component to fetch the ciphertext into and copy from (the draft's
+        # examples fetch then copy; write and copy are the directives it names).
+        fetch_params = ((suit.P_ENCRYPTION_INFO, release.encryption_info), *fetch_params)
     install = CommandSequence.build(
         [
-            Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(((suit.P_URI, uri),))),
+            Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(fetch_params)),
             Command(suit.CMD_FETCH, REP_FAILURE),
             Command(suit.CMD_IMAGE_MATCH, REP_ALL),
         ]

@@ -89,7 +89,11 @@ class SigningKey:
 
     @property
     def default_alg(self) -> int:
-        return ES256 if self.kind == "p256" else EDDSA
+        """ES256 for P-256 (what the manifest draft's examples and libcsuit's ES256
+        envelopes use; ESP256 on request), and the fully-specified Ed25519 (-19,
+        RFC 9864) for Ed25519 keys, as the SUIT MTI profiles name it. EdDSA (-8) is
+        still verified, and signed on request."""
+        return ES256 if self.kind == "p256" else ED25519
 
 
 def _fingerprint(material: bytes) -> str:
@@ -280,6 +284,20 @@ def sign1(payload: bytes, key: SigningKey, alg: int | None = None) -> bytes:
     block = ParsedBlock(TAG_SIGN1, alg, protected, b"")
     signature = COSEKey.from_pem(key.pem, alg=alg).sign(_to_be_signed(block, payload))
     return cbor.dumps(cbor2.CBORTag(TAG_SIGN1, [protected, {}, None, signature]))
+
+
+def algs_for(kind: str) -> tuple[int, ...]:
+    """The COSE algorithms a key of this kind signs or verifies."""
+    return _ALGS_FOR_KIND[kind]
+
+
+def alg_by_name(name: str) -> int:
+    """A signature algorithm from its IANA name (case-insensitive): es256, esp256,
+    eddsa, ed25519."""
+    for alg, alg_name in ALG_NAMES.items():
+        if alg != HMAC_256_256 and alg_name.lower() == name.lower():
+            return alg
+    raise AlgorithmError(f"unknown signature algorithm {name!r} (es256, esp256, eddsa, ed25519)")
 
 
 def mac0(payload: bytes, key: bytes) -> bytes:

@@ -42,18 +42,23 @@ class Fetch:
     uri: str
     digest: suit.SuitDigest | None
     size: int | None
+    # suit-parameter-encryption-info (firmware-encryption §4): the payload is ciphertext
+    # the host decrypts while it stores it; digest and size are the plaintext's.
+    encryption_info: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Write:
     component: int
     content: bytes
+    encryption_info: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Copy:
     component: int
     source: int
+    encryption_info: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -211,23 +216,30 @@ class _Run:
             uri = p.get(suit.P_URI)
             if uri is None:
                 raise CommandError("fetch without a uri parameter")
-            yield Fetch(i, uri, p.get(suit.P_IMAGE_DIGEST), p.get(suit.P_IMAGE_SIZE))
+            yield Fetch(
+                i,
+                uri,
+                p.get(suit.P_IMAGE_DIGEST),
+                p.get(suit.P_IMAGE_SIZE),
+                p.get(suit.P_ENCRYPTION_INFO),
+            )
             return True
         if code == suit.CMD_WRITE:
             content = p.get(suit.P_CONTENT)
             if content is None:
                 raise CommandError("write without a content parameter")
-            if suit.P_ENCRYPTION_INFO in p:
-                raise CommandError("encrypted payloads are not supported")
-            yield Write(i, content)
+            yield Write(i, content, p.get(suit.P_ENCRYPTION_INFO))
             return True
         if code in (suit.CMD_COPY, suit.CMD_SWAP):
             src = p.get(suit.P_SOURCE_COMPONENT)
             if src is None or not 0 <= src < self.n:
                 raise CommandError(f"{suit.COMMAND_NAMES[code]} needs a valid source-component")
-            if suit.P_ENCRYPTION_INFO in p:
-                raise CommandError("encrypted payloads are not supported")
-            yield (Copy if code == suit.CMD_COPY else Swap)(i, src)
+            if code == suit.CMD_SWAP:
+                if suit.P_ENCRYPTION_INFO in p:
+                    raise CommandError("swap cannot decrypt (firmware-encryption: write, copy)")
+                yield Swap(i, src)
+            else:
+                yield Copy(i, src, p.get(suit.P_ENCRYPTION_INFO))
             return True
         if code == suit.CMD_INVOKE:
             yield Invoke(i, p.get(suit.P_INVOKE_ARGS))

@@ -10,14 +10,18 @@ persists resume points; what the fetched bytes *are* is a small strategy it asks
   slot bytes from `slot_offset` on;
 * `checkpoints`: whether progress may be persisted mid-stream at all;
 * `decoder(slot_offset)`: a `PayloadDecoder` that turns fetched bytes into slot bytes,
-  starting there.
+  starting there;
+* `payload_size(slot_size)`: how many bytes the fetch brings for a slot image of
+  `slot_size` bytes (an A128GCM payload carries its 16-byte tag after the image).
 
 The slot's size and digest are always those of the *slot bytes* (the manifest's
 image-size and image-digest, manifest-34 §8.4.8.6/§8.4.8.7), checked by the image writer
 whatever the kind, so a decoder never decides what is trusted.
 
-Today's only kind is `PLAIN_IMAGE` (fetched bytes are the image). How the next ones plug
-in is described in `core.update_machine`.
+Kinds: `PLAIN_IMAGE` (fetched bytes are the image) and the encrypted payload
+(`core.encryption.EncryptedPayload`, chosen when the Fetch carries
+suit-parameter-encryption-info). How the next ones plug in is described in
+`core.update_machine`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import interpreter, trust
+from . import encryption, interpreter, trust
 
 
 class PayloadDecoder(Protocol):
@@ -52,6 +56,8 @@ class PayloadKind(Protocol):
     def fetch_offset(self, slot_offset: int) -> int: ...
 
     def decoder(self, slot_offset: int) -> PayloadDecoder: ...
+
+    def payload_size(self, slot_size: int) -> int: ...
 
 
 class _PassThrough:
@@ -84,17 +90,29 @@ class PlainImage:
     def decoder(self, slot_offset: int) -> PayloadDecoder:
         return _PassThrough()
 
+    def payload_size(self, slot_size: int) -> int:
+        return slot_size
+
 
 PLAIN_IMAGE = PlainImage()
 
 
-def select_kind(action: interpreter.Fetch, vm: trust.VerifiedManifest) -> PayloadKind:
+def select_kind(
+    action: interpreter.Fetch,
+    vm: trust.VerifiedManifest,
+    keys: encryption.DecryptionKeys | None = None,
+) -> PayloadKind:
     """The kind of the payload a Fetch brings, from the verified manifest.
 
-    Only plain images exist today. An encrypted payload is named by
-    suit-parameter-encryption-info on the component (draft-ietf-suit-firmware-encryption
-    §4), a delta by its source component and a detools patch; each will be recognised
-    here, and a manifest that asks for a kind this device lacks is refused before any
-    payload byte (the caller turns the error into a refusal).
+    An encrypted payload is named by suit-parameter-encryption-info on the component
+    (draft-ietf-suit-firmware-encryption §4); its CEK is unwrapped here with the device's
+    `keys`, once, before any payload byte (a wrong key is a refusal, not a download).
+    A delta (source component and a detools patch) will be recognised here too; a
+    manifest that asks for a kind this device lacks is refused before any payload byte
+    (the caller turns the error into a refusal).
     """
+    if action.encryption_info is not None:
+        return encryption.EncryptedPayload.for_fetch(
+            action.encryption_info, keys or encryption.DecryptionKeys()
+        )
     return PLAIN_IMAGE

@@ -64,10 +64,12 @@ checkpoint). The next two plug in without touching the table:
   `checkpoints` is False or `resume_from` answers 0 unless the patch is stored
   uncompressed; the slot bytes' digest is checked by the writer as today.
 * encrypted (draft-ietf-suit-firmware-encryption, A128KW / ECDH-ES+A128KW with A128CTR
-  or A128GCM): the CEK is unwrapped once (core.cose) before the fetch; the decoder
-  decrypts while streaming. CTR resumes at any 16-byte-aligned checkpoint (the counter
-  is computable, so `resume_from` is the durable offset); GCM authenticates only at the
-  end, so `resume_from` answers 0 and the tag is checked in `finish`.
+  or A128GCM; `core.encryption.EncryptedPayload`, done): the CEK is unwrapped once with
+  `MachineConfig.decryption_keys` when the kind is chosen, before the fetch (a wrong key
+  is a refusal); the decoder decrypts while streaming. CTR resumes at any checkpoint
+  (the counter is computable, so `resume_from` is the durable offset); GCM
+  authenticates only at the end, so `resume_from` answers 0 and the tag is checked in
+  `finish` (a bad tag forgets the download, like a digest mismatch).
 
 A kind that needs more resume state than the durable offset (a delta's patch offset) adds
 it to `Download` in the persisted record (a new record format field, keyed by the same
@@ -86,6 +88,7 @@ from urllib.parse import urljoin, urlsplit
 from . import interpreter, protocol, suit, trust
 from .blockwise import MAX_SZX, size_of
 from .boot_status import BootEvent, boot_step
+from .encryption import DecryptionKeys
 from .errors import (
     AlreadyInstalled,
     CommandError,
@@ -461,10 +464,13 @@ def resolve_uri(base: str, uri: str) -> str:
     server's /m); the result, like an absolute URI, must stay on this server (the trust
     gate already refused other origins; this is the device's own check).
     """
-    resolved = urljoin(base + MANIFEST_PATH, uri)
+    try:  # urljoin/urlsplit raise ValueError on a bad IP literal (RFC 3986 §3.2.2)
+        resolved = urljoin(base + MANIFEST_PATH, uri)
+        parts = urlsplit(resolved)
+    except ValueError:
+        raise PolicyError(f"URI {uri!r} does not parse") from None
     if not resolved.startswith(base + "/"):
         raise PolicyError(f"URI {uri!r} is not on this device's server")
-    parts = urlsplit(resolved)
     if parts.query or parts.fragment or parts.username is not None:
         raise PolicyError(f"URI {uri!r} is not a plain resource path")
     return resolved[len(base) :]
@@ -478,6 +484,8 @@ class MachineConfig:
     server_base: str  # e.g. "coaps://[::1]:5684": /m and /fw/<id> resolve against it
     sector_size: int
     checkpoint_bytes: int = 16 * 1024
+    # The device's payload decryption keys (firmware-encryption; from its identity).
+    decryption_keys: DecryptionKeys = field(default_factory=DecryptionKeys)
 
     @property
     def checkpoint(self) -> int:
@@ -850,7 +858,8 @@ class UpdateMachine(Generic[R]):
         path = (
             None if action.uri.startswith("#") else resolve_uri(self.config.server_base, action.uri)
         )
-        fetch = _Fetch(action, action.size, action.digest, path, select_kind(action, vm))
+        kind = select_kind(action, vm, self.config.decryption_keys)
+        fetch = _Fetch(action, action.size, action.digest, path, kind)
         self._fetch = fetch
         record, staging = self.record, self._staging
         held = record.slots[staging]
@@ -946,7 +955,7 @@ class UpdateMachine(Generic[R]):
         integrated = None
         if fetch.path is None:
             integrated = vm.envelope.integrated_payload(fetch.action.uri)
-            if integrated is None or len(integrated) != fetch.size:
+            if integrated is None or len(integrated) != fetch.kind.payload_size(fetch.size):
                 return self._fail(PolicyError("integrated payload missing or of the wrong size"))
         fetch.decoder = fetch.kind.decoder(fetch.start)
         opened = OpenWriter(self._staging, fetch.size, fetch.digest, fetch.start)
@@ -954,7 +963,10 @@ class UpdateMachine(Generic[R]):
             self._then = self._image_complete
             return [opened, FinishImage()]
         fetch.stream = FetchPayload(
-            fetch.path, integrated, fetch.kind.fetch_offset(fetch.start), fetch.size
+            fetch.path,
+            integrated,
+            fetch.kind.fetch_offset(fetch.start),
+            fetch.kind.payload_size(fetch.size),
         )
         return [opened, fetch.stream]
 
@@ -982,14 +994,22 @@ class UpdateMachine(Generic[R]):
     def _fetch_done(self) -> list[Effect]:
         fetch = self._fetch
         assert fetch is not None and fetch.decoder is not None
-        tail = fetch.decoder.finish()
+        try:
+            tail = fetch.decoder.finish()
+        except OtaError as exc:
+            # A payload that fails authentication (A128GCM tag) is not resumed either.
+            self._record = replace(self.record, download=None)
+            return self._fail(exc)
         self._then = self._image_complete
         return [Write(tail), FinishImage()] if tail else [FinishImage()]
 
     def _image_complete(self) -> list[Effect]:
         fetch, dl = self._fetch, self.record.download
         assert fetch is not None and dl is not None
-        t = self._go(Step.FETCH_DONE)
+        # The DOWNLOADED report names a payload kind other than the plain image (e.g.
+        # "payload encrypted-a128ctr"), so the operator sees how the image arrived.
+        kind = fetch.kind.name
+        t = self._go(Step.FETCH_DONE, detail="" if kind == "plain" else f"payload {kind}")
         done = replace(self.record, download=replace(dl, durable=fetch.size))
         done = self._queue(done, t, fetch.size)
         return self._persist(done, then=lambda: self._interpret(None))

@@ -13,21 +13,25 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import aiocoap
 from aiocoap.util import hostportjoin
 
-from ..config import Config
+from ..config import Config, split_host_port
 from ..store import DataDir
 from ..store.errors import StoreError
 from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
 from .fastpath import FirmwareFastPath
+from .metrics import MetricsEndpoint
 from .resources import ManifestResource, build_site
+from .stats import STATS_NAME, HandshakeFailures, ServerStats
 from .store_view import StoreView
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 _SWEEP_INTERVAL = 5.0
 _LOAD_LOG_INTERVAL = 60.0  # seconds between 'load:' log lines (only when changed)
 _STALE_TEMP = 3600.0
+_STATS_INTERVAL = 2.0  # seconds between writes of DATA/server-stats.json (when changed)
 LOCK_NAME = "serve.lock"
 CAMPAIGN_TICK_INTERVAL = 1.0  # seconds between campaign evaluations (also after reports)
 
@@ -55,15 +60,26 @@ class ServeOptions:
     plain_coap: bool = False
     plain_port: int | None = None  # None: the DTLS port - 1, like 5683 beside 5684
     plain_identity: str | None = None
+    metrics: str | None = None  # [monitoring] metrics_bind
+    log_format: str | None = None  # [monitoring] log_format
 
     def apply(self, config: Config) -> Config:
-        """`config` with this command line's [server] overrides (validated again)."""
+        """`config` with this command line's overrides (validated again)."""
         overrides = {
             name: value
             for name in ("bind", "port", "loop")
             if (value := getattr(self, name)) is not None
         }
-        return dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+        monitoring = {
+            key: value
+            for key, value in (("metrics_bind", self.metrics), ("log_format", self.log_format))
+            if value is not None
+        }
+        return dataclasses.replace(
+            config,
+            server=dataclasses.replace(config.server, **overrides),
+            monitoring=dataclasses.replace(config.monitoring, **monitoring),
+        )
 
     def plain_port_for(self, dtls_port: int) -> int:
         # RFC 7252 §6.1/§6.2: plain CoAP sits beside DTLS as 5683 beside 5684.
@@ -85,6 +101,10 @@ class OtaServer:
         self.uploads: Uploads | None = None
         self.staged: StagedImages | None = None
         self._lock: TextIO | None = None
+        self.failures = HandshakeFailures()
+        self.stats = ServerStats(self.failures, self.load_figures)
+        self.metrics: MetricsEndpoint | None = None
+        self.metrics_address: tuple[str, int] | None = None
 
     @property
     def dtls_port(self) -> int:
@@ -142,11 +162,17 @@ class OtaServer:
                 view.psks,
                 s.max_dtls_sessions,
                 s.dtls_idle_timeout,
+                s.max_dtls_handshakes,
+                self.failures.record,
             ),
             s.dedup_max_entries,
             s.dedup_lifetime,
         )
         self.dtls.fast = fast
+        dtls = self.dtls
+        # Issue 10 §1: once the view has seen a device or operator removed or re-keyed
+        # (by the CLI, another process), end the sessions made with the old key.
+        view.on_principal_change(lambda: _revoked(dtls.revoke(view.psks.is_current)))
         if opts.plain_coap:
             self.plain = await add_transport(
                 ctx,
@@ -163,7 +189,22 @@ class OtaServer:
             asyncio.create_task(
                 view.run_campaigns(CAMPAIGN_TICK_INTERVAL), name="otacoap rollout campaigns"
             ),
+            asyncio.create_task(self._write_stats(), name="otacoap stats"),
         ]
+        if cfg.monitoring.metrics_bind:
+            host, port = split_host_port(cfg.monitoring.metrics_bind, "the metrics address")
+            self.metrics = MetricsEndpoint(view, self.stats.snapshot)
+            self.metrics_address = await self.metrics.start(host, port)
+
+    async def _write_stats(self) -> None:
+        path = self.datadir.root / STATS_NAME
+        while True:
+            await asyncio.sleep(_STATS_INTERVAL)
+            self.failures.flush_log()
+            try:
+                self.stats.write(path)
+            except OSError as exc:  # a full disk must not stop the server
+                log.error("cannot write %s: %s", path, exc)
 
     async def _sweep(self) -> None:
         logged: dict[str, Any] = {}
@@ -188,7 +229,10 @@ class OtaServer:
         figures: dict[str, Any] = {}
         if self.dtls is not None:
             figures["dtls_sessions"] = self.dtls.session_count
+            figures["dtls_handshakes"] = self.dtls.handshake_count
             figures["dtls_unverified"] = self.dtls.unverified_count
+            figures["handshakes_completed"] = self.dtls.handshakes_completed
+            figures["handshakes_failed"] = self.failures.total
             for why, n in self.dtls.dropped.items():
                 figures[f"dropped_{why}"] = n
         if self.fastpath is not None:
@@ -204,6 +248,9 @@ class OtaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
         if self.context is not None:
             if self.context.request_interfaces:  # aiocoap cannot shut down an empty one
                 await self.context.shutdown()
@@ -225,7 +272,7 @@ class OtaServer:
 
 async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM; the exit code for `otacoap serve`."""
-    _default_logging()
+    _default_logging(options.apply(config).monitoring.log_format)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -248,6 +295,10 @@ async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
             "serving %s from %s (%s loop)", server.dtls_uri, datadir.root, server.config.server.loop
         )
         print(f"listening on {server.dtls_uri}", flush=True)
+        if server.metrics_address is not None:
+            host, port = server.metrics_address
+            where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            print(f"metrics on {where}/metrics, health on {where}/health", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -258,8 +309,31 @@ async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     return 0
 
 
-def _default_logging() -> None:
+def _revoked(count: int) -> None:
+    if count:
+        log.info("ended %d DTLS session(s) made with a removed or replaced key", count)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (`[monitoring] log_format = "json"`), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _default_logging(log_format: str = "text") -> None:
     """A server logs its publishes, refusals and reports at info level by default."""
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     ota = logging.getLogger("otacoap")
     if ota.getEffectiveLevel() > logging.INFO:
         ota.setLevel(logging.INFO)

@@ -117,9 +117,10 @@ class _Image:
 
 
 def _claimed(remote: Any, plain: Principal | None) -> Principal | None:
-    """The principal the session claims (not yet checked against the store)."""
+    """The claim the session holds (not yet checked against the store): on DTLS a
+    `SessionClaim` (the principal and its key tag), the one verdicts are cached for."""
     for claim in getattr(remote, "authenticated_claims", ()):
-        if isinstance(claim, Principal):
+        if isinstance(claim, Principal):  # a SessionClaim on DTLS
             return claim
     if plain is not None and getattr(remote, "scheme", None) == "coap":
         return plain
@@ -131,8 +132,10 @@ class FirmwareFastPath:
 
     def __init__(self, view: StoreView) -> None:
         self.view = view
-        # id(claimed principal) -> (that principal, its image or None). The entry
-        # holds the principal, so its id cannot be reused while the entry exists.
+        # id(claim) -> (that claim, its image or None). The entry holds the claim, so
+        # its id cannot be reused while the entry exists. Any change of principals or
+        # keys bumps the view's epoch, which drops every verdict (`_grant`): a session
+        # whose key was revoked is looked up again and refused (issue 10 §1).
         self._grants: dict[int, tuple[Principal, _Image | None]] = {}
         self._images: dict[bytes, _Image] = {}
         self._memo: dict[int, tuple[int, int, bytes]] = {}
@@ -240,7 +243,7 @@ class FirmwareFastPath:
         if len(payload) != length:
             return None  # the blob is shorter than recorded: FirmwareResource logs it
         self.served += 1
-        self.view.blocks_served[image.digest] += 1  # campaigns' --block-rate budgets
+        self.view.count_served(image.digest, length)
         # RFC 7252 §5.2.1: a piggybacked ACK with the request's Message ID and token.
         return b"".join((_ACK_CONTENT[tkl], data[2 : 4 + tkl], options, payload))
 

@@ -221,7 +221,7 @@ class FirmwareResource(_Base, resource.PathCapable):
         except OtaError as exc:
             log.debug("/fw/%s for %s: %s", image.image_id, principal, exc)
             raise
-        self.view.blocks_served[image.digest] += 1  # campaigns' --block-rate budgets
+        self.view.count_served(image.digest, len(response.payload))
         log.debug("/fw/%s for %s: %s", image.image_id, principal, response.opt.block2)
         return response
 

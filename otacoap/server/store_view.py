@@ -29,13 +29,17 @@ from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
 from ..store.campaigns import served_release
 from ..store.models import ClassKey
-from .credentials import PskDirectory
+from .credentials import PskDirectory, SessionClaim
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_CACHED = 8192
 _CAMPAIGN_MIN_GAP = 0.2  # seconds between two campaign evaluations
+
+# Seconds between polls for commits of other processes, at most: a removed or re-keyed
+# principal's sessions end within this (plus one sweep of the session table).
+REVOCATION_POLL = 0.5
 
 
 class StoreView:
@@ -56,12 +60,13 @@ class StoreView:
         self._clock = clock
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="otacoap-db")
         self._writer: Store | None = None
-        self.psks = PskDirectory(self.reader.lookup_identity, self._sealer.decoy)
+        self.psks = PskDirectory(self.reader.lookup_credential, self._sealer.decoy)
         self._devices: dict[str, DeviceRecord | None] = {}
         self._operators: dict[str, bool] = {}
         self._class_releases: dict[ClassKey, ReleaseRecord | None] = {}
         self._releases_by_id: dict[int, ReleaseRecord | None] = {}
         self._release_listeners: list[Callable[[], None]] = []
+        self._principal_listeners: list[Callable[[], None]] = []
         # Bumped whenever the caches above are dropped, so caches derived from them
         # elsewhere (the /fw fast path's grants) know to drop theirs too.
         self.epoch = 0
@@ -69,7 +74,10 @@ class StoreView:
         self._campaign_wake = asyncio.Event()
         # Firmware blocks served per image SHA-256 (fast path and /fw resource): the
         # campaigns' --block-rate budgets are checked against their rate.
+        # Firmware blocks served per image (campaigns' --block-rate budgets) and bytes in
+        # all (metrics), by the /fw resource and the fast path alike (count_served).
         self.blocks_served: collections.Counter[bytes] = collections.Counter()
+        self.fw_bytes_served = 0
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
         self.plain_principal: Principal | None = None
@@ -81,6 +89,11 @@ class StoreView:
 
     # --- DB thread -----------------------------------------------------------------
 
+
+    def count_served(self, digest: bytes, payload_bytes: int) -> None:
+        """One firmware block of `digest` went out with `payload_bytes` bytes."""
+        self.blocks_served[digest] += 1
+        self.fw_bytes_served += payload_bytes
     def _in_db(self, fn: Callable[[Store], T]) -> T:
         if self._writer is None:
             self._writer = self.datadir.open_store()
@@ -137,9 +150,16 @@ class StoreView:
 
         Identity comes only from the DTLS session's claims (ATTACKS.md #32/#33); on
         the plain-CoAP development listener it is the one configured identity or none.
+        A session made with a key that was removed or replaced since has none, even
+        in the moment before the server ends it (issue 10 §1).
         """
         principal: Principal | None = None
         for claim in getattr(remote, "authenticated_claims", ()):
+            if isinstance(claim, SessionClaim):
+                if not self.psks.is_current(claim):
+                    return None
+                principal = claim.principal
+                break
             if isinstance(claim, Principal):
                 principal = claim
                 break
@@ -190,6 +210,11 @@ class StoreView:
     def on_release_change(self, listener: Callable[[], None]) -> None:
         self._release_listeners.append(listener)
 
+    def on_principal_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after any device or operator was added, removed or re-keyed
+        (the PSK cache is already fresh then: the DTLS pool ends stale sessions)."""
+        self._principal_listeners.append(listener)
+
     def refresh(self) -> None:
         """Drop caches that another connection's commits made stale; tell observers."""
         if not self.reader.changed_elsewhere():
@@ -205,14 +230,11 @@ class StoreView:
         if principals_changed:
             self.psks.invalidate()
             self._operators.clear()
+            _notify(self._principal_listeners, "principal")
         if releases_changed:
             self._class_releases.clear()
             self._releases_by_id.clear()
-            for listener in list(self._release_listeners):
-                try:
-                    listener()
-                except Exception:
-                    log.exception("release-change listener failed")
+            _notify(self._release_listeners, "release")
 
     # --- rollout campaigns ------------------------------------------------------------
 
@@ -255,7 +277,9 @@ class StoreView:
             await asyncio.sleep(max(_CAMPAIGN_MIN_GAP, 2 * took))
 
     async def poll(self) -> None:
-        interval = self.config.server.observe_poll_interval
+        # Revocation must reach open sessions within a second of the CLI's commit
+        # (issue 10 §1), whatever the Observe poll is configured to.
+        interval = min(self.config.server.observe_poll_interval, REVOCATION_POLL)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -266,6 +290,14 @@ class StoreView:
 
 def _tick_campaigns(rates: dict[bytes, float], store: Store) -> list[str]:
     return store.tick_campaigns(block_rates=rates)
+
+
+def _notify(listeners: list[Callable[[], None]], what: str) -> None:
+    for listener in list(listeners):
+        try:
+            listener()
+        except Exception:
+            log.exception("%s-change listener failed", what)
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

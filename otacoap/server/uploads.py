@@ -259,7 +259,14 @@ class StagedImages:
         self._items[key] = StagedImage(blob, owner, self._clock() + self._config.staged_ttl)
 
     def take(self, owner: str, digest: bytes) -> TempBlob | None:
+        """The owner's upload with this SHA-256; a shorter `digest` is an image id
+        (SHA-256 prefix, for encrypted releases) and must match exactly one upload."""
         self.sweep()
+        if len(digest) < 32:
+            keys = [k for k in self._items if k[0] == owner and k[1].startswith(digest)]
+            if len(keys) != 1:
+                return None
+            digest = keys[0][1]
         item = self._items.pop((owner, digest), None)
         return item.blob if item else None
 

@@ -40,6 +40,26 @@ class Principal:
         return f"{self.role.value}:{self.name}" if self.role is Role.DEVICE else self.identity
 
 
+def key_tag_of(sealed_psk: bytes) -> bytes:
+    """Which registration of a key a DTLS session was made with (8 bytes).
+
+    Derived from the sealed PSK, whose random nonce (secrets.py) is new at every add
+    and rekey: a remove and re-add of the same name, even with the same PSK, gives a
+    new tag, so sessions made before it are told apart without a schema change. The
+    tag says nothing about the key (SHA-256 of ciphertext and nonce).
+    """
+    return hashlib.sha256(sealed_psk).digest()[:8]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A DTLS identity's principal, plain PSK and key tag, read in one row."""
+
+    principal: Principal
+    psk: bytes = field(repr=False)
+    key_tag: bytes
+
+
 @dataclass(frozen=True)
 class DeviceRecord:
     id: str

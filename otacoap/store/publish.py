@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import PublishConfig
-from ..core import cose, ids, suit, trust
+from ..core import cose, encryption, ids, suit, trust
 from ..core.errors import (
     AlreadyInstalled,
     AuthenticationError,
@@ -43,7 +43,9 @@ class StagedImages(Protocol):
     """Where a network publish finds the image its envelope names (server/uploads.py).
 
     `take` hands over the caller's own upload with this SHA-256, or None; once taken,
-    the blob is the publisher's to commit or discard.
+    the blob is the publisher's to commit or discard. A shorter `digest` is an image id
+    (the SHA-256 prefix a `/fw/<id>` URI names): an encrypted release names its
+    ciphertext only that way, and the upload must be the only one with that prefix.
     """
 
     def take(self, digest: bytes) -> TempBlob | None: ...
@@ -141,11 +143,23 @@ class Publisher:
             raise PolicyError("the image digest must be SHA-256 (the blob store's address)")
         if image.size is None:
             raise PolicyError("the manifest does not state the image size")
-        if image.size != image_size:
+        if image.encryption_info is not None:
+            # An encrypted payload (firmware-encryption): the server stores and serves
+            # the ciphertext and never sees the plaintext, so it cannot check the image
+            # digest (the plaintext's; the device does). The signed URI below names the
+            # ciphertext by its SHA-256, and its size must fit the content algorithm.
+            info = encryption.parse_encryption_info(image.encryption_info)
+            want = info.ciphertext_size(image.size)
+            if image_size != want:
+                raise ImageMismatch(
+                    f"ciphertext is {image_size} bytes; the manifest's encrypted "
+                    f"{image.size}-byte image needs {want}"
+                )
+        elif image.size != image_size:
             raise ImageMismatch(
                 f"image is {image_size} bytes, the manifest says {image.size}",
             )
-        if image.digest.value != image_digest:
+        elif image.digest.value != image_digest:
             raise ImageMismatch(
                 "image SHA-256 does not match the manifest's image digest",
                 detail=f"image {image_digest.hex()}, manifest {image.digest.value.hex()}",
@@ -226,6 +240,14 @@ class Publisher:
         image = _the_image(verified)
         if image.digest is None:
             raise PolicyError("a release must fetch exactly one image with a digest")
+        if image.encryption_info is not None:
+            # The manifest's digest is the plaintext's (firmware-encryption §7), which
+            # the server never sees; the signed URI names the ciphertext by its id.
+            uri = image.uri or ""
+            head, _, tail = uri.rpartition("/")
+            if head != "/" + ids.IMAGE_PATH_PREFIX or not ids.is_image_id(tail):
+                raise PolicyError("an encrypted release must name its ciphertext as /fw/<id>")
+            return bytes.fromhex(tail)
         return image.digest.value
 
     def refused(self, envelope: bytes, actor: str, exc: OtaError) -> None:

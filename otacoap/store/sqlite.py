@@ -36,6 +36,7 @@ from .errors import AlreadyExists, AuditChainBroken, NotFound, ReportReplayed, S
 from .models import (
     AnchorRecord,
     ClassKey,
+    Credential,
     DeviceRecord,
     ImageRecord,
     OperatorRecord,
@@ -45,6 +46,7 @@ from .models import (
     ReportOutcome,
     ReportRecord,
     Role,
+    key_tag_of,
 )
 from .names import check_device_id, check_label, check_operator_name
 from .secrets import PskSealer
@@ -620,7 +622,34 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
             self._bump("principal_generation")
             self.audit(actor, "operator.remove", name, "ok")
 
+    def rekey_device(self, device_id: str, psk: bytes, actor: str) -> None:
+        self._rekey("devices", "id", device_id, device_id, psk, actor, "device")
+
+    def rekey_operator(self, name: str, psk: bytes, actor: str) -> None:
+        identity = protocol.operator_identity(name)
+        self._rekey("operators", "name", name, identity, psk, actor, "operator")
+
+    def _rekey(
+        self, table: str, column: str, name: str, identity: str, psk: bytes, actor: str, kind: str
+    ) -> None:
+        """A new PSK for an existing principal: the new seal (fresh nonce, so a new key
+        tag even for the same bytes), the principal generation bump that makes the
+        server end the old key's sessions, and the audit entry, in one transaction."""
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE {table} SET psk_sealed = ? WHERE {column} = ?",
+                (self._sealer.seal(identity, psk), name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no {kind} {name!r}")
+            self._bump("principal_generation")
+            self.audit(actor, f"{kind}.rekey", name, "ok")
+
     def lookup_identity(self, identity: str) -> tuple[Principal, bytes] | None:
+        found = self.lookup_credential(identity)
+        return (found.principal, found.psk) if found is not None else None
+
+    def lookup_credential(self, identity: str) -> Credential | None:
         if identity.startswith(protocol.OPERATOR_IDENTITY_PREFIX):
             name = identity[len(protocol.OPERATOR_IDENTITY_PREFIX) :]
             row = self._db.execute(
@@ -634,7 +663,8 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
             principal = Principal(Role.DEVICE, identity)
         if row is None:
             return None
-        return principal, self._sealer.open(identity, row[0])
+        sealed = bytes(row[0])
+        return Credential(principal, self._sealer.open(identity, sealed), key_tag_of(sealed))
 
     def principal_exists(self, principal: Principal) -> bool:
         table = "devices WHERE id" if principal.role is Role.DEVICE else "operators WHERE name"
@@ -863,6 +893,11 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore):
                 + (f", {report.lost} reports lost so far" if report.lost else ""),
             )
         return ReportOutcome(True, int(cur.lastrowid or 0))
+
+    def report_counts(self) -> dict[str, int]:
+        """Reports stored, by state (metrics)."""
+        rows = self._db.execute("SELECT state, COUNT(*) FROM reports GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
 
     def latest_reports(self) -> dict[str, ReportRecord]:
         """Each device's newest report (by arrival): what it last said it was doing."""

@@ -52,6 +52,9 @@ RELIES_ON: dict[str, str] = {
     f"{_GEN}.__init__(self, mman, log, loop)": "listeners: cls(mman, log, loop)",
     f"{_GEN}._mman": "listeners._FastPathFirst: None once shutting down",
     f"{_GEN}._received_datagram(self, address, datagram)": "listeners._FastPathFirst",
+    f"{_GEN}._received_datagram ~ except error.UnparsableMessage:": (
+        "listeners._FastPathFirst drops the UnicodeDecodeError aiocoap lets out"
+    ),
     f"{_GEN}.shutdown ~ self._pool.shutdown()": "listeners: we set _pool ourselves",
     f"{_PLAIN}._serversocket": "listeners: our socket classes",
     f"{_PLAIN}.create_server ~ self._pool = await self._serversocket.create(": (
@@ -89,6 +92,14 @@ RELIES_ON: dict[str, str] = {
     f"{_DADDR}._dtls_session": "dtls_pool",
     f"{_DADDR}._retransmission_task": "dtls_pool.Decrypting",
     f"{_DADDR}._protocol": "dtls_pool.SessionAddress._inject_error",
+    f"{_DADDR}._event(self, level, code)": "dtls_pool.SessionAddress: handshake done/failed",
+    f"{_DADDR}._event ~ self._inject_error(FatalDTLSError(code))": "dtls_pool: a failed handshake",
+    f"{_DADDR}._psk_store": "dtls_pool.SessionAddress: records the presented identity",
+    f"{_STORE}._server_credentials": "dtls_pool.SessionAddress: asked through the address",
+    f"{_STORE}._claims": "dtls_pool.SessionAddress.claims (what revocation checks)",
+    "aiocoap.transports.tinydtls:DTLS_EVENT_CONNECTED": "dtls_pool: handshake complete",
+    "aiocoap.transports.tinydtls:LEVEL_NOALERT": "dtls_pool.SessionAddress._event",
+    "aiocoap.transports.tinydtls:LEVEL_FATAL": "dtls_pool.SessionAddress._event",
     f"{_DECRYPT}.__init__(self, plaintext_interface)": "dtls_pool.BoundedDTLSSocket.create",
     f"{_DECRYPT}._plaintext_interface": "dtls_pool.SessionAddress",
     f"{_DECRYPT}._received_datagram(self, address, data)": "dtls_pool.Decrypting",

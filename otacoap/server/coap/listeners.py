@@ -56,7 +56,14 @@ class _FastPathFirst:
             if response is not None:
                 address.send(response)
                 return
-        super()._received_datagram(address, datagram)  # type: ignore[misc]
+        try:
+            super()._received_datagram(address, datagram)  # type: ignore[misc]
+        except UnicodeDecodeError:
+            # aiocoap decodes string options (Uri-Path, Uri-Query, ...) as UTF-8 in
+            # Message.decode but drops only UnparsableMessage; a non-UTF-8 value escaped
+            # as an unhandled exception and a traceback per datagram (found by the Block1
+            # fuzz harness, ATTACKS.md #43). Dropped like any unparsable message.
+            log.warning("ignoring a CoAP message with a non-UTF-8 string option")
 
 
 class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
@@ -73,6 +80,8 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
         server_credentials: Any,
         max_sessions: int,
         idle_timeout: float = BoundedDTLSSocket.idle_timeout,
+        max_handshakes: int = BoundedDTLSSocket.max_handshakes,
+        on_failed_handshake: Callable[[str, bytes | None, str], None] | None = None,
     ) -> DTLSServerInterface:
         """Listen for DTLS on exactly `bind` (port 0: the OS picks)."""
         self = cls(mman, log, loop)
@@ -80,6 +89,8 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
         self._pool._server_credentials = server_credentials
         self._pool.max_sockets = max_sessions
         self._pool.idle_timeout = idle_timeout
+        self._pool.max_handshakes = max_handshakes
+        self._pool.on_failed_handshake = on_failed_handshake
         set_local_hostinfo(self._pool, bind[0])
         return self
 
@@ -89,8 +100,21 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
 
     @property
     def session_count(self) -> int:
-        """Peers past the cookie exchange: handshaking or established."""
+        """Authenticated sessions (their PSK handshake completed)."""
         return self._pool.session_count
+
+    @property
+    def handshake_count(self) -> int:
+        """Handshakes in progress (past the cookie exchange; their own pool and cap)."""
+        return self._pool.handshake_count
+
+    @property
+    def handshakes_completed(self) -> int:
+        return self._pool.handshakes_completed
+
+    def revoke(self, is_current: Callable[[Any], bool]) -> int:
+        """End the sessions whose claims `is_current` refuses (a revoked key)."""
+        return self._pool.revoke(is_current)
 
     @property
     def unverified_count(self) -> int:
@@ -99,8 +123,9 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Sessions dropped so far, by why: idle, full (pushed out by a newcomer whose
-        address was proven) or spoofable (an unverified peer pushed out by another)."""
+        """Sessions dropped so far, by why: idle, full (pushed out by a newly
+        authenticated session), spoofable (an unverified peer pushed out by another),
+        handshakes (a handshake pushed out by another) or revoked (its key was)."""
         return dict(self._pool.dropped)
 
 
