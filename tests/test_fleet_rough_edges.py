@@ -130,14 +130,19 @@ def test_no_server_on_the_data_directory_is_refused_before_registering(tmp_path:
 
 @pytest.mark.network
 @pytest.mark.timeout(200)
-def test_ctrl_c_writes_a_partial_report_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_writes_a_partial_report_and_exits_130(tmp_path: Path, processes: int) -> None:
+    """Ctrl-C (SIGINT to the fleet's own process, as a terminal sends it) mid-run: the
+    report still appears, with the devices done so far and the rest "interrupted"; with
+    worker processes too (the parent stops them and gathers what they had done)."""
     setup, key = _setup(tmp_path)
     out_json = tmp_path / "partial.json"
     with running_server(setup.data) as server:
         proc = subprocess.Popen(
             [
                 *FLEET, "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-                "--devices", "300", "--image-size", "32K", "--concurrency", "4",
+                "--devices", "400", "--image-size", "64K", "--concurrency", "2",
+                "--processes", str(processes),
                 "--progress", "--report", str(out_json), "--cleanup",
             ],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -145,9 +150,9 @@ def test_ctrl_c_writes_a_partial_report_and_exits_130(tmp_path: Path) -> None:
         try:
             assert proc.stderr is not None
             for line in proc.stderr:
-                if "running 300 devices" in line:
+                if line.startswith("fleet: running 400 devices"):
                     break
-            time.sleep(6.0)  # let a few devices finish, then press Ctrl-C
+            time.sleep(5.0)  # let a few devices finish, then press Ctrl-C
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=90)
         finally:
@@ -158,10 +163,12 @@ def test_ctrl_c_writes_a_partial_report_and_exits_130(tmp_path: Path) -> None:
     assert "Traceback" not in err
     report = json.loads(out_json.read_text())
     outcomes = [d["outcome"] for d in report["per_device"]]
-    assert len(outcomes) == 300
+    assert len(outcomes) == 400
     assert report["settings"]["interrupted"] is True
     assert outcomes.count("updated") >= 1, report["per_device"][:5]
-    assert outcomes.count("interrupted") >= 100
+    if processes == 2:  # both workers' finished devices made it into the report
+        assert {d["worker"] for d in report["per_device"] if d["outcome"] == "updated"} == {0, 1}
+    assert outcomes.count("interrupted") >= 1
     assert set(outcomes) <= {"updated", "interrupted"}
     assert report["interrupted"] == outcomes.count("interrupted")
     # --cleanup still ran: nothing left behind.

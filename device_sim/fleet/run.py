@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -217,9 +218,10 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
                 t0, one = run_inprocess(jobs[0], opts.run_deadline(), progress, on_start, sink)
                 results = [one]
             else:
-                t0, results = run_processes(jobs, opts.run_deadline(), progress, on_start)
+                t0, results = run_processes(jobs, opts.run_deadline(), progress, on_start, sink)
         except KeyboardInterrupt:
             _partial_report(opts, prepared, sink, time.monotonic() - t0, server, work, watch)
+            _quiet_teardown()
             raise
         finally:
             if watch is not None:
@@ -268,6 +270,14 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
                 print(f"fleet: --cleanup failed: {exc}", file=stream)
         if not keep:
             _remove_tree(work)
+
+
+def _quiet_teardown() -> None:
+    """After Ctrl-C, DTLS clients torn down half-way complain from __del__ and asyncio
+    about tasks it cancelled; the run is over and its report written, so the exit
+    stays one line (the documented exit 130), not tracebacks."""
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
 
 
 def _partial_report(

@@ -171,6 +171,13 @@ async def run_worker(
     finally:
         for task in tasks:
             task.cancel()
+        # Interrupted (Ctrl-C cancels this task): let the devices close their DTLS
+        # sessions here rather than at the loop's shutdown, where aiocoap's own tasks
+        # are cancelled under them and their errors end up logged as tracebacks.
+        live = [task for task in tasks if not task.done()]
+        if live:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait(live, timeout=10.0)
         if sampler is not None:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
