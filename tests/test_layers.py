@@ -33,6 +33,8 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # Making delta patches (the operator's side; the device's decoder is core.delta).
     "otacoap.patching": (frozenset({"otacoap.core"}), frozenset({"detools"})),
     "otacoap.config": (frozenset({"otacoap.core"}), frozenset()),
+    # `otacoap campaign create`'s options, shared with the fleet simulator's --campaign.
+    "otacoap.campaign_args": (frozenset({"otacoap.core", "otacoap.cliargs"}), frozenset()),
     "otacoap.store": (
         frozenset({"otacoap.core", "otacoap.config", "otacoap.fsutil"}),
         # psycopg: the PostgreSQL backend (store/postgres.py), imported only when used.
@@ -57,6 +59,7 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                 "otacoap.fsutil",
                 "otacoap.eventloop",
                 "otacoap.cliargs",
+                "otacoap.campaign_args",
                 "otacoap.cli",
                 "otacoap.patching",
             }
@@ -81,6 +84,8 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                 "otacoap.fsutil",
                 "otacoap.eventloop",
                 "otacoap.cliargs",
+                # `--campaign` parses like `otacoap campaign create`
+                "otacoap.campaign_args",
                 "device_sim",
             }
         ),

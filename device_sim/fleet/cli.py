@@ -31,10 +31,12 @@ from otacoap.core.errors import OtaError
 from ..coap import normalize_base
 from ..fetcher import MAX_WINDOW
 from ..netem import LinkProfile
+from .operator_role import parse_campaign
 from .options import (
     DEFAULT_ATTEMPTS,
     DEFAULT_CONCURRENCY,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_POLL_INTERVAL,
     DEFAULT_TIMEOUT,
     DEFAULT_VENDOR,
     MAX_DEVICES,
@@ -209,6 +211,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="put the flash files here and keep them (default: a temp dir, removed)",
     )
+    camp = p.add_argument_group("rollout campaign (with --data)")
+    camp.add_argument(
+        "--campaign",
+        metavar='"OPTIONS"',
+        help="roll the release out as a campaign: 'otacoap campaign create' options in "
+        'one string, e.g. "--waves 1%%,10%%,100%% --failure-threshold 5%%" (the release '
+        "is published with rollout none, the factory release stays current; devices "
+        "poll until admitted; waiting devices end 'untouched' once it halts or ends; a "
+        "single option without a space needs the = form: --campaign=--urgent)",
+    )
+    camp.add_argument(
+        "--bad-fraction",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="share of devices on which the release fails its health check at its first "
+        "boot (they revert and report it); chosen deterministically from --seed",
+    )
+    camp.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="SECONDS",
+        help="with --campaign: mean seconds between a waiting device's polls of /m "
+        f"(default {DEFAULT_POLL_INTERVAL:g}, jittered +-50%%)",
+    )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="with --data: at the end remove the devices this run registered and cancel "
+        "its campaign if still active (audited as fleet-simulator)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="OUT.json", help="write the JSON report")
     out.add_argument("--plot", type=Path, metavar="OUT.png", help="plot completions over time")
@@ -252,6 +286,9 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
             )
     elif args.devices_file is not None:
         raise FleetError("--devices-file only applies with --operator")
+    if not local and (args.campaign is not None or args.cleanup):
+        raise FleetError("--campaign and --cleanup need --data DIR (the server's store)")
+    plan = parse_campaign(args.campaign) if args.campaign is not None else None
     if args.encrypt and (remote or args.release):
         raise FleetError("--encrypt applies to a generated release published with --data")
     if args.release is not None and args.class_info is None:
@@ -304,6 +341,11 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         report=args.report,
         plot=args.plot,
         progress=args.progress,
+        campaign=plan,
+        campaign_text=args.campaign,
+        poll_interval=args.poll_interval,
+        bad_fraction=args.bad_fraction,
+        cleanup=args.cleanup,
         encrypt=args.encrypt,
     )
 
@@ -327,6 +369,20 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             f"p95 {sec(s['p95_seconds'])}, p99 {sec(s['p99_seconds'])}; per-device update "
             f"p50 {sec(s['update_p50_seconds'])}; {s['blocks_per_second']:,.0f} blocks/s"
         )
+        c = s.get("campaign")
+        if c is not None:
+            print(
+                f"campaign {c['id']}: {c['state']}"
+                + (f" ({c['halt_reason']})" if c["halt_reason"] else "")
+                + f"; peak {c['peak_admitted']} admitted at once"
+            )
+            for w in c["per_wave"]:
+                print(
+                    f"  wave {w['wave']}: {w['size']} devices, {w['updated']} updated, "
+                    f"{w['failed']} failed ({w['reverted']} reverted), {w['untouched']} "
+                    f"untouched; opened {sec(w['opened_seconds'])}, completed "
+                    f"{sec(w['completed_seconds'])}"
+                )
         if s["failure_reasons"]:
             worst = sorted(s["failure_reasons"].items(), key=lambda kv: -kv[1])[:5]
             print("failures: " + "; ".join(f"{n}x {why}" for why, n in worst))

@@ -18,12 +18,16 @@ Two ways to reach the server side, chosen by the options:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from otacoap import eventloop
+from otacoap.campaign_args import CampaignPlan, parse_plan
+from otacoap.cliargs import CliError
 from otacoap.core.errors import OtaError
 from otacoap.core.ids import class_key_of
 from otacoap.operator.client import publish
@@ -37,6 +41,43 @@ _log = logging.getLogger(__name__)
 
 # The actor the store's audit log records for the fleet's registrations and publishes.
 ACTOR = "fleet-simulator"
+# `otacoap serve` holds an exclusive flock on this file while it runs (server/app.py).
+SERVE_LOCK = "serve.lock"
+
+
+def parse_campaign(text: str) -> CampaignPlan:
+    """`--campaign "OPTIONS"`: parsed by `otacoap campaign create`'s own option
+    definitions (otacoap/campaign_args.py), so both take the same options."""
+    try:
+        return parse_plan(text)
+    except CliError as exc:
+        raise FleetError(f"--campaign: {exc}") from None
+
+
+def check_server_running(data: Path) -> None:
+    """Refuse before registering anything unless an `otacoap serve` runs on `data`.
+
+    The server holds an exclusive lock on DATA/serve.lock while it runs; if a shared
+    lock can be taken, nobody serves this data directory and every device registered
+    now would only be left behind.
+    """
+    DataDir(data).check()  # not a data directory at all says so first
+    path = data / SERVE_LOCK
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise FleetError(
+            f"no 'otacoap serve' has run on {data} (no {SERVE_LOCK}): start the server first"
+        ) from None
+    except OSError as exc:
+        raise FleetError(f"cannot check the server's lock {path}: {exc.strerror}") from None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # held by the running server
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    raise FleetError(f"no 'otacoap serve' is running on {data}: start the server first")
 
 
 def read_devices_file(path: Path, n: int) -> tuple[tuple[str, bytes], ...]:
@@ -75,10 +116,14 @@ def register_and_publish(
     key: Any,
     *,
     rollout: str = "all",
+    factory: tuple[bytes, Path] | None = None,
+    registered: list[str] | None = None,
 ) -> dict[str, Any]:
     """Register through the store (as `otacoap device add`) and publish (as
     `otacoap publish --rollout ROLLOUT`); the server notices both through its store
-    poll. With rollout "none" nobody gets the release until `start_campaign`."""
+    poll. With rollout "none" nobody gets the release until `start_campaign`; then
+    `factory` (envelope, image) is published first as the class's current release, so
+    devices outside the open waves are served what they already run."""
     assert opts.data is not None
     datadir = DataDir(opts.data)
     config = datadir.config()
@@ -91,7 +136,14 @@ def register_and_publish(
             )
         for device_id, psk in devices:
             store.add_device(device_id, vendor, class_info, psk, ACTOR)
+            if registered is not None:
+                registered.append(device_id)
         current = store.current_release(class_key_of(vendor, class_info))
+        if factory is not None and current is None:
+            Publisher(store, datadir.blobs, config.publish).publish_file(
+                factory[0], factory[1], ACTOR, make_current=True
+            )
+            current = store.current_release(class_key_of(vendor, class_info))
         if current is not None and current.envelope == envelope:
             published = "already current"
         else:
@@ -191,19 +243,26 @@ def start_campaign(
     max_downloads; durations in seconds, shares in (0, 1])."""
     from otacoap.core import campaign as rules
 
+    window = policy.pop("window", None)
+    try:
+        plan = CampaignPlan(
+            rules.parse_target(target),
+            rules.parse_waves(waves),
+            rules.Policy(window=rules.parse_window(window) if window else None, **policy),
+        )
+    except OtaError as exc:
+        raise FleetError(f"campaign: {exc}") from None
+    return create_campaign(data, vendor, class_info, seq, plan)
+
+
+def create_campaign(data: Path, vendor: str, class_info: str, seq: int, plan: CampaignPlan) -> int:
+    """`otacoap campaign create` with a parsed plan (`parse_campaign`): its id."""
     store = DataDir(data).open_store()
     try:
         release = store.release_by_seq(class_key_of(vendor, class_info), seq)
         if release is None:
             raise FleetError(f"no release seq {seq} for {vendor}/{class_info} in {data}")
-        window = policy.pop("window", None)
-        c = store.create_campaign(
-            release.id,
-            rules.parse_target(target),
-            rules.parse_waves(waves),
-            rules.Policy(window=rules.parse_window(window) if window else None, **policy),
-            ACTOR,
-        )
+        c = store.create_campaign(release.id, plan.target, plan.waves, plan.policy, ACTOR)
         store.tick_campaigns()
         return c.id
     except OtaError as exc:
@@ -212,7 +271,9 @@ def start_campaign(
         store.close()
 
 
-def campaign_progress(data: Path, campaign_id: int, *, evaluate: bool = True) -> dict[str, Any]:
+def campaign_progress(
+    data: Path, campaign_id: int, *, evaluate: bool = True, members: bool = True
+) -> dict[str, Any]:
     """`otacoap campaign show ID --json --members`: state, per-wave counts, members.
     With `evaluate` the campaigns are evaluated first (as the CLI does); without, this
     reads what the server last decided."""
@@ -222,6 +283,29 @@ def campaign_progress(data: Path, campaign_id: int, *, evaluate: bool = True) ->
     try:
         if evaluate:
             store.tick_campaigns()
-        return status_dict(store.campaign_status(campaign_id), True)
+        return status_dict(store.campaign_status(campaign_id), members)
     finally:
         store.close()
+
+
+def cleanup(data: Path, devices: Sequence[str], campaign_id: int | None) -> dict[str, Any]:
+    """`--cleanup`: cancel the run's campaign if still active, then remove every device
+    the run registered (`otacoap device remove`, audited as the fleet simulator)."""
+    from otacoap.core.campaign import ACTIVE_STATES
+
+    removed = 0
+    cancelled = False
+    store = DataDir(data).open_store()
+    try:
+        if campaign_id is not None:
+            status = store.campaign_status(campaign_id)
+            if status.campaign.progress.state in ACTIVE_STATES:
+                store.cancel_campaign(campaign_id, ACTOR)
+                cancelled = True
+        for device_id in devices:
+            with contextlib.suppress(OtaError):  # already gone: nothing to clean
+                store.remove_device(device_id, ACTOR)
+                removed += 1
+    finally:
+        store.close()
+    return {"devices_removed": removed, "campaign_cancelled": cancelled}

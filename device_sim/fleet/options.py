@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from otacoap.cliargs import read_small_file
 
@@ -21,6 +22,7 @@ DEFAULT_VENDOR = "fleet.otacoap.example"
 SECTOR_SIZE = 4096
 MAX_IMAGE_SIZE = 16 * 1024 * 1024  # the server's default publish.max_image_size
 MAX_DEVICES = 100_000
+DEFAULT_POLL_INTERVAL = 2.0  # campaign runs: seconds between a waiting device's polls
 PSK_LENGTH = 16  # tinydtls carries at most 16-byte keys (otacoap.store.names)
 
 
@@ -68,6 +70,13 @@ class FleetOptions:
     report: Path | None = None
     plot: Path | None = None
     progress: bool | None = None  # None: when stderr is a TTY
+    # --campaign: the parsed plan (otacoap.campaign_args.CampaignPlan, through
+    # operator_role.parse_campaign); the release is then published with rollout none.
+    campaign: Any = None
+    campaign_text: str | None = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    bad_fraction: float = 0.0
+    cleanup: bool = False
     # Encrypt the generated release (A128CTR, CEK wrapped under a class A128KW key the
     # devices are provisioned with; draft-ietf-suit-firmware-encryption).
     encrypt: bool = False

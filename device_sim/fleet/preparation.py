@@ -20,7 +20,12 @@ from otacoap.cliargs import maybe_hex
 from otacoap.core import build, cose, encryption, ids, suit, trust
 from otacoap.core.errors import OtaError
 
-from .operator_role import publish_over_network, read_devices_file, register_and_publish
+from .operator_role import (
+    check_server_running,
+    publish_over_network,
+    read_devices_file,
+    register_and_publish,
+)
 from .options import MAX_IMAGE_SIZE, PSK_LENGTH, FleetError, FleetOptions, read_input
 from .progress import Progress
 
@@ -56,10 +61,13 @@ def image_bytes(label: str, size: int) -> bytes:
     return random.Random(label).randbytes(size)
 
 
-def prepare(opts: FleetOptions, work: Path, progress: Progress) -> tuple[Prepared, dict[str, Any]]:
+def prepare(
+    opts: FleetOptions, work: Path, progress: Progress, registered: list[str] | None = None
+) -> tuple[Prepared, dict[str, Any]]:
     """Register the devices, build the factory and the release, publish the release.
 
-    Returns what the workers need plus the server facts the report records.
+    Returns what the workers need plus the server facts the report records; each
+    device id is appended to `registered` as soon as the store has it (--cleanup).
     """
     key = _load_key(opts.key_path)
     keks: tuple[bytes, ...] = ()
@@ -123,10 +131,28 @@ def prepare(opts: FleetOptions, work: Path, progress: Progress) -> tuple[Prepare
 
     server_facts: dict[str, Any]
     if opts.data is not None:
+        # Nothing is registered for a server that is not there to serve it.
+        check_server_running(opts.data)
         devices = tuple((f"fl{token}-{i:05d}", os.urandom(PSK_LENGTH)) for i in range(opts.devices))
         progress.phase(f"registering {len(devices)} devices of class {vendor}/{class_info}")
+        served_first: tuple[bytes, Path] | None = None
+        if opts.campaign is not None:
+            # Devices outside the open waves are served the class's current release:
+            # the factory one, which they already run.
+            factory_path = work / "factory.bin"
+            factory_path.write_bytes(factory_image)
+            served_first = (factory_envelope, factory_path)
         server_facts = register_and_publish(
-            opts, devices, vendor, class_info, envelope, image_path, key
+            opts,
+            devices,
+            vendor,
+            class_info,
+            envelope,
+            image_path,
+            key,
+            rollout="none" if opts.campaign is not None else "all",
+            factory=served_first,
+            registered=registered,
         )
     else:
         assert opts.devices_file is not None

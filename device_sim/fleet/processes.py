@@ -8,11 +8,14 @@ system-wide on Linux), so every device's completion time is comparable.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from otacoap import eventloop
@@ -32,6 +35,10 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
     logging.basicConfig(level=logging.WARNING)
     quiet_aiocoap(0)
     sigterm_cleans_up()
+    # Ctrl-C is the parent's to handle: it stops the workers (SIGTERM) and collects
+    # what they had done for its partial report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    partial: list[Any] = []
     try:
         provision_worker(job)
         conn.send(("ready", None))
@@ -43,8 +50,12 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
         def progress(index: int, snap: tuple[int, int, int, int]) -> None:
             conn.send(("progress", snap))
 
-        result = eventloop.run(run_worker(job, t0, deadline, progress))
-        conn.send(("result", result))
+        result = eventloop.run(_stoppable(job, t0, deadline, progress, partial))
+        # None: stopped by the parent (Ctrl-C there): say what was done so far.
+        conn.send(("result", result) if result is not None else ("partial", partial))
+    except KeyboardInterrupt:  # SIGTERM before the run: nothing done yet
+        with contextlib.suppress(Exception):
+            conn.send(("partial", partial))
     except BaseException as exc:  # report, then die: the parent decides what happens
         with contextlib.suppress(Exception):
             conn.send(("error", f"worker {job.index}: {type(exc).__name__}: {exc}"))
@@ -53,21 +64,63 @@ def _worker_process(job: WorkerJob, conn: multiprocessing.connection.Connection)
         conn.close()
 
 
+async def _stoppable(
+    job: WorkerJob, t0: float, deadline: float, progress: Any, partial: list[Any]
+) -> WorkerResult | None:
+    """run_worker, which a SIGTERM cancels like any task (None) instead of raising
+    KeyboardInterrupt wherever the loop happens to be, inside aiocoap's tasks too."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        me.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await run_worker(job, t0, deadline, progress, partial)
+    except asyncio.CancelledError:
+        if stopped:
+            return None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_inprocess(
-    job: WorkerJob, deadline_s: float, progress: Progress
+    job: WorkerJob,
+    deadline_s: float,
+    progress: Progress,
+    on_start: Callable[[float], None] | None = None,
+    sink: list[Any] | None = None,
 ) -> tuple[float, WorkerResult]:
+    """`on_start(t0)` runs once the flash files exist, right before the devices start
+    (the campaign is created then); `sink` receives the outcome objects as they are
+    made, so a Ctrl-C can still report on them."""
     provision_worker(job)
     progress.phase(f"running {len(job.devices)} devices, {job.concurrency} at once")
     progress.start()
     t0 = time.monotonic()
-    result = eventloop.run(run_worker(job, t0, t0 + deadline_s, progress.update))
+    if on_start is not None:
+        on_start(t0)
+    result = eventloop.run(run_worker(job, t0, t0 + deadline_s, progress.update, sink))
     return t0, result
 
 
 def run_processes(
-    jobs: list[WorkerJob], deadline_s: float, progress: Progress
+    jobs: list[WorkerJob],
+    deadline_s: float,
+    progress: Progress,
+    on_start: Callable[[float], None] | None = None,
+    sink: list[Any] | None = None,
 ) -> tuple[float, list[WorkerResult]]:
-    """One process per job. Workers provision in parallel, start together on "go"."""
+    """One process per job. Workers provision in parallel, start together on "go".
+
+    On Ctrl-C the workers are stopped (SIGTERM) and the outcomes they send back go to
+    `sink` before KeyboardInterrupt propagates (the caller's partial report)."""
     ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = []
     conns: list[multiprocessing.connection.Connection] = []
@@ -101,24 +154,17 @@ def run_processes(
         )
         progress.start()
         t0 = time.monotonic()
+        if on_start is not None:
+            on_start(t0)
         deadline = t0 + deadline_s
         for conn in conns:
             conn.send(("go", t0, deadline))
         results: dict[int, WorkerResult] = {}
-        while len(results) < len(jobs):
-            left = deadline + 2 * GRACE - time.monotonic()
-            if left <= 0:
-                raise FleetError("worker processes did not finish by the run's deadline")
-            live = [c for i, c in enumerate(conns) if i not in results]
-            for conn in multiprocessing.connection.wait(live, min(left, 1.0)):
-                i = conns.index(conn)  # type: ignore[arg-type]
-                msg = _recv(conn, i)
-                if msg[0] == "progress":
-                    progress.update(i, msg[1])
-                elif msg[0] == "result":
-                    results[i] = msg[1]
-                elif msg[0] == "error":
-                    raise FleetError(str(msg[1]))
+        try:
+            _collect(conns, results, deadline, progress)
+        except KeyboardInterrupt:
+            _stop_and_gather(procs, conns, results, sink)
+            raise
         return t0, [results[i] for i in range(len(jobs))]
     finally:
         for conn in conns:
@@ -133,6 +179,63 @@ def run_processes(
             if proc.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
                 proc.kill()
                 proc.join()
+
+
+PARTIAL_SECONDS = 15.0  # how long a stopped worker may take to send its outcomes
+
+
+def _stop_and_gather(
+    procs: list[Any],
+    conns: list[multiprocessing.connection.Connection],
+    results: dict[int, WorkerResult],
+    sink: list[Any] | None,
+) -> None:
+    """Ctrl-C: SIGTERM each running worker and gather its outcomes so far."""
+    for i, proc in enumerate(procs):
+        if i in results and sink is not None:
+            sink.extend(results[i].outcomes)
+        elif proc.is_alive():
+            proc.terminate()
+    limit = time.monotonic() + PARTIAL_SECONDS
+    live = {i for i in range(len(procs)) if i not in results}
+    while live and time.monotonic() < limit:
+        ready = multiprocessing.connection.wait([conns[i] for i in live], 0.5)
+        for conn in ready:
+            i = conns.index(conn)  # type: ignore[arg-type]
+            try:
+                kind, body = conns[i].recv()
+            except (EOFError, OSError):
+                live.discard(i)
+                continue
+            if kind == "partial" and sink is not None:
+                sink.extend(body)
+            elif kind == "result" and sink is not None:
+                sink.extend(body.outcomes)
+            if kind in ("partial", "result", "error"):
+                live.discard(i)
+
+
+def _collect(
+    conns: list[multiprocessing.connection.Connection],
+    results: dict[int, WorkerResult],
+    deadline: float,
+    progress: Progress,
+) -> None:
+    """Wait for every worker's result, showing their progress."""
+    while len(results) < len(conns):
+        left = deadline + 2 * GRACE - time.monotonic()
+        if left <= 0:
+            raise FleetError("worker processes did not finish by the run's deadline")
+        live = [c for i, c in enumerate(conns) if i not in results]
+        for conn in multiprocessing.connection.wait(live, min(left, 1.0)):
+            i = conns.index(conn)  # type: ignore[arg-type]
+            msg = _recv(conn, i)
+            if msg[0] == "progress":
+                progress.update(i, msg[1])
+            elif msg[0] == "result":
+                results[i] = msg[1]
+            elif msg[0] == "error":
+                raise FleetError(str(msg[1]))
 
 
 def _recv(conn: Any, index: int) -> tuple[str, Any]:

@@ -151,6 +151,13 @@ class FleetDeviceOutcome(DeviceOutcome):
     server_confirmed: bool | None = None
     worker: int = 0
     earlier: list[str] = field(default_factory=list)  # why earlier attempts failed
+    # Campaign runs: the device's wave (1-based, from the server's campaign), when the
+    # device first saw the release offered (seconds from the start) and the campaign's
+    # last word on it (pending = never admitted, admitted, succeeded, failed).
+    wave: int | None = None
+    admitted: float | None = None
+    finished: float | None = None  # when its update attempt ended, whatever the outcome
+    member_state: str | None = None
 
 
 @dataclass
@@ -158,6 +165,13 @@ class FleetRunReport(FleetReport):
     """FleetReport plus per-device update times, attempts and the link's statistics."""
 
     network: dict[str, Any] = field(default_factory=dict)
+    # Campaign runs (--campaign): the campaign's final state and per-wave outcomes
+    # (size, updated, failed/reverted, untouched, when each wave opened and completed,
+    # peak devices admitted at once), from device_sim/fleet/campaign_watch.py.
+    campaign: dict[str, Any] | None = None
+
+    def fleet_outcomes(self) -> list[FleetDeviceOutcome]:
+        return [d for d in self.devices if isinstance(d, FleetDeviceOutcome)]
 
     def summary(self) -> dict[str, Any]:
         s = super().summary()
@@ -172,14 +186,73 @@ class FleetRunReport(FleetReport):
                 "timeouts": sum(d.timeouts for d in outs),
                 "dtls_resets": sum(d.resets for d in outs),
                 "devices_retried": sum(1 for d in outs if d.attempts > 1),
+                "untouched": sum(1 for d in outs if d.outcome == "untouched"),
+                "interrupted": sum(1 for d in outs if d.outcome == "interrupted"),
             }
         )
+        if self.campaign is not None:
+            c = self.campaign
+            s["campaign"] = {
+                k: c.get(k) for k in ("id", "state", "halt_reason", "peak_admitted", "per_wave")
+            }
         return s
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
         out["network"] = self.network
+        if self.campaign is not None:
+            out["campaign"] = self.campaign
         return out
+
+    def write_plot(self, path: str | Path) -> None:
+        if self.campaign is None:
+            super().write_plot(path)
+        else:
+            self._write_campaign_plot(path)
+
+    def _write_campaign_plot(self, path: str | Path) -> None:
+        """PNG of adoption over time by wave: cumulative updated devices of each wave,
+        with a dotted line where each wave opened (matplotlib, headless)."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        assert self.campaign is not None
+        outs = self.fleet_outcomes()
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, w in enumerate(self.campaign.get("per_wave", [])):
+            n = w["wave"]
+            colour = colours[i % len(colours)]
+            times = sorted(
+                d.seconds for d in outs if d.wave == n and d.ok and d.seconds is not None
+            )
+            ax.step(
+                [0.0, *times],
+                list(range(len(times) + 1)),
+                where="post",
+                color=colour,
+                label=f"wave {n}: {len(times)}/{w['size']} updated, {w['failed']} failed, "
+                f"{w['untouched']} untouched",
+            )
+            if w.get("opened_seconds") is not None:
+                ax.axvline(w["opened_seconds"], color=colour, linestyle=":", alpha=0.7)
+        ax.set_xlabel("seconds since start (dotted: wave opened)")
+        ax.set_ylabel("devices updated in the wave")
+        ax.set_title(
+            f"otacoap campaign {self.campaign.get('id')}: {len(outs)} devices, "
+            f"waves {self.campaign.get('waves')}, {self.campaign.get('state')}"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write(path, buf.getvalue())
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -7,7 +7,10 @@ the run ends (an error, Ctrl-C, SIGTERM).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
+import logging
+import os
 import shutil
 import socket
 import sys
@@ -25,12 +28,14 @@ from otacoap.core import blockwise
 from ..coap import CoapTransport, normalize_base
 from ..netem import LinkProfile
 from ..transport import TransportError
+from . import operator_role
+from .campaign_watch import CampaignWatch
 from .operator_role import check_confirmed
 from .options import SECTOR_SIZE, FleetError, FleetOptions
 from .preparation import Prepared, prepare
 from .processes import run_inprocess, run_processes
 from .progress import Progress
-from .report import FleetRunReport
+from .report import DeviceOutcome, FleetDeviceOutcome, FleetRunReport
 from .worker import WorkerJob
 
 
@@ -81,6 +86,35 @@ def _server_address(server: str) -> tuple[str, int]:
     return str(infos[0][4][0]), port
 
 
+def bad_devices(devices: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
+    """--bad-fraction: exactly round(fraction * N) devices, the ones ranked first by
+    SHA-256(seed, device id), so the choice is deterministic and independent of the
+    campaign's own wave ranking."""
+    count = round(fraction * len(devices))
+    ranked = sorted(devices, key=lambda d: hashlib.sha256(f"bad:{seed}:{d}".encode()).digest())
+    return frozenset(ranked[:count])
+
+
+def check_outputs(opts: FleetOptions) -> None:
+    """Refuse, before anything is registered, output paths that cannot be written."""
+    for what, path in (("--report", opts.report), ("--plot", opts.plot)):
+        if path is None:
+            continue
+        parent = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise FleetError(f"{what} {path}: is a directory")
+        if not parent.is_dir():
+            raise FleetError(f"{what} {path}: no such directory {parent}")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise FleetError(f"{what} {path}: not writable")
+    if opts.work is not None:
+        existing = opts.work
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise FleetError(f"--work {opts.work}: cannot create or write {existing}")
+
+
 def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> list[WorkerJob]:
     upstream = None
     if opts.impairment != LinkProfile():
@@ -94,6 +128,7 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
     m = max(1, min(opts.processes, len(prepared.devices), opts.concurrency))
     shares = _split(prepared.devices, m)
     slot = -(-prepared.image_size // SECTOR_SIZE) * SECTOR_SIZE
+    bad = bad_devices([d for d, _ in prepared.devices], opts.bad_fraction, opts.seed)
     jobs = []
     for i in range(m):
         conc = opts.concurrency // m + (1 if i < opts.concurrency % m else 0)
@@ -120,9 +155,16 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 expected_seq=prepared.seq,
                 decryption_keks=prepared.decryption_keks,
                 expected_digest=prepared.image_digest.hex(),
+                campaign=opts.campaign is not None,
+                poll_interval=opts.poll_interval,
+                stop_file=str(work / STOP_FILE),
+                bad=frozenset(d for d, _ in shares[i] if d in bad),
             )
         )
     return jobs
+
+
+STOP_FILE = "campaign-over"
 
 
 def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunReport:
@@ -134,6 +176,7 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
         raise FleetError(str(exc)) from None
     enabled = opts.progress if opts.progress is not None else stream.isatty()
     progress = Progress(opts.devices, enabled, stream)
+    check_outputs(opts)
     if opts.work is not None:
         opts.work.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="fleet-", dir=opts.work))
@@ -142,17 +185,47 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
         work = Path(tempfile.mkdtemp(prefix="otacoap-fleet-"))
         keep = False
     wall_start = time.monotonic()
+    registered: list[str] = []
+    watch: CampaignWatch | None = None
+    sink: list[FleetDeviceOutcome] = []
     try:
-        prepared, server_facts = prepare(opts, work, progress)
+        prepared, server_facts = prepare(opts, work, progress, registered)
         jobs = _jobs(opts, prepared, server, work)
-        progress.phase("checking that the server offers the release")
-        eventloop.run(preflight(server, prepared.devices[0], prepared.seq, jobs[0].szx))
-        progress.phase(f"provisioning {opts.devices} flash files in {work}")
-        if len(jobs) == 1:
-            t0, one = run_inprocess(jobs[0], opts.run_deadline(), progress)
-            results = [one]
+        if opts.campaign is None:
+            progress.phase("checking that the server offers the release")
+            eventloop.run(preflight(server, prepared.devices[0], prepared.seq, jobs[0].szx))
         else:
-            t0, results = run_processes(jobs, opts.run_deadline(), progress)
+            # Nobody is offered the release before the campaign starts; /m must
+            # answer with the factory release though.
+            progress.phase("checking that the server answers")
+            eventloop.run(preflight(server, prepared.devices[0], prepared.seq - 1, jobs[0].szx))
+
+        def on_start(t0: float) -> None:
+            nonlocal watch
+            if opts.campaign is None:
+                return
+            assert opts.data is not None
+            cid = operator_role.create_campaign(
+                opts.data, prepared.vendor_domain, prepared.class_info, prepared.seq, opts.campaign
+            )
+            watch = CampaignWatch(opts.data, cid, t0, work / STOP_FILE)
+            watch.start()
+
+        progress.phase(f"provisioning {opts.devices} flash files in {work}")
+        t0 = time.monotonic()
+        try:
+            if len(jobs) == 1:
+                t0, one = run_inprocess(jobs[0], opts.run_deadline(), progress, on_start, sink)
+                results = [one]
+            else:
+                t0, results = run_processes(jobs, opts.run_deadline(), progress, on_start, sink)
+        except KeyboardInterrupt:
+            _partial_report(opts, prepared, sink, time.monotonic() - t0, server, work, watch)
+            _quiet_teardown()
+            raise
+        finally:
+            if watch is not None:
+                watch.stop()
         wall = time.monotonic() - t0
         progress.finish()
         outcomes = [o for r in results for o in r.outcomes]
@@ -173,15 +246,77 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
             server=server_facts,
             network=_merge_network([r.network for r in results]),
         )
+        if watch is not None:
+            report.campaign = watch.finish(report.fleet_outcomes())
         report.settings["setup_seconds"] = round(t0 - wall_start, 3)
+        if opts.cleanup and opts.data is not None:
+            report.server["cleanup"] = operator_role.cleanup(
+                opts.data, registered, watch.cid if watch is not None else None
+            )
+            registered.clear()
         if opts.report is not None:
             report.write_json(opts.report)
         if opts.plot is not None:
             report.write_plot(opts.plot)
         return report
     finally:
+        if opts.cleanup and opts.data is not None and registered:
+            # An error or Ctrl-C: still leave nothing behind, without hiding why we stop.
+            try:
+                operator_role.cleanup(
+                    opts.data, registered, watch.cid if watch is not None else None
+                )
+            except Exception as exc:
+                print(f"fleet: --cleanup failed: {exc}", file=stream)
         if not keep:
             _remove_tree(work)
+
+
+def _quiet_teardown() -> None:
+    """After Ctrl-C, DTLS clients torn down half-way complain from __del__ and asyncio
+    about tasks it cancelled; the run is over and its report written, so the exit
+    stays one line (the documented exit 130), not tracebacks."""
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+
+
+def _partial_report(
+    opts: FleetOptions,
+    prepared: Prepared,
+    sink: list[FleetDeviceOutcome],
+    wall: float,
+    server: str,
+    work: Path,
+    watch: CampaignWatch | None,
+) -> None:
+    """Ctrl-C: write what is known (devices done so far; the rest "interrupted")."""
+    if opts.report is None:
+        return
+    final = {"updated", "reverted", "rejected", "failed", "untouched", "unverified"}
+    known = {o.device: o for o in sink}
+    outcomes: list[DeviceOutcome] = []
+    for device_id, _ in prepared.devices:
+        out = known.get(device_id)
+        if (
+            out is None
+            or out.outcome not in final
+            or (out.outcome == "untouched" and out.flash_sequence is None)
+        ):
+            out = FleetDeviceOutcome(device_id, "interrupted", "the run was interrupted (Ctrl-C)")
+        outcomes.append(out)
+    report = FleetRunReport(
+        devices=outcomes,
+        wall_seconds=wall,
+        image_size=prepared.image_size,
+        settings=_settings(opts, prepared, server, None, 0),
+    )
+    report.settings["interrupted"] = True
+    if watch is not None:
+        try:
+            report.campaign = watch.finish(report.fleet_outcomes())
+        except Exception:  # the store may be busy; the devices' side is what matters
+            report.campaign = {"id": watch.cid}
+    report.write_json(opts.report)
 
 
 def _remove_tree(path: Path) -> None:
@@ -228,4 +363,8 @@ def _settings(
         "seed": opts.seed,
         "impairment": asdict(imp) if imp != LinkProfile() else None,
         "work_dir": str(kept) if kept is not None else None,
+        "campaign": opts.campaign_text,
+        "poll_interval": opts.poll_interval if opts.campaign is not None else None,
+        "bad_fraction": opts.bad_fraction,
+        "cleanup": opts.cleanup,
     }

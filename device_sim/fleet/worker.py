@@ -59,6 +59,16 @@ class WorkerJob:
     attempts: int
     expected_seq: int
     expected_digest: str  # hex SHA-256 of the new image
+    # Campaign mode: devices wait (polling /m every poll_interval, no concurrency slot
+    # held between polls) until /m serves something else than their factory envelope;
+    # when `stop_file` appears (the campaign halted or ended) a waiting device gives up
+    # after one last poll and ends "untouched".
+    campaign: bool = False
+    poll_interval: float = 2.0
+    stop_file: str = ""
+    # Devices on which the release fails its health check at its first (trial) boot:
+    # the simulated hardware/firmware mismatch of --bad-fraction.
+    bad: frozenset[str] = frozenset()
     decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key
 
 
@@ -100,7 +110,11 @@ def _stats_dict(proxy: Any) -> dict[str, dict[str, int]]:
 
 
 async def run_worker(
-    job: WorkerJob, t0: float, deadline: float, progress: ProgressFn | None
+    job: WorkerJob,
+    t0: float,
+    deadline: float,
+    progress: ProgressFn | None,
+    sink: list[FleetDeviceOutcome] | None = None,
 ) -> WorkerResult:
     """Run this worker's devices (bounded by its concurrency) until done or `deadline`.
 
@@ -134,8 +148,13 @@ async def run_worker(
     config = AgentConfig(fetch=fetch)
     sem = asyncio.Semaphore(job.concurrency)
     rng = random.Random(job.seed)
+    if sink is not None:
+        sink.extend(outcomes)  # the caller's view, for a partial report on Ctrl-C
 
     async def device(i: int) -> None:
+        if job.campaign and not await _wait_admitted(job, i, outcomes[i], target, sem, rng, t0):
+            tally.failed += 1
+            return
         async with sem:
             await _update_device(job, i, outcomes[i], target, config, tally, t0, rng)
 
@@ -152,6 +171,13 @@ async def run_worker(
     finally:
         for task in tasks:
             task.cancel()
+        # Interrupted (Ctrl-C cancels this task): let the devices close their DTLS
+        # sessions here rather than at the loop's shutdown, where aiocoap's own tasks
+        # are cancelled under them and their errors end up logged as tracebacks.
+        live = [task for task in tasks if not task.done()]
+        if live:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait(live, timeout=10.0)
         if sampler is not None:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -191,7 +217,12 @@ async def _update_device(
     out.reason = "fleet deadline reached during the update"
     tally.in_flight += 1
     transport = CountingTransport(CoapTransport(target, device_id, psk), tally)
-    agent = DeviceAgent(path, target, config=config, transport=transport)
+    health: dict[str, Any] = {}
+    if device_id in job.bad:
+        # --bad-fraction: on this device the release boots but fails its self test, so
+        # the agent reverts to the factory image and reports "reverted".
+        health["health_check"] = _fails_health_check
+    agent = DeviceAgent(path, target, config=config, transport=transport, **health)
     claimed = ""
     try:
         async with asyncio.timeout(job.timeout):
@@ -214,6 +245,7 @@ async def _update_device(
         out.resets = transport.resets
         out.blocks = transport.blocks
         out.bytes = transport.bytes
+    out.finished = time.monotonic() - t0
     if claimed == "updated":
         _verify_flash(job, path, out)
     if out.outcome == "updated":
@@ -222,6 +254,73 @@ async def _update_device(
         tally.updated += 1
     else:
         tally.failed += 1
+
+
+def _fails_health_check(boot: Any) -> bool:
+    return False
+
+
+async def _read_manifest(transport: CoapTransport, szx: int) -> bytes | None:
+    """GET /m whole (Block2, RFC 7959 §2.4), or None if the server did not answer."""
+    body = bytearray()
+    for num in range(256):
+        resp = await transport.get("/m", block2=(num, 0, szx), timeout=10.0)
+        if not resp.successful:
+            return None
+        body += resp.payload
+        if resp.block2 is None or not resp.block2[1]:
+            return bytes(body)
+    return None
+
+
+async def _wait_admitted(
+    job: WorkerJob,
+    i: int,
+    out: FleetDeviceOutcome,
+    target: str,
+    sem: asyncio.Semaphore,
+    rng: random.Random,
+    t0: float,
+) -> bool:
+    """Campaign mode: poll /m until it serves something else than the factory envelope
+    (the campaign admitted this device). False when the campaign is over (`stop_file`)
+    and one last poll still shows the factory release: the device stays untouched."""
+    device_id, psk = job.devices[i]
+    out.outcome, out.reason = "untouched", "never admitted by the campaign"
+    transport = CoapTransport(target, device_id, psk)
+    stop = Path(job.stop_file)
+    try:
+        while True:
+            final = stop.exists()
+            body: bytes | None = None
+            async with sem:
+                try:
+                    body = await _read_manifest(transport, job.szx)
+                except Exception:  # a lost session or timeout: poll again later
+                    with contextlib.suppress(Exception):
+                        await transport.reset()
+            if body is not None and body != job.factory_envelope:
+                out.admitted = time.monotonic() - t0
+                return True
+            if final:
+                _note_untouched(job, out)
+                return False
+            await asyncio.sleep(job.poll_interval * (0.5 + rng.random()))
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transport.close(), 5.0)
+
+
+def _note_untouched(job: WorkerJob, out: FleetDeviceOutcome) -> None:
+    """Record what an untouched device's flash runs (it must still be the factory)."""
+    try:
+        info = inspect(flash_path(job, out.device))
+    except Exception as exc:
+        out.reason = f"never admitted; flash unreadable: {exc}"
+        return
+    out.flash_sequence = int(info["sequence_number"])
+    if out.flash_sequence != job.expected_seq - 1:
+        out.reason = f"never admitted, yet the flash runs seq {out.flash_sequence}"
 
 
 async def _attempts(

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cliargs import CliError, positive_float_type, positive_int, positive_seconds
+from ..campaign_args import add_policy_arguments, core_type, policy_from_args
+from ..cliargs import CliError, positive_int, positive_seconds
 from ..core import campaign as rules
 from ..core.build import rebuild_envelope
-from ..core.campaign import ACTIVE_STATES, CampaignError, Policy
+from ..core.campaign import ACTIVE_STATES
 from ..fsutil import atomic_write
 from ..store import ReleaseRecord, SQLiteStore
 from ..store.campaigns import campaign_dict, status_dict
@@ -30,18 +31,7 @@ from ..store.models import CampaignRecord, CampaignStatus
 from .manifest_cmds import load_signing_key
 from .server_cmds import _CLI_ACTOR, _common, _datadir, _store
 
-
-def _arg(parse: Any) -> Any:
-    """A core parser as an argparse type (its CampaignError becomes a usage error)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except CampaignError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
+_arg = core_type  # the tag options below parse with the same wrapper
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -62,74 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "campaign hands it out.",
     )
     p.add_argument("release", metavar="CLASS:SEQ")
-    p.add_argument(
-        "--target",
-        type=_arg(rules.parse_target),
-        default=rules.Target(),
-        metavar="all|KEY=VALUE,...,DEVICE,...",
-        help="devices of the class: all (default), those with every tag given, and/or "
-        "only the device ids listed",
-    )
-    p.add_argument(
-        "--waves",
-        type=_arg(rules.parse_waves),
-        default=rules.parse_waves("1%,10%,50%,100%"),
-        metavar="W1,W2,...",
-        help="cumulative wave sizes, percentages or counts (default 1%%,10%%,50%%,100%%)",
-    )
-    p.add_argument(
-        "--success-threshold",
-        type=_arg(rules.parse_share),
-        default=0.95,
-        metavar="SHARE",
-        help="share of a wave that must confirm before the next opens (default 95%%)",
-    )
-    p.add_argument(
-        "--failure-threshold",
-        type=_arg(rules.parse_share),
-        default=0.1,
-        metavar="SHARE",
-        help="share of a wave failed/reverted/rejected/timed out that halts (default 10%%)",
-    )
-    p.add_argument(
-        "--soak",
-        type=_arg(rules.parse_duration),
-        default=0.0,
-        metavar="DURATION",
-        help="wait after a wave reaches its threshold (e.g. 30m; default 0)",
-    )
-    p.add_argument(
-        "--approve", action="store_true", help="each next wave waits for 'campaign approve'"
-    )
-    p.add_argument(
-        "--timeout",
-        type=_arg(rules.parse_duration),
-        default=3600.0,
-        metavar="DURATION",
-        help="a device admitted that long without confirming counts as failed (default 1h)",
-    )
-    p.add_argument(
-        "--window",
-        type=_arg(rules.parse_window),
-        metavar="HH:MM-HH:MM",
-        help="UTC maintenance window in which devices are admitted",
-    )
-    p.add_argument("--urgent", action="store_true", help="security patch: ignore windows and soak")
-    p.add_argument(
-        "--max-downloads",
-        type=positive_int,
-        metavar="N",
-        help="at most N devices admitted and not yet done at once (the others keep "
-        "their release until a slot frees: network-aware pacing)",
-    )
-    p.add_argument(
-        "--block-rate",
-        type=positive_float_type("block-rate"),
-        metavar="BLOCKS/S",
-        help="firmware block budget of this release's image (a constrained cell or "
-        "mesh): the server admits one device at a time while the measured rate is below "
-        "it (only a running server admits such a campaign's devices)",
-    )
+    add_policy_arguments(p)
     p.set_defaults(handler=cmd_create, _cmd_path=["campaign", "create"])
 
     p = c.add_parser("list", parents=[common, out], help="list campaigns")
@@ -282,22 +205,7 @@ def _emit(obj: Any) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    try:
-        policy = Policy(
-            success_threshold=args.success_threshold,
-            failure_threshold=args.failure_threshold,
-            soak=args.soak,
-            approve=args.approve,
-            timeout=args.timeout,
-            window=args.window,
-            urgent=args.urgent,
-            max_downloads=args.max_downloads,
-            block_rate=args.block_rate,
-        )
-    except CampaignError as exc:
-        raise CliError(str(exc)) from None
-    if args.timeout <= 0:
-        raise CliError("--timeout must be positive")
+    policy = policy_from_args(args)
     with _store(args) as store:
         release = find_release(store, args.release)
         c = store.create_campaign(release.id, args.target, args.waves, policy, _CLI_ACTOR)
