@@ -96,6 +96,7 @@ from .bootloader import (
     BootResult,
     author_anchors,
     check_image,
+    device_components,
     device_description,
     trust_policy,
 )
@@ -395,6 +396,7 @@ class UpdateAgent:
             sector_size=self.layout.sector_size,
             checkpoint_bytes=self.config.checkpoint_bytes,
             decryption_keys=self.identity.decryption_keys(),
+            components=device_components(self.identity),
         )
 
     async def check_and_update(self) -> RunResult:
@@ -473,11 +475,12 @@ class UpdateAgent:
                 self._store_envelope(slot, envelope)
                 return Done()
             case OpenWriter():
+                lay, comp = self.layout, effect.component
                 self._writer = ImageWriter(
                     # encrypted at rest under the chip's hardware key, if it has one
-                    SlotView(self.flash, self.layout, effect.slot, effect.digest.value),
-                    base=self.layout.slot_offset(effect.slot),
-                    capacity=self.layout.slot_size,
+                    SlotView(self.flash, lay, effect.slot, effect.digest.value, comp),
+                    base=lay.component_offset(effect.slot, comp),
+                    capacity=lay.component_size(comp),
                     size=effect.size,
                     digest=effect.digest,
                     resume_at=effect.resume_at,
@@ -510,7 +513,11 @@ class UpdateAgent:
         except ResourceNotFound:
             return NoRelease()
         except (
-            ServerUnreachable, HandshakeFailed, TransportError, SlowRetrieval, DeadlineExceeded
+            ServerUnreachable,
+            HandshakeFailed,
+            TransportError,
+            SlowRetrieval,
+            DeadlineExceeded,
         ) as exc:
             # A manifest that trickles in is a link (or server) problem, not a refusal
             # of anything signed: try again at the next poll, like a silent server.
