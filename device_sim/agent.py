@@ -463,9 +463,9 @@ class UpdateAgent:
             case ProbeSlot():
                 ok = self._envelope_matches(
                     effect.slot, effect.envelope_length, effect.envelope_sha256
-                ) and (
-                    effect.image is None
-                    or check_image(self.flash, self.identity, effect.slot, effect.image)
+                ) and all(
+                    check_image(self.flash, self.identity, effect.slot, image)
+                    for image in (*([effect.image] if effect.image else []), *effect.more)
                 )
                 return Probed(ok)
             case FlushReports():

@@ -386,6 +386,7 @@ def check_flash_report(host: Host) -> None:
 
 AUX = bytes(reversed(range(256))) * 40  # 10 KiB: component 1 of a two-component release
 MULTI_CONFIG = replace(CONFIG, components=DEVICE_COMPONENTS)
+MULTI_ENV = multi_envelope(KEY, IMAGE, AUX, SEQ + 1)
 
 
 @dataclass
@@ -397,7 +398,9 @@ class MultiHost(Host):
     regions: dict[int, bytearray] = field(default_factory=lambda: {0: bytearray(), 1: bytearray()})
 
     def __post_init__(self) -> None:
-        self.envelope = multi_envelope(KEY, IMAGE, self.aux, SEQ + 1)
+        self.envelope = (
+            MULTI_ENV if self.aux == AUX else multi_envelope(KEY, IMAGE, self.aux, SEQ + 1)
+        )
         self.machine = UpdateMachine(MULTI_CONFIG)
 
     def answer(self, effect: Effect) -> Event | None:
@@ -442,8 +445,40 @@ def check_both_components(host: Host) -> None:
     assert [e.component for e in host.of(OpenWriter)] == [0, 1]
 
 
+def multi_staged_before() -> DeviceState:
+    """A retried trial of a two-component release: slot 1 still holds both images."""
+    env = MULTI_ENV
+    info = SlotInfo(
+        len(IMAGE),
+        hashlib.sha256(IMAGE).digest(),
+        SEQ + 1,
+        mdigest(env),
+        len(env),
+        hashlib.sha256(env).digest(),
+        ((len(AUX), hashlib.sha256(AUX).digest()),),
+    )
+    record = factory_record()
+    return replace(record, slots=(record.slots[0], info))
+
+
+def check_multi_restage(host: Host) -> None:
+    assert not host.of(FetchPayload) and not host.of(StoreEnvelope)
+    (probe,) = host.of(ProbeSlot)
+    assert [c.component for c in probe.more] == [1]
+    assert host.persisted[-1].slots[1] == multi_staged_before().slots[1]
+
+
 SCENARIOS = [
     Scenario("happy path", Host, factory_record, HAPPY, Phase.STAGED, HAPPY_REPORTS, check_happy),
+    Scenario(
+        "two-component release re-staged without a download",
+        lambda: MultiHost(probe=True, regions={0: bytearray(IMAGE), 1: bytearray(AUX)}),
+        multi_staged_before,
+        [CHECK, ACCEPTED, (Phase.VERIFIED, Step.FETCH_DONE), STAGED],
+        Phase.STAGED,
+        [State.DOWNLOADED, State.INSTALLING],
+        check_multi_restage,
+    ),
     Scenario(
         "two-component release",
         MultiHost,

@@ -335,6 +335,7 @@ class ProbeSlot:
     envelope_length: int
     envelope_sha256: bytes
     image: interpreter.CheckImage | None
+    more: tuple[interpreter.CheckImage, ...] = ()  # the other components' images
 
 
 @dataclass(frozen=True)
@@ -931,12 +932,13 @@ class UpdateMachine(Generic[R]):
         fetch = _Fetch(action, action.size, action.digest, path, kind, base)
         self._fetch = fetch
         if action.component > 0:
+            if self._phase == Phase.DOWNLOADED:  # re-staged: the probe checked them all
+                return self._interpret(None)
             return self._next_component()
         record, staging = self.record, self._staging
         held = record.slots[staging]
         if (
-            self._sizes is None
-            and record.download is None
+            record.download is None
             and held is not None
             and held.manifest_digest == vm.manifest_digest.value
         ):
@@ -944,7 +946,12 @@ class UpdateMachine(Generic[R]):
             # window): the staging slot may still hold exactly this image. No download.
             self._then = self._restage_probed
             check = interpreter.CheckImage(0, fetch.digest, fetch.size)
-            return [ProbeSlot(staging, held.envelope_length, held.envelope_sha256, check)]
+            more = tuple(
+                interpreter.CheckImage(i.component, i.digest, i.size)
+                for i in vm.payload_images()
+                if i.component > 0 and i.digest is not None
+            )
+            return [ProbeSlot(staging, held.envelope_length, held.envelope_sha256, check, more)]
         return self._plan_resume()
 
     def _restage_probed(self) -> list[Effect]:
@@ -956,13 +963,13 @@ class UpdateMachine(Generic[R]):
         dl = Download(
             self._vm.manifest_digest.value,
             self._staging,
-            fetch.size,
-            fetch.size,
+            self._total,
+            self._total,
             held.envelope_length,
             held.envelope_sha256,
         )
         t = self._go(Step.FETCH_DONE)
-        done = self._queue(replace(record, download=dl), t, fetch.size)
+        done = self._queue(replace(record, download=dl), t, self._total)
         return self._persist(done, then=lambda: self._interpret(None))
 
     def _plan_resume(self) -> list[Effect]:

@@ -89,11 +89,11 @@ class StoreView:
 
     # --- DB thread -----------------------------------------------------------------
 
-
     def count_served(self, digest: bytes, payload_bytes: int) -> None:
         """One firmware block of `digest` went out with `payload_bytes` bytes."""
         self.blocks_served[digest] += 1
         self.fw_bytes_served += payload_bytes
+
     def _in_db(self, fn: Callable[[Store], T]) -> T:
         if self._writer is None:
             self._writer = self.datadir.open_store()
