@@ -165,7 +165,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "DTLS as an operator instead (the server runs the same checks).",
     )
     p.add_argument("envelope", metavar="ENVELOPE")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        nargs="+",
+        help="the image; a multi-component release takes each component's image, in any "
+        "order (matched to the manifest by digest)",
+    )
     p.add_argument("--server", metavar="coaps://HOST:PORT", help="publish over the network")
     p.add_argument("--identity", metavar="NAME", help="operator name (with --server)")
     add_psk_options(p, env=OPERATOR_PSK_ENV, what="the operator's PSK (with --server)")
@@ -540,11 +546,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
     config = datadir.config()
     with contextlib.closing(datadir.open_store()) as store:
         release = Publisher(store, datadir.blobs, config.publish).publish_file(
-            envelope, Path(args.image), _CLI_ACTOR, make_current=args.rollout == "all"
+            envelope,
+            [Path(p) for p in args.image],
+            _CLI_ACTOR,
+            make_current=args.rollout == "all",
         )
     print(
         f"published {release.class_label} seq {release.sequence_number}: image "
         f"{release.image.uri} ({release.image.size} bytes), signed by {release.signer}"
+        + "".join(f", {i.uri} ({i.size} bytes)" for i in release.more_images)
         + ("" if args.rollout == "all" else "; rollout by campaign only")
     )
     return 0
@@ -567,9 +577,10 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
                 args.identity,
                 psk,
                 envelope,
-                Path(args.image),
+                Path(args.image[0]),
                 timeout=args.timeout,
-                progress=UploadProgress(Path(args.image).name, sys.stderr),
+                progress=UploadProgress(Path(args.image[0]).name, sys.stderr),
+                more=[Path(p) for p in args.image[1:]],
             )
         )
     except KeyboardInterrupt:

@@ -26,7 +26,14 @@ def release_of(view: StoreView, principal: Principal) -> ReleaseRecord | None:
 
 
 def readable_image(view: StoreView, principal: Principal) -> ImageRecord | None:
-    """The one image `principal` may read on /fw/<image id>, if any (ATTACKS.md #32:
-    any other id is "not found", with no hint whether it exists)."""
+    """The image (component 0's) `principal` may read on /fw/<image id>, if any
+    (ATTACKS.md #32: any other id is "not found", with no hint whether it exists)."""
     release = release_of(view, principal)
     return release.image if release is not None else None
+
+
+def readable_images(view: StoreView, principal: Principal) -> tuple[ImageRecord, ...]:
+    """Every image `principal` may read: its release's, each component's of a
+    multi-component release (docs/decisions/multi-component.md), and no other."""
+    release = release_of(view, principal)
+    return () if release is None else (release.image, *release.more_images)

@@ -199,9 +199,11 @@ class FirmwareResource(_Base, resource.PathCapable):
     async def render_get(self, request: Message) -> Message:
         path = request.opt.uri_path
         principal = self.principal(request)
-        image = access.readable_image(self.view, principal)
-        # Exact match only: case, trailing slashes or encodings are other names.
-        if image is None or path != (image.image_id,):
+        # Exact match only: case, trailing slashes or encodings are other names. (The
+        # fast path takes component 0's image; a release's other images come here.)
+        readable = access.readable_images(self.view, principal)
+        image = next((i for i in readable if path == (i.image_id,)), None)
+        if image is None:
             # ascii(): the path is attacker-chosen text headed for logs and the audit.
             subject = ascii("/fw/" + "/".join(path))[1:-1][:60]
             self.view.refused(str(principal), "fw.get", subject, "not this device's image")

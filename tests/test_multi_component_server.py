@@ -1,0 +1,129 @@
+"""Issue 13 §4 through the REAL server: a two-component release is published (locally
+with `otacoap publish ENV IMG IMG2`, and over the network, each image uploaded), the
+server lets the device read both images and no other, and a two-component device
+installs both over DTLS. A publish that hands in the wrong images is refused, one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+from server_helpers import CLASS_A, VENDOR, DeviceSpec, cli, cli_ok, make_setup, running_server
+
+from device_sim.agent import DeviceAgent, Outcome, RunResult
+from device_sim.firmware import make_image
+from device_sim.provision import inspect, provision
+from otacoap.core import build, cose, suit
+from otacoap.fsutil import atomic_write
+from otacoap.store import DataDir
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
+
+DEVICE = "multi-dev-1"
+PSK = bytes.fromhex("00112233445566778899aabbccddeeff")
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def two_component_envelope(key: cose.SigningKey, main: bytes, aux: bytes, seq: int) -> bytes:
+    release = build.Release(
+        sha(main),
+        len(main),
+        VENDOR,
+        CLASS_A,
+        seq,
+        more=(build.ComponentImage(sha(aux), len(aux)),),
+    )
+    return suit.encode_envelope(build.build_envelope(release, key))
+
+
+def write_release(base: Path, name: str, envelope: bytes, *images: bytes) -> list[Path]:
+    paths = [base / f"{name}.suit"]
+    atomic_write(paths[0], envelope)
+    for i, image in enumerate(images):
+        paths.append(base / f"{name}-{i}.bin")
+        atomic_write(paths[-1], image)
+    return paths
+
+
+async def run_device(flash: Path, uri: str) -> RunResult:
+    device = DeviceAgent(flash, uri)
+    try:
+        return await device.run_once()
+    finally:
+        await device.close()
+
+
+def pair(flash: Path) -> tuple[bytes, bytes]:
+    info = inspect(flash)
+    return bytes.fromhex(info["image_digest"]), bytes.fromhex(info["component_image_digests"][0])
+
+
+def test_publish_serve_and_install_a_two_component_release(tmp_path: Path) -> None:
+    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)], operators=["ops"])
+    factory, factory_aux = make_image(3000, version=1), make_image(1500, version=1, seed=2)
+    flash = tmp_path / "device.flash"
+    provision(
+        flash,
+        device_id=DEVICE,
+        psk=PSK,
+        vendor_domain=VENDOR,
+        class_info=CLASS_A,
+        anchors_pem=(setup.key.public.public_pem(),),
+        factory_image=factory,
+        factory_envelope=two_component_envelope(setup.key, factory, factory_aux, 1),
+        slot_size=64 * 1024,
+        aux_slot_size=32 * 1024,
+        factory_aux_image=factory_aux,
+    )
+
+    # Local publish: the images in any order, matched to the components by digest.
+    main2, aux2 = make_image(40_000, version=2), make_image(20_000, version=2, seed=3)
+    env2, img2, aux2_path = write_release(
+        tmp_path, "r2", two_component_envelope(setup.key, main2, aux2, 2), main2, aux2
+    )
+    refused = cli("publish", "--data", setup.data, env2, img2)
+    assert refused.code != 0 and len(refused.err.strip().splitlines()) == 1
+    assert "2 image(s), 1 were handed in" in refused.err
+    wrong = tmp_path / "wrong.bin"
+    atomic_write(wrong, aux2[:-1] + b"\x00")
+    refused = cli("publish", "--data", setup.data, env2, img2, wrong)
+    assert refused.code != 0 and "component 1" in refused.err
+    out = cli_ok("publish", "--data", setup.data, env2, aux2_path, img2)
+    assert "seq 2" in out and ("/fw/" + sha(aux2).hex()[:16]) in out
+
+    store = DataDir(setup.data).open_store()
+    try:
+        (release,) = [r for r in store.list_releases(current_only=False) if r.sequence_number == 2]
+    finally:
+        store.close()
+    assert release.image.digest == sha(main2)
+    assert [i.digest for i in release.more_images] == [sha(aux2)]
+
+    main3, aux3 = make_image(30_000, version=3), make_image(25_000, version=3, seed=4)
+    env3, img3, aux3_path = write_release(
+        tmp_path, "r3", two_component_envelope(setup.key, main3, aux3, 3), main3, aux3
+    )
+    psk_file = tmp_path / "ops.psk"
+    psk_file.write_text(setup.operators["ops"].hex())
+
+    with running_server(setup.data) as server:
+        result = asyncio.run(asyncio.wait_for(run_device(flash, server.uri), 60))
+        assert result.outcome == Outcome.UPDATED, result
+        assert result.sequence_number == 2
+        assert pair(flash) == (sha(main2), sha(aux2))
+
+        # Network publish: each image uploaded to /admin/image, then the envelope.
+        out = cli_ok(
+            "publish", "--server", server.uri, "--identity", "ops", "--psk-file", psk_file,
+            env3, img3, aux3_path,
+        )  # fmt: skip
+        assert "seq 3" in out
+        result = asyncio.run(asyncio.wait_for(run_device(flash, server.uri), 60))
+        assert (result.outcome, result.sequence_number) == (Outcome.UPDATED, 3), result
+        assert pair(flash) == (sha(main3), sha(aux3))
