@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import CLASS_A, VENDOR, DeviceSpec, cli, cli_ok, make_setup, running_server
+from server_helpers import (
+    CLASS_A,
+    ROOT,
+    VENDOR,
+    DeviceSpec,
+    cli,
+    cli_ok,
+    make_setup,
+    running_server,
+)
 
 from device_sim.agent import DeviceAgent, Outcome, RunResult
 from device_sim.firmware import make_image
-from device_sim.provision import inspect, provision
+from device_sim.provision import inspect
 from otacoap.core import build, cose, suit
 from otacoap.fsutil import atomic_write
 from otacoap.store import DataDir
@@ -68,19 +79,22 @@ def test_publish_serve_and_install_a_two_component_release(tmp_path: Path) -> No
     setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)], operators=["ops"])
     factory, factory_aux = make_image(3000, version=1), make_image(1500, version=1, seed=2)
     flash = tmp_path / "device.flash"
-    provision(
-        flash,
-        device_id=DEVICE,
-        psk=PSK,
-        vendor_domain=VENDOR,
-        class_info=CLASS_A,
-        anchors_pem=(setup.key.public.public_pem(),),
-        factory_image=factory,
-        factory_envelope=two_component_envelope(setup.key, factory, factory_aux, 1),
-        slot_size=64 * 1024,
-        aux_slot_size=32 * 1024,
-        factory_aux_image=factory_aux,
-    )
+    env1, img1, aux1 = write_release(
+        tmp_path, "r1", two_component_envelope(setup.key, factory, factory_aux, 1), factory,
+        factory_aux,
+    )  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "device_sim", "provision", "--flash", str(flash),
+            "--id", DEVICE, "--psk", PSK.hex(), "--vendor-domain", VENDOR,
+            "--class-info", CLASS_A, "--trust", str(setup.key_pub),
+            "--factory-image", str(img1), "--factory-aux-image", str(aux1),
+            "--factory-envelope", str(env1), "--slot-size", "64K", "--aux-slot-size", "32K",
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert pair(flash) == (sha(factory), sha(factory_aux))
 
     # Local publish: the images in any order, matched to the components by digest.
     main2, aux2 = make_image(40_000, version=2), make_image(20_000, version=2, seed=3)
@@ -105,10 +119,17 @@ def test_publish_serve_and_install_a_two_component_release(tmp_path: Path) -> No
     assert release.image.digest == sha(main2)
     assert [i.digest for i in release.more_images] == [sha(aux2)]
 
+    # Release 3 built by the operator's command line: --image twice.
     main3, aux3 = make_image(30_000, version=3), make_image(25_000, version=3, seed=4)
-    env3, img3, aux3_path = write_release(
-        tmp_path, "r3", two_component_envelope(setup.key, main3, aux3, 3), main3, aux3
-    )
+    img3, aux3_path, env3 = tmp_path / "r3-0.bin", tmp_path / "r3-1.bin", tmp_path / "r3.suit"
+    atomic_write(img3, main3)
+    atomic_write(aux3_path, aux3)
+    key_file = tmp_path / "author.key"
+    atomic_write(key_file, setup.key.pem)
+    cli_ok(
+        "manifest", "build", "--image", img3, "--image", aux3_path, "--vendor-domain", VENDOR,
+        "--class-info", CLASS_A, "--seq", "3", "--key", key_file, "-o", env3,
+    )  # fmt: skip
     psk_file = tmp_path / "ops.psk"
     psk_file.write_text(setup.operators["ops"].hex())
 

@@ -35,5 +35,9 @@ def readable_image(view: StoreView, principal: Principal) -> ImageRecord | None:
 def readable_images(view: StoreView, principal: Principal) -> tuple[ImageRecord, ...]:
     """Every image `principal` may read: its release's, each component's of a
     multi-component release (docs/decisions/multi-component.md), and no other."""
+    image = readable_image(view, principal)  # the one rule; the others go with it
+    if image is None:
+        return ()
     release = release_of(view, principal)
-    return () if release is None else (release.image, *release.more_images)
+    more = release.more_images if release is not None and release.image == image else ()
+    return (image, *more)
