@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiocoap.numbers.codes import Code
 from server_helpers import (
     CLASS_A,
+    CLASS_B,
     ROOT,
     VENDOR,
     DeviceSpec,
     cli,
     cli_ok,
+    coaps_client,
+    get,
     make_setup,
     running_server,
 )
@@ -76,7 +80,10 @@ def pair(flash: Path) -> tuple[bytes, bytes]:
 
 
 def test_publish_serve_and_install_a_two_component_release(tmp_path: Path) -> None:
-    setup = make_setup(tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK)], operators=["ops"])
+    other = DeviceSpec("other-dev", CLASS_B, psk=bytes(range(16)))
+    setup = make_setup(
+        tmp_path, devices=[DeviceSpec(DEVICE, CLASS_A, psk=PSK), other], operators=["ops"]
+    )
     factory, factory_aux = make_image(3000, version=1), make_image(1500, version=1, seed=2)
     flash = tmp_path / "device.flash"
     env1, img1, aux1 = write_release(
@@ -133,7 +140,17 @@ def test_publish_serve_and_install_a_two_component_release(tmp_path: Path) -> No
     psk_file = tmp_path / "ops.psk"
     psk_file.write_text(setup.operators["ops"].hex())
 
+    async def verdicts(identity: str, psk: bytes, port: int) -> list[Code]:
+        async with coaps_client(port, identity, psk) as ctx:
+            uris = [f"coaps://127.0.0.1:{port}/fw/{sha(i).hex()[:16]}" for i in (main2, aux2)]
+            return [(await get(ctx, uri, block2=(0, False, 6))).code for uri in uris]
+
     with running_server(setup.data) as server:
+        # ATTACKS.md #32: the device reads each image of its release, another device none.
+        mine = asyncio.run(asyncio.wait_for(verdicts(DEVICE, PSK, server.port), 30))
+        assert mine == [Code.CONTENT, Code.CONTENT]
+        theirs = asyncio.run(asyncio.wait_for(verdicts(other.id, other.psk, server.port), 30))
+        assert theirs == [Code.NOT_FOUND, Code.NOT_FOUND]
         result = asyncio.run(asyncio.wait_for(run_device(flash, server.uri), 60))
         assert result.outcome == Outcome.UPDATED, result
         assert result.sequence_number == 2
