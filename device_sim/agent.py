@@ -98,6 +98,7 @@ from .bootloader import (
     BootResult,
     author_anchors,
     check_image,
+    device_components,
     device_description,
     trust_policy,
 )
@@ -399,6 +400,7 @@ class UpdateAgent:
             checkpoint_bytes=self.config.checkpoint_bytes,
             decryption_keys=self.identity.decryption_keys(),
             source=self.source_slot,
+            components=device_components(self.identity),
         )
 
     def source_slot(self, slot: int) -> SourceSlot:
@@ -476,9 +478,9 @@ class UpdateAgent:
             case ProbeSlot():
                 ok = self._envelope_matches(
                     effect.slot, effect.envelope_length, effect.envelope_sha256
-                ) and (
-                    effect.image is None
-                    or check_image(self.flash, self.identity, effect.slot, effect.image)
+                ) and all(
+                    check_image(self.flash, self.identity, effect.slot, image)
+                    for image in (*([effect.image] if effect.image else []), *effect.more)
                 )
                 return Probed(ok)
             case FlushReports():
@@ -488,11 +490,12 @@ class UpdateAgent:
                 self._store_envelope(slot, envelope)
                 return Done()
             case OpenWriter():
+                lay, comp = self.layout, effect.component
                 self._writer = ImageWriter(
                     # encrypted at rest under the chip's hardware key, if it has one
-                    SlotView(self.flash, self.layout, effect.slot, effect.digest.value),
-                    base=self.layout.slot_offset(effect.slot),
-                    capacity=self.layout.slot_size,
+                    SlotView(self.flash, lay, effect.slot, effect.digest.value, comp),
+                    base=lay.component_offset(effect.slot, comp),
+                    capacity=lay.component_size(comp),
                     size=effect.size,
                     digest=effect.digest,
                     resume_at=effect.resume_at,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from otacoap.core import boot_status, cose, interpreter, trust
 from otacoap.core.anchor_list import TrustedAnchors
 from otacoap.core.boot_status import BootEvent
-from otacoap.core.build import MAIN_COMPONENT
+from otacoap.core.build import DEVICE_COMPONENTS
 from otacoap.core.errors import (
     CommandError,
     ConditionFailed,
@@ -111,15 +111,22 @@ def trust_policy(
         vendor_id=identity.vendor_id,
         class_id=identity.class_id,
         device_id=identity.device_uuid,
-        max_image_size=identity.layout.slot_size,
-        max_components=1,
-        # RFC 9124 REQ.SEC.ACCESS_CONTROL: the only writable component is the image
-        # slot; a manifest aimed at anything else (bootloader, ...) is refused (#17).
-        allowed_components=frozenset({MAIN_COMPONENT}),
+        # Each component's own bound is its region (the image writer's capacity).
+        max_image_size=max(identity.layout.slot_size, identity.layout.aux_slot_size),
+        max_components=identity.layout.components,
+        # RFC 9124 REQ.SEC.ACCESS_CONTROL: the only writable components are the image
+        # slot (and the second image's region on a multi-component device); a manifest
+        # aimed at anything else (bootloader, ...) is refused (#17).
+        allowed_components=frozenset(device_components(identity)),
         allow_relative_uris=True,
         allowed_uri_prefixes=uri_prefixes,
         **kwargs,
     )
+
+
+def device_components(identity: Identity) -> tuple[tuple[bytes, ...], ...]:
+    """The component identifiers this device installs, in index order."""
+    return DEVICE_COMPONENTS[: identity.layout.components]
 
 
 def read_envelope(flash: SimFlash, identity: Identity, slot: int, info: SlotInfo) -> bytes:
@@ -137,11 +144,14 @@ def check_image(
     flash: SimFlash, identity: Identity, slot: int, action: interpreter.CheckImage
 ) -> bool:
     """condition-image-match (manifest-34 §8.4.9.2) over a slot: digest of exactly size bytes."""
-    size = action.size
-    if size is None or not 0 < size <= identity.layout.slot_size:
+    lay, component = identity.layout, action.component
+    if not 0 <= component < lay.components:
         return False
-    view = SlotView(flash, identity.layout, slot, action.digest.value)
-    digest = hash_region(view, identity.layout.slot_offset(slot), size, action.digest.algorithm)
+    size = action.size
+    if size is None or not 0 < size <= lay.component_size(component):
+        return False
+    view = SlotView(flash, lay, slot, action.digest.value, component)
+    digest = hash_region(view, lay.component_offset(slot, component), size, action.digest.algorithm)
     return digest == action.digest.value
 
 
@@ -153,12 +163,10 @@ def run_procedure(
     procedure: str,
     fetch: Callable[[interpreter.Fetch], object] | None = None,
 ) -> list[interpreter.Action]:
-    """Run a SUIT procedure synchronously with component 0 mapped onto `slot`."""
+    """Run a SUIT procedure synchronously with component i mapped onto `slot`'s region i."""
 
     def answer(action: interpreter.Action) -> object:
         if isinstance(action, interpreter.CheckImage):
-            if action.component != 0:
-                return False
             return check_image(flash, identity, slot, action)
         if isinstance(action, interpreter.Invoke):
             return None
@@ -187,6 +195,8 @@ def verify_slot(
         raise SlotInvalid(f"slot {slot} holds no image")
     if info.factory:
         # The factory image is vouched for by the digest in the read-only identity.
+        if identity.layout.components > 1:
+            raise SlotInvalid("a multi-component slot needs an envelope that vouches for it")
         if candidate or slot != state.active:
             raise SlotInvalid("a factory image is never a candidate")
         if (info.image_size, info.image_digest) != (
@@ -218,6 +228,14 @@ def verify_slot(
         raise SlotInvalid("image does not match its manifest") from exc
     if not any(isinstance(a, interpreter.Invoke) for a in actions):
         raise SlotInvalid("the manifest does not invoke the image")
+    if identity.layout.components > 1:
+        # Secure boot of every component: the one envelope must name the device's
+        # components in order and its validate sequence must have matched each image.
+        if vm.manifest.common.components != device_components(identity):
+            raise SlotInvalid("the envelope does not name this device's components")
+        checked = {a.component for a in actions if isinstance(a, interpreter.CheckImage)}
+        if not checked >= set(range(identity.layout.components)):
+            raise SlotInvalid("the manifest does not check every component's image")
     return info
 
 

@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"size of each image slot (default {DEFAULT_SLOT_SIZE // 1024}K)",
     )
     p.add_argument(
+        "--factory-aux-image",
+        metavar="DATA.bin",
+        help="a two-component device: component 1's factory image (needs --aux-slot-size "
+        "and a --factory-envelope that names both images)",
+    )
+    p.add_argument(
+        "--aux-slot-size",
+        type=size_type(),
+        default=0,
+        metavar="BYTES",
+        help="a two-component device: size of component 1's region in each slot (default "
+        "0: one component; docs/decisions/multi-component.md)",
+    )
+    p.add_argument(
         "--sector-size",
         type=size_type(),
         default=DEFAULT_SECTOR_SIZE,
@@ -306,6 +320,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
         decryption_keks=keks,
         decryption_ec_der=der,
         seal=not args.no_seal,
+        aux_slot_size=args.aux_slot_size,
+        factory_aux_image=(
+            _read(args.factory_aux_image, MAX_INPUT_FILE) if args.factory_aux_image else b""
+        ),
     )
     print(
         f"provisioned {result.identity.device_id} in {result.path}: "

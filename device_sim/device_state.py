@@ -190,8 +190,12 @@ class DeviceState:
         )
 
 
+MAX_EXTRA_IMAGES = 1
+"""Images of further components per slot (layout: at most one aux region)."""
+
+
 def _slot_to_cbor(s: SlotInfo) -> list[Any]:
-    return [
+    out = [
         s.image_size,
         s.image_digest,
         s.sequence,
@@ -199,13 +203,17 @@ def _slot_to_cbor(s: SlotInfo) -> list[Any]:
         s.envelope_length,
         s.envelope_sha256,
     ]
+    for size, digest in s.extra:  # multi-component: (size, digest) pairs follow
+        out += [size, digest]
+    return out
 
 
 def _slot_from_cbor(v: Any) -> SlotInfo | None:
     if v is None:
         return None
-    _expect(isinstance(v, list) and len(v) == 6, "slot info")
-    return SlotInfo(_u(v[0]), _b(v[1]), _u(v[2]), _ob(v[3]), _u(v[4]), _b(v[5]))
+    _expect(isinstance(v, list) and len(v) in range(6, 7 + 2 * MAX_EXTRA_IMAGES, 2), "slot info")
+    extra = tuple((_u(v[i]), _b(v[i + 1])) for i in range(6, len(v), 2))
+    return SlotInfo(_u(v[0]), _b(v[1]), _u(v[2]), _ob(v[3]), _u(v[4]), _b(v[5]), extra)
 
 
 def _download_to_cbor(d: Download) -> list[Any]:
@@ -262,7 +270,7 @@ def worst_case_record_size() -> int:
     """
     top = (1 << 64) - 1
     digest = b"\xff" * MAX_DIGEST_SIZE
-    slot = SlotInfo(top, digest, top, digest, top, digest)
+    slot = SlotInfo(top, digest, top, digest, top, digest, ((top, digest),) * MAX_EXTRA_IMAGES)
     state = DeviceState(
         sequence=top,
         sequence_digest=digest,

@@ -10,11 +10,19 @@ Layout (offsets grow downwards; every area is whole sectors)::
     envelope 1    the SUIT envelope that vouches for slot 1
     slot 0        image slot
     slot 1        image slot
+    aux 0         component 1's region of slot 0 \\  only on a multi-component device
+    aux 1         component 1's region of slot 1 /  (aux_slot_size > 0)
 
 Slots are symmetric (A/B with no copy): the state names the *active* slot, an update
 is staged into the other one, and activating it is a single power-safe state write. So
 "slot A (running)" and "slot B (staging)" are roles that alternate between slot 0 and
 slot 1.
+
+A multi-component device (a second image: data, or another processor's firmware) has
+one more region per slot, appended after slot 1 so that every offset of a
+single-component layout stays where it was. "Slot N" then means the pair (slot N,
+aux N): the one envelope in envelope area N vouches for both, and the one `active`
+field of the state record switches both at once (docs/decisions/multi-component.md).
 
 The identity record is written once at provisioning and never erased by the device. It
 plays the part of a ROM'd root of trust: the trust anchors and the factory image
@@ -71,6 +79,7 @@ class FlashLayout:
     write_align: int = DEFAULT_WRITE_ALIGN
     slot_size: int = DEFAULT_SLOT_SIZE
     state_copy_size: int = DEFAULT_STATE_COPY_SIZE
+    aux_slot_size: int = 0  # > 0: a second component, one region of this size per slot
 
     def __post_init__(self) -> None:
         ss = self.sector_size
@@ -80,6 +89,8 @@ class FlashLayout:
             raise ProvisioningError("write alignment must divide the sector size (<= 16)")
         if self.slot_size <= 0 or self.slot_size % ss:
             raise ProvisioningError(f"slot size must be a positive multiple of {ss} bytes")
+        if self.aux_slot_size < 0 or self.aux_slot_size % ss:
+            raise ProvisioningError(f"aux slot size must be a multiple of {ss} bytes")
         if self.state_copy_size < MIN_STATE_COPY_SIZE or self.state_copy_size % ss:
             raise ProvisioningError(
                 f"state copy size must be whole sectors of at least {MIN_STATE_COPY_SIZE} bytes"
@@ -110,8 +121,29 @@ class FlashLayout:
         return self.envelope_offset(0) + 2 * self.envelope_area_size + slot * self.slot_size
 
     @property
+    def components(self) -> int:
+        """How many components (images) every slot holds."""
+        return 2 if self.aux_slot_size else 1
+
+    def component_offset(self, slot: int, component: int) -> int:
+        """Where component `component` of slot `slot` starts (component 0: the slot)."""
+        if component == 0:
+            return self.slot_offset(slot)
+        if component != 1 or not self.aux_slot_size:
+            raise ValueError(f"this layout has no component {component}")
+        _check_slot(slot)
+        return self.slot_offset(1) + self.slot_size + slot * self.aux_slot_size
+
+    def component_size(self, component: int) -> int:
+        if component == 0:
+            return self.slot_size
+        if component != 1 or not self.aux_slot_size:
+            raise ValueError(f"this layout has no component {component}")
+        return self.aux_slot_size
+
+    @property
     def total_size(self) -> int:
-        return self.slot_offset(1) + self.slot_size
+        return self.slot_offset(1) + self.slot_size + 2 * self.aux_slot_size
 
     def areas(self) -> dict[str, tuple[int, int]]:
         """Name -> (offset, length), for tests that check who wrote where."""
@@ -122,6 +154,11 @@ class FlashLayout:
             "envelope1": (self.envelope_offset(1), self.envelope_area_size),
             "slot0": (self.slot_offset(0), self.slot_size),
             "slot1": (self.slot_offset(1), self.slot_size),
+            **{
+                f"aux{slot}": (self.component_offset(slot, 1), self.aux_slot_size)
+                for slot in (0, 1)
+                if self.aux_slot_size
+            },
         }
 
     def to_cbor(self) -> dict[str, int]:
@@ -130,6 +167,8 @@ class FlashLayout:
             "align": self.write_align,
             "slot": self.slot_size,
             "state": self.state_copy_size,
+            # absent on single-component layouts (identities written before read as before)
+            **({"aux": self.aux_slot_size} if self.aux_slot_size else {}),
         }
 
     @classmethod
@@ -142,6 +181,7 @@ class FlashLayout:
                 _int(value["align"]),
                 _int(value["slot"]),
                 _int(value["state"]),
+                _int(value.get("aux", 0)),
             )
         except KeyError as exc:
             raise ProvisioningError(f"identity: layout lacks {exc}") from None
@@ -247,6 +287,7 @@ class Identity:
         if not self.roots_pem:
             return None
         return anchor_list.provisioned(self.roots(), self.root_threshold, self.anchors())
+
     def decryption_keys(self) -> encryption.DecryptionKeys:
         """What this device can decrypt payloads with (empty: plain images only)."""
         der = self.decryption_ec_der

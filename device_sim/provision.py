@@ -70,19 +70,36 @@ def provision(
     decryption_keks: tuple[bytes, ...] = (),
     decryption_ec_der: bytes = b"",
     seal: bool = False,
+    aux_slot_size: int = 0,
+    factory_aux_image: bytes = b"",
 ) -> ProvisionResult:
     """Create a provisioned flash file at `path`; raise ProvisioningError on bad input.
 
     `seal`: store the PSK and decryption keys sealed under the simulated chip's hardware
     unique key (created beside the flash file, `layout.huk_path`), so the flash file
     alone neither reveals them nor clones the device.
+
+    `aux_slot_size` > 0 makes a multi-component device (docs/decisions/multi-component.md):
+    `factory_aux_image` goes into component 1's region of slot 0, and the factory
+    envelope (required then) must vouch for both images.
     """
     target = Path(path)
     if target.exists() and not force:
         raise ProvisioningError(f"{target}: already exists (use --force to replace it)")
-    layout = FlashLayout(sector_size, write_align, slot_size)
+    layout = FlashLayout(sector_size, write_align, slot_size, aux_slot_size=aux_slot_size)
     if not factory_image:
         raise ProvisioningError("factory image is empty")
+    if layout.components > 1 and (not factory_aux_image or factory_envelope is None):
+        raise ProvisioningError(
+            "a multi-component device needs a factory second image and an envelope for both"
+        )
+    if layout.components == 1 and factory_aux_image:
+        raise ProvisioningError("a second factory image needs an aux slot size")
+    if len(factory_aux_image) > layout.aux_slot_size:
+        raise ProvisioningError(
+            f"factory second image of {len(factory_aux_image)} bytes does not fit the "
+            f"{layout.aux_slot_size}-byte region"
+        )
     if len(factory_image) > layout.slot_size:
         raise ProvisioningError(
             f"factory image of {len(factory_image)} bytes does not fit the "
@@ -134,6 +151,12 @@ def provision(
             factory_view = SlotView(flash, layout, 0, image_digest)
             _write_padded(factory_view, layout.slot_offset(0), factory_image)
             slot = SlotInfo(len(factory_image), image_digest, sequence, manifest_digest)
+            extra: tuple[tuple[int, bytes], ...] = ()
+            if factory_aux_image:
+                aux_digest = sha256(factory_aux_image)
+                aux_view = SlotView(flash, layout, 0, aux_digest, component=1)
+                _write_padded(aux_view, layout.component_offset(0, 1), factory_aux_image)
+                extra = ((len(factory_aux_image), aux_digest),)
             if factory_envelope is not None:
                 _write_padded(flash, layout.envelope_offset(0), factory_envelope)
                 slot = SlotInfo(
@@ -143,6 +166,7 @@ def provision(
                     manifest_digest,
                     len(factory_envelope),
                     sha256(factory_envelope),
+                    extra,
                 )
             state = DeviceState(
                 sequence=sequence,
@@ -184,6 +208,13 @@ def _write_padded(flash: SimFlash | SlotView, offset: int, data: bytes) -> None:
             chunk = chunk + b"\xff" * (align - len(chunk) % align)
         flash.write(offset + pos, chunk)
         pos += _IO_CHUNK
+
+
+def _hash_view(view: SlotView, base: int, size: int) -> str:
+    digest = hashlib.sha256()
+    for pos in range(0, size, 4096):
+        digest.update(view.read(base + pos, min(4096, size - pos)))
+    return digest.hexdigest()
 
 
 def _next_boot_problem(path: str | os.PathLike[str]) -> str:
@@ -251,7 +282,16 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "bytes": d.durable,
                 "image_size": d.image_size,
             }
+        more: dict[str, Any] = {}
+        if lay.components > 1:
+            # Component 1's image, hashed from its region of the running slot.
+            aux = [
+                _hash_view(SlotView(flash, lay, running, d, 1), lay.component_offset(running, 1), n)
+                for n, d in info.extra
+            ]
+            more = {"component_image_digests": aux, "aux_slot_size": lay.aux_slot_size}
         return {
+            **more,
             "device_id": identity.device_id,
             "vendor_domain": identity.vendor_domain,
             "class_info": identity.class_info,

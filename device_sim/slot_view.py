@@ -31,13 +31,23 @@ ERASED = 0xFF
 
 
 class SlotView:
-    """A `core.writer.FlashRegion` over slot `slot` holding the image `image_digest`."""
+    """A `core.writer.FlashRegion` over slot `slot` holding the image `image_digest`
+    (of component `component`: its own region of the slot on a multi-component device)."""
 
-    def __init__(self, flash: SimFlash, layout: FlashLayout, slot: int, image_digest: bytes):
+    def __init__(
+        self,
+        flash: SimFlash,
+        layout: FlashLayout,
+        slot: int,
+        image_digest: bytes,
+        component: int = 0,
+    ):
         self._flash = flash
-        self._base = layout.slot_offset(slot)
+        self._base = layout.component_offset(slot, component)
         huk = flash.hardware_key
-        self._cipher = sealing.SlotCipher(huk, slot, image_digest) if huk else None
+        # Component 1's regions are keystream domains 2 and 3 (slots keep 0 and 1).
+        region = slot + 2 * component
+        self._cipher = sealing.SlotCipher(huk, region, image_digest) if huk else None
 
     @property
     def encrypted(self) -> bool:

@@ -37,7 +37,7 @@ from device_sim.firmware import make_image
 from device_sim.flash import SimFlash
 from device_sim.layout import open_flash
 from device_sim.provision import inspect, provision
-from otacoap.core import blockwise, cbor, cose, ids, suit
+from otacoap.core import blockwise, build, cbor, cose, ids, suit
 from otacoap.core.build import MAIN_COMPONENT, REP_ALL, REP_FAILURE
 from otacoap.core.errors import OtaError
 from otacoap.core.report import Report, decode_report
@@ -150,6 +150,20 @@ def envelope_bytes(
 def sign(manifest_raw: bytes, key: cose.SigningKey, **kw: Any) -> bytes:
     """A correctly signed envelope (COSE_Sign1, detached payload = the SUIT_Digest)."""
     return envelope_bytes(manifest_raw, [cose.sign1(digest_bytes(manifest_raw), key)], **kw)
+
+
+def multi_envelope(key: cose.SigningKey, main: bytes, aux: bytes, seq: int, **kw: Any) -> bytes:
+    """A genuine two-component release (core.build): `main` is component 0, `aux` 1."""
+    rel = build.Release(
+        hashlib.sha256(main).digest(),
+        len(main),
+        VENDOR,
+        CLASS,
+        seq,
+        more=(build.ComponentImage(hashlib.sha256(aux).digest(), len(aux)),),
+        **kw,
+    )
+    return suit.encode_envelope(build.build_envelope(rel, key))
 
 
 def release(key: cose.SigningKey, image: bytes, seq: int, **kw: Any) -> tuple[bytes, bytes]:
@@ -507,6 +521,7 @@ class Rig:
     factory_envelope: bytes
     accepted: set[bytes] = field(default_factory=set)  # image digests the device may run
     slot_size: int = 64 * 1024
+    factory_aux: bytes = b""  # multi-component rigs: the factory's second image
 
     def info(self) -> dict[str, Any]:
         return inspect(self.path)
@@ -534,6 +549,13 @@ class Rig:
             flash.close()
         return boot.slot, boot.info.image_digest
 
+    def running_pair(self) -> tuple[bytes, bytes]:
+        """Multi-component rigs: (main, second) image digests of the running slot, both
+        hashed from flash (not taken from the state record)."""
+        info = self.info()
+        aux = info["component_image_digests"]
+        return bytes.fromhex(info["image_digest"]), bytes.fromhex(aux[0]) if aux else b""
+
 
 def make_rig(
     tmp: Path,
@@ -552,10 +574,18 @@ def make_rig(
     decryption_keks: tuple[bytes, ...] = (),
     decryption_ec_der: bytes = b"",
     seal: bool = False,
+    aux_slot_size: int = 0,
+    factory_aux_size: int = 2000,
 ) -> Rig:
+    """`aux_slot_size` > 0: a two-component device whose factory release has a second
+    image of `factory_aux_size` bytes (docs/decisions/multi-component.md)."""
     key = key or cose.generate_key("es256")
     factory = make_image(factory_size, version=seq, seed=1)
-    env = sign(manifest_bytes(image=factory, seq=seq), key)
+    factory_aux = make_image(factory_aux_size, version=seq, seed=2) if aux_slot_size else b""
+    if aux_slot_size:
+        env = multi_envelope(key, factory, factory_aux, seq)
+    else:
+        env = sign(manifest_bytes(image=factory, seq=seq), key)
     path = tmp / name
     provision(
         path,
@@ -575,8 +605,10 @@ def make_rig(
         decryption_keks=decryption_keks,
         decryption_ec_der=decryption_ec_der,
         seal=seal,
+        aux_slot_size=aux_slot_size,
+        factory_aux_image=factory_aux,
     )
-    rig = Rig(path, key, factory, env, slot_size=slot_size)
+    rig = Rig(path, key, factory, env, slot_size=slot_size, factory_aux=factory_aux)
     rig.accept(factory)
     return rig
 

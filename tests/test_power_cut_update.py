@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from evil_server import Rig, make_rig, manifest_bytes, sign
+from evil_server import Rig, make_rig, manifest_bytes, multi_envelope, sign
 
 from device_sim.agent import AgentConfig, DeviceAgent, Outcome
 from device_sim.bootloader import BootError, Bootloader
@@ -217,6 +217,123 @@ def test_random_repeated_power_cuts(tmp_path: Path) -> None:
         0,
     ), tally.notes[:5]
     # No erase loops: finishing after cuts wears a sector no more than a clean update.
+    assert tally.max_sector_erases <= clean_wear
+
+
+class PairHarness(Harness):
+    """A two-component release (issue 13 §4): both images or neither, at every cut.
+
+    On top of the Harness oracles, the running slot's *pair* (component 0's image and
+    component 1's, both hashed from flash) must be the old pair or the new pair: an old
+    image next to a new one counts as a wrong image.
+    """
+
+    def __init__(
+        self, rig: Rig, images: tuple[bytes, bytes], seq: int, config: AgentConfig
+    ) -> None:
+        self.rig = rig
+        self.config = config
+        main, aux = images
+        self.new = hashlib.sha256(main).digest()
+        self.new_pair = (self.new, hashlib.sha256(aux).digest())
+        self.old_pair = rig.running_pair()
+        self.seq = seq
+        self.server = InProcessServer(envelope=multi_envelope(rig.key, main, aux, seq))
+        self.server.add_image(ids.image_uri(self.new), main)
+        self.server.add_image(ids.image_uri(self.new_pair[1]), aux)
+        rig.accept(main)
+        self.pristine = rig.path.read_bytes()
+        self.old_seq = rig.info()["sequence_number"]
+
+    def observe(self, tally: Tally, last_seq: int) -> int:
+        seq = super().observe(tally, last_seq)
+        if tally.bricked == 0:
+            # after the real power-on in super(): what runs now is a whole pair
+            pair = self.rig.running_pair()
+            if pair not in (self.old_pair, self.new_pair):
+                tally.wrong_image += 1
+                tally.notes.append(f"mixed pair {pair[0].hex()[:8]}/{pair[1].hex()[:8]}")
+        return seq
+
+    async def finish(self, tally: Tally, last_seq: int) -> None:
+        await super().finish(tally, last_seq)
+        if self.rig.running_pair() != self.new_pair:
+            tally.not_finished += 1
+
+
+def _pair_rig(tmp: Path, **kw: int) -> Rig:
+    return make_rig(tmp, seq=5, factory_size=3000, factory_aux_size=1500, **kw)
+
+
+def test_power_cut_after_every_flash_op_of_a_two_component_update(tmp_path: Path) -> None:
+    """The exhaustive harness over a release of two images: 0 bricked, 0 wrong images
+    (mixed pairs included), 0 sequence regressions, and it always ends on the new pair."""
+    rig = _pair_rig(tmp_path, sector_size=1024, slot_size=16 * 1024, aux_slot_size=8 * 1024)
+    images = (make_image(6 * 1024 + 100, version=6), make_image(3 * 1024 + 50, version=6, seed=3))
+    h = PairHarness(rig, images, 6, SMALL)
+    tally = Tally()
+
+    async def go() -> int:
+        outcome, flash = await h.run()
+        assert outcome == Outcome.UPDATED
+        total = flash.ops
+        assert total > 80, "both images, stage, trial and confirm are under test"
+        for torn in (False, True):
+            for k in range(1, total + 1):
+                h.reset()
+                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
+                assert outcome is None, f"op {k} of {total} was not reached"
+                tally.cut_points += 1
+                seq = h.observe(tally, h.old_seq)
+                await h.finish(tally, seq)
+        return total
+
+    total = asyncio.run(go())
+    print(f"\nexhaustive, two components ({total} ops): {tally.line()}")
+    assert tally.cut_points == 2 * total
+    assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (
+        0,
+        0,
+        0,
+        0,
+    ), tally.notes[:5]
+
+
+def test_random_repeated_power_cuts_of_a_two_component_update(tmp_path: Path) -> None:
+    """ATTACKS.md #46 for two images: several random cuts per update, 100 seeds."""
+    rig = _pair_rig(tmp_path, slot_size=64 * 1024, aux_slot_size=32 * 1024)
+    images = (make_image(40_000, version=6), make_image(20_000 + 300, version=6, seed=3))
+    config = AgentConfig(fetch=FetchConfig(szx=6), checkpoint_bytes=8 * 1024)
+    h = PairHarness(rig, images, 6, config)
+    tally = Tally()
+
+    async def go() -> tuple[int, int]:
+        outcome, flash = await h.run()
+        assert outcome == Outcome.UPDATED
+        total, clean_wear = flash.ops, max(flash.sector_erases)
+        for seed in range(100):
+            rng = random.Random(seed)
+            h.reset()
+            last_seq = h.old_seq
+            for _ in range(rng.randint(2, 5)):
+                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
+                outcome, _ = await h.run(faults)
+                if outcome is not None:
+                    break
+                tally.cut_points += 1
+                last_seq = h.observe(tally, last_seq)
+            await h.finish(tally, last_seq)
+        return total, clean_wear
+
+    total, clean_wear = asyncio.run(go())
+    print(f"\nrandom, two components (100 seeds, {total} ops): {tally.line()}")
+    assert tally.cut_points > 150
+    assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (
+        0,
+        0,
+        0,
+        0,
+    ), tally.notes[:5]
     assert tally.max_sector_erases <= clean_wear
 
 

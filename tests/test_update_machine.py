@@ -19,11 +19,12 @@ from typing import Any
 
 import cbor2
 import pytest
-from evil_server import CLASS, VENDOR, manifest_bytes, sign
+from evil_server import CLASS, VENDOR, manifest_bytes, multi_envelope, sign
 
 from device_sim.device_state import DeviceState
 from otacoap.core import boot_status, cose, ids, interpreter, suit, trust, update_machine
 from otacoap.core.boot_status import BOOT_TRANSITIONS, BootEvent, boot_step
+from otacoap.core.build import DEVICE_COMPONENTS
 from otacoap.core.errors import (
     ConditionFailed,
     LimitExceeded,
@@ -383,8 +384,110 @@ def check_flash_report(host: Host) -> None:
     assert decode_report(host.persisted[-1].reports[-1]).detail == "flash: flash refused"
 
 
+AUX = bytes(reversed(range(256))) * 40  # 10 KiB: component 1 of a two-component release
+MULTI_CONFIG = replace(CONFIG, components=DEVICE_COMPONENTS)
+MULTI_ENV = multi_envelope(KEY, IMAGE, AUX, SEQ + 1)
+
+
+@dataclass
+class MultiHost(Host):
+    """A two-component device: component i is written into region i of the slot."""
+
+    aux: bytes = AUX
+    component: int = 0
+    regions: dict[int, bytearray] = field(default_factory=lambda: {0: bytearray(), 1: bytearray()})
+
+    def __post_init__(self) -> None:
+        self.envelope = (
+            MULTI_ENV if self.aux == AUX else multi_envelope(KEY, IMAGE, self.aux, SEQ + 1)
+        )
+        self.machine = UpdateMachine(MULTI_CONFIG)
+
+    def answer(self, effect: Effect) -> Event | None:
+        match effect:
+            case OpenWriter(resume_at=resume_at, component=component):
+                self.component = component
+                del self.regions[component][resume_at:]
+                return None
+            case FetchPayload(path=path, start=start, size=size):
+                image = (
+                    self.aux if path == ids.image_uri(hashlib.sha256(self.aux).digest()) else IMAGE
+                )
+                for pos in range(start, size, 1024):
+                    self.drive(BlockReceived(image[pos : pos + 1024]))
+                    if not self.machine.streaming:
+                        return None
+                return FetchDone()
+            case Write(data=data):
+                self.regions[self.component] += data
+                return None
+            case FinishImage():
+                want = (IMAGE, AUX)[self.component]
+                if bytes(self.regions[self.component]) != want:
+                    return Failed(ConditionFailed("image digest mismatch"))
+                return Done()
+            case CheckSlotImage(action=action):
+                region = self.regions[action.component]
+                return ImageChecked(hashlib.sha256(region).digest() == action.digest.value)
+        return super().answer(effect)
+
+
+def check_both_components(host: Host) -> None:
+    assert isinstance(host, MultiHost)
+    final = host.persisted[-1]
+    assert final.boot == BootStatus.PENDING and final.download is None
+    info = final.slots[1]
+    assert info is not None and info.extra == ((len(AUX), hashlib.sha256(AUX).digest()),)
+    assert (bytes(host.regions[0]), bytes(host.regions[1])) == (IMAGE, AUX)
+    # One resume point for the release: component 0's bytes, then component 1's.
+    durables = [r.download.durable for r in host.persisted if r.download is not None]
+    assert durables == [0, 16 * 1024, 32 * 1024, len(IMAGE), len(IMAGE) + len(AUX)]
+    assert [e.component for e in host.of(OpenWriter)] == [0, 1]
+
+
+def multi_staged_before() -> DeviceState:
+    """A retried trial of a two-component release: slot 1 still holds both images."""
+    env = MULTI_ENV
+    info = SlotInfo(
+        len(IMAGE),
+        hashlib.sha256(IMAGE).digest(),
+        SEQ + 1,
+        mdigest(env),
+        len(env),
+        hashlib.sha256(env).digest(),
+        ((len(AUX), hashlib.sha256(AUX).digest()),),
+    )
+    record = factory_record()
+    return replace(record, slots=(record.slots[0], info))
+
+
+def check_multi_restage(host: Host) -> None:
+    assert not host.of(FetchPayload) and not host.of(StoreEnvelope)
+    (probe,) = host.of(ProbeSlot)
+    assert [c.component for c in probe.more] == [1]
+    assert host.persisted[-1].slots[1] == multi_staged_before().slots[1]
+
+
 SCENARIOS = [
     Scenario("happy path", Host, factory_record, HAPPY, Phase.STAGED, HAPPY_REPORTS, check_happy),
+    Scenario(
+        "two-component release re-staged without a download",
+        lambda: MultiHost(probe=True, regions={0: bytearray(IMAGE), 1: bytearray(AUX)}),
+        multi_staged_before,
+        [CHECK, ACCEPTED, (Phase.VERIFIED, Step.FETCH_DONE), STAGED],
+        Phase.STAGED,
+        [State.DOWNLOADED, State.INSTALLING],
+        check_multi_restage,
+    ),
+    Scenario(
+        "two-component release",
+        MultiHost,
+        factory_record,
+        [CHECK, ACCEPTED, STARTED, (Phase.DOWNLOADING, Step.COMPONENT_DONE), FETCHED, STAGED],
+        Phase.STAGED,
+        HAPPY_REPORTS,
+        check_both_components,
+    ),
     Scenario(
         "unsettled boot status",
         Host,

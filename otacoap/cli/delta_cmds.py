@@ -8,6 +8,7 @@ published with it (docs/decisions/delta-updates.md has the SUIT encoding).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..cliargs import CliError
@@ -87,7 +88,7 @@ def build_delta(args: argparse.Namespace, release: Release) -> tuple[suit.Envelo
 def publish_local(
     publisher: Publisher,
     envelope: bytes,
-    path: Path,
+    path: Path | Sequence[Path],
     deltas: list[list[str]],
     actor: str,
     *,

@@ -17,7 +17,14 @@ from typing import Any
 
 from ..cliargs import CliError
 from ..core import cbor, cose, ids, suit, trust
-from ..core.build import Release, build_envelope, check_release_names, sign_envelope
+from ..core.build import (
+    DEVICE_COMPONENTS,
+    ComponentImage,
+    Release,
+    build_envelope,
+    check_release_names,
+    sign_envelope,
+)
 from ..core.errors import AuthenticationError, ManifestError, OtaError
 from ..fsutil import atomic_write, read_capped
 from . import delta_cmds, encrypt_cmds
@@ -53,7 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Build a draft-ietf-suit-manifest-34 envelope that "
         "installs IMAGE on devices of one vendor and class.",
     )
-    b.add_argument("--image", required=True, metavar="FILE", help="the firmware image")
+    b.add_argument(
+        "--image",
+        required=True,
+        action="append",
+        metavar="FILE",
+        help="the firmware image; give it twice for a two-component release (component 0, "
+        "then component 1, installed together: docs/decisions/multi-component.md)",
+    )
     b.add_argument(
         "--vendor-domain",
         required=True,
@@ -205,11 +219,31 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _more_components(args: argparse.Namespace, files: list[str]) -> tuple[ComponentImage, ...]:
+    """Images 2.. of `--image` as components 1.. (each served as its own /fw/<id>)."""
+    if not files:
+        return ()
+    if len(files) > len(DEVICE_COMPONENTS) - 1:
+        raise CliError(f"at most {len(DEVICE_COMPONENTS)} images (components) per release")
+    if args.uri is not None:
+        raise CliError("--uri names one image; a multi-component release uses /fw/<id> URIs")
+    out = []
+    for path, component in zip(files, DEVICE_COMPONENTS[1:], strict=False):
+        digest, size = _hash_file(path)
+        if size == 0:
+            raise CliError(f"{path}: the image is empty")
+        out.append(ComponentImage(digest, size, None, component))
+    return tuple(out)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     _refuse_overwrite([args.out], args.force)
-    digest, size = _hash_file(args.image)
+    image, *more_images = args.image
+    args.image = image
+    digest, size = _hash_file(image)
     if size == 0:
-        raise CliError(f"{args.image}: the image is empty")
+        raise CliError(f"{image}: the image is empty")
+    more = _more_components(args, more_images)
     key = load_signing_key(args.key) if args.key else None
     expires = None
     if args.expires_in is not None:
@@ -221,11 +255,22 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.delta_from:
         if crypto.encrypts:
             raise CliError("--delta-from cannot be combined with payload encryption")
+        if more:
+            raise CliError("--delta-from cannot be combined with a multi-component release")
         _refuse_overwrite([delta_cmds.patch_path(args)], args.force)
     release = Release(
-        digest, size, args.vendor_domain, args.class_info, args.seq, args.uri, expires=expires
+        digest,
+        size,
+        args.vendor_domain,
+        args.class_info,
+        args.seq,
+        args.uri,
+        expires=expires,
+        more=more,
     )
     encrypted = None
+    if crypto.encrypts and more:
+        raise CliError("an encrypted multi-component release is not supported")
     if crypto.encrypts:
         encrypted = encrypt_cmds.encrypt_image(args.image, crypto, args.uri)
         release = replace(release, uri=encrypted.uri, encryption_info=encrypted.info)
@@ -250,6 +295,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(data)} bytes, seq {args.seq}, image {size} bytes "
         f"sha256 {digest.hex()}, uri {release.uri or ids.image_uri(digest)}, {signed}"
     )
+    for i, part in enumerate(more, start=1):
+        print(
+            f"  component {i}: image {part.image_size} bytes sha256 {part.image_digest.hex()}, "
+            f"uri {ids.image_uri(part.image_digest)}"
+        )
     if encrypted is not None:
         print(
             f"wrote {crypto.payload_out}: the encrypted payload to publish, "

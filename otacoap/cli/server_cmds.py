@@ -172,7 +172,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "DTLS as an operator instead (the server runs the same checks).",
     )
     p.add_argument("envelope", metavar="ENVELOPE")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        nargs="+",
+        help="the image; a multi-component release takes each component's image, in any "
+        "order (matched to the manifest by digest)",
+    )
     p.add_argument(
         "--delta",
         nargs=2,
@@ -559,7 +565,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         done = publish_local(
             publisher,
             envelope,
-            Path(args.image),
+            [Path(p) for p in args.image],
             args.delta,
             _CLI_ACTOR,
             make_current=args.rollout == "all",
@@ -580,10 +586,10 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
     from .. import eventloop
     from ..operator.client import publish
 
-    pairs = [(envelope, Path(args.image))]
+    pairs = [(envelope, Path(args.image[0]))]
     pairs += [(read_envelope_file(e), Path(p)) for e, p in args.delta]
     try:
-        for env, path in pairs:  # a delta after its release, each like a release
+        for n, (env, path) in enumerate(pairs):  # a delta after its release, each like one
             result = eventloop.run(
                 publish(
                     args.server,
@@ -593,6 +599,7 @@ def _publish_remote(args: argparse.Namespace, envelope: bytes) -> int:
                     path,
                     timeout=args.timeout,
                     progress=UploadProgress(path.name, sys.stderr),
+                    more=[Path(p) for p in args.image[1:]] if n == 0 else (),
                 )
             )
             print(result)

@@ -22,6 +22,11 @@ REP_ALL = 15
 REP_FAILURE = 2
 
 MAIN_COMPONENT: tuple[bytes, ...] = (b"\x00",)
+SECOND_COMPONENT: tuple[bytes, ...] = (b"\x01",)
+"""A release that updates two components (docs/decisions/multi-component.md) names the
+main image component 0 and its second image (a data image, another processor's image)
+component 1, in this order: the device maps index i to its i-th slot pair."""
+DEVICE_COMPONENTS: tuple[tuple[bytes, ...], ...] = (MAIN_COMPONENT, SECOND_COMPONENT)
 
 # RFC 1035 §2.3.1 labels (letters, digits, inner hyphens), at most 253 characters.
 _DOMAIN = re.compile(
@@ -73,6 +78,18 @@ class Release:
     # ciphertext; image_digest and image_size stay the plaintext's (§7), and `uri` should
     # name the ciphertext (the server addresses blobs by their SHA-256).
     encryption_info: bytes | None = None
+    # More images installed together with this one (component 1, ...): both or neither.
+    more: tuple[ComponentImage, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComponentImage:
+    """A further image of a multi-component release (component index 1, 2, ...)."""
+
+    image_digest: bytes
+    image_size: int
+    uri: str | None = None  # None: /fw/<id> of this image
+    component: tuple[bytes, ...] = SECOND_COMPONENT
 
 
 def build_manifest(
@@ -90,6 +107,9 @@ def build_manifest(
     """
     if patch is not None and release.encryption_info is not None:
         raise OtaError("an encrypted release cannot have a delta form")
+    if patch is not None and release.more:
+        # Both-or-neither install has no delta form (docs/decisions/multi-component.md).
+        raise OtaError("a multi-component release cannot have a delta form")
     if not 0 < release.image_size < 1 << 64:
         raise ValueError("image size must be a positive unsigned 64-bit integer")
     if not 0 <= release.sequence_number < 1 << 64:
@@ -98,6 +118,8 @@ def build_manifest(
         raise ValueError("expiry must be an unsigned 64-bit POSIX time")
     vendor = ids.vendor_id(release.vendor_domain)
     klass = ids.class_id(vendor, release.class_info)
+    if release.more:
+        return _build_multi(release, vendor, klass)
     digest = suit.SuitDigest(suit.DIGEST_SHA256, release.image_digest)
     uri = release.uri if release.uri is not None else ids.image_uri(release.image_digest)
     shared = CommandSequence.build(
@@ -146,6 +168,71 @@ def build_manifest(
     validate = CommandSequence.build([Command(suit.CMD_IMAGE_MATCH, REP_ALL)])
     invoke = CommandSequence.build([Command(suit.CMD_INVOKE, REP_FAILURE)])
     common = suit.Common((release.component,), shared)
+    common = suit.Common(common.components, shared, None, cbor.dumps(common.to_cbor()))
+    return suit.Manifest(
+        1,
+        release.sequence_number,
+        common,
+        ((suit.M_VALIDATE, validate), (suit.M_INVOKE, invoke), (suit.M_INSTALL, install)),
+        extensions=() if release.expires is None else ((freshness.M_EXPIRES, release.expires),),
+    )
+
+
+def _build_multi(release: Release, vendor: bytes, klass: bytes) -> suit.Manifest:
+    """A manifest installing several images (manifest-34 §8.4.10.1 set-component-index).
+
+    Every sequence begins with set-component-index, as the draft requires with more than
+    one component: shared sets vendor and class for all and digest and size per
+    component; install fetches and checks each in turn; validate checks all (secure boot
+    of every component); invoke boots component 0.
+    """
+    if release.encryption_info is not None:
+        raise OtaError("an encrypted multi-component release is not supported")
+    parts = [
+        ComponentImage(release.image_digest, release.image_size, release.uri, release.component),
+        *release.more,
+    ]
+    comps = [p.component for p in parts]
+    if len(set(comps)) != len(comps):
+        raise ValueError("every image of a release needs its own component")
+    for part in parts:
+        if not 0 < part.image_size < 1 << 64:
+            raise ValueError("image size must be a positive unsigned 64-bit integer")
+    shared_cmds = [
+        Command(suit.CMD_SET_COMPONENT_INDEX, True),
+        Command(
+            suit.CMD_OVERRIDE_PARAMETERS,
+            Parameters(((suit.P_VENDOR_ID, vendor), (suit.P_CLASS_ID, klass))),
+        ),
+        Command(suit.CMD_VENDOR_IDENTIFIER, REP_ALL),
+        Command(suit.CMD_CLASS_IDENTIFIER, REP_ALL),
+    ]
+    install_cmds = []
+    for i, part in enumerate(parts):
+        digest = suit.SuitDigest(suit.DIGEST_SHA256, part.image_digest)
+        uri = part.uri if part.uri is not None else ids.image_uri(part.image_digest)
+        shared_cmds += [
+            Command(suit.CMD_SET_COMPONENT_INDEX, i),
+            Command(
+                suit.CMD_OVERRIDE_PARAMETERS,
+                Parameters(((suit.P_IMAGE_DIGEST, digest), (suit.P_IMAGE_SIZE, part.image_size))),
+            ),
+        ]
+        install_cmds += [
+            Command(suit.CMD_SET_COMPONENT_INDEX, i),
+            Command(suit.CMD_OVERRIDE_PARAMETERS, Parameters(((suit.P_URI, uri),))),
+            Command(suit.CMD_FETCH, REP_FAILURE),
+            Command(suit.CMD_IMAGE_MATCH, REP_ALL),
+        ]
+    shared = CommandSequence.build(shared_cmds)
+    install = CommandSequence.build(install_cmds)
+    validate = CommandSequence.build(
+        [Command(suit.CMD_SET_COMPONENT_INDEX, True), Command(suit.CMD_IMAGE_MATCH, REP_ALL)]
+    )
+    invoke = CommandSequence.build(
+        [Command(suit.CMD_SET_COMPONENT_INDEX, 0), Command(suit.CMD_INVOKE, REP_FAILURE)]
+    )
+    common = suit.Common(tuple(comps), shared)
     common = suit.Common(common.components, shared, None, cbor.dumps(common.to_cbor()))
     return suit.Manifest(
         1,

@@ -163,6 +163,24 @@ def delta_in_force(params: Mapping[int, Any], vm: trust.VerifiedManifest) -> del
     return None
 
 
+def check_multi_component_plain(vm: trust.VerifiedManifest) -> None:
+    """PolicyError when a release of several components fetches other than plain images.
+
+    A multi-component release installs both images or neither
+    (docs/decisions/multi-component.md); a delta (whose source is the running slot's one
+    image) or an encrypted payload of such a release is refused, not half-supported: at
+    build (core.build), at publish (store.publish) and by the device (update machine),
+    before any payload byte.
+    """
+    if len(vm.manifest.common.components) < 2:
+        return
+    for fetch in vm.fetches:
+        if fetch.delta is not None:
+            raise PolicyError("a multi-component release cannot have a delta payload")
+        if fetch.encryption_info is not None:
+            raise PolicyError("a multi-component release cannot have an encrypted payload")
+
+
 def select_kind(
     action: interpreter.Fetch,
     vm: trust.VerifiedManifest,

@@ -92,6 +92,7 @@ from urllib.parse import urljoin, urlsplit
 from . import delta, interpreter, protocol, suit, trust
 from .blockwise import MAX_SZX, size_of
 from .boot_status import BootEvent, boot_step
+from .build import MAIN_COMPONENT
 from .encryption import DecryptionKeys
 from .errors import (
     AlreadyInstalled,
@@ -105,6 +106,7 @@ from .payload_kind import (
     DrainingDecoder,
     PayloadDecoder,
     PayloadKind,
+    check_multi_component_plain,
     delta_in_force,
     select_kind,
 )
@@ -159,6 +161,7 @@ class Step(StrEnum):
     FALLBACK = "fallback"  # a failed delta's fetch is followed by the full image's
     BLOCK = "block"
     FETCH_DONE = "fetch-done"
+    COMPONENT_DONE = "component-done"  # one image of a multi-component release is in
     STAGED = "staged"
     ERROR = "error"
 
@@ -190,6 +193,8 @@ TRANSITIONS: Mapping[tuple[Phase, Step], tuple[Phase, State | None]] = {
     # A delta that failed falls back to try-each's next alternative, the full image
     # (a new fetch, but only ever after a first one: FETCH_STARTED stays VERIFIED-only).
     (Phase.DOWNLOADING, Step.FALLBACK): (Phase.DOWNLOADING, State.DOWNLOADING),
+    # Multi-component: the next component's image follows into the same staging slot.
+    (Phase.DOWNLOADING, Step.COMPONENT_DONE): (Phase.DOWNLOADING, None),
     (Phase.DOWNLOADING, Step.ERROR): (Phase.FAILED, State.FAILED),
     (Phase.DOWNLOADED, Step.STAGED): (Phase.STAGED, None),  # boot table reports INSTALLING
     (Phase.DOWNLOADED, Step.ERROR): (Phase.FAILED, State.FAILED),
@@ -352,6 +357,7 @@ class ProbeSlot:
     envelope_length: int
     envelope_sha256: bytes
     image: interpreter.CheckImage | None
+    more: tuple[interpreter.CheckImage, ...] = ()  # the other components' images
 
 
 @dataclass(frozen=True)
@@ -382,6 +388,7 @@ class OpenWriter:
     size: int
     digest: suit.SuitDigest
     resume_at: int
+    component: int = 0  # which region of the slot (multi-component releases)
 
 
 @dataclass(frozen=True)
@@ -505,6 +512,46 @@ def resolve_uri(base: str, uri: str) -> str:
     return resolved[len(base) :]
 
 
+def component_sizes(
+    vm: trust.VerifiedManifest, components: tuple[tuple[bytes, ...], ...]
+) -> tuple[int, ...] | None:
+    """Each component's image size for a multi-component release, None for one image;
+    PolicyError for a release this device cannot install (before any payload byte).
+
+    A device with several components takes only releases that name exactly its
+    components, in order, each with one image: a release of component 0 alone would
+    leave the staging slot's other regions unvouched for, yet switched to with it.
+    SUIT dependencies (manifest-34 §5, process-dependency) are refused: this device
+    has no place to put or evaluate a dependency manifest.
+    """
+    common = vm.manifest.common
+    if common.dependencies:
+        raise PolicyError("SUIT dependencies (process-dependency) are not supported")
+    if len(components) == 1 and len(common.components) == 1:
+        return None
+    if common.components != components:
+        raise PolicyError(
+            f"release names {len(common.components)} component(s); this device installs "
+            f"exactly its {len(components)} components together, in order"
+        )
+    check_multi_component_plain(vm)
+    sizes = {i.component: i.size for i in vm.payload_images()}
+    out = tuple(sizes.get(c) for c in range(len(components)))
+    if any(size is None for size in out):
+        raise PolicyError("every component of the release needs an image with a size")
+    return tuple(s for s in out if s is not None)
+
+
+def _extra_images(vm: trust.VerifiedManifest) -> tuple[tuple[int, bytes], ...]:
+    """(size, digest) of the images of components 1.. (their SlotInfo.extra)."""
+    out = []
+    for image in sorted(vm.payload_images(), key=lambda i: i.component):
+        if image.component > 0:
+            assert image.size is not None and image.digest is not None
+            out.append((image.size, image.digest.value))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """What the machine knows about its device; passed in (DESIGN principle 8)."""
@@ -518,6 +565,9 @@ class MachineConfig:
     # A read-only view of a slot (the running one is a delta's source, core.delta);
     # None: this device applies no deltas.
     source: Callable[[int], delta.SourceRegion] | None = None
+    # The device's components, in index order; a release for more than one component
+    # must name exactly these (docs/decisions/multi-component.md).
+    components: tuple[tuple[bytes, ...], ...] = (MAIN_COMPONENT,)
 
     @property
     def checkpoint(self) -> int:
@@ -533,6 +583,7 @@ class _Fetch:
     digest: suit.SuitDigest
     path: str | None
     kind: PayloadKind
+    base: int = 0  # multi-component: slot bytes of the components before this one
     start: int = 0
     offset: int = 0  # slot bytes written so far
     decoder: PayloadDecoder | None = None
@@ -572,6 +623,8 @@ class UpdateMachine(Generic[R]):
         self._checkpoint = config.checkpoint
         self._source_check: delta.DeltaInfo | None = None  # a source-match in flight
         self._delta_note = ""  # why a delta was not used, for the reports
+        # Multi-component release: the image size of each component (None: one image).
+        self._sizes: tuple[int, ...] | None = None
 
     @property
     def phase(self) -> Phase:
@@ -846,6 +899,10 @@ class UpdateMachine(Generic[R]):
     def _accepted(self, vm: trust.VerifiedManifest) -> list[Effect]:
         self._go(Step.ACCEPTED)
         self._vm = vm
+        try:
+            self._sizes = component_sizes(vm, self.config.components)
+        except OtaError as exc:
+            return self._fail(exc)
         self._gen = interpreter.run(vm.envelope, interpreter.UPDATE, self.config.device)
         return self._interpret(None)
 
@@ -865,11 +922,16 @@ class UpdateMachine(Generic[R]):
             action = self._gen.send(answer) if error is None else self._gen.throw(error)
             while True:
                 if isinstance(action, interpreter.Fetch):
-                    if action.component != 0 or self._fetch is not None:
+                    if self._sizes is not None:
+                        # Each component once, in index order, into its own region.
+                        done = -1 if self._fetch is None else self._fetch.action.component
+                        if action.component != done + 1:
+                            raise CommandError("components must be fetched once each, in order")
+                    elif action.component != 0 or self._fetch is not None:
                         raise CommandError("only one fetch into component 0 is supported")
                     return self._plan_fetch(action)
                 if isinstance(action, interpreter.CheckImage):
-                    if action.component == 0:
+                    if action.component < len(self.config.components):
                         return [CheckSlotImage(self._staging, action)]
                     answer = False
                 elif isinstance(action, interpreter.CheckCondition):
@@ -894,6 +956,10 @@ class UpdateMachine(Generic[R]):
             return self._end(
                 Step.ERROR, ReportReason.COMMAND_UNSUPPORTED, "manifest fetches no image"
             )
+        if self._sizes is not None and self._fetch.action.component != len(self._sizes) - 1:
+            return self._end(
+                Step.ERROR, ReportReason.COMMAND_UNSUPPORTED, "manifest fetches not every component"
+            )
         # Stage: one save marks the candidate PENDING together with its report.
         vm = self._vm
         record = self.record
@@ -908,6 +974,7 @@ class UpdateMachine(Generic[R]):
             vm.manifest_digest.value,
             dl.envelope_length,
             dl.envelope_sha256,
+            _extra_images(vm) if self._sizes is not None else (),
         )
         status, report_state = boot_step(record.boot, BootEvent.STAGE)
         staged = replace(
@@ -937,8 +1004,17 @@ class UpdateMachine(Generic[R]):
         )
         source = self.config.source(self.record.running) if self.config.source else None
         kind = select_kind(action, vm, self.config.decryption_keys, source)
-        fetch = _Fetch(action, action.size, action.digest, path, kind)
+        base = 0
+        if self._sizes is not None:
+            if action.size != self._sizes[action.component]:
+                raise PolicyError("a fetch's image-size differs from its component's")
+            base = sum(self._sizes[: action.component])
+        fetch = _Fetch(action, action.size, action.digest, path, kind, base)
         self._fetch = fetch
+        if action.component > 0:
+            if self._phase == Phase.DOWNLOADED:  # re-staged: the probe checked them all
+                return self._interpret(None)
+            return self._next_component()
         record, staging = self.record, self._staging
         held = record.slots[staging]
         if (
@@ -950,7 +1026,12 @@ class UpdateMachine(Generic[R]):
             # window): the staging slot may still hold exactly this image. No download.
             self._then = self._restage_probed
             check = interpreter.CheckImage(0, fetch.digest, fetch.size)
-            return [ProbeSlot(staging, held.envelope_length, held.envelope_sha256, check)]
+            more = tuple(
+                interpreter.CheckImage(i.component, i.digest, i.size)
+                for i in vm.payload_images()
+                if i.component > 0 and i.digest is not None
+            )
+            return [ProbeSlot(staging, held.envelope_length, held.envelope_sha256, check, more)]
         return self._plan_resume()
 
     def _restage_probed(self) -> list[Effect]:
@@ -962,13 +1043,13 @@ class UpdateMachine(Generic[R]):
         dl = Download(
             self._vm.manifest_digest.value,
             self._staging,
-            fetch.size,
-            fetch.size,
+            self._total,
+            self._total,
             held.envelope_length,
             held.envelope_sha256,
         )
         t = self._go(Step.FETCH_DONE)
-        done = self._queue(replace(record, download=dl), t, fetch.size)
+        done = self._queue(replace(record, download=dl), t, self._total)
         return self._persist(done, then=lambda: self._interpret(None))
 
     def _plan_resume(self) -> list[Effect]:
@@ -979,7 +1060,7 @@ class UpdateMachine(Generic[R]):
             dl is not None
             and dl.manifest_digest == vm.manifest_digest.value
             and dl.slot == self._staging
-            and dl.image_size == fetch.size
+            and dl.image_size == self._total
             and dl.envelope_length == len(self._envelope)
         ):
             self._then = self._resume_probed
@@ -991,8 +1072,45 @@ class UpdateMachine(Generic[R]):
             return self._start_over()
         fetch, dl = self._fetch, self.record.download
         assert fetch is not None and dl is not None
-        start = fetch.kind.resume_from(dl.durable)
-        return self._start_fetch(replace(dl, durable=start))
+        start = fetch.kind.resume_from(self._local(dl.durable))
+        return self._start_fetch(replace(dl, durable=self._durable_at(start, dl.durable)))
+
+    # Multi-component releases are downloaded one component after the other into the
+    # staging slot's regions; `Download.durable` counts the slot bytes of all of them
+    # (component 0's, then 1's, ...), so one field keeps the resume point of the whole
+    # release. With one image, base is 0 and both helpers are the identity.
+
+    @property
+    def _total(self) -> int:
+        """Slot bytes of the whole release (all components)."""
+        assert self._fetch is not None
+        return self._fetch.size if self._sizes is None else sum(self._sizes)
+
+    def _local(self, durable: int) -> int:
+        """The current component's durable bytes, given the release's."""
+        fetch = self._fetch
+        assert fetch is not None
+        return min(max(durable - fetch.base, 0), fetch.size)
+
+    def _durable_at(self, start: int, durable: int) -> int:
+        """The release's durable bytes when this component resumes at `start` (a whole
+        component keeps what later components already hold)."""
+        fetch = self._fetch
+        assert fetch is not None
+        return durable if start >= fetch.size else fetch.base + start
+
+    def _next_component(self) -> list[Effect]:
+        """The next image of a multi-component release (phase DOWNLOADING)."""
+        fetch, dl = self._fetch, self.record.download
+        assert fetch is not None and dl is not None
+        start = fetch.kind.resume_from(self._local(dl.durable))
+        fetch.start = fetch.offset = start
+        durable = self._durable_at(start, dl.durable)
+        if durable != dl.durable:
+            return self._persist(
+                replace(self.record, download=replace(dl, durable=durable)), then=self._open
+            )
+        return self._open()
 
     def _start_over(self) -> list[Effect]:
         """A new download (or a newer manifest, ATTACKS.md #50)."""
@@ -1012,13 +1130,13 @@ class UpdateMachine(Generic[R]):
         fetch, vm, env = self._fetch, self._vm, self._envelope
         assert fetch is not None and vm is not None
         sha = hashlib.sha256(env).digest()
-        dl = Download(vm.manifest_digest.value, self._staging, 0, fetch.size, len(env), sha)
+        dl = Download(vm.manifest_digest.value, self._staging, 0, self._total, len(env), sha)
         return self._start_fetch(dl)
 
     def _start_fetch(self, dl: Download) -> list[Effect]:
         fetch = self._fetch
         assert fetch is not None
-        fetch.start = fetch.offset = dl.durable
+        fetch.start = fetch.offset = self._local(dl.durable)
         step = Step.FALLBACK if self._phase == Phase.DOWNLOADING else Step.FETCH_STARTED
         t = self._go(step, detail=self._payload_detail())
         started = self._queue(replace(self.record, download=dl), t, dl.durable)
@@ -1038,7 +1156,9 @@ class UpdateMachine(Generic[R]):
             if integrated is None or len(integrated) != wire_size:
                 return self._fail(PolicyError("integrated payload missing or of the wrong size"))
         fetch.decoder = fetch.kind.decoder(fetch.start)
-        opened = OpenWriter(self._staging, fetch.size, fetch.digest, fetch.start)
+        opened = OpenWriter(
+            self._staging, fetch.size, fetch.digest, fetch.start, fetch.action.component
+        )
         if fetch.start >= fetch.size:  # durable already: only the writer's re-hash is left
             self._then = self._image_complete
             return [opened, FinishImage()]
@@ -1080,7 +1200,8 @@ class UpdateMachine(Generic[R]):
             dl = self.record.download
             assert dl is not None
             self._then = self._stream_on
-            effects.append(Persist(replace(self.record, download=replace(dl, durable=offset))))
+            durable = fetch.base + offset
+            effects.append(Persist(replace(self.record, download=replace(dl, durable=durable))))
         return effects
 
     def _stream_on(self) -> list[Effect]:
@@ -1108,10 +1229,15 @@ class UpdateMachine(Generic[R]):
         # "payload encrypted-a128ctr", "delta from 1f2e..."), so the operator sees how
         # the image arrived.
         kind = fetch.kind.name
+        durable = max(dl.durable, fetch.base + fetch.size)
+        if self._sizes is not None and fetch.action.component < len(self._sizes) - 1:
+            self._go(Step.COMPONENT_DONE)
+            done = replace(self.record, download=replace(dl, durable=durable))
+            return self._persist(done, then=lambda: self._interpret(None))
         plain = "" if kind == "plain" else f"payload {kind}"
         t = self._go(Step.FETCH_DONE, detail=self._payload_detail() or plain)
-        done = replace(self.record, download=replace(dl, durable=fetch.size))
-        done = self._queue(done, t, fetch.size)
+        done = replace(self.record, download=replace(dl, durable=durable))
+        done = self._queue(done, t, durable)
         return self._persist(done, then=lambda: self._interpret(None))
 
 

@@ -51,6 +51,9 @@ class SlotInfo:
     manifest_digest: bytes | None  # None: factory image without an envelope
     envelope_length: int = 0
     envelope_sha256: bytes = b""
+    # (size, SHA-256) of the images of components 1.. of a multi-component release, each
+    # in the same slot's region of that component (docs/decisions/multi-component.md)
+    extra: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def factory(self) -> bool:

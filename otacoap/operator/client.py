@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -159,24 +159,28 @@ async def publish(
     *,
     timeout: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
+    more: Sequence[Path] = (),
 ) -> str:
+    """Upload each image (`image`, then `more`: a multi-component release's other
+    images), then the envelope that names them."""
     base = server.rstrip("/")
     if not base.startswith("coaps://"):
         raise RemoteError("--server must be a coaps:// URI (operators authenticate with DTLS)")
     identity = protocol.operator_identity(operator)
     async with dtls_client(base, identity, psk) as ctx:
-        size = image.stat().st_size
-        with open(image, "rb") as f:
-            response = await post_blockwise(
-                ctx,
-                f"{base}/admin/image",
-                f,
-                size,
-                content_format=protocol.CF_IMAGE,
-                timeout=timeout,
-                progress=progress,
-            )
-        _check(response, "image")
+        for path in (image, *more):
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                response = await post_blockwise(
+                    ctx,
+                    f"{base}/admin/image",
+                    f,
+                    size,
+                    content_format=protocol.CF_IMAGE,
+                    timeout=timeout,
+                    progress=progress if path == image else None,
+                )
+            _check(response, "image")
         response = await post_blockwise(
             ctx,
             f"{base}/admin/release",

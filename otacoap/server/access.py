@@ -1,7 +1,8 @@
 """Who is served what: the one authorisation rule of /m and /fw.
 
 A principal comes from the DTLS session (StoreView.principal_of). A device is served
-its release and may read that release's image and no other, except that a device on a
+its release and may read that release's image (each component's image of a
+multi-component release) and no other, except that a device on a
 delta's source image is served that release's delta envelope and may read its patch
 too (and the full image, the envelope's fallback; store/deltas.py); an operator is
 served neither. Which release: a pinned one (`release assign`), else the newer of its
@@ -50,8 +51,9 @@ def release_of(view: StoreView, principal: Principal) -> ReleaseRecord | None:
 
 def readable_image(view: StoreView, principal: Principal) -> ImageRecord | None:
     """The image `principal` may read on /fw/<image id>, if any (ATTACKS.md #32: any
-    other id is "not found", with no hint whether it exists): its release's image, or
-    the patch when it is served a delta envelope (the /fw fast path grants this one)."""
+    other id is "not found", with no hint whether it exists): its release's image
+    (component 0's of a multi-component release), or the patch when it is served a
+    delta envelope (the /fw fast path grants this one)."""
     release, delta = _served(view, principal)
     if delta is not None:
         return delta.patch
@@ -64,9 +66,22 @@ def fallback_image(view: StoreView, principal: Principal) -> ImageRecord | None:
     return release.image if release is not None and delta is not None else None
 
 
+def readable_images(view: StoreView, principal: Principal) -> tuple[ImageRecord, ...]:
+    """Every image `principal` may read: readable_image (the one rule), a delta's
+    full-image fallback, and each other component's image of a multi-component
+    release (docs/decisions/multi-component.md; such a release has no deltas, as
+    store/publish.py refuses them), and no other."""
+    image = readable_image(view, principal)
+    if image is None:
+        return ()
+    release, delta = _served(view, principal)
+    if release is None:
+        return (image,)
+    if delta is not None:
+        return (image, release.image)
+    return (image, *release.more_images)
+
+
 def image_named(view: StoreView, principal: Principal, image_id: str) -> ImageRecord | None:
-    """The readable image (or a delta's full-image fallback) with this id, else None."""
-    for image in (readable_image(view, principal), fallback_image(view, principal)):
-        if image is not None and image.image_id == image_id:
-            return image
-    return None
+    """The image with this id among those `principal` may read (readable_images), else None."""
+    return next((i for i in readable_images(view, principal) if i.image_id == image_id), None)

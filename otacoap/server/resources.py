@@ -200,7 +200,9 @@ class FirmwareResource(_Base, resource.PathCapable):
     async def render_get(self, request: Message) -> Message:
         path = request.opt.uri_path
         principal = self.principal(request)
-        # Exact match only: case, trailing slashes or encodings are other names.
+        # Exact match only: case, trailing slashes or encodings are other names. (The
+        # fast path takes readable_image; a delta's fallback and a release's other
+        # components' images come here.)
         image = access.image_named(self.view, principal, path[0]) if len(path) == 1 else None
         if image is None:
             # ascii(): the path is attacker-chosen text headed for logs and the audit.

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ..core import cose, ids, protocol
+from ..core import cose, ids, protocol, suit, trust
 from ..core.campaign import MemberState, Policy, Progress, Target, WaveCounts, WaveSize
 
 ClassKey = tuple[bytes, bytes]
@@ -141,6 +141,26 @@ class ReleaseRecord:
         """ETag of the /m representation: a prefix of the envelope's SHA-256."""
         return protocol.etag_for(hashlib.sha256(self.envelope).digest())
 
+    @functools.cached_property
+    def more_images(self) -> tuple[ImageRecord, ...]:
+        """The images of components 1.. of a multi-component release (empty: one image).
+
+        Named by the release's own envelope, which the publisher verified and checked
+        image by image (docs/decisions/multi-component.md), so no column holds them:
+        `image` is component 0's, the envelope says which others belong to the release.
+        """
+        return more_images_of(self.envelope)
+
+
+def more_images_of(envelope: bytes) -> tuple[ImageRecord, ...]:
+    """(digest, size) of the fetched images of components 1.. in a stored envelope."""
+    summary = trust.summarize(suit.decode_envelope(envelope))
+    out = []
+    for image in sorted(summary.images, key=lambda i: i.component):
+        if image.component > 0 and image.uri is not None and image.digest is not None:
+            out.append(ImageRecord(image.digest.value, image.size or 0))
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class ReleaseCandidate:
@@ -160,6 +180,7 @@ class ReleaseCandidate:
     image: ImageRecord
     signer: str
     previous_release_id: int | None
+    more_images: tuple[ImageRecord, ...] = ()  # components 1.. (multi-component release)
 
 
 @dataclass(frozen=True)

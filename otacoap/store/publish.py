@@ -11,9 +11,11 @@ The local CLI (`otacoap publish`) and the network path (`/admin/release`) both e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +30,7 @@ from ..core.errors import (
     PolicyError,
     RollbackError,
 )
+from ..core.payload_kind import check_multi_component_plain
 from .anchor_lists import check_publish_signer
 from .blobs import BlobStore, TempBlob
 from .errors import ImageMismatch, NotFound
@@ -87,11 +90,17 @@ class Publisher:
         )
 
     def check(
-        self, authentic: trust.AuthenticatedManifest, image_digest: bytes, image_size: int
+        self,
+        authentic: trust.AuthenticatedManifest,
+        image_digest: bytes,
+        image_size: int,
+        more: Sequence[tuple[bytes, int]] = (),
     ) -> ReleaseCandidate:
         """Validate a release without side effects; return what may be committed.
 
         No signature is verified here: `authentic` says it was, by `authenticate`.
+        `image_*` is component 0's image; `more` the (SHA-256, size) of the images of a
+        multi-component release's other components, each matched by digest.
         """
         cfg = self._config
         base = self._policy(authentic.anchors)
@@ -134,13 +143,15 @@ class Publisher:
                 f"{exc}: the {which} release of {label} is seq {now}, "
                 "a new release needs a higher one"
             ) from None
+        check_multi_component_plain(verified)
         if any(f.delta is not None for f in verified.fetches):
             raise PolicyError(
                 "this is a delta envelope: publish it as a delta of its release "
                 "(otacoap publish ... --delta ENVELOPE PATCH)"
             )
-        # 3. Exactly one fetched image, and it is the one handed in.
+        # 3. Exactly one fetched image per component, and it is the one handed in.
         image = _the_image(verified)
+        more_images = _more_images(verified, more)
         uri = image.uri or ""
         if uri.startswith("#"):
             raise PolicyError("integrated payloads are not published; give the image a /fw/ URI")
@@ -187,24 +198,38 @@ class Publisher:
             image=ImageRecord(image_digest, image_size),
             signer=verified.signer,
             previous_release_id=current.id if current else None,
+            more_images=more_images,
         )
 
     def publish_file(
-        self, envelope: bytes, image_path: Path, actor: str, *, make_current: bool = True
+        self,
+        envelope: bytes,
+        image_path: Path | Sequence[Path],
+        actor: str,
+        *,
+        make_current: bool = True,
     ) -> ReleaseRecord:
-        """Stream an image file into a temp blob, check, commit; audit either way.
+        """Stream image files into temp blobs, check, commit; audit either way.
 
         `make_current` (publish --rollout all, the default): every device of the class
         is served it at once; otherwise only a campaign hands it out (otacoap campaign).
+        Several files: the images of a multi-component release, in any order (each is
+        matched to its component by digest).
         """
+        paths = [image_path] if isinstance(image_path, Path) else list(image_path)
         try:
-            with self._blobs.temp(cap=self._config.max_image_size) as blob:
-                with open(image_path, "rb") as f:
-                    while chunk := f.read(_COPY_CHUNK):
-                        blob.write(chunk)
-                blob.finish()
+            with contextlib.ExitStack() as stack:
+                blobs = []
+                for path in paths:
+                    blob = stack.enter_context(self._blobs.temp(cap=self._config.max_image_size))
+                    with open(path, "rb") as f:
+                        while chunk := f.read(_COPY_CHUNK):
+                            blob.write(chunk)
+                    blob.finish()
+                    blobs.append(blob)
+                authentic = self.authenticate(envelope)
                 return self._check_and_commit(
-                    self.authenticate(envelope), blob, actor, make_current=make_current
+                    authentic, blobs[0], actor, make_current=make_current, more=blobs[1:]
                 )
         except OtaError as exc:
             self.refused(envelope, actor, exc)
@@ -227,14 +252,22 @@ class Publisher:
         self, authentic: trust.AuthenticatedManifest, staged: StagedImages, actor: str
     ) -> ReleaseRecord:
         """`publish_uploaded` after its authentication; the caller audits a refusal."""
-        blob = staged.take(self._image_digest(authentic))
-        if blob is None:
-            raise NotFound("no uploaded image matches the manifest (POST it to /admin/image)")
+        digests = [self._image_digest(authentic), *self._more_digests(authentic)]
+        blobs: list[TempBlob] = []
         try:
-            blob.finish()
-            return self._check_and_commit(authentic, blob, actor)
+            for digest in digests:  # every component's image was uploaded before
+                blob = staged.take(digest)
+                if blob is None:
+                    raise NotFound(
+                        f"no uploaded image matches the manifest's {digest.hex()[:16]} "
+                        "(POST it to /admin/image)"
+                    )
+                blobs.append(blob)
+                blob.finish()
+            return self._check_and_commit(authentic, blobs[0], actor, more=blobs[1:])
         finally:
-            blob.discard()
+            for blob in blobs:
+                blob.discard()
 
     def _image_digest(self, authentic: trust.AuthenticatedManifest) -> bytes:
         """The SHA-256 of the one image an authentic envelope fetches (or raise).
@@ -247,6 +280,7 @@ class Publisher:
                 anchors=authentic.anchors, max_envelope_size=self._config.max_envelope_size
             ),
         )
+        check_multi_component_plain(verified)
         image = _the_image(verified)
         if image.digest is None:
             raise PolicyError("a release must fetch exactly one image with a digest")
@@ -259,6 +293,19 @@ class Publisher:
                 raise PolicyError("an encrypted release must name its ciphertext as /fw/<id>")
             return bytes.fromhex(tail)
         return image.digest.value
+
+    def _more_digests(self, authentic: trust.AuthenticatedManifest) -> list[bytes]:
+        """The SHA-256s of a multi-component release's images of components 1.."""
+        verified = trust.admit(
+            authentic,
+            trust.TrustPolicy(
+                anchors=authentic.anchors, max_envelope_size=self._config.max_envelope_size
+            ),
+        )
+        fetched = verified.payload_images()
+        if len(fetched) < 2:
+            return []
+        return [i.digest.value for i in fetched if i.component > 0 and i.digest is not None]
 
     def refused(self, envelope: bytes, actor: str, exc: OtaError) -> None:
         subject = "envelope sha256:" + hashlib.sha256(envelope).hexdigest()[:16]
@@ -273,9 +320,23 @@ class Publisher:
         actor: str,
         *,
         make_current: bool = True,
+        more: Sequence[TempBlob] = (),
     ) -> ReleaseRecord:
-        candidate = self.check(authentic, blob.digest, blob.size)
+        if more:
+            # The images of a multi-component release, handed in any order: component 0's
+            # is the one its digest names, the others are matched in `check`.
+            main = self._image_digest(authentic)
+            blobs = [blob, *more]
+            found = next((b for b in blobs if b.digest == main), None)
+            if found is None:
+                raise ImageMismatch("no image handed in matches the manifest's component 0")
+            blob, more = found, [b for b in blobs if b is not found]
+        candidate = self.check(
+            authentic, blob.digest, blob.size, [(b.digest, b.size) for b in more]
+        )
         created = self._blobs.commit(blob)
+        for other in more:  # left in place should the commit fail (content-addressed)
+            self._blobs.commit(other)
         try:
             release = self._store.commit_release(candidate, actor, make_current=make_current)
         except BaseException:
@@ -295,9 +356,53 @@ class Publisher:
 
 
 def _the_image(verified: trust.VerifiedManifest) -> trust.ImageInfo:
+    """The one fetched image, or component 0's of a multi-component release."""
     fetched = verified.payload_images()
-    if len(fetched) != 1:
+    if len(fetched) == 1:
+        return fetched[0]
+    if sorted(i.component for i in fetched) != list(range(len(fetched))):
         raise PolicyError(
-            f"a release must fetch exactly one image; this manifest fetches {len(fetched)}"
+            "a release must fetch exactly one image per component (0, 1, ...); this "
+            f"manifest fetches {len(fetched)}"
         )
-    return fetched[0]
+    return next(i for i in fetched if i.component == 0)
+
+
+def _more_images(
+    verified: trust.VerifiedManifest, handed: Sequence[tuple[bytes, int]]
+) -> tuple[ImageRecord, ...]:
+    """Components 1..: each fetched image must be one handed in (digest and size) and be
+    served by this server (/fw/<id>); every image handed in must be one of them."""
+    fetched = verified.payload_images()
+    extra = sorted((i for i in fetched if i.component > 0), key=lambda i: i.component)
+    if len(fetched) < 2:
+        extra = []
+    if len(handed) != len(extra):
+        raise ImageMismatch(
+            f"the manifest fetches {len(extra) + 1} image(s), {len(handed) + 1} were handed in"
+        )
+    sizes = dict(handed)
+    out = []
+    for image in extra:
+        if image.encryption_info is not None:
+            raise PolicyError("an encrypted image in a multi-component release is not supported")
+        if image.digest is None or image.digest.algorithm != suit.DIGEST_SHA256:
+            raise PolicyError("the image digest must be SHA-256 (the blob store's address)")
+        digest = image.digest.value
+        if digest not in sizes:
+            raise ImageMismatch(
+                f"no image handed in matches component {image.component}'s digest",
+                detail=f"manifest {digest.hex()}",
+            )
+        if image.size != sizes[digest]:
+            raise ImageMismatch(
+                f"component {image.component}'s image is {sizes[digest]} bytes, "
+                f"the manifest says {image.size}"
+            )
+        if image.uri != ids.image_uri(digest):
+            raise PolicyError(
+                f"payload URI {image.uri!r} of component {image.component} must be "
+                f"{ids.image_uri(digest)!r}"
+            )
+        out.append(ImageRecord(digest, sizes[digest]))
+    return tuple(out)

@@ -19,14 +19,17 @@ refusal leaves only its audit entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core import delta, ids, suit, trust
 from ..core.errors import IncompatibleError, OtaError, PolicyError
+from ..core.payload_kind import check_multi_component_plain
 from .anchor_lists import check_publish_signer
 from .blobs import TempBlob
 from .deltas import DeltaCandidate, DeltaRecord
@@ -67,6 +70,7 @@ class DeltaPublisher:
     ) -> tuple[DeltaCandidate, delta.DeltaInfo]:
         """Validate a delta envelope without side effects."""
         verified = trust.admit(authentic, self._p._policy(authentic.anchors))
+        check_multi_component_plain(verified)
         if len(verified.vendor_ids) != 1 or len(verified.class_ids) != 1:
             raise IncompatibleError("a delta must name exactly one vendor-id and one class-id")
         key = (verified.vendor_ids[0], verified.class_ids[0])
@@ -78,6 +82,10 @@ class DeltaPublisher:
                 f"no release with seq {verified.sequence_number} for this class: "
                 "publish the release (its full envelope) first"
             )
+        if release.more_images:
+            # Both-or-neither install of several images has no delta form yet
+            # (docs/decisions/multi-component.md): refused rather than half-supported.
+            raise PolicyError("a multi-component release cannot have a delta")
         deltas = [f for f in verified.fetches if f.delta is not None]
         if len(deltas) != 1:
             raise PolicyError(f"a delta envelope fetches one patch; this one {len(deltas)}")
@@ -201,12 +209,14 @@ class Published:
     size: int
     signer: str
     delta_from: bytes | None = None  # the source image digest of a delta
+    more: tuple[ImageRecord, ...] = ()  # a multi-component release's other images
 
     def line(self) -> str:
         what = "image" if self.delta_from is None else f"delta from {self.delta_from.hex()[:16]}:"
         return (
             f"published {self.class_label} seq {self.sequence_number}: {what} {self.uri} "
             f"({self.size} bytes), signed by {self.signer}"
+            + "".join(f", {i.uri} ({i.size} bytes)" for i in self.more)
         )
 
 
@@ -227,6 +237,7 @@ def _published(record: ReleaseRecord | DeltaRecord, release: ReleaseRecord | Non
         record.image.uri,
         record.image.size,
         record.signer,
+        more=record.more_images,
     )
 
 
@@ -236,23 +247,39 @@ def _is_delta(publisher: Publisher, authentic: trust.AuthenticatedManifest) -> b
 
 
 def publish_file_any(
-    publisher: Publisher, envelope: bytes, path: Path, actor: str, *, make_current: bool = True
+    publisher: Publisher,
+    envelope: bytes,
+    path: Path | Sequence[Path],
+    actor: str,
+    *,
+    make_current: bool = True,
 ) -> Published:
-    """`otacoap publish`: a release (IMAGE) or a delta of one (PATCH), told apart by the
-    authenticated envelope; one signature verification, a refusal audited.
-    `make_current` is `Publisher.publish_file`'s (a release only)."""
+    """`otacoap publish`: a release (IMAGE, or each image of a multi-component release)
+    or a delta of one (PATCH), told apart by the authenticated envelope; one signature
+    verification, a refusal audited. `make_current` is `Publisher.publish_file`'s (a
+    release only)."""
+    paths = [path] if isinstance(path, Path) else list(path)
     try:
         authentic = publisher.authenticate(envelope)
         if _is_delta(publisher, authentic):
+            if len(paths) != 1:
+                raise PolicyError("a delta envelope is published with its one PATCH")
             dp = DeltaPublisher(publisher)
-            record = dp.commit_file(authentic, path, actor)
+            record = dp.commit_file(authentic, paths[0], actor)
             return _published(record, dp._store.release_by_id(record.release_id))
-        with publisher._blobs.temp(cap=publisher._config.max_image_size) as blob:
-            with open(path, "rb") as f:
-                while chunk := f.read(_COPY_CHUNK):
-                    blob.write(chunk)
-            blob.finish()
-            release = publisher._check_and_commit(authentic, blob, actor, make_current=make_current)
+        with contextlib.ExitStack() as stack:
+            blobs = []
+            for one in paths:
+                cap = publisher._config.max_image_size
+                blob = stack.enter_context(publisher._blobs.temp(cap=cap))
+                with open(one, "rb") as f:
+                    while chunk := f.read(_COPY_CHUNK):
+                        blob.write(chunk)
+                blob.finish()
+                blobs.append(blob)
+            release = publisher._check_and_commit(
+                authentic, blobs[0], actor, make_current=make_current, more=blobs[1:]
+            )
             return _published(release, None)
     except OtaError as exc:
         publisher.refused(envelope, actor, exc)

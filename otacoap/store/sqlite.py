@@ -735,17 +735,19 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
                 raise RollbackError(
                     "another release was published for this class meanwhile; check again"
                 )
-            existing = db.execute(
-                "SELECT digest FROM images WHERE image_id = ?", (c.image.image_id,)
-            ).fetchone()
-            if existing is None:
-                db.execute(
-                    "INSERT INTO images (digest, image_id, size, created_at) VALUES (?, ?, ?, ?)",
-                    (c.image.digest, c.image.image_id, c.image.size, now),
-                )
-            elif existing[0] != c.image.digest:
-                # 64-bit prefix collision (ids.py): /fw/<id> would be ambiguous.
-                raise PolicyError(f"image id {c.image.image_id} already names another image")
+            for image in (c.image, *c.more_images):  # more: a multi-component release
+                existing = db.execute(
+                    "SELECT digest FROM images WHERE image_id = ?", (image.image_id,)
+                ).fetchone()
+                if existing is None:
+                    db.execute(
+                        "INSERT INTO images (digest, image_id, size, created_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        (image.digest, image.image_id, image.size, now),
+                    )
+                elif existing[0] != image.digest:
+                    # 64-bit prefix collision (ids.py): /fw/<id> would be ambiguous.
+                    raise PolicyError(f"image id {image.image_id} already names another image")
             cur = db.execute(
                 "INSERT INTO releases (vendor_id, class_id, class_label, seq, manifest_digest, "
                 "envelope, image_digest, signer, published_at, published_by) "
