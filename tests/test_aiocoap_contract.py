@@ -35,7 +35,7 @@ ENTRIES = [(pkg, spec) for pkg, table in QUARANTINES.items() for spec in table]
 # names only inside a quarantine.
 PRIVATE_USE = re.compile(
     r"from aiocoap[.a-z_]* import _|aiocoap\.transports\.|messagemanager"
-    r"|_run_retransmissions|_dtls_socket"
+    r"|_run_retransmissions|_dtls_socket|request_interfaces"
 )
 
 

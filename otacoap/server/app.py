@@ -27,7 +27,7 @@ from aiocoap.util import hostportjoin
 from ..config import Config, split_host_port
 from ..store import DataDir
 from ..store.errors import StoreError
-from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport
+from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport, shutdown
 from .fastpath import FirmwareFastPath
 from .metrics import MetricsEndpoint
 from .resources import ManifestResource, build_site
@@ -252,8 +252,7 @@ class OtaServer:
             await self.metrics.stop()
             self.metrics = None
         if self.context is not None:
-            if self.context.request_interfaces:  # aiocoap cannot shut down an empty one
-                await self.context.shutdown()
+            await shutdown(self.context)
             self.context = None
         if self.uploads is not None:
             self.uploads.close()

@@ -47,7 +47,7 @@ RELIES_ON: dict[str, str] = {
     ),
     f"{_CTX}._append_tokenmanaged_messagemanaged_transport ~ "
     "mman.message_interface = transport": "listeners.add_transport",
-    f"{_CTX}.request_interfaces": "listeners.add_transport",
+    f"{_CTX}.request_interfaces": "listeners.add_transport, listeners.shutdown",
     # listeners: the message interfaces, built without create_server (port + 1).
     f"{_GEN}.__init__(self, mman, log, loop)": "listeners: cls(mman, log, loop)",
     f"{_GEN}._mman": "listeners._FastPathFirst: None once shutting down",

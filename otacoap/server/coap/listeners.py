@@ -174,3 +174,9 @@ async def add_transport(
     tman.token_interface = mman
     ctx.request_interfaces.append(tman)
     return interface
+
+
+async def shutdown(ctx: Context) -> None:
+    """Shut `ctx` down, unless no interface was ever added (aiocoap cannot shut that down)."""
+    if ctx.request_interfaces:
+        await ctx.shutdown()
