@@ -9,6 +9,7 @@ layers is a design decision: make it in both places, or not at all.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -206,3 +207,50 @@ def test_the_checker_catches_a_violation(
     fake.write_text(source)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert any(bad in p for p in _violations()), _violations()
+
+
+def _doc_layers(doc: str) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """The layer table of docs/ARCHITECTURE.md, read back: layer -> (project, third party).
+
+    "everything above" means every layer in a row above; "nothing" and "none" are empty;
+    a parenthesis, or a clause after ";", only comments on the names before it.
+    """
+    section = doc.split("## Layers and who may import whom", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        layer = cells[0].strip("`").replace("/", ".")
+        own_cell = re.sub(r"\([^)]*\)", "", cells[2])
+        if own_cell.strip().startswith("everything above"):
+            own = frozenset(table)
+        else:
+            own = frozenset(
+                n if n.startswith(("otacoap", "device_sim")) else f"otacoap.{n}"
+                for n in re.findall(r"[a-z_]+(?:\.[a-z_]+)*", own_cell)
+                if n != "nothing"
+            )
+        third_cell = re.sub(r"\([^)]*\)", "", cells[3]).split(";")[0]  # "; no I/O ..."
+        third = frozenset(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", third_cell))
+        table[layer] = (own, third - {"none"})
+    return table
+
+
+def _expected_layers() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """LAYERS as the document writes it: a layer's own name implied, not listed."""
+    return {layer: (own - {layer}, third) for layer, (own, third) in LAYERS.items()}
+
+
+def test_the_documented_permissions_are_the_tested_ones() -> None:
+    """Not only the layer names: each row's imports, project and third party, match LAYERS."""
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    assert _doc_layers(doc) == _expected_layers()
+
+
+def test_a_drifted_document_row_is_caught() -> None:
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    drifted = doc.replace(
+        "| core, config, fsutil | cryptography, psycopg |", "| core | cryptography |"
+    )
+    assert drifted != doc
+    assert _doc_layers(drifted) != _expected_layers()
