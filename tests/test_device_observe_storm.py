@@ -108,8 +108,10 @@ def older_envelopes(rig: Rig, count: int) -> list[bytes]:
 PACING = PacingConfig(min_gap=0.25, max_gap=2.0)
 
 
-async def storm(rig: Rig, envelopes: list[bytes]) -> tuple[StormServer, list[Outcome], int]:
-    script = Script(report_code=Code.SERVICE_UNAVAILABLE)  # reports stay queued
+async def storm(
+    rig: Rig, envelopes: list[bytes], report_code: Code = Code.SERVICE_UNAVAILABLE
+) -> tuple[StormServer, list[Outcome], int]:
+    script = Script(report_code=report_code)  # 5.03 (the default): reports stay queued
     config = replace(FAST, poll_interval=60.0, pacing=PACING)
     before = state_writes(rig)
     async with StormServer(envelopes, script=script) as server:
@@ -160,6 +162,32 @@ def test_the_same_refused_envelope_is_not_fetched_verified_or_reported_again(
     assert outcomes == [Outcome.REJECTED], "one check, then every notification ignored"
     assert server.checks == 1
     assert writes == 1, "one report for one refusal"
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_a_storm_from_a_server_that_takes_every_report_costs_two_writes_a_check(
+    tmp_path: Path,
+) -> None:
+    """The other server behaviour: every report answered 2.04. Each refusal is saved
+    with its report, and the flush that follows saves the emptied outbox: two state
+    writes per check at most, so with the pacer's bound on checks the writes per hour
+    are bounded whether the server keeps reports queued or takes them."""
+    rig = make_rig(tmp_path, seq=5)
+    box: dict[str, Any] = {}
+
+    async def go() -> None:
+        box["server"], box["outcomes"], box["writes"] = await storm(
+            rig, older_envelopes(rig, 24), Code.CHANGED
+        )
+
+    run(go)
+    server, outcomes, writes = box["server"], box["outcomes"], box["writes"]
+    assert server.notifications >= 100, "the storm did not happen"
+    assert set(outcomes) == {Outcome.REJECTED}
+    assert len(outcomes) <= CheckPacer.max_checks(PACING, STORM_SECONDS)
+    assert len(server.reports) == len(outcomes), "every refusal reported, once"
+    assert writes <= 2 * len(outcomes), (writes, len(outcomes))
 
 
 # -- the pacer itself, under any server behaviour ----------------------------------------------
