@@ -49,6 +49,7 @@ from typing import Any
 
 from otacoap.core import boot_status, protocol, suit, trust
 from otacoap.core.check_pacing import CheckPacer, PacingConfig
+from otacoap.core.coap_numbers import code_class
 from otacoap.core.errors import AlreadyInstalled, OtaError, ReportReason
 from otacoap.core.freshness import Freshness
 from otacoap.core.update_machine import (
@@ -349,7 +350,7 @@ class UpdateAgent:
                 )
             except TransportError:
                 break
-            if resp.successful or resp.code >> 5 == 4:
+            if resp.successful or code_class(resp.code) == 4:
                 # 2.04: durably stored. 4.xx: refused for good (e.g. a counter the
                 # server already has, after our ack was lost): resending cannot help.
                 done += 1

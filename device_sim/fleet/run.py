@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from otacoap import eventloop
 from otacoap.core import blockwise
+from otacoap.core.coap_numbers import code_str
 
 from ..coap import CoapTransport, normalize_base
 from ..netem import LinkProfile
@@ -58,7 +59,7 @@ async def preflight(server: str, device: tuple[str, bytes], seq: int, szx: int) 
                 continue
             if resp.successful:
                 return
-            last = f"answered {resp.code >> 5}.{resp.code & 31:02d}"
+            last = f"answered {code_str(resp.code)}"
             await asyncio.sleep(0.5)
     finally:
         await transport.close()
