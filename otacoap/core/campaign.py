@@ -418,12 +418,14 @@ def evaluate(
         w = waves[i] if i < len(waves) else WaveCounts()
         if w.succeeded < needed(policy.success_threshold, w.size):
             break
-        if p.reached_at is None:
+        reached = p.reached_at
+        if reached is None:
+            reached = now
             p = replace(p, reached_at=now)
             events.append(
                 ("campaign.wave-reached", f"wave {i + 1}: {w.succeeded} of {w.size} confirmed")
             )
-        if w.size and not policy.urgent and now < p.reached_at + policy.soak:  # type: ignore[operator]
+        if w.size and not policy.urgent and now < reached + policy.soak:
             break
         if p.opened >= p.wave_count:
             p = replace(p, state=CampaignState.FINISHED)

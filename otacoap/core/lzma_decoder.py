@@ -161,7 +161,7 @@ class LzmaDecoder:
                 self.eof = True
         return bytes(out)
 
-    def _bit(self, probs: array, i: int) -> int:  # type: ignore[type-arg]
+    def _bit(self, probs: array[int], i: int) -> int:
         p = probs[i]
         bound = (self._range >> 11) * p
         if self._code < bound:

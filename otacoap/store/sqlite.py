@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..core import cose, ids, protocol
 from ..core.errors import ManifestError, PolicyError, RollbackError
@@ -186,7 +187,7 @@ _AUDIT_FROM = "SELECT seq, ts, actor, action, subject, outcome, detail, prev_has
 _AUDIT_SELECT = f"{_AUDIT_FROM} ORDER BY seq"
 
 
-def _release(row: sqlite3.Row | tuple) -> ReleaseRecord:  # type: ignore[type-arg]
+def _release(row: sqlite3.Row | tuple[Any, ...]) -> ReleaseRecord:
     return ReleaseRecord(
         id=row[0],
         vendor_id=row[1],
@@ -202,7 +203,7 @@ def _release(row: sqlite3.Row | tuple) -> ReleaseRecord:  # type: ignore[type-ar
     )
 
 
-def _device(row: tuple) -> DeviceRecord:  # type: ignore[type-arg]
+def _device(row: tuple[Any, ...]) -> DeviceRecord:
     return DeviceRecord(*row)
 
 
@@ -686,7 +687,7 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
         ).fetchone()
         return f"{row[0]}/{row[1]}" if row else None
 
-    def _release_where(self, where: str, args: tuple) -> ReleaseRecord | None:  # type: ignore[type-arg]
+    def _release_where(self, where: str, args: tuple[Any, ...]) -> ReleaseRecord | None:
         row = self._db.execute(
             f"SELECT {_RELEASE_COLUMNS} FROM releases r JOIN images i ON i.digest = r.image_digest "
             f"WHERE {where}",
