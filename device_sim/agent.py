@@ -214,7 +214,8 @@ class RefusalMemory:
 
     RAM only and bounded (a reboot forgets it, which costs one more verification).
     A refusal of a given envelope is final: its signature, sequence number, class and
-    URIs do not change, and the trusted sequence number only grows. So the same
+    URIs do not change, and the trusted sequence number only grows; only the author
+    keys can change (a new anchor list), and committing one clears this memory. So the same
     envelope is never verified and reported again, and a notification that carries it
     (or its ETag) triggers no check: a server replaying it cannot make the device write
     a report per notification.
@@ -231,6 +232,12 @@ class RefusalMemory:
         _bounded_put(self._by_digest, sha256(envelope), (reason, detail), self._size)
         if etag:
             _bounded_put(self._etags, etag, None, self._size)
+
+    def clear(self) -> None:
+        """Forget every refusal: the keys they were judged with changed (a new anchor
+        list), so an envelope refused for its signer may be accepted now."""
+        self._by_digest.clear()
+        self._etags.clear()
 
     def verdict(self, envelope: bytes) -> tuple[ReportReason, str] | None:
         """(reason, detail) of the earlier refusal of exactly these bytes, if any."""

@@ -159,6 +159,7 @@ async def update_anchors(agent: UpdateAgent) -> int:
             break
         trusted = new
         applied += 1
+        agent.refused.clear()  # refusals were judged with the old author keys
     return applied
 
 

@@ -308,3 +308,35 @@ def test_oversized_or_garbage_answers_on_a_are_not_committed(tmp_path: Path) -> 
     assert rig.info()["anchor_version"] == 0
     assert server.reports[-2].state.value == "rejected"  # the garbage list, then freshness
     assert "anchor list" in server.reports[-2].detail
+
+
+def test_an_envelope_refused_for_its_signer_is_verified_again_after_a_rotation(
+    tmp_path: Path,
+) -> None:
+    """RefusalMemory (issue 15 §2) must not outlive the keys a refusal was judged with.
+
+    A release signed by an author key the device does not trust yet is refused and
+    remembered. Once an anchor list adds that key, the same envelope is no longer a
+    refused one: without forgetting, a `run --watch` device would answer it "refused
+    before" until it rebooted.
+    """
+    rig = rig_with_root(tmp_path)
+    server = InProcessServer()
+    image = release(server, NEW, 6)  # NEW is not an author key of version 0
+
+    async def go() -> list[RunResult]:
+        device = DeviceAgent(
+            rig.path, "coaps://in-process", transport=InProcessTransport(server), config=FAST
+        )
+        try:
+            first = await device.run_once()
+            server.anchor_lists = {1: anchors(1, [OLD, NEW])}
+            return [first, await device.run_once()]
+        finally:
+            await device.close()
+
+    first, second = asyncio.run(go())
+    assert first.outcome == Outcome.REJECTED and first.reason == ReportReason.UNAUTHORISED
+    assert second.outcome == Outcome.UPDATED, second
+    assert rig.info()["anchor_version"] == 1
+    assert rig.boots()[1] == hashlib.sha256(image).digest()
