@@ -20,7 +20,8 @@ life and asks for neither, exactly as before):
 
 Refusals of an anchor list are reported once and remembered in RAM by digest, like
 refused envelopes (`RefusalMemory`), so a server replaying a bad list cannot make the
-device write a report per check.
+device write a report per check. Committing a list clears both memories: every refusal
+was judged against the list it replaces.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class AnchorRefusals:
 
     def __contains__(self, data: bytes) -> bool:
         return hashlib.sha256(data).digest() in self._seen
+
+    def clear(self) -> None:
+        """Forget: a list is judged against the trusted one, which just changed."""
+        self._seen.clear()
 
     def add(self, data: bytes) -> None:
         self._seen[hashlib.sha256(data).digest()] = None
@@ -159,7 +164,9 @@ async def update_anchors(agent: UpdateAgent) -> int:
             break
         trusted = new
         applied += 1
-        agent.refused.clear()  # refusals were judged with the old author keys
+        # Every refusal, of an envelope or a list, was judged against the old list.
+        agent.refused.clear()
+        agent.anchor_refusals.clear()
     return applied
 
 

@@ -340,3 +340,32 @@ def test_an_envelope_refused_for_its_signer_is_verified_again_after_a_rotation(
     assert second.outcome == Outcome.UPDATED, second
     assert rig.info()["anchor_version"] == 1
     assert rig.boots()[1] == hashlib.sha256(image).digest()
+
+
+def test_an_anchor_list_refused_out_of_turn_is_judged_again_after_a_rotation(
+    tmp_path: Path,
+) -> None:
+    """A server holding the PSK answers /a?v=0 with the genuine list 2: refused (not
+    version 1) and remembered. After list 1 is committed, list 2 is exactly the next
+    one; a memory that outlived the rotation would keep the device from ever taking
+    it (and the revocation it carries) until a reboot."""
+    rig = rig_with_root(tmp_path)
+    server = InProcessServer()
+    v2 = anchors(2, [NEW])  # revokes OLD
+    server.anchor_lists = {1: v2}  # /a?v=0 answers list 2: out of turn
+
+    async def go() -> None:
+        device = DeviceAgent(
+            rig.path, "coaps://in-process", transport=InProcessTransport(server), config=FAST
+        )
+        try:
+            await device.run_once()
+            assert rig.info()["anchor_version"] == 0
+            server.anchor_lists = {1: anchors(1, [OLD, NEW]), 2: v2}
+            await device.run_once()
+        finally:
+            await device.close()
+
+    asyncio.run(go())
+    assert rig.info()["anchor_version"] == 2
+    assert state_of(rig).anchors.authors == (ck(NEW),)
