@@ -30,7 +30,7 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
-from device_sim.agent import AgentConfig, DeviceAgent, RunResult
+from device_sim.agent import AgentConfig, DeviceAgent, Outcome, RunResult
 from device_sim.bootloader import Bootloader
 from device_sim.fetcher import FetchConfig
 from device_sim.firmware import make_image
@@ -642,6 +642,27 @@ async def run_device(
     finally:
         await device.close()
     return result, device
+
+
+def stage(rig: Rig, image: bytes, seq: int) -> None:
+    """Download and stage a genuine release of `image` (PENDING), without rebooting into
+    it: the state a power-on finds right after an update was staged."""
+    envelope, _ = release(rig.key, image, seq)
+
+    async def go() -> None:
+        script = Script(envelope=envelope)
+        script.images[ids.image_uri(hashlib.sha256(image).digest())] = image
+        async with EvilServer(script=script) as server:
+            device = DeviceAgent(rig.path, server.base_uri, config=FAST)
+            try:
+                device.power_on()
+                assert device.agent is not None
+                staged = await device.agent.check_and_update()
+                assert staged.outcome == Outcome.STAGED, staged
+            finally:
+                await device.close()
+
+    asyncio.run(asyncio.wait_for(go(), 90))
 
 
 @contextlib.contextmanager

@@ -12,39 +12,21 @@ case, and the device still boots, and updates once the flash works again.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from pathlib import Path
 
-from evil_server import FAST, EvilServer, Rig, Script, make_rig, release
+from evil_server import Rig, make_rig, stage
 
-from device_sim.agent import DeviceAgent, Outcome
 from device_sim.bootloader import Bootloader, BootResult
 from device_sim.firmware import make_image
 from device_sim.flash import FlashFaults
 from device_sim.layout import open_flash
-from otacoap.core import ids
 
 
 def _stage(rig: Rig) -> bytes:
     """Download and stage seq 6 (PENDING); returns its image."""
     image = make_image(6000, version=6, seed=6)
-    envelope, _ = release(rig.key, image, 6)
-
-    async def go() -> None:
-        script = Script(envelope=envelope)
-        script.images[ids.image_uri(hashlib.sha256(image).digest())] = image
-        async with EvilServer(script=script) as server:
-            device = DeviceAgent(rig.path, server.base_uri, config=FAST)
-            try:
-                device.power_on()
-                assert device.agent is not None
-                staged = await device.agent.check_and_update()
-                assert staged.outcome == Outcome.STAGED
-            finally:
-                await device.close()
-
-    asyncio.run(asyncio.wait_for(go(), 60))
+    stage(rig, image, 6)
     return image
 
 

@@ -22,7 +22,6 @@ import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
 from evil_server import (
-    FAST,
     EvilServer,
     Script,
     envelope_bytes,
@@ -30,6 +29,7 @@ from evil_server import (
     manifest_bytes,
     release,
     run_device,
+    stage,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -223,25 +223,7 @@ def test_save_makes_room_by_dropping_the_oldest_reports(tmp_path: Path) -> None:
 def test_status_says_not_bootable_when_the_next_boot_would_fail(tmp_path: Path) -> None:
     """The running trial verifies, but the next boot reverts to a slot that does not."""
     rig = make_rig(tmp_path, seq=5)
-    image = make_image(6000, version=6, seed=6)
-    envelope, _ = release(rig.key, image, 6)
-
-    async def go() -> None:
-        script = Script(envelope=envelope)
-        script.images[ids.image_uri(hashlib.sha256(image).digest())] = image
-        async with EvilServer(script=script) as server:
-            from device_sim.agent import DeviceAgent
-
-            device = DeviceAgent(rig.path, server.base_uri, config=FAST)
-            try:
-                device.power_on()
-                assert device.agent is not None
-                staged = await device.agent.check_and_update()
-                assert staged.outcome == Outcome.STAGED
-            finally:
-                await device.close()
-
-    run(go)
+    stage(rig, make_image(6000, version=6, seed=6), 6)  # asserts the outcome STAGED
     flash, _ = open_flash(rig.path)
     try:
         boot = Bootloader(flash).boot()  # trial boot: TESTING, running the candidate

@@ -16,17 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from delta_rig import synthetic_pair
 from server_helpers import (
     CLASS_A,
+    VENDOR,
     DeviceSpec,
     Setup,
     ThreadedServer,
+    cli_ok,
     make_image,
     make_setup,
 )
 
 from otacoap.core import cose, trust
 from otacoap.core.errors import RollbackError
+from otacoap.fsutil import atomic_write
 from otacoap.operator.client import RemoteRefused, publish
 from otacoap.store import DataDir, Publisher
 
@@ -41,6 +45,10 @@ def setup(tmp_path: Path) -> Setup:
 @pytest.fixture
 def verifies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every call to cose.verify_block from now on, in this process."""
+    return count_verifies(monkeypatch)
+
+
+def count_verifies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real: Callable[..., cose.TrustAnchor] = cose.verify_block
 
@@ -130,3 +138,35 @@ def test_the_device_gate_is_authenticate_then_admit(setup: Setup, verifies: list
         trust.AuthenticatedManifest(  # type: ignore[call-arg]
             authentic.envelope, rel.envelope, setup.key.public, policy.anchors, (1, 1)
         )
+
+
+def test_a_release_and_its_delta_are_verified_once_each(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`publish_file_any` authenticates each envelope once and tells a release from a
+    delta by the authentic manifest; the delta's checks (`DeltaPublisher`) only admit."""
+    cli_ok("keygen", "--out", tmp_path / "author")
+    cli_ok("trust", "add", "--data", setup.data, tmp_path / "author.pub")
+    old, new = synthetic_pair(20_000)
+    old_bin, new_bin = tmp_path / "old.bin", tmp_path / "new.bin"
+    atomic_write(old_bin, old)
+    atomic_write(new_bin, new)
+
+    def build(seq: int, out: str, *extra: str | Path) -> Path:
+        cli_ok(
+            "manifest", "build", "--image", new_bin if seq == 3 else old_bin,
+            "--vendor-domain", VENDOR, "--class-info", CLASS_A, "--seq", str(seq),
+            "--key", tmp_path / "author", "-o", tmp_path / out, *extra,
+        )  # fmt: skip
+        return tmp_path / out
+
+    cli_ok("publish", "--data", setup.data, build(2, "v2.suit"), old_bin)
+    full = build(3, "v3.suit")
+    delta_env = build(3, "v3-from-v2.suit", "--delta-from", old_bin)
+    calls = count_verifies(monkeypatch)  # from here on: the publish of both
+    out = cli_ok(
+        "publish", "--data", setup.data, full, new_bin,
+        "--delta", delta_env, Path(f"{delta_env}.patch"),
+    )  # fmt: skip
+    assert "delta from" in out
+    assert len(calls) == 2, "one verification for the release, one for its delta"
