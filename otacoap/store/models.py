@@ -151,6 +151,20 @@ class ReleaseRecord:
         """
         return more_images_of(self.envelope)
 
+    @functools.cached_property
+    def running_digest(self) -> bytes:
+        """The SHA-256 of the image a device runs after installing this release.
+
+        `image` is what the server stores and serves: for an encrypted release the
+        ciphertext, whose digest no device's slot ever holds. The plaintext digest is
+        the one the release's own (verified at publish) manifest signs; a delta's source
+        digest is compared with this (store/deltas.py)."""
+        summary = trust.summarize(suit.decode_envelope(self.envelope))
+        for fetch in summary.fetches:
+            if fetch.component == 0 and fetch.encryption_info is not None and fetch.digest:
+                return bytes(fetch.digest.value)
+        return self.image.digest
+
 
 def more_images_of(envelope: bytes) -> tuple[ImageRecord, ...]:
     """(digest, size) of the fetched images of components 1.. in a stored envelope."""
