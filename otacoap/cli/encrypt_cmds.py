@@ -259,6 +259,10 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     params = found[0]
     if args.payload:
         ciphertext = _read_maybe_hex(args.payload)
+        # An encrypted delta names two payloads (the patch, the full image), each with
+        # its own key: take the one whose URI names this ciphertext's SHA-256.
+        named = ids.image_uri(hashlib.sha256(ciphertext).digest())
+        params = next((f for f in found if f.uri == named), params)
     elif params.content is not None:
         ciphertext = params.content
     else:
