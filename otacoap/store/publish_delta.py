@@ -104,7 +104,9 @@ class DeltaPublisher:
         info = patch_fetch.delta
         assert info is not None
         full = release.image
-        signed = _release_fetch(release)  # the release's image as its manifest signs it
+        signed = release.signed_image  # the release's image as its manifest signs it
+        if signed is None:
+            raise PolicyError("the release's envelope does not fetch exactly one image")
         encrypted = signed.encryption_info is not None
         want = (signed.digest.value, signed.size) if encrypted and signed.digest else None
         for fetch in verified.fetches:
@@ -176,7 +178,8 @@ class DeltaPublisher:
         self, authentic: trust.AuthenticatedManifest, blob: TempBlob, actor: str
     ) -> DeltaRecord:
         candidate, info = self.check(authentic, blob.digest, blob.size)
-        if _release_fetch(candidate.release).encryption_info is None:
+        signed = candidate.release.signed_image
+        if signed is not None and signed.encryption_info is None:
             self._try_apply(info, blob.path, candidate.release.image)
         created = self._blobs.commit(blob)
         try:
@@ -230,16 +233,6 @@ class DeltaPublisher:
             return self._check_and_commit(authentic, blob, actor)
         finally:
             blob.discard()
-
-
-def _release_fetch(release: ReleaseRecord) -> trust.ImageInfo:
-    """Component 0's fetch in a published release's own envelope (which the publisher
-    verified when it stored it): its signed digest, size, URI and encryption info."""
-    summary = trust.summarize(suit.decode_envelope(release.envelope))
-    fetches = [f for f in summary.fetches if f.component == 0 and f.delta is None]
-    if len(fetches) != 1:
-        raise PolicyError("the release's envelope does not fetch exactly one image")
-    return fetches[0]
 
 
 def _uri_id(uri: str | None) -> bytes:
