@@ -126,6 +126,11 @@ def test_build_an_encrypted_delta_and_publish_it_with_its_release(op: Operator) 
         op.new_bin, 2, "d.suit", "--delta-from", op.old_bin, "--kek", op.dir / "class.kek",
         "--full-envelope", v2,
     )  # fmt: skip
+    only = op.build(
+        op.new_bin, 2, "only.suit", "--delta-from", op.old_bin, "--kek", op.dir / "class.kek",
+        "--full-envelope", v2, "--no-fallback",
+    )  # fmt: skip
+    assert cli_ok("manifest", "inspect", only).count("encrypted payload:") == 1
     patch_ct = (op.dir / "d.suit.patch").read_bytes()
     patch = patching.create_patch(op.old, op.new)
     assert len(patch_ct) == len(patch) and patch_ct != patch, "the patch file is ciphertext"
