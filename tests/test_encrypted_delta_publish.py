@@ -204,6 +204,15 @@ def test_a_patch_ciphertext_of_the_wrong_size_or_bytes_is_refused(op: Operator) 
     cli_ok("publish", "--data", op.data, env, patch)  # the genuine one is fine
 
 
+def test_an_encrypted_delta_from_an_unknown_source_is_refused(op: Operator) -> None:
+    """The server cannot apply an encrypted patch; it can check that its source is the
+    image of an earlier release of the class (else no device is ever served it)."""
+    v2, v2_enc = op.encrypted(op.new_bin, 2, "v2.suit")  # no v1 published
+    cli_ok("publish", "--data", op.data, v2, v2_enc)
+    env, patch = op.signed_delta("d.suit")
+    assert "is no earlier release's image" in op.refused(env, patch)
+
+
 def test_an_encrypted_patch_of_a_plaintext_release_is_refused(op: Operator) -> None:
     v1 = op.build(op.old_bin, 1, "v1.suit")
     cli_ok("publish", "--data", op.data, v1, op.old_bin)

@@ -20,7 +20,9 @@ signed manifest* names (plaintext digests, compared as signed values); that the 
 fetch carries encryption info (a plaintext patch of an encrypted release is refused)
 and the fallback exactly the release's ciphertext URI and encryption info; that the
 handed-in ciphertext is the one the signed URI names (its SHA-256) and its size fits
-the patch size and content algorithm. Not checkable without the plaintext: the patch
+the patch size and content algorithm; and that the source is the (plaintext) image of
+an earlier release of the class, the only source a device is ever served a delta
+for. Not checkable without the plaintext: the patch
 digest, and applying the patch to the source (the device does both, and falls back
 to the full image or refuses).
 
@@ -126,6 +128,7 @@ class DeltaPublisher:
                 raise PolicyError("the fallback must carry the release's own encryption info")
         if encrypted:
             _check_encrypted_patch(patch_fetch, info, patch_size)
+            self._check_known_source(release, info)
         elif patch_fetch.encryption_info is not None:
             raise PolicyError("an encrypted patch of a plaintext release is refused")
         else:
@@ -146,6 +149,22 @@ class DeltaPublisher:
             verified.signer,
         )
         return candidate, info
+
+    def _check_known_source(self, release: ReleaseRecord, info: delta.DeltaInfo) -> None:
+        """An encrypted delta's source must be the image an earlier release of the class
+        installs (`running_digest`): the one check relating a patch the server cannot
+        apply to anything it knows. (Devices are only ever served a delta whose source
+        is such a release, `deltas.delta_for_device`, so no other delta is of use.)"""
+        source = info.source_digest.value
+        for other in self._store.list_releases(current_only=False):
+            if other.class_key != release.class_key:
+                continue
+            if other.sequence_number < release.sequence_number and (other.running_digest == source):
+                return
+        raise NotFound(
+            f"the delta's source {source.hex()[:16]} is no earlier release's image in "
+            "this class: publish that release first"
+        )
 
     def _try_apply(self, info: delta.DeltaInfo, patch: Path, image: ImageRecord) -> None:
         """Apply the patch to the source, if the server has it; it must make the image.
