@@ -143,7 +143,7 @@ def resolve(args: argparse.Namespace, key: cose.SigningKey | None) -> BuildCrypt
             raise CliError(f"profile {profile.name} distributes keys with {flag} only")
     if alg is not None and key is not None and alg not in cose.algs_for(key.kind):
         raise CliError(f"--alg {args.alg} does not fit a {key.kind} key")
-    if recipients and not args.payload_out:
+    if recipients and not args.payload_out and not getattr(args, "delta_from", None):
         raise CliError("an encrypted build needs --payload-out FILE for the ciphertext")
     if args.payload_out and not recipients:
         raise CliError("--payload-out is for encrypted builds (--encrypt-for or --kek)")
@@ -259,6 +259,10 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     params = found[0]
     if args.payload:
         ciphertext = _read_maybe_hex(args.payload)
+        # An encrypted delta names two payloads (the patch, the full image), each with
+        # its own key: take the one whose URI names this ciphertext's SHA-256.
+        named = ids.image_uri(hashlib.sha256(ciphertext).digest())
+        params = next((f for f in found if f.uri == named), params)
     elif params.content is not None:
         ciphertext = params.content
     else:

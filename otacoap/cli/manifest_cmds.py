@@ -253,8 +253,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_release_names(args.vendor_domain, args.uri)
     crypto = encrypt_cmds.resolve(args, key)
     if args.delta_from:
-        if crypto.encrypts:
-            raise CliError("--delta-from cannot be combined with payload encryption")
+        delta_cmds.check_encrypted_delta_options(args, crypto.encrypts)
         if more:
             raise CliError("--delta-from cannot be combined with a multi-component release")
         _refuse_overwrite([delta_cmds.patch_path(args)], args.force)
@@ -271,12 +270,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     encrypted = None
     if crypto.encrypts and more:
         raise CliError("an encrypted multi-component release is not supported")
-    if crypto.encrypts:
+    if crypto.encrypts and args.delta_from:  # the fallback: the release's own ciphertext
+        release = delta_cmds.encrypted_fallback(args, release)
+    elif crypto.encrypts:
         encrypted = encrypt_cmds.encrypt_image(args.image, crypto, args.uri)
         release = replace(release, uri=encrypted.uri, encryption_info=encrypted.info)
     patch_line = ""
     if args.delta_from:
-        unsigned, patch_line = delta_cmds.build_delta(args, release)
+        unsigned, patch_line = delta_cmds.build_delta(args, release, crypto)
     else:
         unsigned = build_envelope(release)
     envelope = encrypt_cmds.authenticate(unsigned, key, crypto)

@@ -92,8 +92,25 @@ class ComponentImage:
     component: tuple[bytes, ...] = SECOND_COMPONENT
 
 
+@dataclass(frozen=True)
+class EncryptedPatch:
+    """How an encrypted delta's patch is fetched (docs/decisions/delta-updates.md).
+
+    `encryption_info` is the patch's own SUIT_Encryption_Info (a fresh CEK and IV, never
+    the image's), `uri` names the patch *ciphertext* by its SHA-256 (`/fw/<id>`), as an
+    encrypted image's URI does. The DeltaInfo's patch digest and size stay the
+    plaintext patch's (firmware-encryption §7: digests are over plaintext)."""
+
+    encryption_info: bytes
+    uri: str
+
+
 def build_manifest(
-    release: Release, patch: delta.DeltaInfo | None = None, *, fallback: bool = True
+    release: Release,
+    patch: delta.DeltaInfo | None = None,
+    *,
+    fallback: bool = True,
+    encrypted_patch: EncryptedPatch | None = None,
 ) -> suit.Manifest:
     """The release's manifest; with `patch`, its delta form (docs/decisions/delta-updates.md).
 
@@ -101,12 +118,18 @@ def build_manifest(
     source (the custom condition), else (or if the patch fails) the full image; the
     image-digest and image-size stay the resulting image's, so validate and secure boot
     are the same as for the full manifest. `fallback=False` leaves the full image out
-    (a delta-only manifest: a device that cannot use the patch refuses it). A patch of
-    an encrypted release is refused: it would be plaintext (the delta form of an
-    encrypted payload is out of scope).
+    (a delta-only manifest: a device that cannot use the patch refuses it). The delta of
+    an encrypted release is encrypted too (`encrypted_patch`: its encryption info goes
+    on the patch's fetch, beside the delta parameters); a plaintext patch of an
+    encrypted release would reveal the firmware's diff, so it is refused, and so is an
+    encrypted patch of a plaintext release.
     """
-    if patch is not None and release.encryption_info is not None:
-        raise OtaError("an encrypted release cannot have a delta form")
+    if patch is not None and (release.encryption_info is None) != (encrypted_patch is None):
+        raise OtaError(
+            "an encrypted release's delta must be encrypted too"
+            if encrypted_patch is None
+            else "an encrypted patch needs an encrypted release"
+        )
     if patch is not None and release.more:
         # Both-or-neither install has no delta form (docs/decisions/multi-component.md).
         raise OtaError("a multi-component release cannot have a delta form")
@@ -150,7 +173,16 @@ def build_manifest(
         Command(suit.CMD_FETCH, REP_FAILURE),
     ]
     if patch is not None:
-        patch_params = ((suit.P_URI, ids.image_uri(patch.patch_digest.value)),)
+        patch_params: tuple[tuple[int, object], ...] = (
+            (suit.P_URI, ids.image_uri(patch.patch_digest.value)),
+        )
+        if encrypted_patch is not None:
+            # draft-ietf-suit-firmware-encryption §4: the info on the fetch's parameters;
+            # the device decrypts the patch while it streams into the patch decoder.
+            patch_params = (
+                (suit.P_ENCRYPTION_INFO, encrypted_patch.encryption_info),
+                (suit.P_URI, encrypted_patch.uri),
+            )
         by_delta = CommandSequence.build(
             [
                 Command(
@@ -250,8 +282,10 @@ def build_envelope(
     *,
     patch: delta.DeltaInfo | None = None,
     fallback: bool = True,
+    encrypted_patch: EncryptedPatch | None = None,
 ) -> suit.Envelope:
-    envelope = suit.make_envelope(build_manifest(release, patch, fallback=fallback))
+    manifest = build_manifest(release, patch, fallback=fallback, encrypted_patch=encrypted_patch)
+    envelope = suit.make_envelope(manifest)
     return sign_envelope(envelope, key, alg) if key is not None else envelope
 
 

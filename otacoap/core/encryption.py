@@ -581,6 +581,7 @@ class EncryptedParameters:
     info: bytes
     content: bytes | None  # suit-parameter-content of the same set (write), if any
     source_component: int | None  # suit-parameter-source-component (copy), if any
+    uri: str | None = None  # suit-parameter-uri of the same set (the fetched ciphertext)
 
 
 def encrypted_parameters(envelope: suit.Envelope) -> list[EncryptedParameters]:
@@ -609,6 +610,7 @@ def encrypted_parameters(envelope: suit.Envelope) -> list[EncryptedParameters]:
                             info,
                             params.get(suit.P_CONTENT),
                             params.get(suit.P_SOURCE_COMPONENT),
+                            params.get(suit.P_URI),
                         )
                     )
             elif cmd.code == suit.CMD_TRY_EACH:

@@ -21,7 +21,8 @@ whatever the kind, so a decoder never decides what is trusted.
 Kinds: `PLAIN_IMAGE` (fetched bytes are the image), the encrypted payload
 (`core.encryption.EncryptedPayload`, chosen when the Fetch carries
 suit-parameter-encryption-info) and `DeltaKind` (a detools patch applied against the
-running slot, `core.delta`, whose `payload_size` is the patch's, not the image's). A
+running slot, `core.delta`, whose `payload_size` is the patch's, not the image's; an
+encrypted delta is a `DeltaKind` whose patch is decrypted while it streams). A
 decoder whose output can be much longer than its input (a patch) is a
 `DrainingDecoder`, which the machine drains in bounded pieces so memory stays flat. How
 the next ones plug in is described in `core.update_machine`.
@@ -111,6 +112,31 @@ class PlainImage:
 PLAIN_IMAGE = PlainImage()
 
 
+class _DecryptingPatch:
+    """An encrypted delta's decoder: ciphertext -> `Decryptor` -> patch decoder -> slot.
+
+    Both stages stream (the decryptor holds at most a GCM tag, the patch decoder its
+    bounded buffers), so no whole patch is ever in RAM. The patch decoder checks the
+    *plaintext* patch's size and digest (the manifest's delta-patch-size/-digest); with
+    A128GCM the tag is checked first, at the end, so a tampered patch is a
+    `CiphertextRejected` (or an earlier `PatchError` if its plaintext does not parse)."""
+
+    def __init__(self, decryptor: encryption.Decryptor, patch: delta.SequentialPatchDecoder):
+        self._decryptor = decryptor
+        self._patch = patch
+
+    def feed(self, data: bytes) -> bytes:
+        return self._patch.feed(self._decryptor.feed(data))
+
+    def drain(self) -> bytes:
+        return self._patch.drain()
+
+    def finish(self) -> bytes:
+        rest = self._decryptor.finish()  # A128GCM: raises unless the tag verifies
+        head = self._patch.feed(rest) if rest else b""
+        return head + self._patch.finish()
+
+
 @dataclass(frozen=True)
 class DeltaKind:
     """A detools sequential patch against the running slot (core.delta).
@@ -120,6 +146,10 @@ class DeltaKind:
     byte (the source slot is never written, so it is still there). The patch is about a
     ninth of the image on the shared firmware pairs, so a restart costs less air time
     than resuming a full image would save; docs/decisions/delta-updates.md.
+
+    `encryption`: an encrypted delta (the patch is fetched as ciphertext; the CEK was
+    unwrapped when the kind was chosen). It is decrypted while it streams into the patch
+    decoder; the same restart-from-zero rule covers both ciphers.
     """
 
     info: delta.DeltaInfo
@@ -127,6 +157,12 @@ class DeltaKind:
     image_size: int
     name: str = "delta"
     checkpoints: bool = False
+    encryption: encryption.EncryptedPayload | None = None
+
+    @property
+    def label(self) -> str:
+        """How the reports name it: "delta", or "delta+encrypted-a128ctr" and the like."""
+        return "delta" if self.encryption is None else f"delta+{self.encryption.name}"
 
     def resume_from(self, durable: int) -> int:
         return 0
@@ -135,11 +171,17 @@ class DeltaKind:
         return 0
 
     def payload_size(self, slot_size: int) -> int:
-        return self.info.patch_size  # the patch is fetched, not the image
+        # The patch is fetched, not the image (as ciphertext: plus a GCM tag).
+        if self.encryption is not None:
+            return self.encryption.info.ciphertext_size(self.info.patch_size)
+        return self.info.patch_size
 
     def decoder(self, slot_offset: int) -> PayloadDecoder:
         assert slot_offset == 0, "a delta always starts from its first byte"
-        return delta.SequentialPatchDecoder(self.info, self.source, self.image_size)
+        patch = delta.SequentialPatchDecoder(self.info, self.source, self.image_size)
+        if self.encryption is None:
+            return patch
+        return _DecryptingPatch(self.encryption.decoder(0), patch)
 
 
 def delta_of(action: interpreter.Fetch, vm: trust.VerifiedManifest) -> delta.DeltaInfo | None:
@@ -193,17 +235,21 @@ def select_kind(
     (draft-ietf-suit-firmware-encryption §4); its CEK is unwrapped here with the device's
     `keys`, once, before any payload byte (a wrong key is a refusal, not a download).
     A delta is named by otacoap's delta parameters (core.delta) and read against
-    `source`, the running slot the host injects. An encrypted delta is not supported
+    `source`, the running slot the host injects. A delta fetch that also carries
+    encryption info is an encrypted delta: the patch's CEK is unwrapped here too
     (docs/decisions/delta-updates.md). A manifest that asks for a kind this device lacks
     is refused before any payload byte (the caller turns the error into a refusal).
     """
     info = delta_of(action, vm)
     if info is not None:
-        if action.encryption_info is not None:
-            raise PolicyError("an encrypted delta payload is not supported")
         if source is None or action.size is None:
             raise PolicyError("this device cannot apply delta payloads")
-        return DeltaKind(info, source, action.size)
+        encrypted = None
+        if action.encryption_info is not None:
+            encrypted = encryption.EncryptedPayload.for_fetch(
+                action.encryption_info, keys or encryption.DecryptionKeys()
+            )
+        return DeltaKind(info, source, action.size, encryption=encrypted)
     if action.encryption_info is not None:
         return encryption.EncryptedPayload.for_fetch(
             action.encryption_info, keys or encryption.DecryptionKeys()

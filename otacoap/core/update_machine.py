@@ -54,7 +54,7 @@ mid-stream checkpoints are allowed (`checkpoints`), and a decoder that turns fet
 bytes into slot bytes, and how many bytes the fetch brings (`payload_size`). The image
 writer checks size and digest of the *slot bytes* whatever the kind. Besides the plain
 image (pass-through, resume at any checkpoint), two kinds plug in without touching the
-table (an encrypted delta is not supported: `select_kind` refuses it):
+table (an encrypted delta is a delta whose patch is decrypted while it streams):
 
 * delta (detools sequential patch, core.delta; docs/decisions/delta-updates.md):
   `select_kind` recognises the delta fetch from the trust gate's `DeltaInfo`; the
@@ -828,7 +828,8 @@ class UpdateMachine(Generic[R]):
         assert fetch is not None
         if fetch.kind.name == "delta":
             info = delta_of_kind(fetch.kind)
-            return f"delta from {info.source_digest.value.hex()[:16]}" if info else "delta"
+            label = getattr(fetch.kind, "label", "delta")  # "delta+encrypted-a128ctr"
+            return f"{label} from {info.source_digest.value.hex()[:16]}" if info else label
         if self._delta_note:
             return f"full image ({self._delta_note})"[:200]
         return ""

@@ -212,4 +212,4 @@ class DeltaTables:
             by_manifest = {d.manifest_digest: d for d in deltas.values()}
             return by_manifest.get(got[0]) if got else None
         source = self.release_by_seq(release.class_key, installed)
-        return deltas.get(source.image.digest) if source is not None else None
+        return deltas.get(source.running_digest) if source is not None else None

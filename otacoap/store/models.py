@@ -151,6 +151,27 @@ class ReleaseRecord:
         """
         return more_images_of(self.envelope)
 
+    @functools.cached_property
+    def signed_image(self) -> trust.ImageInfo | None:
+        """Component 0's full-image fetch as the release's own envelope (verified at
+        publish) signs it: digest, size, URI, encryption info. None if it has not one."""
+        summary = trust.summarize(suit.decode_envelope(self.envelope))
+        fetches = [f for f in summary.fetches if f.component == 0 and f.delta is None]
+        return fetches[0] if len(fetches) == 1 else None
+
+    @property
+    def running_digest(self) -> bytes:
+        """The SHA-256 of the image a device runs after installing this release.
+
+        `image` is what the server stores and serves: for an encrypted release the
+        ciphertext, whose digest no device's slot ever holds; the plaintext digest is
+        the one its manifest signs. A delta's source digest is compared with this
+        (store/deltas.py)."""
+        signed = self.signed_image
+        if signed is not None and signed.encryption_info is not None and signed.digest:
+            return bytes(signed.digest.value)
+        return self.image.digest
+
 
 def more_images_of(envelope: bytes) -> tuple[ImageRecord, ...]:
     """(digest, size) of the fetched images of components 1.. in a stored envelope."""

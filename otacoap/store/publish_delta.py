@@ -13,6 +13,19 @@ A delta envelope is signed by the author like any envelope and checked the same 
   applied with the device's own decoder (core.delta) and must produce the release's
   image, so a patch that would only fail on the devices is refused here.
 
+An encrypted release's delta is an encrypted delta (docs/decisions/delta-updates.md):
+the server holds ciphertext only, so what it can check differs. Still checked: the
+signature and admission; that the result digest and size are those the *release's
+signed manifest* names (plaintext digests, compared as signed values); that the patch
+fetch carries encryption info (a plaintext patch of an encrypted release is refused)
+and the fallback exactly the release's ciphertext URI and encryption info; that the
+handed-in ciphertext is the one the signed URI names (its SHA-256) and its size fits
+the patch size and content algorithm; and that the source is the (plaintext) image of
+an earlier release of the class, the only source a device is ever served a delta
+for. Not checkable without the plaintext: the patch
+digest, and applying the patch to the source (the device does both, and falls back
+to the full image or refuses).
+
 The commit is one blob rename plus one transaction (`DeltaTables.commit_delta`); a
 refusal leaves only its audit entry.
 """
@@ -27,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core import delta, ids, suit, trust
+from ..core import delta, encryption, ids, suit, trust
 from ..core.errors import IncompatibleError, OtaError, PolicyError
 from ..core.payload_kind import check_multi_component_plain
 from .anchor_lists import check_publish_signer
@@ -93,20 +106,36 @@ class DeltaPublisher:
         info = patch_fetch.delta
         assert info is not None
         full = release.image
+        signed = release.signed_image  # the release's image as its manifest signs it
+        if signed is None:
+            raise PolicyError("the release's envelope does not fetch exactly one image")
+        encrypted = signed.encryption_info is not None
+        want = (signed.digest.value, signed.size) if encrypted and signed.digest else None
         for fetch in verified.fetches:
             if fetch.digest is None or fetch.size is None:
                 raise PolicyError("every fetch must state the resulting image digest and size")
-            if fetch.digest.value != full.digest or fetch.size != full.size:
+            # Plain: the stored image itself. Encrypted: the plaintext digest and size
+            # the release's signed manifest names (the server never sees the plaintext).
+            result = want or (full.digest, full.size)
+            if (fetch.digest.value, fetch.size) != result:
                 raise ImageMismatch(
                     "the delta's resulting image is not the release's image",
-                    detail=f"release {full.digest.hex()}, manifest {fetch.digest.value.hex()}",
+                    detail=f"release {result[0].hex()}, manifest {fetch.digest.value.hex()}",
                 )
             if fetch.delta is None and fetch.uri != full.uri:
                 raise PolicyError(f"the fallback must fetch the release's image {full.uri!r}")
-        if info.patch_digest.algorithm != suit.DIGEST_SHA256:
-            raise PolicyError("the patch digest must be SHA-256 (the blob store's address)")
-        if info.patch_digest.value != patch_digest or info.patch_size != patch_size:
-            raise ImageMismatch("the patch handed in is not the one the manifest signs")
+            if fetch.delta is None and fetch.encryption_info != signed.encryption_info:
+                raise PolicyError("the fallback must carry the release's own encryption info")
+        if encrypted:
+            _check_encrypted_patch(patch_fetch, info, patch_size)
+            self._check_known_source(release, info)
+        elif patch_fetch.encryption_info is not None:
+            raise PolicyError("an encrypted patch of a plaintext release is refused")
+        else:
+            if info.patch_digest.algorithm != suit.DIGEST_SHA256:
+                raise PolicyError("the patch digest must be SHA-256 (the blob store's address)")
+            if info.patch_digest.value != patch_digest or info.patch_size != patch_size:
+                raise ImageMismatch("the patch handed in is not the one the manifest signs")
         if patch_fetch.uri != ids.image_uri(patch_digest):
             raise PolicyError(f"the patch URI must be {ids.image_uri(patch_digest)!r}")
         if info.source_digest.algorithm != suit.DIGEST_SHA256:
@@ -121,8 +150,27 @@ class DeltaPublisher:
         )
         return candidate, info
 
+    def _check_known_source(self, release: ReleaseRecord, info: delta.DeltaInfo) -> None:
+        """An encrypted delta's source must be the image an earlier release of the class
+        installs (`running_digest`): the one check relating a patch the server cannot
+        apply to anything it knows. (Devices are only ever served a delta whose source
+        is such a release, `deltas.delta_for_device`, so no other delta is of use.)"""
+        source = info.source_digest.value
+        for other in self._store.list_releases(current_only=False):
+            if other.class_key != release.class_key:
+                continue
+            if other.sequence_number < release.sequence_number and (other.running_digest == source):
+                return
+        raise NotFound(
+            f"the delta's source {source.hex()[:16]} is no earlier release's image in "
+            "this class: publish that release first"
+        )
+
     def _try_apply(self, info: delta.DeltaInfo, patch: Path, image: ImageRecord) -> None:
-        """Apply the patch to the source, if the server has it; it must make the image."""
+        """Apply the patch to the source, if the server has it; it must make the image.
+
+        Not for an encrypted delta: the server holds neither the plaintext patch nor the
+        plaintext source (the caller skips it)."""
         source_digest = info.source_digest.value
         if not self._blobs.has(source_digest):
             log.info("delta source %s not on this server: not applied", source_digest.hex()[:16])
@@ -149,7 +197,9 @@ class DeltaPublisher:
         self, authentic: trust.AuthenticatedManifest, blob: TempBlob, actor: str
     ) -> DeltaRecord:
         candidate, info = self.check(authentic, blob.digest, blob.size)
-        self._try_apply(info, blob.path, candidate.release.image)
+        signed = candidate.release.signed_image
+        if signed is not None and signed.encryption_info is None:
+            self._try_apply(info, blob.path, candidate.release.image)
         created = self._blobs.commit(blob)
         try:
             record: DeltaRecord = self._store.commit_delta(candidate, actor)
@@ -186,10 +236,15 @@ class DeltaPublisher:
     ) -> DeltaRecord:
         """The network path: the envelope names its patch among the operator's uploads."""
         verified = trust.admit(authentic, self._p._policy(authentic.anchors))
-        infos = [f.delta for f in verified.fetches if f.delta is not None]
-        if len(infos) != 1:
+        patches = [f for f in verified.fetches if f.delta is not None]
+        if len(patches) != 1:
             raise PolicyError("a delta envelope fetches exactly one patch")
-        blob = staged.take(infos[0].patch_digest.value)
+        assert patches[0].delta is not None
+        named = patches[0].delta.patch_digest.value
+        if patches[0].encryption_info is not None:
+            # The patch digest is the plaintext's; the signed URI names the ciphertext.
+            named = _uri_id(patches[0].uri)
+        blob = staged.take(named)
         if blob is None:
             raise NotFound("no uploaded patch matches the manifest (POST it to /admin/image)")
         try:
@@ -197,6 +252,33 @@ class DeltaPublisher:
             return self._check_and_commit(authentic, blob, actor)
         finally:
             blob.discard()
+
+
+def _uri_id(uri: str | None) -> bytes:
+    """The SHA-256 prefix a server-relative `/fw/<id>` URI names (else PolicyError)."""
+    head, _, tail = (uri or "").rpartition("/")
+    if head != "/" + ids.IMAGE_PATH_PREFIX or not ids.is_image_id(tail):
+        raise PolicyError("an encrypted patch must be named as /fw/<id> of its ciphertext")
+    return bytes.fromhex(tail)
+
+
+def _check_encrypted_patch(fetch: trust.ImageInfo, info: delta.DeltaInfo, size: int) -> None:
+    """What the server can check of an encrypted patch it cannot read (module docstring):
+    that it is encrypted, and that the ciphertext's size fits the signed patch size
+    under the content algorithm (A128GCM adds its tag). The URI check (the ciphertext's
+    SHA-256) follows in `check`."""
+    if fetch.encryption_info is None:
+        raise PolicyError(
+            "the delta of an encrypted release must be encrypted too (a plaintext patch "
+            "reveals the firmware's diff)"
+        )
+    enc = encryption.parse_encryption_info(fetch.encryption_info)
+    want = enc.ciphertext_size(info.patch_size)
+    if size != want:
+        raise ImageMismatch(
+            f"the patch ciphertext is {size} bytes; the signed {info.patch_size}-byte "
+            f"patch encrypted needs {want}"
+        )
 
 
 @dataclass(frozen=True)
