@@ -46,6 +46,7 @@ class CountingTransport:
         self.resets = 0
         self.blocks = 0
         self.bytes = 0
+        self.fw_bytes: dict[str, int] = {}  # payload bytes by /fw/ path (patch or image)
 
     @property
     def base_uri(self) -> str:
@@ -69,6 +70,7 @@ class CountingTransport:
         if resp.successful and path.startswith(self._fw):
             self.blocks += 1
             self.bytes += len(resp.payload)
+            self.fw_bytes[path] = self.fw_bytes.get(path, 0) + len(resp.payload)
             self._tally.blocks += 1
         return resp
 

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from otacoap.core.errors import OtaError
+from otacoap.core.report import Report, State
 
 from ..agent import AgentConfig, DeviceAgent, Outcome
 from ..coap import CoapTransport
+from ..device_state import StateFile
 from ..fetcher import FetchConfig
+from ..layout import open_flash
 from ..netem import LinkProfile, UdpImpairmentProxy
 from ..provision import inspect, provision
 from .counting_transport import CountingTransport, Tally
@@ -70,6 +73,15 @@ class WorkerJob:
     # the simulated hardware/firmware mismatch of --bad-fraction.
     bad: frozenset[str] = frozenset()
     decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key
+    # --delta: the factory is the old release; `mismatched` devices run `variant_image`
+    # (its own seq - 1 envelope) instead; every device checks in with its running seq
+    # (`check_in`); /fw/ paths of the patch and the image tell what a device fetched.
+    check_in: bool = False
+    mismatched: frozenset[str] = frozenset()
+    variant_image: bytes = b""
+    variant_envelope: bytes = b""
+    patch_uri: str = ""
+    image_uri: str = ""
 
 
 @dataclass
@@ -89,6 +101,7 @@ def provision_worker(job: WorkerJob) -> None:
     """Make every device's flash file: identity, PSK, anchors, factory image + envelope."""
     Path(job.flash_dir).mkdir(parents=True, exist_ok=True)
     for device_id, psk in job.devices:
+        odd = device_id in job.mismatched
         provision(
             flash_path(job, device_id),
             device_id=device_id,
@@ -96,13 +109,45 @@ def provision_worker(job: WorkerJob) -> None:
             vendor_domain=job.vendor_domain,
             class_info=job.class_info,
             anchors_pem=job.anchors_pem,
-            factory_image=job.factory_image,
-            factory_envelope=job.factory_envelope,
+            factory_image=job.variant_image if odd else job.factory_image,
+            factory_envelope=job.variant_envelope if odd else job.factory_envelope,
             slot_size=job.slot_size,
             sector_size=SECTOR_SIZE,
             force=True,
             decryption_keks=job.decryption_keks,
         )
+        if job.check_in:
+            queue_check_in(flash_path(job, device_id))
+
+
+def queue_check_in(path: Path) -> None:
+    """--delta: put a check-in report in the device's flash outbox (an "up-to-date"
+    report carrying its running sequence number, report key -6); the agent sends its
+    outbox before asking /m, like any queued report.
+
+    It stands for the reports a fleet in the field has long sent: the server serves a
+    delta only to a device whose reports say which release it runs (store/deltas.py),
+    and a freshly provisioned simulated device has sent none. The counter comes from
+    the device's own state record (ATTACKS.md #28), as for every report.
+    """
+    flash, identity = open_flash(path)
+    try:
+        states = StateFile(flash, identity.layout)
+        state = states.load()
+        running = state.sequence
+
+        def encode(counter: int, lost: int) -> bytes:
+            return Report(
+                counter=counter,
+                state=State.UP_TO_DATE,
+                installed_sequence=running,
+                detail=f"check-in: running seq {running}",
+                lost=lost,
+            ).encode()
+
+        states.save(state.with_report(encode))
+    finally:
+        flash.close()
 
 
 def _stats_dict(proxy: Any) -> dict[str, dict[str, int]]:
@@ -245,6 +290,8 @@ async def _update_device(
         out.resets = transport.resets
         out.blocks = transport.blocks
         out.bytes = transport.bytes
+        if job.patch_uri:
+            _note_payload(job, out, transport.fw_bytes)
     out.finished = time.monotonic() - t0
     if claimed == "updated":
         _verify_flash(job, path, out)
@@ -258,6 +305,19 @@ async def _update_device(
 
 def _fails_health_check(boot: Any) -> bool:
     return False
+
+
+def _note_payload(job: WorkerJob, out: FleetDeviceOutcome, fw_bytes: dict[str, int]) -> None:
+    """--delta: which payload the device fetched, seen from its own transport."""
+    out.mismatched = out.device in job.mismatched
+    out.patch_bytes = fw_bytes.get(job.patch_uri, 0)
+    out.image_bytes = fw_bytes.get(job.image_uri, 0)
+    if out.patch_bytes and out.image_bytes:
+        out.payload = "delta+full"
+    elif out.patch_bytes:
+        out.payload = "delta"
+    elif out.image_bytes:
+        out.payload = "full"
 
 
 async def _read_manifest(transport: CoapTransport, szx: int) -> bytes | None:

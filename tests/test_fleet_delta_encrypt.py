@@ -1,0 +1,245 @@
+"""`python -m device_sim.fleet --delta` and `--encrypt` (issue 13 §5, last bullet):
+small real fleets through the real server over DTLS on loopback.
+
+`--delta`: the devices start on an old release the server knows they run (each checks
+in with its running sequence number); the release carries a delta from it. Devices on
+the old image must install by delta (only the patch on the air); devices picked by
+`--delta-mismatch-fraction` run another image, fail the patch's source check and fall
+back to the full image. Every device is still verified on flash (the release's image,
+confirmed) and in the server's store (its "confirmed" report), and the server's
+DOWNLOADED reports say the same as the devices' transports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+server_helpers = pytest.importorskip("server_helpers", reason="tests/server_helpers.py missing")
+
+from server_helpers import Setup, make_setup, running_server  # noqa: E402
+
+from device_sim.fleet.preparation import evolve, image_bytes  # noqa: E402
+from otacoap.fsutil import atomic_write  # noqa: E402
+from otacoap.store import DataDir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _key_file(setup: Setup, base: Path) -> Path:
+    path = base / "author.pem"
+    atomic_write(path, setup.key.pem, mode=0o600)
+    return path
+
+
+def _fleet(*args: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "device_sim.fleet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _all_verified(report: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    assert report["completed"] == n, report["failure_reasons"]
+    per = report["per_device"]
+    assert len(per) == n
+    for d in per:
+        assert d["outcome"] == "updated", d
+        assert d["flash_image_ok"] and d["flash_sequence"] == report["settings"]["release_seq"]
+    return list(per)
+
+
+# --------------------------------------------------------------------------- --delta
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_delta_fleet_installs_by_patch_and_mismatching_devices_fall_back(tmp_path: Path) -> None:
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "8", "--image-size", "32K", "--concurrency", "8",
+            "--timeout", "90", "--max-time", "150", "--seed", "7",
+            "--delta", "--delta-mismatch-fraction", "0.25", "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 8)
+    assert all(d["server_confirmed"] for d in per)
+
+    dx = report["settings"]["delta"]
+    patch_size, image_size = dx["patch_size"], report["image_size"]
+    assert 0 < patch_size < image_size // 4  # a small change makes a small patch
+    odd = [d for d in per if d["mismatched"]]
+    same = [d for d in per if not d["mismatched"]]
+    assert len(odd) == 2 and len(same) == 6
+    # Devices on the old image fetched only the patch; the others only the image.
+    for d in same:
+        assert d["payload"] == "delta" and d["patch_bytes"] == patch_size, d
+        assert d["image_bytes"] == 0 and d["bytes"] == patch_size
+    for d in odd:
+        assert d["payload"] == "full" and d["image_bytes"] == image_size, d
+        assert d["patch_bytes"] == 0
+    summary = report["delta"]
+    assert summary["installed_by_delta"] == 6 and summary["fell_back_to_full"] == 2
+    assert summary["mismatched_devices"] == 2 and summary["mismatched_updated_by_full"] == 2
+    assert summary["fw_bytes_per_delta_device"] == patch_size
+    assert summary["fw_bytes_per_full_device"] == image_size
+    # The server heard the same from the devices' DOWNLOADED reports.
+    assert report["server"]["downloaded_by_payload"] == {"delta": 6, "full": 2}
+    assert all(d["server_payload"] == d["payload"] for d in per)
+    assert "delta: 6 installed by delta" in done.stdout, done.stdout
+
+    # The store holds the old release (the delta's source) and the delta of the new one.
+    store = DataDir(setup.data).open_store()
+    try:
+        klass = report["settings"]["class_info"]
+        releases = [r for r in store.list_releases(current_only=False) if r.class_label.endswith(klass)]
+        assert sorted(r.sequence_number for r in releases) == [1, 2]
+        new = next(r for r in releases if r.sequence_number == 2)
+        (d,) = store.deltas_of(new.id)
+        assert d.patch.size == patch_size
+        assert d.source_digest.hex() == dx["old_image_sha256"]
+    finally:
+        store.close()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_delta_fleet_under_a_campaign_installs_by_patch(tmp_path: Path) -> None:
+    """--delta with --campaign: waiting devices are served the old release (what they
+    run); admitted ones get the delta envelope."""
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "6", "--image-size", "16K", "--concurrency", "6",
+            "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
+            "--campaign", "--waves 50%,100% --success-threshold 100%", "--delta",
+            "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 6)
+    assert all(d["payload"] == "delta" and d["server_confirmed"] for d in per)
+    assert report["campaign"]["state"] == "finished", report["campaign"]
+    assert report["delta"]["installed_by_delta"] == 6
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_delta_fleet_from_a_given_old_image_over_the_operator_network_path(
+    tmp_path: Path,
+) -> None:
+    """--old-image FILE and network publishing (--operator): the old release, the
+    release and its delta are uploaded over DTLS; devices install by delta."""
+    from server_helpers import DeviceSpec
+
+    klass = "fleet-net-delta"
+    specs = [DeviceSpec(f"netdelta-{i}", klass) for i in range(4)]
+    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
+    key = _key_file(setup, tmp_path)
+    devices_file = tmp_path / "devices.txt"
+    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
+    old = tmp_path / "old.bin"
+    old.write_bytes(image_bytes("a given old image", 20_000))
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--key", str(key), "--devices", "4",
+            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
+            "--devices-file", str(devices_file), "--class-info", klass,
+            "--vendor-domain", specs[0].vendor_domain, "--timeout", "90",
+            "--delta", "--old-image", str(old), "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 4)
+    assert all(d["payload"] == "delta" for d in per)
+    assert report["settings"]["delta"]["old_image_sha256"] == hashlib.sha256(
+        old.read_bytes()
+    ).hexdigest()
+    assert report["image_size"] == 20_000
+
+
+# --------------------------------------------------------------------------- --encrypt
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_encrypted_fleet_reports_encrypted_installs(tmp_path: Path) -> None:
+    """--encrypt: every device decrypts (its DOWNLOADED report names the encrypted
+    payload), ends on the plaintext image, and the report says the run was encrypted."""
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "6", "--image-size", "16K", "--concurrency", "6",
+            "--timeout", "90", "--max-time", "150", "--encrypt", "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 6)
+    assert report["settings"]["encrypted"] is True
+    assert "A128KW" in report["settings"]["encryption"]
+    assert report["server"]["downloaded_by_payload"] == {"encrypted": 6}
+    assert all(d["server_payload"] == "encrypted" and d["server_confirmed"] for d in per)
+    assert "encrypted" in done.stdout
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--delta", "--encrypt"], "--delta with --encrypt"),
+        (["--old-image", "x.bin"], "need --delta"),
+        (["--delta-mismatch-fraction", "0.5"], "need --delta"),
+        (["--delta", "--old-image", "/nonexistent/old.bin"], "no such file"),
+    ],
+)
+def test_unsupported_combinations_are_one_line_errors(
+    tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+    done = _fleet(
+        "--server", "coaps://127.0.0.1:1", "--data", str(data), "--key", str(key),
+        "--devices", "1", *extra, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_evolve_changes_a_little_and_keeps_the_size() -> None:
+    old = image_bytes("evolve", 65536)
+    new = evolve(old, "next")
+    assert len(new) == len(old) and new != old
+    assert evolve(old, "next") == new  # deterministic
+    same = sum(a == b for a, b in zip(old[:32768], new[:32768], strict=True))
+    assert same > 0.98 * 32768  # before the insertion: about 1 % rewritten
+    # After it, the old bytes shifted by 256 (the last 256 dropped), again ~1 % rewritten.
+    tail = sum(a == b for a, b in zip(new[32768 + 256 :], old[32768:-256], strict=True))
+    assert tail > 0.98 * (32768 - 256)
+    assert new[32768 : 32768 + 256] != old[32768 : 32768 + 256]  # the insertion
+    assert evolve(b"\x00", "x") != b"\x00"
