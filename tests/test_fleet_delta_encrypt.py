@@ -106,7 +106,9 @@ def test_delta_fleet_installs_by_patch_and_mismatching_devices_fall_back(tmp_pat
     store = DataDir(setup.data).open_store()
     try:
         klass = report["settings"]["class_info"]
-        releases = [r for r in store.list_releases(current_only=False) if r.class_label.endswith(klass)]
+        releases = [
+            r for r in store.list_releases(current_only=False) if r.class_label.endswith(klass)
+        ]
         assert sorted(r.sequence_number for r in releases) == [1, 2]
         new = next(r for r in releases if r.sequence_number == 2)
         (d,) = store.deltas_of(new.id)
@@ -170,9 +172,10 @@ def test_delta_fleet_from_a_given_old_image_over_the_operator_network_path(
     report = json.loads(out_json.read_text())
     per = _all_verified(report, 4)
     assert all(d["payload"] == "delta" for d in per)
-    assert report["settings"]["delta"]["old_image_sha256"] == hashlib.sha256(
-        old.read_bytes()
-    ).hexdigest()
+    assert (
+        report["settings"]["delta"]["old_image_sha256"]
+        == hashlib.sha256(old.read_bytes()).hexdigest()
+    )
     assert report["image_size"] == 20_000
 
 
