@@ -206,6 +206,44 @@ def test_encrypted_fleet_reports_encrypted_installs(tmp_path: Path) -> None:
     assert "encrypted" in done.stdout
 
 
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_encrypted_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
+    """--encrypt with network publishing: the ciphertext is uploaded, the class key
+    goes only into the devices' flash; every device ends on the plaintext image."""
+    from server_helpers import DeviceSpec
+
+    klass = "fleet-net-enc"
+    specs = [DeviceSpec(f"netenc-{i}", klass) for i in range(4)]
+    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
+    key = _key_file(setup, tmp_path)
+    devices_file = tmp_path / "devices.txt"
+    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--key", str(key), "--devices", "4",
+            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
+            "--devices-file", str(devices_file), "--class-info", klass,
+            "--vendor-domain", specs[0].vendor_domain, "--image-size", "12K",
+            "--timeout", "90", "--encrypt", "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    _all_verified(report, 4)
+    assert report["settings"]["encrypted"] is True
+    image_sha256 = report["settings"]["image_sha256"]
+    blobs = [p.read_bytes() for p in (setup.data / "blobs").rglob("*") if p.is_file()]
+    assert blobs and all(hashlib.sha256(b).hexdigest() != image_sha256 for b in blobs)
+    store = DataDir(setup.data).open_store()
+    try:
+        for spec in specs:
+            details = [r.detail for r in store.list_reports(spec.id, 50) if r.state == "downloaded"]
+            assert details and details[-1].startswith("payload encrypted"), details
+    finally:
+        store.close()
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -318,8 +318,11 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         raise FleetError("--campaign and --cleanup need --data DIR (the server's store)")
     plan = parse_campaign(args.campaign) if args.campaign is not None else None
     check_payload_modes(args.delta, args.encrypt)
-    if args.encrypt and (remote or args.release):
-        raise FleetError("--encrypt applies to a generated release published with --data")
+    if args.encrypt and args.release:
+        raise FleetError(
+            "--encrypt applies to a generated release (a given --release is published as "
+            "it is)"
+        )
     if not args.delta and (args.old_image is not None or args.delta_mismatch_fraction):
         raise FleetError("--old-image and --delta-mismatch-fraction need --delta")
     if args.old_image is not None and not args.old_image.is_file():
