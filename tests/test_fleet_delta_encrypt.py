@@ -95,6 +95,7 @@ def test_delta_fleet_installs_by_patch_and_mismatching_devices_fall_back(tmp_pat
     summary = report["delta"]
     assert summary["installed_by_delta"] == 6 and summary["fell_back_to_full"] == 2
     assert summary["mismatched_devices"] == 2 and summary["mismatched_updated_by_full"] == 2
+    assert summary["served_plain_envelope"] == 0  # every check-in reached the server first
     assert summary["fw_bytes_per_delta_device"] == patch_size
     assert summary["fw_bytes_per_full_device"] == image_size
     # The server heard the same from the devices' DOWNLOADED reports.

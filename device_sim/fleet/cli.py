@@ -320,8 +320,7 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
     check_payload_modes(args.delta, args.encrypt)
     if args.encrypt and args.release:
         raise FleetError(
-            "--encrypt applies to a generated release (a given --release is published as "
-            "it is)"
+            "--encrypt applies to a generated release (a given --release is published as it is)"
         )
     if not args.delta and (args.old_image is not None or args.delta_mismatch_fraction):
         raise FleetError("--old-image and --delta-mismatch-fraction need --delta")
@@ -444,10 +443,21 @@ def payload_lines(s: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         lines.append(
             f"delta: {d['installed_by_delta']} installed by delta (patch "
             f"{d['patch_size']:,} B), {d['fell_back_to_full']} fell back to the full image "
-            f"({d['image_size']:,} B; {d['mismatched_devices']} devices ran another image); "
+            f"({d['image_size']:,} B; {d['mismatched_devices']} devices ran another image)"
+            + (
+                f", {d['served_plain_envelope']} were served the plain envelope"
+                if d["served_plain_envelope"]
+                else ""
+            )
+            + "; "
             f"firmware bytes per device: delta {per(d['fw_bytes_per_delta_device'])}, "
             f"full {per(d['fw_bytes_per_full_device'])}, mean "
             f"{per(s.get('fw_bytes_per_device_mean'))}"
+        )
+    if s.get("air_bytes_per_device") is not None:
+        lines.append(
+            f"on the air (through the impairment proxy, both ways): "
+            f"{s['air_bytes_per_device']:,.0f} B per device"
         )
     return lines
 

@@ -160,7 +160,8 @@ class FleetDeviceOutcome(DeviceOutcome):
     member_state: str | None = None
     # --delta: what the device fetched, from its own transport: "delta" (the patch
     # only), "full" (the image only: its running image was not the patch's source),
-    # "delta+full" (the patch failed, then the image); and the bytes of each. A device
+    # "delta+full" (the patch failed, then the image), "plain" (the server served it
+    # the release's plain envelope); and the bytes of each. A device
     # picked by --delta-mismatch-fraction is `mismatched`. `server_payload`: what its
     # DOWNLOADED report told the server ("delta", "full", "encrypted"; --data only).
     payload: str | None = None
@@ -200,6 +201,10 @@ class FleetRunReport(FleetReport):
                 "interrupted": sum(1 for d in outs if d.outcome == "interrupted"),
             }
         )
+        # Every datagram through the impairment proxy (DTLS records: handshakes,
+        # manifests, payload, reports, retransmissions), both directions, per device.
+        sent = sum(self.network.get(way, {}).get("received_bytes", 0) for way in ("c2s", "s2c"))
+        s["air_bytes_per_device"] = sent / len(outs) if sent and outs else None
         done_bytes = [d.bytes for d in outs if d.ok]
         s["fw_bytes_per_device_mean"] = sum(done_bytes) / len(done_bytes) if done_bytes else None
         s["fw_bytes_per_device_p50"] = percentile(done_bytes, 50)
@@ -285,6 +290,7 @@ def delta_summary(outs: Sequence[FleetDeviceOutcome], setup: dict[str, Any]) -> 
         "installed_by_delta": by.get("delta", 0),
         "fell_back_to_full": by.get("full", 0) + by.get("delta+full", 0),
         "delta_failed_then_full": by.get("delta+full", 0),
+        "served_plain_envelope": by.get("plain", 0),
         "mismatched_devices": sum(1 for d in outs if d.mismatched),
         "mismatched_updated_by_full": sum(1 for d in done if d.mismatched and d.payload == "full"),
         "patch_size": setup.get("patch_size"),

@@ -36,6 +36,7 @@ _log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 0.5  # seconds between progress samples sent to the parent
 GRACE = 30.0  # how long past the run deadline a worker may take to wind down
+RESET_AFTER_STUCK_FLUSHES = 2  # report flushes without progress before a new session
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ async def _update_device(
         out.blocks = transport.blocks
         out.bytes = transport.bytes
         if job.patch_uri:
-            _note_payload(job, out, transport.fw_bytes)
+            _note_payload(job, out, transport.fw_bytes, transport.downloaded_detail)
     out.finished = time.monotonic() - t0
     if claimed == "updated":
         _verify_flash(job, path, out)
@@ -307,8 +308,12 @@ def _fails_health_check(boot: Any) -> bool:
     return False
 
 
-def _note_payload(job: WorkerJob, out: FleetDeviceOutcome, fw_bytes: dict[str, int]) -> None:
-    """--delta: which payload the device fetched, seen from its own transport."""
+def _note_payload(
+    job: WorkerJob, out: FleetDeviceOutcome, fw_bytes: dict[str, int], detail: str | None
+) -> None:
+    """--delta: which payload the device fetched, seen from its own transport: the
+    bytes of each /fw/ path, and its DOWNLOADED report's detail, which tells a delta
+    envelope's fallback ("full image (...)") from a plain envelope's image ("")."""
     out.mismatched = out.device in job.mismatched
     out.patch_bytes = fw_bytes.get(job.patch_uri, 0)
     out.image_bytes = fw_bytes.get(job.image_uri, 0)
@@ -317,7 +322,8 @@ def _note_payload(job: WorkerJob, out: FleetDeviceOutcome, fw_bytes: dict[str, i
     elif out.patch_bytes:
         out.payload = "delta"
     elif out.image_bytes:
-        out.payload = "full"
+        fallback = detail is None or detail.startswith("full image")
+        out.payload = "full" if fallback else "plain"
 
 
 async def _read_manifest(transport: CoapTransport, szx: int) -> bytes | None:
@@ -402,6 +408,11 @@ async def _attempts(
             or (r.outcome == Outcome.UP_TO_DATE and r.sequence_number == job.expected_seq)
         )
 
+    if job.check_in:
+        # The check-in must reach the server before /m is asked, as the reports of a
+        # fleet in the field long have; a lost POST is sent again, not skipped.
+        agent.power_on()
+        await _drain_outbox(agent, rng)
     for attempt in range(1, job.attempts + 1):
         out.attempts = attempt
         result = await agent.run_once()
@@ -415,14 +426,29 @@ async def _attempts(
         await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + rng.random()))
     # The "confirmed" report may still sit in the flash outbox if its POST was lost; a
     # device sends it at its next contact, so keep contacting until it is acknowledged.
-    delay = 0.5
-    while agent.agent is not None and agent.agent.load().reports:
-        await agent.agent.flush_reports()
-        if agent.agent.load().reports:
-            await asyncio.sleep(delay * (0.5 + rng.random()))
-            delay = min(delay * 2, 4.0)
+    await _drain_outbox(agent, rng)
     out.outcome, out.reason = "updated", ""
     return "updated"
+
+
+async def _drain_outbox(agent: DeviceAgent, rng: random.Random) -> None:
+    """Send the device's queued reports until the server acknowledged them all (the
+    caller's deadline bounds it), backing off between contacts; after two contacts in
+    a row without progress the DTLS session starts over, as the fetcher's does (a
+    handshake that failed, say before the server knew the device, never recovers)."""
+    delay = 0.5
+    stuck = 0
+    while agent.agent is not None and agent.agent.load().reports:
+        if await agent.agent.flush_reports():
+            stuck = 0
+        if agent.agent.load().reports:
+            stuck += 1
+            if stuck >= RESET_AFTER_STUCK_FLUSHES:
+                stuck = 0
+                with contextlib.suppress(Exception):
+                    await agent.agent.transport.reset()
+            await asyncio.sleep(delay * (0.5 + rng.random()))
+            delay = min(delay * 2, 4.0)
 
 
 def _verify_flash(job: WorkerJob, path: Path, out: FleetDeviceOutcome) -> None:
