@@ -180,6 +180,37 @@ def test_delta_fleet_from_a_given_old_image_over_the_operator_network_path(
     assert report["image_size"] == 20_000
 
 
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_delta_of_a_given_release_from_a_variant_of_it(tmp_path: Path) -> None:
+    """--release ENVELOPE IMAGE --delta: the fleet signs a delta envelope for that
+    release (same seq, same image) from a generated older variant of its image; the
+    devices install the given image by patch."""
+    from server_helpers import VENDOR
+
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    klass = "fleet-given-delta"
+    image = image_bytes("a given release", 12_000)
+    release = setup.release(klass, 5, image)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "3", "--class-info", klass, "--vendor-domain", VENDOR,
+            "--timeout", "90", "--delta",
+            "--release", str(release.envelope_path), str(release.image_path),
+            "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 3)
+    assert report["settings"]["release_seq"] == 5
+    assert report["settings"]["image_sha256"] == hashlib.sha256(image).hexdigest()
+    assert all(d["payload"] == "delta" and d["server_confirmed"] for d in per)
+    assert report["settings"]["delta"]["old_image_sha256"] != report["settings"]["image_sha256"]
+
+
 # --------------------------------------------------------------------------- --encrypt
 
 
@@ -285,3 +316,39 @@ def test_evolve_changes_a_little_and_keeps_the_size() -> None:
     assert tail > 0.98 * (32768 - 256)
     assert new[32768 : 32768 + 256] != old[32768 : 32768 + 256]  # the insertion
     assert evolve(b"\x00", "x") != b"\x00"
+
+
+def test_delta_summary_counts_payloads_from_each_devices_own_view() -> None:
+    from device_sim.fleet.report import FleetDeviceOutcome, FleetRunReport
+    from device_sim.fleet.worker import _note_payload
+
+    class Job:
+        mismatched = frozenset({"d3"})
+        patch_uri, image_uri = "/fw/patch", "/fw/image"
+
+    seen = {
+        "d1": ({"/fw/patch": 900}, "delta from 0011"),
+        "d2": ({"/fw/patch": 300, "/fw/image": 5000}, "full image (delta failed: ...)"),
+        "d3": ({"/fw/image": 5000}, "full image (running image is not the patch's source)"),
+        "d4": ({"/fw/image": 5000}, ""),  # the server served the plain envelope
+    }
+    outs = []
+    for dev, (fw, detail) in seen.items():
+        out = FleetDeviceOutcome(dev, "updated", bytes=sum(fw.values()))
+        _note_payload(Job(), out, fw, detail)  # type: ignore[arg-type]
+        outs.append(out)
+    assert [o.payload for o in outs] == ["delta", "delta+full", "full", "plain"]
+    assert [o.mismatched for o in outs] == [False, False, True, False]
+    report = FleetRunReport(
+        devices=list(outs),
+        wall_seconds=1.0,
+        image_size=5000,
+        settings={"delta": {"patch_size": 900, "image_size": 5000}},
+        network={"c2s": {"received_bytes": 1000}, "s2c": {"received_bytes": 7000}},
+    )
+    s = report.summary()["delta"]
+    assert s["installed_by_delta"] == 1 and s["fell_back_to_full"] == 2
+    assert s["delta_failed_then_full"] == 1 and s["served_plain_envelope"] == 1
+    assert s["mismatched_devices"] == 1 and s["mismatched_updated_by_full"] == 1
+    assert s["fw_bytes_per_delta_device"] == 900 and s["fw_bytes_per_full_device"] == 5000
+    assert report.summary()["air_bytes_per_device"] == 2000
