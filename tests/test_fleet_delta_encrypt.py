@@ -71,7 +71,7 @@ def test_delta_fleet_installs_by_patch_and_mismatching_devices_fall_back(tmp_pat
         done = _fleet(
             "--server", server.uri, "--data", str(setup.data), "--key", str(key),
             "--devices", "8", "--image-size", "32K", "--concurrency", "8",
-            "--timeout", "90", "--max-time", "150", "--seed", "7",
+            "--processes", "2", "--timeout", "90", "--max-time", "150", "--seed", "7",
             "--delta", "--delta-mismatch-fraction", "0.25", "--report", str(out_json),
         )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -274,6 +274,27 @@ def test_encrypted_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
             assert details and details[-1].startswith("payload encrypted"), details
     finally:
         store.close()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_encrypted_fleet_under_a_campaign(tmp_path: Path) -> None:
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "4", "--image-size", "8K", "--concurrency", "4",
+            "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
+            "--campaign", "--waves 50%,100% --success-threshold 100%", "--encrypt",
+            "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _all_verified(report, 4)
+    assert report["campaign"]["state"] == "finished", report["campaign"]
+    assert all(d["server_payload"] == "encrypted" for d in per)
 
 
 # --------------------------------------------------------------------------- refusals

@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="devices start on an OLD release (seq - 1, published first so the server "
         "knows what they run; each device checks in with its running seq) and the "
         "release carries a delta from it with the full image as fallback; the report "
-        "counts delta installs and fallbacks",
+        "counts delta installs and fallbacks (not with --encrypt yet)",
     )
     rel.add_argument(
         "--old-image",
