@@ -373,3 +373,49 @@ def test_delta_summary_counts_payloads_from_each_devices_own_view() -> None:
     assert s["mismatched_devices"] == 1 and s["mismatched_updated_by_full"] == 1
     assert s["fw_bytes_per_delta_device"] == 900 and s["fw_bytes_per_full_device"] == 5000
     assert report.summary()["air_bytes_per_device"] == 2000
+
+
+def test_check_in_is_resent_on_a_new_session_until_the_server_has_it(tmp_path: Path) -> None:
+    """A device whose DTLS session is dead (its handshake failed: every POST times out
+    until the session starts over) still delivers its check-in before it asks /m:
+    the fleet's outbox drain starts a new session after two flushes without progress."""
+    import asyncio
+    import random
+
+    from device_sim.agent import DeviceAgent
+    from device_sim.fleet.worker import _drain_outbox, queue_check_in
+    from device_sim.inprocess import InProcessServer, InProcessTransport
+    from device_sim.provision import provision
+    from device_sim.transport import Response, TransportError
+    from otacoap.core import cose
+
+    class DeadSession(InProcessTransport):
+        async def post(
+            self, path: str, payload: bytes, *, content_format: int, timeout: float
+        ) -> Response:
+            if not self.resets:
+                raise TransportError("no answer (the handshake failed)")
+            return await super().post(path, payload, content_format=content_format, timeout=timeout)
+
+    key = cose.generate_key("ed25519")
+    flash = tmp_path / "dev.flash"
+    provision(
+        flash, device_id="d", psk=b"\x01" * 16, vendor_domain="v.example", class_info="c",
+        anchors_pem=(key.public.public_pem(),), factory_image=b"\x07" * 5000,
+        slot_size=8192,
+    )  # fmt: skip
+    queue_check_in(flash)
+    server = InProcessServer()
+    transport = DeadSession(server)
+    agent = DeviceAgent(flash, "coaps://in-process", transport=transport)
+
+    async def go() -> None:
+        agent.power_on()
+        await asyncio.wait_for(_drain_outbox(agent, random.Random(1)), 30)
+
+    asyncio.run(go())
+    agent.abandon()
+    assert transport.resets == 1
+    (report,) = server.reports
+    assert report.state.value == "up-to-date" and report.installed_sequence == 0
+    assert report.detail == "check-in: running seq 0"

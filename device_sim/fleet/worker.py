@@ -439,16 +439,16 @@ async def _drain_outbox(agent: DeviceAgent, rng: random.Random) -> None:
     delay = 0.5
     stuck = 0
     while agent.agent is not None and agent.agent.load().reports:
-        if await agent.agent.flush_reports():
+        progressed = await agent.agent.flush_reports()
+        if not agent.agent.load().reports:
+            return
+        stuck = 0 if progressed else stuck + 1
+        if stuck >= RESET_AFTER_STUCK_FLUSHES:
             stuck = 0
-        if agent.agent.load().reports:
-            stuck += 1
-            if stuck >= RESET_AFTER_STUCK_FLUSHES:
-                stuck = 0
-                with contextlib.suppress(Exception):
-                    await agent.agent.transport.reset()
-            await asyncio.sleep(delay * (0.5 + rng.random()))
-            delay = min(delay * 2, 4.0)
+            with contextlib.suppress(Exception):
+                await agent.agent.transport.reset()
+        await asyncio.sleep(delay * (0.5 + rng.random()))
+        delay = min(delay * 2, 4.0)
 
 
 def _verify_flash(job: WorkerJob, path: Path, out: FleetDeviceOutcome) -> None:
