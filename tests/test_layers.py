@@ -87,10 +87,12 @@ LAYERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                 "otacoap.cliargs",
                 # `--campaign` parses like `otacoap campaign create`
                 "otacoap.campaign_args",
+                # `--delta` makes its patch like `otacoap manifest build --delta-from`
+                "otacoap.patching",
                 "device_sim",
             }
         ),
-        frozenset({"aiocoap"}),
+        frozenset({"aiocoap", "detools"}),
     ),
 }
 """Within a layer, modules import each other freely (their own name is implied)."""

@@ -44,6 +44,7 @@ from .options import (
     PSK_LENGTH,
     FleetError,
     FleetOptions,
+    check_payload_modes,
 )
 from .run import run_fleet
 from .runtime import quiet_aiocoap, sigterm_cleans_up
@@ -136,7 +137,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encrypt",
         action="store_true",
         help="encrypt the generated release (A128CTR under a fresh class A128KW key that "
-        "every device is provisioned with); the server stores only the ciphertext",
+        "every device is provisioned with); the server stores only the ciphertext. A "
+        "class key, not per-device ECDH: one recipient in the manifest whatever the fleet "
+        "size (per-device keys need one recipient per device in the one envelope the "
+        "class is served) and no ECDH on the device per update",
+    )
+    rel.add_argument(
+        "--delta",
+        action="store_true",
+        help="devices start on an OLD release (seq - 1, published first so the server "
+        "knows what they run; each device checks in with its running seq) and the "
+        "release carries a delta from it with the full image as fallback; the report "
+        "counts delta installs and fallbacks (not with --encrypt yet)",
+    )
+    rel.add_argument(
+        "--old-image",
+        type=Path,
+        metavar="FILE",
+        help="with --delta: the image the devices run before the update (default: "
+        "generated; a generated release is the old image with about 1%% of its bytes "
+        "changed in a few places and 256 bytes inserted)",
+    )
+    rel.add_argument(
+        "--delta-mismatch-fraction",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="with --delta: share of devices that run another image at seq - 1 than the "
+        "patch's source, so they fall back to the full image (chosen from --seed)",
     )
     rel.add_argument(
         "--seq",
@@ -289,8 +317,15 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
     if not local and (args.campaign is not None or args.cleanup):
         raise FleetError("--campaign and --cleanup need --data DIR (the server's store)")
     plan = parse_campaign(args.campaign) if args.campaign is not None else None
-    if args.encrypt and (remote or args.release):
-        raise FleetError("--encrypt applies to a generated release published with --data")
+    check_payload_modes(args.delta, args.encrypt)
+    if args.encrypt and args.release:
+        raise FleetError(
+            "--encrypt applies to a generated release (a given --release is published as it is)"
+        )
+    if not args.delta and (args.old_image is not None or args.delta_mismatch_fraction):
+        raise FleetError("--old-image and --delta-mismatch-fraction need --delta")
+    if args.old_image is not None and not args.old_image.is_file():
+        raise FleetError(f"--old-image {args.old_image}: no such file")
     if args.release is not None and args.class_info is None:
         raise FleetError("--release needs --class-info (and --vendor-domain) of its class")
     if args.devices > MAX_DEVICES:
@@ -347,6 +382,9 @@ def options_from_args(args: argparse.Namespace) -> FleetOptions:
         bad_fraction=args.bad_fraction,
         cleanup=args.cleanup,
         encrypt=args.encrypt,
+        delta=args.delta,
+        old_image=args.old_image,
+        delta_mismatch_fraction=args.delta_mismatch_fraction,
     )
 
 
@@ -369,6 +407,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             f"p95 {sec(s['p95_seconds'])}, p99 {sec(s['p99_seconds'])}; per-device update "
             f"p50 {sec(s['update_p50_seconds'])}; {s['blocks_per_second']:,.0f} blocks/s"
         )
+        for line in payload_lines(s, report.settings):
+            print(line)
         c = s.get("campaign")
         if c is not None:
             print(
@@ -387,6 +427,39 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             worst = sorted(s["failure_reasons"].items(), key=lambda kv: -kv[1])[:5]
             print("failures: " + "; ".join(f"{n}x {why}" for why, n in worst))
     return EXIT_OK if s["completed"] == s["devices"] else EXIT_NOT_ALL_UPDATED
+
+
+def payload_lines(s: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The summary's lines about the payload: encrypted, and --delta's figures."""
+    lines = []
+    if settings.get("encrypted"):
+        lines.append(f"payload encrypted ({settings.get('encryption')})")
+    d = s.get("delta")
+    if d is not None:
+
+        def per(v: float | None) -> str:
+            return "-" if v is None else f"{v:,.0f} B"
+
+        lines.append(
+            f"delta: {d['installed_by_delta']} installed by delta (patch "
+            f"{d['patch_size']:,} B), {d['fell_back_to_full']} fell back to the full image "
+            f"({d['image_size']:,} B; {d['mismatched_devices']} devices ran another image)"
+            + (
+                f", {d['served_plain_envelope']} were served the plain envelope"
+                if d["served_plain_envelope"]
+                else ""
+            )
+            + "; "
+            f"firmware bytes per device: delta {per(d['fw_bytes_per_delta_device'])}, "
+            f"full {per(d['fw_bytes_per_full_device'])}, mean "
+            f"{per(s.get('fw_bytes_per_device_mean'))}"
+        )
+    if s.get("air_bytes_per_device") is not None:
+        lines.append(
+            f"on the air (through the impairment proxy, both ways): "
+            f"{s['air_bytes_per_device']:,.0f} B per device"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,13 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from otacoap.core import protocol
+from otacoap.core.errors import OtaError
+from otacoap.core.report import State, decode_report
+
 from ..transport import Response, TransportError
+
+REPORT_PATH = "/" + "/".join(protocol.PATH_REPORT)
 
 
 class Tally:
@@ -46,6 +52,10 @@ class CountingTransport:
         self.resets = 0
         self.blocks = 0
         self.bytes = 0
+        self.fw_bytes: dict[str, int] = {}  # payload bytes by /fw/ path (patch or image)
+        # The detail of the device's last DOWNLOADED report: which payload it used
+        # ("delta from ...", "full image (...)", "" for a plain envelope's image).
+        self.downloaded_detail: str | None = None
 
     @property
     def base_uri(self) -> str:
@@ -69,6 +79,7 @@ class CountingTransport:
         if resp.successful and path.startswith(self._fw):
             self.blocks += 1
             self.bytes += len(resp.payload)
+            self.fw_bytes[path] = self.fw_bytes.get(path, 0) + len(resp.payload)
             self._tally.blocks += 1
         return resp
 
@@ -76,6 +87,14 @@ class CountingTransport:
         self, path: str, payload: bytes, *, content_format: int, timeout: float
     ) -> Response:
         self._sent(("POST", path, hashlib.sha256(payload).digest()))
+        if path == REPORT_PATH:
+            try:
+                report = decode_report(payload)
+            except OtaError:
+                pass
+            else:
+                if report.state == State.DOWNLOADED:
+                    self.downloaded_detail = report.detail
         try:
             resp: Response = await self._inner.post(
                 path, payload, content_format=content_format, timeout=timeout

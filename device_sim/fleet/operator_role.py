@@ -33,6 +33,7 @@ from otacoap.core.ids import class_key_of
 from otacoap.operator.client import publish
 from otacoap.store import DataDir, Publisher
 from otacoap.store.names import check_device_id
+from otacoap.store.publish_delta import publish_file_any
 
 from .options import PSK_LENGTH, FleetError, FleetOptions, read_input
 from .report import FleetDeviceOutcome
@@ -118,12 +119,18 @@ def register_and_publish(
     rollout: str = "all",
     factory: tuple[bytes, Path] | None = None,
     registered: list[str] | None = None,
+    delta: tuple[bytes, Path] | None = None,
+    source_seq: int = 0,
 ) -> dict[str, Any]:
     """Register through the store (as `otacoap device add`) and publish (as
     `otacoap publish --rollout ROLLOUT`); the server notices both through its store
     poll. With rollout "none" nobody gets the release until `start_campaign`; then
     `factory` (envelope, image) is published first as the class's current release, so
-    devices outside the open waves are served what they already run."""
+    devices outside the open waves are served what they already run.
+
+    `delta` (envelope, patch): published after the release (as `otacoap publish
+    --delta`); the factory is then the delta's source release and must be in the store
+    as `source_seq`, published here if the class has none yet."""
     assert opts.data is not None
     datadir = DataDir(opts.data)
     config = datadir.config()
@@ -138,19 +145,27 @@ def register_and_publish(
             store.add_device(device_id, vendor, class_info, psk, ACTOR)
             if registered is not None:
                 registered.append(device_id)
-        current = store.current_release(class_key_of(vendor, class_info))
+        key_of_class = class_key_of(vendor, class_info)
+        current = store.current_release(key_of_class)
+        publisher = Publisher(store, datadir.blobs, config.publish)
         if factory is not None and current is None:
-            Publisher(store, datadir.blobs, config.publish).publish_file(
-                factory[0], factory[1], ACTOR, make_current=True
-            )
-            current = store.current_release(class_key_of(vendor, class_info))
+            publisher.publish_file(factory[0], factory[1], ACTOR, make_current=True)
+            current = store.current_release(key_of_class)
+        if delta is not None:
+            assert factory is not None
+            _check_delta_source(store, key_of_class, source_seq, factory[0])
         if current is not None and current.envelope == envelope:
             published = "already current"
         else:
-            Publisher(store, datadir.blobs, config.publish).publish_file(
-                envelope, image_path, ACTOR, make_current=rollout == "all"
-            )
+            publisher.publish_file(envelope, image_path, ACTOR, make_current=rollout == "all")
             published = "published"
+        facts: dict[str, Any] = {}
+        if delta is not None:
+            try:
+                done = publish_file_any(publisher, delta[0], delta[1], ACTOR)
+            except OtaError as exc:
+                raise FleetError(f"publishing the delta failed: {exc}") from None
+            facts["delta"] = done.line()
     finally:
         store.close()
     s = config.server
@@ -165,6 +180,7 @@ def register_and_publish(
             opts.data,
         )
     return {
+        **facts,
         "data": str(opts.data),
         "release": published,
         "max_dtls_sessions": s.max_dtls_sessions,
@@ -172,12 +188,39 @@ def register_and_publish(
     }
 
 
-def publish_over_network(opts: FleetOptions, envelope: bytes, image_path: Path) -> None:
-    """Publish the release as operator `--operator` over DTLS (as `otacoap publish`
-    with a server URI does)."""
+def _check_delta_source(store: Any, key: Any, source: int, source_envelope: bytes) -> None:
+    """--delta: the server serves a device the delta whose source is the image of the
+    release with the device's reported sequence number (store/deltas.py), so that
+    release must be the fleet's old one."""
+    found = store.release_by_seq(key, source)
+    if found is None or found.envelope != source_envelope:
+        raise FleetError(
+            f"--delta: the class already has releases, and its seq {source} is not the "
+            "old release the devices run; use a fresh --class-info or another --seq"
+        )
+
+
+def make_patch(old: bytes, new: bytes) -> bytes:
+    """The detools patch from `old` to `new` the devices can apply (as `otacoap
+    manifest build --delta-from`); making patches is the operator's side."""
+    from otacoap import patching  # detools: only --delta needs it
+
+    return patching.create_patch(old, new)
+
+
+def publish_over_network(opts: FleetOptions, items: Sequence[tuple[bytes, Path]]) -> None:
+    """Publish each (envelope, image or patch) in order as operator `--operator` over
+    DTLS (as `otacoap publish` with a server URI does; the server tells a delta
+    envelope from a release)."""
     assert opts.operator is not None and opts.operator_psk is not None
+    psk = opts.operator_psk
+
+    async def all_of_them() -> None:
+        for envelope, path in items:
+            await publish(opts.server, opts.operator or "", psk, envelope, path)
+
     try:
-        eventloop.run(publish(opts.server, opts.operator, opts.operator_psk, envelope, image_path))
+        eventloop.run(all_of_them())
     except OtaError as exc:
         raise FleetError(f"publishing over the network failed: {exc}") from None
 
@@ -187,6 +230,7 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
     for the release's sequence number must be in the store. Also the report counts."""
     store = DataDir(data).open_store()
     by_state: dict[str, int] = {}
+    downloaded: dict[str, int] = {}
     total = 0
     confirmed = 0
     try:
@@ -197,6 +241,14 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
                 by_state[r.state] = by_state.get(r.state, 0) + 1
             ok = any(r.state == "confirmed" and r.sequence_number == seq for r in reports)
             out.server_confirmed = ok
+            # A delta envelope's DOWNLOADED report names the payload the device used
+            # (docs/decisions/delta-updates.md, "Fallback and reports").
+            for r in reports:
+                if r.state == "downloaded" and r.sequence_number == seq:
+                    kind = payload_of_detail(r.detail)
+                    if kind is not None:
+                        out.server_payload = kind
+                        downloaded[kind] = downloaded.get(kind, 0) + 1
             confirmed += ok
             if out.outcome == "updated" and not ok:
                 out.outcome, out.reason = "unconfirmed", "the server has no confirmed report"
@@ -212,7 +264,20 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
         "reports_by_state": dict(sorted(by_state.items())),
         "devices_confirmed": confirmed,
         "audit_entries": audit,
+        **({"downloaded_by_payload": dict(sorted(downloaded.items()))} if downloaded else {}),
     }
+
+
+def payload_of_detail(detail: str) -> str | None:
+    """The payload a DOWNLOADED report names (update_machine `_payload_detail`):
+    "delta", "full" (a delta envelope's fallback), "encrypted"; None for a plain image."""
+    if detail.startswith("delta from"):
+        return "delta"
+    if detail.startswith("full image"):
+        return "full"
+    if detail.startswith("payload encrypted"):
+        return "encrypted"
+    return None
 
 
 def tag_devices(data: Path, tags: dict[str, dict[str, str]]) -> None:

@@ -158,6 +158,17 @@ class FleetDeviceOutcome(DeviceOutcome):
     admitted: float | None = None
     finished: float | None = None  # when its update attempt ended, whatever the outcome
     member_state: str | None = None
+    # --delta: what the device fetched, from its own transport: "delta" (the patch
+    # only), "full" (the image only: its running image was not the patch's source),
+    # "delta+full" (the patch failed, then the image), "plain" (the server served it
+    # the release's plain envelope); and the bytes of each. A device
+    # picked by --delta-mismatch-fraction is `mismatched`. `server_payload`: what its
+    # DOWNLOADED report told the server ("delta", "full", "encrypted"; --data only).
+    payload: str | None = None
+    patch_bytes: int = 0
+    image_bytes: int = 0
+    mismatched: bool = False
+    server_payload: str | None = None
 
 
 @dataclass
@@ -190,6 +201,15 @@ class FleetRunReport(FleetReport):
                 "interrupted": sum(1 for d in outs if d.outcome == "interrupted"),
             }
         )
+        # Every datagram through the impairment proxy (DTLS records: handshakes,
+        # manifests, payload, reports, retransmissions), both directions, per device.
+        sent = sum(self.network.get(way, {}).get("received_bytes", 0) for way in ("c2s", "s2c"))
+        s["air_bytes_per_device"] = sent / len(outs) if sent and outs else None
+        done_bytes = [d.bytes for d in outs if d.ok]
+        s["fw_bytes_per_device_mean"] = sum(done_bytes) / len(done_bytes) if done_bytes else None
+        s["fw_bytes_per_device_p50"] = percentile(done_bytes, 50)
+        if self.settings.get("delta"):
+            s["delta"] = delta_summary(outs, self.settings["delta"])
         if self.campaign is not None:
             c = self.campaign
             s["campaign"] = {
@@ -253,6 +273,31 @@ class FleetRunReport(FleetReport):
         fig.savefig(buf, format="png")
         plt.close(fig)
         atomic_write(path, buf.getvalue())
+
+
+def delta_summary(outs: Sequence[FleetDeviceOutcome], setup: dict[str, Any]) -> dict[str, Any]:
+    """--delta figures: updated devices by the payload they fetched, and the firmware
+    bytes on the air per updated device for each payload (patch and image sizes from
+    the run's settings)."""
+    done = [d for d in outs if d.ok]
+    by = _count(d.payload or "none" for d in done)
+
+    def mean_bytes(kind: str) -> float | None:
+        got = [d.bytes for d in done if d.payload == kind]
+        return sum(got) / len(got) if got else None
+
+    return {
+        "installed_by_delta": by.get("delta", 0),
+        "fell_back_to_full": by.get("full", 0) + by.get("delta+full", 0),
+        "delta_failed_then_full": by.get("delta+full", 0),
+        "served_plain_envelope": by.get("plain", 0),
+        "mismatched_devices": sum(1 for d in outs if d.mismatched),
+        "mismatched_updated_by_full": sum(1 for d in done if d.mismatched and d.payload == "full"),
+        "patch_size": setup.get("patch_size"),
+        "image_size": setup.get("image_size"),
+        "fw_bytes_per_delta_device": mean_bytes("delta"),
+        "fw_bytes_per_full_device": mean_bytes("full"),
+    }
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -96,6 +96,15 @@ def bad_devices(devices: Sequence[str], fraction: float, seed: int) -> frozenset
     return frozenset(ranked[:count])
 
 
+def mismatched_devices(devices: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
+    """--delta-mismatch-fraction: exactly round(fraction * N) devices, ranked by
+    SHA-256(seed, device id) like `bad_devices` but under another label, so the two
+    choices are independent."""
+    count = round(fraction * len(devices))
+    ranked = sorted(devices, key=lambda d: hashlib.sha256(f"odd:{seed}:{d}".encode()).digest())
+    return frozenset(ranked[:count])
+
+
 def check_outputs(opts: FleetOptions) -> None:
     """Refuse, before anything is registered, output paths that cannot be written."""
     for what, path in (("--report", opts.report), ("--plot", opts.plot)):
@@ -128,8 +137,16 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
     # No worker without a device or without a concurrency slot of its own.
     m = max(1, min(opts.processes, len(prepared.devices), opts.concurrency))
     shares = _split(prepared.devices, m)
-    slot = -(-prepared.image_size // SECTOR_SIZE) * SECTOR_SIZE
-    bad = bad_devices([d for d, _ in prepared.devices], opts.bad_fraction, opts.seed)
+    dx = prepared.delta
+    largest = max(
+        prepared.image_size,
+        len(prepared.factory_image),
+        len(dx.variant_image) if dx is not None else 0,
+    )
+    slot = -(-largest // SECTOR_SIZE) * SECTOR_SIZE
+    ids = [d for d, _ in prepared.devices]
+    bad = bad_devices(ids, opts.bad_fraction, opts.seed)
+    odd = mismatched_devices(ids, opts.delta_mismatch_fraction, opts.seed)
     jobs = []
     for i in range(m):
         conc = opts.concurrency // m + (1 if i < opts.concurrency % m else 0)
@@ -160,12 +177,20 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 poll_interval=opts.poll_interval,
                 stop_file=str(work / STOP_FILE),
                 bad=frozenset(d for d, _ in shares[i] if d in bad),
+                check_in=dx is not None,
+                mismatched=frozenset(d for d, _ in shares[i] if d in odd),
+                variant_image=dx.variant_image if dx is not None else b"",
+                variant_envelope=dx.variant_envelope if dx is not None else b"",
+                patch_uri=dx.patch_uri if dx is not None else "",
+                image_uri=dx.image_uri if dx is not None else "",
             )
         )
     return jobs
 
 
 STOP_FILE = "campaign-over"
+# Longer than the server's store poll (otacoap.server.store_view: at most 1 s).
+STORE_POLL_WAIT = 2.0
 
 
 def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunReport:
@@ -195,6 +220,10 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
         if opts.campaign is None:
             progress.phase("checking that the server offers the release")
             eventloop.run(preflight(server, prepared.devices[0], prepared.seq, jobs[0].szx))
+            if prepared.delta is not None and opts.data is not None:
+                # The release and its delta are two commits; the server may have seen
+                # only the first when it answered. One more store poll sees both.
+                time.sleep(STORE_POLL_WAIT)
         else:
             # Nobody is offered the release before the campaign starts; /m must
             # answer with the factory release though.
@@ -354,6 +383,10 @@ def _settings(
         "image_id": prepared.image_id,
         "image_sha256": prepared.image_digest.hex(),
         "encrypted": bool(prepared.decryption_keks),
+        "encryption": "A128CTR, CEK wrapped under a class A128KW key"
+        if prepared.decryption_keks
+        else None,
+        "delta": _delta_settings(opts, prepared),
         "block_size": opts.block_size,
         "max_window": opts.max_window,
         "concurrency": opts.concurrency,
@@ -368,4 +401,18 @@ def _settings(
         "poll_interval": opts.poll_interval if opts.campaign is not None else None,
         "bad_fraction": opts.bad_fraction,
         "cleanup": opts.cleanup,
+    }
+
+
+def _delta_settings(opts: FleetOptions, prepared: Prepared) -> dict[str, Any] | None:
+    dx = prepared.delta
+    if dx is None:
+        return None
+    return {
+        "patch_size": dx.patch_size,
+        "image_size": prepared.image_size,
+        "patch_uri": dx.patch_uri,
+        "old_image": str(opts.old_image) if opts.old_image is not None else "generated",
+        "old_image_sha256": dx.old_image_sha256,
+        "mismatch_fraction": opts.delta_mismatch_fraction,
     }

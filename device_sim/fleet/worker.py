@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from otacoap.core.errors import OtaError
+from otacoap.core.report import Report, State
 
 from ..agent import AgentConfig, DeviceAgent, Outcome
 from ..coap import CoapTransport
+from ..device_state import StateFile
 from ..fetcher import FetchConfig
+from ..layout import open_flash
 from ..netem import LinkProfile, UdpImpairmentProxy
 from ..provision import inspect, provision
 from .counting_transport import CountingTransport, Tally
@@ -33,6 +36,7 @@ _log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 0.5  # seconds between progress samples sent to the parent
 GRACE = 30.0  # how long past the run deadline a worker may take to wind down
+RESET_AFTER_STUCK_FLUSHES = 2  # report flushes without progress before a new session
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,15 @@ class WorkerJob:
     # the simulated hardware/firmware mismatch of --bad-fraction.
     bad: frozenset[str] = frozenset()
     decryption_keks: tuple[bytes, ...] = ()  # --encrypt: the class key
+    # --delta: the factory is the old release; `mismatched` devices run `variant_image`
+    # (its own seq - 1 envelope) instead; every device checks in with its running seq
+    # (`check_in`); /fw/ paths of the patch and the image tell what a device fetched.
+    check_in: bool = False
+    mismatched: frozenset[str] = frozenset()
+    variant_image: bytes = b""
+    variant_envelope: bytes = b""
+    patch_uri: str = ""
+    image_uri: str = ""
 
 
 @dataclass
@@ -89,6 +102,7 @@ def provision_worker(job: WorkerJob) -> None:
     """Make every device's flash file: identity, PSK, anchors, factory image + envelope."""
     Path(job.flash_dir).mkdir(parents=True, exist_ok=True)
     for device_id, psk in job.devices:
+        odd = device_id in job.mismatched
         provision(
             flash_path(job, device_id),
             device_id=device_id,
@@ -96,13 +110,45 @@ def provision_worker(job: WorkerJob) -> None:
             vendor_domain=job.vendor_domain,
             class_info=job.class_info,
             anchors_pem=job.anchors_pem,
-            factory_image=job.factory_image,
-            factory_envelope=job.factory_envelope,
+            factory_image=job.variant_image if odd else job.factory_image,
+            factory_envelope=job.variant_envelope if odd else job.factory_envelope,
             slot_size=job.slot_size,
             sector_size=SECTOR_SIZE,
             force=True,
             decryption_keks=job.decryption_keks,
         )
+        if job.check_in:
+            queue_check_in(flash_path(job, device_id))
+
+
+def queue_check_in(path: Path) -> None:
+    """--delta: put a check-in report in the device's flash outbox (an "up-to-date"
+    report carrying its running sequence number, report key -6); the agent sends its
+    outbox before asking /m, like any queued report.
+
+    It stands for the reports a fleet in the field has long sent: the server serves a
+    delta only to a device whose reports say which release it runs (store/deltas.py),
+    and a freshly provisioned simulated device has sent none. The counter comes from
+    the device's own state record (ATTACKS.md #28), as for every report.
+    """
+    flash, identity = open_flash(path)
+    try:
+        states = StateFile(flash, identity.layout)
+        state = states.load()
+        running = state.sequence
+
+        def encode(counter: int, lost: int) -> bytes:
+            return Report(
+                counter=counter,
+                state=State.UP_TO_DATE,
+                installed_sequence=running,
+                detail=f"check-in: running seq {running}",
+                lost=lost,
+            ).encode()
+
+        states.save(state.with_report(encode))
+    finally:
+        flash.close()
 
 
 def _stats_dict(proxy: Any) -> dict[str, dict[str, int]]:
@@ -245,6 +291,8 @@ async def _update_device(
         out.resets = transport.resets
         out.blocks = transport.blocks
         out.bytes = transport.bytes
+        if job.patch_uri:
+            _note_payload(job, out, transport.fw_bytes, transport.downloaded_detail)
     out.finished = time.monotonic() - t0
     if claimed == "updated":
         _verify_flash(job, path, out)
@@ -258,6 +306,24 @@ async def _update_device(
 
 def _fails_health_check(boot: Any) -> bool:
     return False
+
+
+def _note_payload(
+    job: WorkerJob, out: FleetDeviceOutcome, fw_bytes: dict[str, int], detail: str | None
+) -> None:
+    """--delta: which payload the device fetched, seen from its own transport: the
+    bytes of each /fw/ path, and its DOWNLOADED report's detail, which tells a delta
+    envelope's fallback ("full image (...)") from a plain envelope's image ("")."""
+    out.mismatched = out.device in job.mismatched
+    out.patch_bytes = fw_bytes.get(job.patch_uri, 0)
+    out.image_bytes = fw_bytes.get(job.image_uri, 0)
+    if out.patch_bytes and out.image_bytes:
+        out.payload = "delta+full"
+    elif out.patch_bytes:
+        out.payload = "delta"
+    elif out.image_bytes:
+        fallback = detail is None or detail.startswith("full image")
+        out.payload = "full" if fallback else "plain"
 
 
 async def _read_manifest(transport: CoapTransport, szx: int) -> bytes | None:
@@ -342,6 +408,11 @@ async def _attempts(
             or (r.outcome == Outcome.UP_TO_DATE and r.sequence_number == job.expected_seq)
         )
 
+    if job.check_in:
+        # The check-in must reach the server before /m is asked, as the reports of a
+        # fleet in the field long have; a lost POST is sent again, not skipped.
+        agent.power_on()
+        await _drain_outbox(agent, rng)
     for attempt in range(1, job.attempts + 1):
         out.attempts = attempt
         result = await agent.run_once()
@@ -355,14 +426,29 @@ async def _attempts(
         await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + rng.random()))
     # The "confirmed" report may still sit in the flash outbox if its POST was lost; a
     # device sends it at its next contact, so keep contacting until it is acknowledged.
-    delay = 0.5
-    while agent.agent is not None and agent.agent.load().reports:
-        await agent.agent.flush_reports()
-        if agent.agent.load().reports:
-            await asyncio.sleep(delay * (0.5 + rng.random()))
-            delay = min(delay * 2, 4.0)
+    await _drain_outbox(agent, rng)
     out.outcome, out.reason = "updated", ""
     return "updated"
+
+
+async def _drain_outbox(agent: DeviceAgent, rng: random.Random) -> None:
+    """Send the device's queued reports until the server acknowledged them all (the
+    caller's deadline bounds it), backing off between contacts; after two contacts in
+    a row without progress the DTLS session starts over, as the fetcher's does (a
+    handshake that failed, say before the server knew the device, never recovers)."""
+    delay = 0.5
+    stuck = 0
+    while agent.agent is not None and agent.agent.load().reports:
+        progressed = await agent.agent.flush_reports()
+        if not agent.agent.load().reports:
+            return
+        stuck = 0 if progressed else stuck + 1
+        if stuck >= RESET_AFTER_STUCK_FLUSHES:
+            stuck = 0
+            with contextlib.suppress(Exception):
+                await agent.agent.transport.reset()
+        await asyncio.sleep(delay * (0.5 + rng.random()))
+        delay = min(delay * 2, 4.0)
 
 
 def _verify_flash(job: WorkerJob, path: Path, out: FleetDeviceOutcome) -> None:
