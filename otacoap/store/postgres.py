@@ -226,14 +226,15 @@ class PgConnection:
 
     def _run(self, sql: str, params: Sequence[Any] | None = None) -> Any:
         """Execute on the current connection; every statement goes through here."""
-        if self._lost is not None and not (not self._in_tx and self._reconnect(inline=True)):
+        in_tx = self._in_tx
+        if self._lost is not None and (in_tx or not self._reconnect(inline=True)):
             raise self._unavailable()
         try:
             return self._execute(sql, params)
         except _Lost:
             # Outside a transaction nothing of this statement reached the old session:
             # reconnect once, now, and run it again (class docstring).
-            if self._in_tx or not self._reconnect(inline=True, now=True):
+            if in_tx or not self._reconnect(inline=True, now=True):
                 raise self._unavailable() from None
             try:
                 return self._execute(sql, params)
@@ -261,9 +262,10 @@ class PgConnection:
             log.warning("%s: connection lost: %s", self.label, why)
             self._retry_at = 0.0  # the first attempt may come at once
             self._retry_delay = RETRY_FIRST
+        # A transaction in progress is gone with the session, but stays "in progress"
+        # here until the caller's ROLLBACK (`_end`): none of its statements may run on a
+        # new connection outside it.
         self._lost = why
-        self._in_tx = self._write_tx = False  # the server dropped the session's transaction
-        self._new_images.clear()
 
     def _unavailable(self) -> StoreUnavailable:
         return StoreUnavailable(f"{self.label}: store unavailable: {self._lost}")
@@ -287,8 +289,6 @@ class PgConnection:
         old, self._conn = self._conn, conn
         with contextlib.suppress(Exception):
             old.close()
-        self._in_tx = self._write_tx = False
-        self._new_images.clear()
         self.reconnections += 1
         self._lost = None  # last: another thread sees the new connection only now
         log.warning("%s: connection re-established", self.label)
@@ -359,8 +359,12 @@ class PgConnection:
         """Transaction control and the one PRAGMA the store reads."""
         if sql == "BEGIN IMMEDIATE":
             self._begin("BEGIN")
+            try:
+                self._run("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            except BaseException:
+                self._end("ROLLBACK")  # the caller's _tx has not started: end it here
+                raise
             self._write_tx = True
-            self._run("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
         elif sql == "BEGIN":
             self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ")
         elif sql == "COMMIT":
