@@ -68,7 +68,7 @@ CHUNK_SIZE = 256 * 1024
 # backoff between attempts (doubling from RETRY_FIRST, bounded by RETRY_MAX).
 CONNECT_TIMEOUT = 5
 RETRY_FIRST = 0.25
-RETRY_MAX = 4.0
+RETRY_MAX = 2.0
 _TRIGGER = re.compile(
     r"CREATE TRIGGER (\w+) BEFORE (UPDATE|DELETE) ON (\w+)\s+BEGIN SELECT "
     r"RAISE\(ABORT, '([^']*)'\); END",
