@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +253,27 @@ async def _post_report(port: int, psk: bytes, report: Report) -> aiocoap.Message
         return await request(ctx, msg, timeout=30.0)
 
 
+_HTTP = ("/health", "/metrics")
+
+
+def _metrics_url(lines: list[str]) -> str:
+    """The metrics address `serve` prints just after "listening on" (bounded wait)."""
+    for _ in range(200):
+        for line in list(lines):
+            if m := re.match(r"metrics on (\S+)/metrics", line):
+                return m.group(1)
+        time.sleep(0.1)
+    raise AssertionError(f"no metrics address in {lines}")
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def _members_when_settled(setup: Setup, campaign: int, deadline: float) -> Any:
     """The campaign's members once none is pending or admitted (or at the deadline)."""
     store = DataDir(setup.data).open_store()
@@ -301,7 +325,8 @@ def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
     acks = Acks()
     phases: dict[str, Any] = {}
 
-    with running_server(setup.data) as server:
+    with running_server(setup.data, args=["--metrics", "127.0.0.1:0"]) as server:
+        metrics = _metrics_url(server.lines)
 
         async def main() -> dict[str, RunResult | None]:
             deadline = time.monotonic() + 240
@@ -341,6 +366,8 @@ def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
             during = await _post_report(server.port, probe_psk, Report(2, State.CHECKING))
             phases["during"] = (during.code, during.opt.max_age, during.payload)
             phases["during_seconds"] = time.monotonic() - asked
+            # Health and metrics read the store: 503 while it is down (not a 500).
+            phases["http"] = [await asyncio.to_thread(_http_status, metrics + p) for p in _HTTP]
             # A few seconds at least, and until a rollout device's report met the outage
             # (its download went on meanwhile, from the verified local image cache).
             while time.monotonic() - stopped < 6.0 or not acks.unavailable:
@@ -375,6 +402,7 @@ def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
     assert max_age is not None and max_age > 0, phases  # RFC 7252 §5.9.3.4
     assert b"postgresql" not in payload  # the cause stays in the server's log
     assert phases["during_seconds"] < 20, phases  # answered, not hung
+    assert phases["http"] == [503, 503], phases
     assert phases["after"] == Code.CHANGED, phases
     assert all(r is not None for r in results.values()), (results, log[-3000:])
     # The devices' own exchanges: only 2.04 and 5.03 on /r, and every report that got

@@ -307,9 +307,8 @@ class StoreView:
         if self._outage_since is None:
             self._outage_since = self._clock()
             log.warning(
-                "store unavailable (%s): requests that need it get 5.03 Max-Age %d; "
+                "store unavailable: requests that need it get 5.03 Max-Age %d; "
                 "cached sessions, releases and downloads continue",
-                exc,
                 exc.max_age,
             )
 
