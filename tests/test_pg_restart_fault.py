@@ -305,9 +305,12 @@ async def _drive(agent: DeviceAgent, deadline: float) -> RunResult | None:
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
-    tmp_path: Path, pg: Any, db_url: str
+    tmp_path: Path, pg: Any, db_url: str, mode: str
 ) -> None:
+    """`mode`: pg_ctl stop -m fast (sessions terminated, a clean shutdown) or immediate
+    (like a crash: PostgreSQL recovers from its WAL when it starts again)."""
     specs = [DeviceSpec(d, CLASS_A) for d in ROLLOUT] + [DeviceSpec(PROBE, CLASS_B)]
     setup = make_setup(tmp_path, devices=specs, store_url=db_url)
     factory = setup.release(CLASS_A, 1, make_image("factory", 4000))
@@ -355,7 +358,7 @@ def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
                 assert time.monotonic() < deadline, "no download started"
                 await asyncio.sleep(0.05)
             phases["blocks_before_outage"] = acks.blocks
-            await asyncio.to_thread(pg.stop, "fast", check=True)
+            await asyncio.to_thread(pg.stop, mode, check=True)
             acks.outage = True
             stopped = time.monotonic()
             # Devices that never handshook start now: their PSK is not cached, so their

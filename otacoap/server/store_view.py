@@ -352,7 +352,10 @@ class StoreView:
                 events = []
             if events:
                 log.info("campaigns: %s", ", ".join(events))
-                self.refresh()
+                # The writer may be back before the loop's reader: the poll reconnects
+                # that and refreshes everything then (this loop must not end here).
+                with contextlib.suppress(StoreUnavailable):
+                    self.refresh()
             # A burst of reports costs one evaluation per gap, not one each, and a big
             # campaign (an evaluation reads every member) takes at most a third of the
             # DB thread, which also commits the reports themselves.
