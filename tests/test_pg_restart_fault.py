@@ -12,6 +12,7 @@ verifies. The store-level tests pin the connection's own behaviour (store/postgr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -455,3 +456,50 @@ def test_postgresql_restart_mid_rollout_loses_no_acknowledged_report(
         f" during {acks.blocks_in_outage}; 5.03 to devices: "
         f"{sum(len(b) for b in acks.unavailable.values())}"
     )
+
+
+def test_the_server_view_treats_a_new_connection_as_everything_changed(
+    tmp_path: Path, pg: Any, db_url: str
+) -> None:
+    """Commits made while the reader's connection was down were never seen by its
+    caches: after the poll re-establishes it, every cache is dropped and every listener
+    told, although the store's generations say nothing changed."""
+    from otacoap.server.store_view import StoreView
+
+    setup = make_setup(tmp_path, devices=[DeviceSpec("view-1", CLASS_A)], store_url=db_url)
+    datadir = DataDir(setup.data)
+    told: list[str] = []
+
+    async def scenario() -> None:
+        view = StoreView(datadir, datadir.config())
+        view.on_principal_change(lambda: told.append("principal"))
+        view.on_release_change(lambda: told.append("release"))
+        poll = asyncio.create_task(view.poll())
+        try:
+            assert view.device("view-1") is not None  # cached from here on
+            epoch = view.epoch
+            await asyncio.to_thread(pg.stop, "fast", check=True)
+            with pytest.raises(StoreUnavailable):  # not cached: the store is needed
+                view.device("view-2")
+            assert view.device("view-1") is not None  # cached: still served
+            for _ in range(100):  # the poll notices the outage (bounded)
+                if not view.store_available:
+                    break
+                await asyncio.sleep(0.1)
+            assert not view.store_available
+            await asyncio.to_thread(pg.launch)
+            for _ in range(300):  # ... and brings the reader back by itself
+                if view.store_available and told:
+                    break
+                await asyncio.sleep(0.1)
+            assert view.store_available and sorted(told) == ["principal", "release"], told
+            assert view.epoch == epoch + 1
+            assert view.device("view-2") is None  # the store answers again
+            assert await view.db(lambda s: s.get_device("view-1")) is not None  # writer too
+        finally:
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            await view.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
