@@ -88,6 +88,10 @@ class PgServer:
             "--locale=C",
             "--no-sync",
         )
+        self.launch()
+
+    def launch(self) -> None:
+        """pg_ctl start on the existing cluster (again, after `stop`: same socket)."""
         opts = (
             f"-c listen_addresses='' -c unix_socket_directories='{self.sockdir}' "
             "-c fsync=off -c full_page_writes=off -c max_connections=50 "
@@ -107,9 +111,14 @@ class PgServer:
             "start",
         )
 
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
+    def stop(self, mode: str = "fast", *, check: bool = False) -> None:
+        """pg_ctl stop -m `mode` (fast: sessions terminated; immediate: no checkpoint,
+        like a crash). `check`: raise if it fails (the teardown does not)."""
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        except Exception:
+            if check:
+                raise
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@/{dbname}?host={self.sockdir}"

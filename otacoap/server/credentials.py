@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..store.errors import StoreUnavailable
 from ..store.models import Credential, Principal
 from ..store.names import MAX_IDENTITY_BYTES, PSK_LENGTH
 
@@ -67,6 +68,14 @@ class PskDirectory:
         if hit is None:
             try:
                 found = self._lookup(text)
+            except StoreUnavailable as exc:
+                # The store is down (StoreView logs the outage): an identity not cached
+                # cannot handshake now; it fails at Finished like an unknown one and
+                # the device tries again later. Cached identities are not affected.
+                if strict:
+                    raise
+                log.info("PSK lookup for %r: %s", text, exc)
+                found = None
             except Exception:
                 if strict:
                     raise

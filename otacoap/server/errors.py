@@ -16,6 +16,7 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 
 from ..core import coap_numbers
 from ..core.errors import OtaError
+from ..store.errors import StoreUnavailable
 
 MAX_DIAGNOSTIC = 200  # bytes of diagnostic payload at most (keeps refusals small, §11.3)
 
@@ -48,6 +49,9 @@ def error_response(exc: OtaError) -> aiocoap.Message:
     Content-Format. The options the error names (e.g. Size1 on 4.13, RFC 7959 §2.9.3;
     Max-Age on 5.03, RFC 7252 §5.9.3.4) are uints.
     """
+    if isinstance(exc, StoreUnavailable):
+        # Its message names the database and the cause: for the log, not for clients.
+        exc = StoreUnavailable("store unavailable, retry after Max-Age", max_age=exc.max_age)
     msg = aiocoap.Message(
         code=Code(exc.coap_code), payload=str(exc).encode("utf-8", "replace")[:MAX_DIAGNOSTIC]
     )

@@ -55,6 +55,7 @@ from ..core.coap_numbers import (
     VERSION,
 )
 from ..core.coap_options import field, header, option
+from ..core.errors import OtaError
 from ..store import Principal
 from . import access
 from .store_view import StoreView
@@ -228,7 +229,10 @@ class FirmwareFastPath:
             if parsed is None:
                 return None
             image_id, block2 = parsed
-        image = self._grant(remote)
+        try:
+            image = self._grant(remote)
+        except OtaError:
+            return None  # the store is unavailable: FirmwareResource answers 5.03
         if image is None or image_id != image.image_id:
             return None  # 4.01/4.04 and the audit entry come from FirmwareResource
         max_szx = self._max_szx

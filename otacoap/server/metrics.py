@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..store import Store
+from ..store.errors import StoreUnavailable
 from .store_view import StoreView
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ class MetricsEndpoint:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                 ValueError, ConnectionError):  # fmt: skip
             status, ctype, body = 400, "text/plain", b"bad request\n"
+        except StoreUnavailable:  # /metrics reads the store: down means 503, not 500
+            status, ctype, body = 503, "text/plain", b"store unavailable\n"
         except Exception:
             log.exception("metrics request failed")
             status, ctype, body = 500, "text/plain", b"internal error\n"

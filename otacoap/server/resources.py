@@ -42,7 +42,7 @@ from ..core import block2_responder, blockwise, cbor, coap_numbers, protocol
 from ..core.errors import OtaError
 from ..core.report import MAX_REPORT_SIZE, decode_report
 from ..store import Principal, Publisher, Role, TempBlob
-from ..store.errors import NotFound, StoreError
+from ..store.errors import NotFound, StoreError, StoreUnavailable
 from ..store.publish_delta import publish_uploaded_any
 from . import access
 from .errors import Unauthenticated, UnsupportedFormat, WrongRole, error_response
@@ -139,8 +139,11 @@ class ManifestResource(_Base, resource.ObservableResource):
     async def add_observation(self, request: Message, serverobservation: ServerObservation) -> None:
         # aiocoap calls the cancellation callback of every observation it offered,
         # accepted or not, so always accept; declining is an early deregister.
-        principal = self.view.principal_of(request.remote)
-        release = access.release_of(self.view, principal) if principal is not None else None
+        try:
+            principal = self.view.principal_of(request.remote)
+            release = access.release_of(self.view, principal) if principal else None
+        except OtaError:  # the store is unavailable: render_get answers (5.03)
+            principal = release = None
         if principal is None or release is None:
             serverobservation.accept(_nothing)  # the 4.01/4.04 ends it (RFC 7641 §3.2)
             return
@@ -253,6 +256,10 @@ class ReportResource(_Base):
             outcome = await self.view.db(lambda s: s.record_report(principal.name, report, body))
         except NotFound:
             raise Unauthenticated("unknown device") from None
+        except StoreUnavailable:
+            # Not committed, so not acknowledged: 5.03 with Max-Age, and the device
+            # keeps the report queued and sends it again (issue 14 §3).
+            raise
         except OtaError as exc:
             self.view.refused(str(principal), "report", principal.name, str(exc))
             raise

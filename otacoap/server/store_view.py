@@ -10,6 +10,15 @@ data_version`) notices commits made by any other connection (the CLI in another
 process, or our own writer thread); then the generation counters say whether
 principals or releases changed, and only those caches are dropped and /m observers
 told.
+
+Store outages (a networked store: PostgreSQL restarting, a network cut): a request
+that needs the store gets `StoreUnavailable`, rendered as 5.03 with Max-Age; what the
+caches hold keeps being served (a known device's PSK, release and grant: sessions and
+downloads in progress continue). The store connections come back by themselves: the
+writer's on its next use (store/postgres.py, bounded backoff), the reader's from the
+poll, off the loop (a connect may block). A re-established reader connection missed
+whatever was committed meanwhile, so the poll then drops every cache and tells every
+listener, as if everything had changed (docs/decisions/postgresql-store.md).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..core.errors import OtaError
 from ..store import DataDir, DeviceRecord, Principal, ReleaseRecord, Role, Store
 from ..store.campaigns import served_release
 from ..store.deltas import DeltaRecord
+from ..store.errors import StoreUnavailable
 from ..store.models import ClassKey
 from .credentials import PskDirectory, SessionClaim
 
@@ -41,6 +51,7 @@ _CAMPAIGN_MIN_GAP = 0.2  # seconds between two campaign evaluations
 # Seconds between polls for commits of other processes, at most: a removed or re-keyed
 # principal's sessions end within this (plus one sweep of the session table).
 REVOCATION_POLL = 0.5
+_WRITER_RETRY = 1.0  # seconds between attempts to open the writer's connection
 
 
 class StoreView:
@@ -61,6 +72,8 @@ class StoreView:
         self._clock = clock
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="otacoap-db")
         self._writer: Store | None = None
+        self._writer_retry_at = 0.0
+        self._outage_since: float | None = None  # clock() when the poll lost the store
         self.psks = PskDirectory(self.reader.lookup_credential, self._sealer.decoy)
         self._devices: dict[str, DeviceRecord | None] = {}
         self._operators: dict[str, bool] = {}
@@ -82,6 +95,7 @@ class StoreView:
         self.fw_bytes_served = 0
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
+        self._reconnections = self.reader.reconnections()
         self.plain_principal: Principal | None = None
         if plain_identity is not None:
             found = self.reader.lookup_identity(plain_identity)
@@ -97,9 +111,19 @@ class StoreView:
         self.fw_bytes_served += payload_bytes
 
     def _in_db(self, fn: Callable[[Store], T]) -> T:
-        if self._writer is None:
-            self._writer = self.datadir.open_store()
-        return fn(self._writer)
+        writer = self._writer
+        if writer is None:
+            # Opened on first use; while the store is down, one attempt per interval
+            # (each may take a connect timeout), the calls between refused at once.
+            if time.monotonic() < self._writer_retry_at:
+                raise StoreUnavailable("store unavailable")
+            try:
+                writer = self._writer = self.datadir.open_store()
+            except StoreUnavailable:
+                self._writer_retry_at = time.monotonic() + _WRITER_RETRY
+                raise
+        # A lost connection is re-established by the store itself, on this thread.
+        return fn(writer)
 
     async def db(self, fn: Callable[[Store], T]) -> T:
         """Run `fn(writer_store)` on the DB thread."""
@@ -209,6 +233,8 @@ class StoreView:
                     log.error(
                         "image %s of %s is missing", release.image.image_id, release.class_label
                     )
+            except StoreUnavailable:
+                raise  # 5.03, and nothing cached: the next request tries again
             except OtaError as exc:
                 log.error("image %s: %s", release.image.image_id, exc)
         return release
@@ -240,26 +266,56 @@ class StoreView:
         self._principal_listeners.append(listener)
 
     def refresh(self) -> None:
-        """Drop caches that another connection's commits made stale; tell observers."""
+        """Drop caches that another connection's commits made stale; tell observers.
+        After the reader's connection was re-established: everything (module docstring)."""
+        reconnections = self.reader.reconnections()
+        if reconnections != self._reconnections:
+            self.reader.changed_elsewhere()
+            self._generations = self.reader.generations()
+            self._reconnections = reconnections
+            self._drop_caches(principals=True, releases=True)
+            return
         if not self.reader.changed_elsewhere():
             return
         generations = self.reader.generations()
         principals_changed = generations[0] != self._generations[0]
         releases_changed = generations[1] != self._generations[1]
         self._generations = generations
-        if principals_changed or releases_changed:
+        self._drop_caches(principals=principals_changed, releases=releases_changed)
+
+    def _drop_caches(self, *, principals: bool, releases: bool) -> None:
+        if principals or releases:
             # Device rows carry the class and the pinned release: both kinds matter.
             self._devices.clear()
             self.epoch += 1
-        if principals_changed:
+        if principals:
             self.psks.invalidate()
             self._operators.clear()
             _notify(self._principal_listeners, "principal")
-        if releases_changed:
+        if releases:
             self._class_releases.clear()
             self._releases_by_id.clear()
             self._has_deltas.clear()
             _notify(self._release_listeners, "release")
+
+    @property
+    def store_available(self) -> bool:
+        """False from the poll's finding the store unreachable until it is back."""
+        return self._outage_since is None
+
+    def _store_lost(self, exc: StoreUnavailable) -> None:
+        if self._outage_since is None:
+            self._outage_since = self._clock()
+            log.warning(
+                "store unavailable: requests that need it get 5.03 Max-Age %d; "
+                "cached sessions, releases and downloads continue",
+                exc.max_age,
+            )
+
+    def _store_back(self) -> None:
+        if self._outage_since is not None:
+            log.warning("store available again after %.1f s", self._clock() - self._outage_since)
+            self._outage_since = None
 
     # --- rollout campaigns ------------------------------------------------------------
 
@@ -289,12 +345,17 @@ class StoreView:
             started = self._clock()
             try:
                 events = await self.db(functools.partial(_tick_campaigns, rates))
+            except StoreUnavailable:
+                events = []  # the poll logs the outage; the next tick tries again
             except Exception:
                 log.exception("evaluating the rollout campaigns failed")
                 events = []
             if events:
                 log.info("campaigns: %s", ", ".join(events))
-                self.refresh()
+                # The writer may be back before the loop's reader: the poll reconnects
+                # that and refreshes everything then (this loop must not end here).
+                with contextlib.suppress(StoreUnavailable):
+                    self.refresh()
             # A burst of reports costs one evaluation per gap, not one each, and a big
             # campaign (an evaluation reads every member) takes at most a third of the
             # DB thread, which also commits the reports themselves.
@@ -308,7 +369,14 @@ class StoreView:
         while True:
             await asyncio.sleep(interval)
             try:
+                # A lost reader connection comes back here, off the loop (a connect may
+                # block; the store's backoff bounds the attempts).
+                if not await asyncio.to_thread(self.reader.reconnect):
+                    raise StoreUnavailable("store unavailable")
                 self.refresh()
+                self._store_back()
+            except StoreUnavailable as exc:
+                self._store_lost(exc)
             except Exception:
                 log.exception("polling the store for changes failed")
 
@@ -321,6 +389,8 @@ def _notify(listeners: list[Callable[[], None]], what: str) -> None:
     for listener in list(listeners):
         try:
             listener()
+        except StoreUnavailable as exc:
+            log.warning("%s-change listener: %s", what, exc)
         except Exception:
             log.exception("%s-change listener failed", what)
 

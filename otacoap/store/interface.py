@@ -167,4 +167,15 @@ class Store(Protocol):
         """Cheap check whether another connection committed since the last call."""
         ...
 
+    # --- a networked store's connection (docs/decisions/postgresql-store.md) ----------
+    def reconnect(self) -> bool:
+        """Re-establish a lost connection if an attempt is due (bounded backoff); True
+        when the store is usable. May block briefly: not on an event loop's thread."""
+        ...
+
+    def reconnections(self) -> int:
+        """How many times the connection was re-established: changes committed while it
+        was down were not seen, so a reader's caches must treat each as "all changed"."""
+        ...
+
     def close(self) -> None: ...

@@ -32,7 +32,10 @@ identity table is found by `_identity_tables` at connect time and by the DDL rew
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import re
 import sqlite3
 import time
@@ -44,9 +47,11 @@ import psycopg
 
 from .audit import GENESIS
 from .blobs import BlobStore
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .secrets import PskSealer
 from .sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
 
 _WRITE_LOCK = 0x6F7461636F6170  # "otacoap": the advisory lock every writer takes
 _CHANGES_TABLE = (
@@ -59,6 +64,11 @@ _CHUNKS_TABLE = (
     "data BYTEA NOT NULL, PRIMARY KEY (digest, idx))"
 )
 CHUNK_SIZE = 256 * 1024
+# A lost connection (PgConnection): seconds a connection attempt may take, and the
+# backoff between attempts (doubling from RETRY_FIRST, bounded by RETRY_MAX).
+CONNECT_TIMEOUT = 5
+RETRY_FIRST = 0.25
+RETRY_MAX = 2.0
 _TRIGGER = re.compile(
     r"CREATE TRIGGER (\w+) BEFORE (UPDATE|DELETE) ON (\w+)\s+BEGIN SELECT "
     r"RAISE\(ABORT, '([^']*)'\); END",
@@ -143,20 +153,48 @@ class PgCursor:
 
 class PgConnection:
     """A psycopg 3 connection (autocommit; transactions are explicit, as on SQLite)
-    behind the sqlite3-like surface SQLiteStore uses (module docstring)."""
+    behind the sqlite3-like surface SQLiteStore uses (module docstring).
+
+    A lost connection (PostgreSQL restarted, a network cut) is recognised here, in one
+    place (`_run`), and raised as `StoreUnavailable` (5.03 with Max-Age on the wire).
+    The connection is then re-established by itself (`_reconnect`), with a bounded
+    backoff between attempts; no loop, each statement makes at most one attempt:
+
+    - a statement outside a transaction (a read, or the BEGIN of a write) that finds the
+      connection dead reconnects at once and runs again: nothing of it reached the old
+      session, so repeating it is exactly running it (the first request after a restart
+      does not fail because the idle connection died meanwhile);
+    - inside a transaction the transaction is gone with the session: StoreUnavailable,
+      and the caller's ROLLBACK is a no-op. A lost COMMIT may or may not have committed:
+      the caller learns StoreUnavailable and retries; what it retries is idempotent
+      (a report sent again is recognised as the one stored, not stored twice);
+    - while lost, a statement raises StoreUnavailable without any I/O until the next
+      attempt is due (0.25 s, doubling, at most RETRY_MAX apart);
+    - a thread running an asyncio event loop never connects inline (a connect may block
+      for CONNECT_TIMEOUT): it raises, and `reconnect()` called from another thread
+      (StoreView's poll does) brings the connection back.
+
+    `reconnections` counts the connections re-established: a reader's caches were not
+    told what changed meanwhile, so its owner treats a new connection as "everything
+    changed" (StoreView.refresh)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.label = redact(url)
         try:
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as exc:
-            raise StoreError(f"{self.label}: cannot connect: {_first_line(exc)}") from None
+            raise StoreUnavailable(f"{self.label}: cannot connect: {_first_line(exc)}") from None
         self._write_tx = False
+        self._in_tx = False  # a BEGIN succeeded and no COMMIT/ROLLBACK yet
         self._own_commits = 0
         self._translated: dict[str, tuple[str, bool]] = {}
         self._new_images: list[bytes] = []
         self.before_commit: Callable[[], None] | None = None
+        self.reconnections = 0
+        self._lost: str | None = None  # why, while the connection is lost
+        self._retry_at = 0.0  # time.monotonic() of the next reconnection attempt
+        self._retry_delay = RETRY_FIRST
         try:
             self._plumbing()
             self.identity_tables = self._identity_tables()
@@ -166,33 +204,105 @@ class PgConnection:
 
     def _plumbing(self) -> None:
         """The backend's own tables (module docstring), created once, under the lock."""
-        run = self._conn.execute
-        present = self._call(
-            run,
+        present = self._run(
             "SELECT to_regclass('otacoap_changes') IS NOT NULL "
             "AND to_regclass('image_chunks') IS NOT NULL",
         ).fetchone()
         if present and present[0]:
             return
-        self._call(run, "BEGIN")
-        self._call(run, "SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
-        self._call(run, _CHANGES_TABLE)
-        self._call(run, _CHUNKS_TABLE)
-        self._call(run, "INSERT INTO otacoap_changes (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING")
-        self._call(run, "COMMIT")
+        self._begin("BEGIN")
+        self._run("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+        self._run(_CHANGES_TABLE)
+        self._run(_CHUNKS_TABLE)
+        self._run("INSERT INTO otacoap_changes (id, n) VALUES (1, 0) ON CONFLICT DO NOTHING")
+        self._end("COMMIT")
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    # --- connection loss: detected and recovered here only (class docstring) ----------
+
+    @property
+    def lost(self) -> str | None:
+        """Why the connection is lost (None: it is not known to be)."""
+        return self._lost
+
+    def _run(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        """Execute on the current connection; every statement goes through here."""
+        in_tx = self._in_tx
+        if self._lost is not None and (in_tx or not self._reconnect(inline=True)):
+            raise self._unavailable()
         try:
-            return fn(*args)
+            return self._execute(sql, params)
+        except _Lost:
+            # Outside a transaction nothing of this statement reached the old session:
+            # reconnect once, now, and run it again (class docstring).
+            if in_tx or not self._reconnect(inline=True, now=True):
+                raise self._unavailable() from None
+            try:
+                return self._execute(sql, params)
+            except _Lost:
+                raise self._unavailable() from None
+
+    def _execute(self, sql: str, params: Sequence[Any] | None) -> Any:
+        try:
+            return self._conn.execute(sql, params)
         except psycopg.IntegrityError as exc:
             # The store catches sqlite3's class (a duplicate device, anchor, operator).
             raise sqlite3.IntegrityError(_first_line(exc)) from None
         except psycopg.Error as exc:
+            if _is_lost(self._conn, exc):
+                self._lose(_first_line(exc))
+                raise _Lost() from None
+            if isinstance(exc, psycopg.OperationalError):
+                # Transient with the session intact (a deadlock, a cancelled statement,
+                # too many connections): nothing was done; try again later.
+                raise StoreUnavailable(f"{self.label}: {_first_line(exc)}") from None
             raise StoreError(f"{self.label}: {_first_line(exc)}") from None
 
+    def _lose(self, why: str) -> None:
+        if self._lost is None:
+            log.warning("%s: connection lost: %s", self.label, why)
+            self._retry_at = 0.0  # the first attempt may come at once
+            self._retry_delay = RETRY_FIRST
+        # A transaction in progress is gone with the session, but stays "in progress"
+        # here until the caller's ROLLBACK (`_end`): none of its statements may run on a
+        # new connection outside it.
+        self._lost = why
+
+    def _unavailable(self) -> StoreUnavailable:
+        return StoreUnavailable(f"{self.label}: store unavailable: {self._lost}")
+
+    def _reconnect(self, *, inline: bool = False, now: bool = False) -> bool:
+        """One attempt to replace the lost connection, if one is due (or `now`); True
+        when the connection works (again). Never inline on an event loop's thread."""
+        if self._lost is None:
+            return True
+        if inline and _on_event_loop():
+            return False
+        if not now and time.monotonic() < self._retry_at:
+            return False
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            self._lost = _first_line(exc)
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            return False
+        old, self._conn = self._conn, conn
+        with contextlib.suppress(Exception):
+            old.close()
+        self.reconnections += 1
+        self._lost = None  # last: another thread sees the new connection only now
+        log.warning("%s: connection re-established", self.label)
+        return True
+
+    def reconnect(self) -> bool:
+        """Re-establish a lost connection if an attempt is due; True when it works.
+        Blocks up to CONNECT_TIMEOUT: call it off the event loop."""
+        return self._reconnect()
+
+    # --- the sqlite3-like surface -------------------------------------------------------
+
     def _identity_tables(self) -> frozenset[str]:
-        rows = self._call(
-            self._conn.execute,
+        rows = self._run(
             "SELECT table_name FROM information_schema.columns WHERE table_schema = "
             "current_schema() AND column_name = 'id' AND is_identity = 'YES'",
         ).fetchall()
@@ -210,7 +320,7 @@ class PgConnection:
             cached = translate_dml(sql, self.identity_tables)
             self._translated[sql] = cached
         text, returning = cached
-        cur = self._call(self._conn.execute, text, tuple(params))
+        cur = self._run(text, tuple(params))
         digest_at = _image_digest_param(sql)
         if digest_at is not None:
             self._new_images.append(bytes(params[digest_at]))
@@ -219,41 +329,64 @@ class PgConnection:
         return PgCursor(rows, cur.rowcount, lastrowid)
 
     def _ddl(self, sql: str) -> PgCursor:
-        self._call(self._conn.execute, translate_ddl(sql))
+        self._run(translate_ddl(sql))
         m = _CREATE_TABLE.match(sql.strip())
         if m and "AUTOINCREMENT" in sql.upper():
             self.identity_tables = self.identity_tables | {m.group(1)}
         return PgCursor([], -1, None)
 
+    def _begin(self, sql: str) -> None:
+        self._run(sql)
+        self._in_tx = True
+
+    def _end(self, sql: str) -> None:
+        """COMMIT or ROLLBACK, never run again on a new connection (`_in_tx` holds while
+        it runs): a lost COMMIT is the caller's to retry. A ROLLBACK that finds the
+        connection lost is done (the server dropped the transaction with the session),
+        so the caller's own error is the one that surfaces."""
+        try:
+            if sql == "ROLLBACK" and self._lost is not None:
+                return
+            self._in_tx = True
+            self._run(sql)
+        except StoreUnavailable:
+            if sql != "ROLLBACK":
+                raise
+        finally:
+            self._in_tx = False
+
     def _control(self, sql: str) -> PgCursor | None:
         """Transaction control and the one PRAGMA the store reads."""
-        run = self._conn.execute
         if sql == "BEGIN IMMEDIATE":
-            self._call(run, "BEGIN")
+            self._begin("BEGIN")
+            try:
+                self._run("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            except BaseException:
+                self._end("ROLLBACK")  # the caller's _tx has not started: end it here
+                raise
             self._write_tx = True
-            self._call(run, "SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
         elif sql == "BEGIN":
-            self._call(run, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+            self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ")
         elif sql == "COMMIT":
             write, self._write_tx = self._write_tx, False
             if write:
                 try:
                     if self.before_commit is not None:
                         self.before_commit()
-                    self._call(run, "UPDATE otacoap_changes SET n = n + 1 WHERE id = 1")
+                    self._run("UPDATE otacoap_changes SET n = n + 1 WHERE id = 1")
                 except BaseException:
                     self._new_images.clear()
-                    self._call(run, "ROLLBACK")  # the caller's _tx has already let go
+                    self._end("ROLLBACK")  # the caller's _tx has already let go
                     raise
-            self._call(run, "COMMIT")
+            self._end("COMMIT")
             if write:
                 self._own_commits += 1
         elif sql == "ROLLBACK":
             self._write_tx = False
             self._new_images.clear()
-            self._call(run, "ROLLBACK")
+            self._end("ROLLBACK")
         elif sql == "PRAGMA DATA_VERSION":
-            row = self._call(run, "SELECT n FROM otacoap_changes WHERE id = 1").fetchone()
+            row = self._run("SELECT n FROM otacoap_changes WHERE id = 1").fetchone()
             return PgCursor([(int(row[0]) - self._own_commits,)], 1, None)
         else:
             return None
@@ -279,6 +412,29 @@ def _image_digest_param(sql: str) -> int | None:
         return None
     columns = [c.strip() for c in m.group(1).split(",")]
     return columns.index("digest") if "digest" in columns else None
+
+
+class _Lost(Exception):
+    """Internal: the statement failed because the connection is gone."""
+
+
+def _is_lost(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+    """Whether `exc` means the session is gone: the connection is closed or broken, or
+    the server said so (SQLSTATE class 08 connection exception; 57P01..57P05 the server
+    shutting down or the session terminated)."""
+    if conn.closed or conn.broken:
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith(("08", "57P"))
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (a connect must not block it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
@@ -332,6 +488,12 @@ class PostgresStore(SQLiteStore):
         except BaseException:
             self._pg.close()
             raise
+
+    def reconnect(self) -> bool:
+        return self._pg.reconnect()
+
+    def reconnections(self) -> int:
+        return self._pg.reconnections
 
     def schema_version(self) -> int:
         row = self._db.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()

@@ -276,6 +276,15 @@ class SQLiteStore(CampaignStore, anchor_lists.AnchorListStore, DeltaTables):
     def close(self) -> None:
         self._db.close()
 
+    # A file cannot be unreachable; PostgresStore re-establishes a lost connection.
+    def reconnect(self) -> bool:
+        """Re-establish a lost connection if an attempt is due; True when usable."""
+        return True
+
+    def reconnections(self) -> int:
+        """Connections re-established so far (each: caches may have missed changes)."""
+        return 0
+
     def _now(self) -> str:
         return timestamp(self._clock())
 
