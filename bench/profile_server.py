@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python bench/profile_server.py`
 
 from .common import PYTHON, ROOT, free_udp_port
 from .fixture import make_fixture
-from .targets import Running, cpu_seconds, spawn_load, collect
+from .targets import Running, collect, cpu_seconds, spawn_load
 
 _SERVE = (
     "import cProfile, sys\n"
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.perf:
             subprocess.run(
-                ["perf", "report", "-i", str(out), "--no-children", "--sort", "dso,sym"]
-                + ["--stdio", "-g", "none", "--percent-limit", "0.3"],
+                [
+                    *("perf", "report", "-i", str(out), "--no-children", "--sort", "dso,sym"),
+                    *("--stdio", "-g", "none", "--percent-limit", "0.3"),
+                ],
                 check=False,
             )
         else:

@@ -21,10 +21,10 @@ refusals, their 4.0x codes and their audit entries have one implementation.
 Semantics kept (ATTACKS.md #24/#25/#32): identity from the DTLS session's claims (or
 the one --insecure-plain-identity principal on plain CoAP), the one access rule
 (`server.access.readable_image`), the answer from `core.block2_responder` (which
-FirmwareResource renders through aiocoap), a pread of exactly the answered range,
+FirmwareResource renders through aiocoap), exactly the answered range of the blob,
 its options encoded as aiocoap would (tests compare the bytes). The responder's
 answer and its encoded options are memoised per block, so a request costs a lookup,
-a pread and a join.
+a slice of the image (held in memory within a budget, else a pread) and a join.
 
 RFC 7252 §4.5: a duplicate CON is answered again instead of from a dedup cache. That
 rule "MAY be relaxed" for idempotent requests, and a GET of one block is idempotent
@@ -68,13 +68,28 @@ _MAX_IMAGES = 64  # open image files; the current releases' images, in practice
 _IMAGE_BITS = 6  # 1 << 6 == _MAX_IMAGES: an image's slot in a memo key
 _MAX_GRANTS = 8192  # principals with a cached verdict
 _MAX_MEMO = 1 << 15  # memoised blocks, all images (~250 bytes each: <= ~8 MB)
+_MAX_CACHED = 32 << 20  # image bytes held in memory, all images; beyond, pread per block
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from the start of `fd` (fewer if the file is shorter)."""
+    parts = []
+    offset = 0
+    while offset < size:
+        part = os.pread(fd, size - offset, offset)
+        if not part:
+            break
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)
 
 
 class _Image:
-    """One image as the fast path serves it: open file, identity, block memo."""
+    """One image as the fast path serves it: its bytes (or open file), identity, block
+    memo."""
 
     def __init__(
-        self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any]
+        self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any], cache: bool
     ) -> None:
         self.digest = digest
         self.size = size
@@ -85,17 +100,35 @@ class _Image:
         # request; shared by all images so that one cap bounds it.
         self.slot = slot
         self.memo = memo
+        # An image within the fast path's memory budget is read once and answered
+        # from memory (a block is a slice: no pread system call per response); a
+        # larger one is read per block from its open file. Either way the bytes are
+        # the blob's as stored: blobs are content-addressed and replaced only by an
+        # atomic rename. A file shorter than recorded gives a short block, which
+        # `handle` declines (FirmwareResource then reports it) as before.
+        self.data: bytes | None = None
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if cache:
+            try:
+                self.data = _read_all(self.fd, size)
+            finally:
+                self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def key(self, block2: int, max_szx: int) -> int:
+        """The memo key of block `block2` (-1: no Block2 option) at `max_szx`."""
+        return ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
 
     def block(self, block2: int, max_szx: int) -> tuple[int, int, bytes] | None:
         """Where block `block2` (-1: no Block2 option) is and its response options, as
         core.block2_responder decides (the /fw resource answers with it too); None
         for a block it refuses (the 4.00 then comes from FirmwareResource)."""
-        key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
+        key = self.key(block2, max_szx)
         hit = self.memo.get(key)
         if hit is not None:
             return hit
@@ -144,6 +177,7 @@ class FirmwareFastPath:
         # on a DTLS session object is only used while its generation is current.
         self._generation = 0
         self._max_szx = min(view.config.server.max_block_szx, blockwise.MAX_SZX)
+        self._cached = 0  # bytes of the open images held in memory (_MAX_CACHED)
         self.served = 0
 
     def close(self) -> None:
@@ -155,6 +189,7 @@ class FirmwareFastPath:
             image.close()
         self._images.clear()
         self._memo.clear()  # keyed by image slots, which are reused from here on
+        self._cached = 0
         self._epoch = self.view.epoch
         self._generation += 1
 
@@ -197,10 +232,13 @@ class FirmwareFastPath:
                 self._forget()
             try:
                 path = self.view.blobs.path_of(digest)
-                image = _Image(digest, size, path, len(self._images), self._memo)
+                cache = self._cached + size <= _MAX_CACHED
+                image = _Image(digest, size, path, len(self._images), self._memo, cache)
             except OSError:
                 return None  # FirmwareResource reports it (5.00, logged)
             self._images[digest] = image
+            if cache:
+                self._cached += size
         return image
 
     def handle(self, remote: Any, data: bytes) -> bytes | None:
@@ -228,18 +266,28 @@ class FirmwareFastPath:
             if parsed is None:
                 return None
             image_id, block2 = parsed
-        image = self._grant(remote)
+        # `_grant`'s first answer, inline: the verdict on the session, still current.
+        cached = getattr(remote, "otacoap_fw_grant", None)
+        if cached is not None and cached[0] == self._generation and self._epoch == self.view.epoch:
+            image = cached[1]
+        else:
+            image = self._grant(remote)
         if image is None or image_id != image.image_id:
             return None  # 4.01/4.04 and the audit entry come from FirmwareResource
         max_szx = self._max_szx
         remote_max = getattr(remote, "maximum_block_size_exp", max_szx)
         if remote_max < max_szx:
             max_szx = remote_max
-        where = image.block(block2, max_szx)
+        # `image.block`'s memo hit, inline; a miss asks it.
+        where = self._memo.get(image.key(block2, max_szx)) or image.block(block2, max_szx)
         if where is None:
             return None
         offset, length, options = where
-        payload = os.pread(image.fd, length, offset)
+        body = image.data
+        if body is not None:
+            payload = body[offset : offset + length]
+        else:
+            payload = os.pread(image.fd, length, offset)
         if len(payload) != length:
             return None  # the blob is shorter than recorded: FirmwareResource logs it
         self.served += 1
