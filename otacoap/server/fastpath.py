@@ -259,8 +259,15 @@ class FirmwareFastPath:
             rest == 0
             or (0 < rest <= 4 and data[end] >> 4 == _B2_DELTA and rest == 1 + (data[end] & 0x0F))
         ):
-            image_id = data[i + len(_TYPICAL) : end]
-            block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
+            image_id = data[i + _TYPICAL_PATH : end]
+            # The Block2 value, 0-3 bytes big-endian (RFC 7959 §2.2); 1 and 2 bytes
+            # (blocks below 4096) spelled out, which costs less than int.from_bytes.
+            if rest == 3:
+                block2 = (data[end + 1] << 8) | data[end + 2]
+            elif rest == 2:
+                block2 = data[end + 1]
+            else:
+                block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
         else:
             parsed = _walk_options(data, i)
             if parsed is None:
@@ -278,8 +285,10 @@ class FirmwareFastPath:
         remote_max = getattr(remote, "maximum_block_size_exp", max_szx)
         if remote_max < max_szx:
             max_szx = remote_max
-        # `image.block`'s memo hit, inline; a miss asks it.
-        where = self._memo.get(image.key(block2, max_szx)) or image.block(block2, max_szx)
+        # `image.block`'s memo hit, inline (the key as `_Image.key` makes it); a miss
+        # asks it.
+        key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | image.slot
+        where = self._memo.get(key) or image.block(block2, max_szx)
         if where is None:
             return None
         offset, length, options = where
@@ -298,7 +307,8 @@ class FirmwareFastPath:
 
 # Uri-Path (delta 11, length 2) "fw", then Uri-Path (delta 0, length 13 + 3) <16 hex>.
 _TYPICAL = option(OPT_URI_PATH, _FW) + header(0, ids.IMAGE_ID_HEX_CHARS)
-_TYPICAL_LEN = len(_TYPICAL) + ids.IMAGE_ID_HEX_CHARS
+_TYPICAL_PATH = len(_TYPICAL)
+_TYPICAL_LEN = _TYPICAL_PATH + ids.IMAGE_ID_HEX_CHARS
 _B2_DELTA = OPT_BLOCK2 - OPT_URI_PATH  # Block2 right after the path: delta 12
 _ACK_CONTENT = [bytes(((VERSION << 6) | (TYPE_ACK << 4) | tkl, CONTENT)) for tkl in range(9)]
 
