@@ -106,11 +106,13 @@ class _Image:
         # the blob's as stored: blobs are content-addressed and replaced only by an
         # atomic rename. A file shorter than recorded gives a short block, which
         # `handle` declines (FirmwareResource then reports it) as before.
-        self.data: bytes | None = None
+        # A memoryview: a block is then sliced without a copy, and copied once, into
+        # the response, by the join.
+        self.data: memoryview | None = None
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         if cache:
             try:
-                self.data = _read_all(self.fd, size)
+                self.data = memoryview(_read_all(self.fd, size))
             finally:
                 self.close()
 
@@ -293,6 +295,7 @@ class FirmwareFastPath:
             return None
         offset, length, options = where
         body = image.data
+        payload: bytes | memoryview
         if body is not None:
             payload = body[offset : offset + length]
         else:
