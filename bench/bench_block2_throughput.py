@@ -24,8 +24,10 @@ Columns:
 - bound: what limited resp/s: "server" (server >= 90 % of its one core; with N
   workers, of N cores), "loadgen"
   (load generator >= 90 % per process, server below), "machine" (the two together
-  >= 160 %: with loopback's kernel work on top, both cores are busy),
-  else "latency" (ping-pong: too few requests in flight to keep either side busy).
+  >= 160 %: with loopback's kernel work on top, both cores are busy), "shared" (the
+  two with everything else on the machine >= 160 %: other jobs took the cores; rest %
+  says how much; CPU per response still holds, resp/s does not), else "latency"
+  (ping-pong: too few requests in flight to keep either side busy).
 """
 
 from __future__ import annotations
@@ -68,12 +70,15 @@ class Row:
 def _bound(r: LoadResult, processes: int, workers: int = 0) -> str:
     srv = r.server_cpu / r.seconds if r.seconds else 0.0
     lg = r.loadgen_cpu / r.seconds if r.seconds else 0.0
+    rest = r.rest_cpu / r.seconds if r.seconds else 0.0
     if srv >= 0.9 * max(1, workers):
         return "server"
     if lg >= 0.9 * processes:
         return "loadgen"
     if srv + lg >= 1.6:
         return "machine"
+    if srv + lg + rest >= 1.6:
+        return "shared"
     return "latency"
 
 
