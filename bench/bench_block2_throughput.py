@@ -12,16 +12,22 @@ Columns:
 - resp/s, errors: successful 2.05 Block2 responses per second, and errors + timeouts.
 - x stock: resp/s relative to stock aiocoap.
 - srv s/1k: server CPU seconds per 1000 responses (utime+stime from /proc over the
-  measured window). The fairest figure: the load generator shares the two cores, so
-  resp/s is capped by the machine once both processes are busy, CPU per response not.
+  measured window; with workers, the parent's and every worker's). The fairest figure:
+  the load generator shares the two cores, so resp/s is capped by the machine once
+  both processes are busy, CPU per response not.
 - srv %, lg %: CPU use of the server and of the load generator(s), % of one core.
 - rest %: all other CPU use on the machine meanwhile (% of one core): kernel work
   charged to no process, and other processes. A high figure means the run was
   disturbed (another job on the machine) and should be repeated.
-- bound: what limited resp/s: "server" (server >= 90 % of its one core), "loadgen"
+- otacoap/N: `otacoap serve --workers N` (with `--workers N`, when serve has it).
+- RSS MiB: the server's largest process (with workers: the largest worker).
+- bound: what limited resp/s: "server" (server >= 90 % of its one core; with N
+  workers, of N cores), "loadgen"
   (load generator >= 90 % per process, server below), "machine" (the two together
-  >= 160 %: with loopback's kernel work on top, both cores are busy),
-  else "latency" (ping-pong: too few requests in flight to keep either side busy).
+  >= 160 %: with loopback's kernel work on top, both cores are busy), "shared" (the
+  two with everything else on the machine >= 160 %: other jobs took the cores; rest %
+  says how much; CPU per response still holds, resp/s does not), else "latency"
+  (ping-pong: too few requests in flight to keep either side busy).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .targets import (
     measure,
     rss_mib,
     start,
+    workers_available,
 )
 
 
@@ -57,17 +64,21 @@ class Row:
     result: LoadResult
     processes: int
     rss: float
+    workers: int = 0  # otacoap serve --workers N; 0: one process, no --workers
 
 
-def _bound(r: LoadResult, processes: int) -> str:
+def _bound(r: LoadResult, processes: int, workers: int = 0) -> str:
     srv = r.server_cpu / r.seconds if r.seconds else 0.0
     lg = r.loadgen_cpu / r.seconds if r.seconds else 0.0
-    if srv >= 0.9:
+    rest = r.rest_cpu / r.seconds if r.seconds else 0.0
+    if srv >= 0.9 * max(1, workers):
         return "server"
     if lg >= 0.9 * processes:
         return "loadgen"
     if srv + lg >= 1.6:
         return "machine"
+    if srv + lg + rest >= 1.6:
+        return "shared"
     return "latency"
 
 
@@ -117,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         help="measure each row this often and keep the least disturbed (lowest rest %%)",
     )
     ap.add_argument("--image-kib", type=int, default=256)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure `otacoap serve --workers N` (if serve has --workers)",
+    )
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = ap.parse_args(argv)
     clients = _ints(args.clients)
@@ -125,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if "libcoap" in targets and not libcoap_available():
         print("libcoap's coap-server-openssl/coap-client-openssl not installed: skipped")
         targets.remove("libcoap")
+    # (target, workers): otacoap with --workers N measured right after one process.
+    runs = [(t, 0) for t in targets]
+    if args.workers:
+        if workers_available():
+            at = targets.index("otacoap") + 1 if "otacoap" in targets else len(runs)
+            runs.insert(at, ("otacoap", args.workers))
+        else:
+            print(f"otacoap {args.workers} workers: not available (serve has no --workers)")
 
     print(f"machine: {machine()}")
     print(
@@ -138,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         fx = make_fixture(Path(tmp), max(clients), args.image_kib * 1024)
         for transport in transports:
             for n in clients:
-                for target in targets:
+                for target, workers in runs:
                     # A fresh server per measurement: stock aiocoap's udp6 transport stops
                     # receiving on uvloop once ICMP errors for a previous run's closed
                     # client ports arrive; and RSS is then per row.
                     tries = []
                     for _ in range(args.repeat):
-                        with start(target, transport, fx, loop=args.loop) as srv:
+                        with start(target, transport, fx, args.loop, workers) as srv:
                             r = measure(
                                 srv,
                                 fx,
@@ -156,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                 loadgen=args.loadgen,
                                 quiet_wait=args.quiet_wait,
                             )
-                            tries.append(
-                                Row(target, transport, n, r, args.loadgen_procs, rss_mib(srv.pid))
-                            )
+                            rss = rss_mib(srv.pid)
+                            label = f"{target}/{workers}" if workers else target
+                            procs = args.loadgen_procs
+                            tries.append(Row(label, transport, n, r, procs, rss, workers))
                     row = min(tries, key=_disturbance)
                     rows.append(row)
                     print(f"  {_line(row, None)}", flush=True)
@@ -167,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = (
-    f"{'target':<8} {'transport':<9} {'clients':>7} {'resp/s':>9} {'errors':>6} "
+    f"{'target':<10} {'transport':<9} {'clients':>7} {'resp/s':>9} {'errors':>6} "
     f"{'x stock':>7} {'srv s/1k':>9} {'x stock':>7} {'srv %':>6} {'lg %':>6} "
     f"{'rest %':>6} {'lg s/1k':>8} {'RSS MiB':>7} {'bound':<8}"
 )
@@ -184,11 +210,11 @@ def _line(row: Row, base: Row | None) -> str:
         if b.responses and r.responses and r.server_cpu > 0:
             cpu_ratio = f"{(b.server_cpu / b.responses) / (r.server_cpu / r.responses):.1f}"
     return (
-        f"{row.target:<8} {row.transport:<9} {row.clients:>7} {r.rate:>9.0f} {r.errors:>6} "
+        f"{row.target:<10} {row.transport:<9} {row.clients:>7} {r.rate:>9.0f} {r.errors:>6} "
         f"{ratio:>7} {per_k:>9.3f} {cpu_ratio:>7} {100 * r.server_cpu / r.seconds:>6.0f} "
         f"{100 * r.loadgen_cpu / r.seconds:>6.0f} {100 * r.rest_cpu / r.seconds:>6.0f} "
         f"{lg_k:>8.3f} {row.rss:>7.1f} "
-        f"{_bound(r, row.processes):<8}"
+        f"{_bound(r, row.processes, row.workers):<8}"
     )
 
 
@@ -200,7 +226,7 @@ def _table(rows: list[Row]) -> None:
     for transport in TRANSPORTS:
         for row in sorted(
             (r for r in rows if r.transport == transport),
-            key=lambda r: (r.clients, TARGETS.index(r.target)),
+            key=lambda r: (r.clients, TARGETS.index(r.target.split("/")[0]), r.workers),
         ):
             print(_line(row, stock.get((row.transport, row.clients))))
     print()

@@ -24,13 +24,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .common import OTACOAP, PYTHON, ROOT, free_udp_port, rss_kib, running
+from .common import PYTHON, ROOT, free_udp_port, rss_kib, running
 from .fixture import Fixture
 
 LIBCOAP_SERVER = "coap-server-openssl"
 LIBCOAP_CLIENT = "coap-client-openssl"
 LIBCOAP_KEY = b"bench-libcoap-k1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# `otacoap` from this checkout (not whichever one the venv's console script was
+# installed from, e.g. another worktree's): run from ROOT with ROOT on the path.
+OTACOAP = [PYTHON, "-c", "import sys; from otacoap.cli import main; sys.exit(main())"]
+OTACOAP_ENV = {"PYTHONPATH": str(ROOT)}
 TARGETS = ("otacoap", "stock", "libcoap")
 TRANSPORTS = ("dtls", "plain")
 LOADGENS = {"lean": "bench.leanload", "aiocoap": "bench.aiocoapload"}
@@ -53,6 +57,42 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc/PID/task/TID/children): a server's worker
+    processes, for `otacoap serve --workers N`."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of `pid` and its live descendants (a parent and its workers)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # a worker that just exited
+            total += cpu_seconds(p)
+    return total
+
+
+def workers_available() -> bool:
+    """Whether this `otacoap serve` has `--workers` (issue 14 §2)."""
+    r = subprocess.run(
+        [*OTACOAP, "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **OTACOAP_ENV},
+    )
+    return "--workers" in r.stdout
 
 
 def machine_busy_seconds() -> float:
@@ -97,20 +137,29 @@ def machine() -> str:
 
 
 @contextlib.contextmanager
-def start(target: str, transport: str, fx: Fixture, loop: str = "uvloop") -> Iterator[Running]:
-    """Start one target serving the fixture's image; stop it afterwards."""
+def start(
+    target: str, transport: str, fx: Fixture, loop: str = "uvloop", workers: int = 0
+) -> Iterator[Running]:
+    """Start one target serving the fixture's image; stop it afterwards. `workers`
+    (otacoap only): `serve --workers N`, N processes on the one port."""
     port = free_udp_port()
     devices = tuple((d.identity, d.psk) for d in fx.devices)
     if target == "otacoap":
-        cmd = [OTACOAP, "serve", "--data", str(fx.data), "--bind", "127.0.0.1"]
+        cmd = [*OTACOAP, "serve", "--data", str(fx.data), "--bind", "127.0.0.1"]
         cmd += ["--port", str(port), "--loop", loop]
+        # With workers each one prints its own "worker I: listening on ..." first; the
+        # parent's "workers: N (...)" line comes once all of them listen.
+        ready = "listening on"
+        if workers:
+            cmd += ["--workers", str(workers)]
+            ready = "workers: "
         if transport == "plain":
             plain = free_udp_port()
             ident = fx.devices[0].identity
             cmd += ["--insecure-plain-coap", "--plain-port", str(plain)]
             cmd += ["--insecure-plain-identity", ident]
             port = plain
-        with running(cmd, ready_text="listening on") as proc:
+        with running(cmd, env=OTACOAP_ENV, ready_text=ready) as proc:
             yield Running(target, transport, proc.pid, port, fx.image_path, devices)
     elif target == "stock":
         cmd = [PYTHON, "-m", "bench.stock_aiocoap_server", "--port", str(port)]
@@ -264,9 +313,9 @@ def measure(
         loadgen=loadgen,
     )
     time.sleep(max(0.0, start_at - time.time()))
-    c0, m0 = cpu_seconds(srv.pid), machine_busy_seconds()
+    c0, m0 = tree_cpu_seconds(srv.pid), machine_busy_seconds()
     time.sleep(max(0.0, end_at - time.time()))
-    c1, m1 = cpu_seconds(srv.pid), machine_busy_seconds()
+    c1, m1 = tree_cpu_seconds(srv.pid), machine_busy_seconds()
     r = collect(procs, timeout=seconds + warmup + 60)
     return LoadResult(
         responses=int(r["responses"]),
@@ -281,4 +330,9 @@ def measure(
 
 
 def rss_mib(pid: int) -> float:
-    return rss_kib(pid) / 1024
+    """RSS of the largest process of the server (with workers: the largest worker)."""
+    sizes = []
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            sizes.append(rss_kib(p))
+    return max(sizes, default=0) / 1024

@@ -21,10 +21,10 @@ refusals, their 4.0x codes and their audit entries have one implementation.
 Semantics kept (ATTACKS.md #24/#25/#32): identity from the DTLS session's claims (or
 the one --insecure-plain-identity principal on plain CoAP), the one access rule
 (`server.access.readable_image`), the answer from `core.block2_responder` (which
-FirmwareResource renders through aiocoap), a pread of exactly the answered range,
+FirmwareResource renders through aiocoap), exactly the answered range of the blob,
 its options encoded as aiocoap would (tests compare the bytes). The responder's
 answer and its encoded options are memoised per block, so a request costs a lookup,
-a pread and a join.
+a slice of the image (held in memory within a budget, else a pread) and a join.
 
 RFC 7252 §4.5: a duplicate CON is answered again instead of from a dedup cache. That
 rule "MAY be relaxed" for idempotent requests, and a GET of one block is idempotent
@@ -69,13 +69,28 @@ _MAX_IMAGES = 64  # open image files; the current releases' images, in practice
 _IMAGE_BITS = 6  # 1 << 6 == _MAX_IMAGES: an image's slot in a memo key
 _MAX_GRANTS = 8192  # principals with a cached verdict
 _MAX_MEMO = 1 << 15  # memoised blocks, all images (~250 bytes each: <= ~8 MB)
+_MAX_CACHED = 32 << 20  # image bytes held in memory, all images; beyond, pread per block
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from the start of `fd` (fewer if the file is shorter)."""
+    parts = []
+    offset = 0
+    while offset < size:
+        part = os.pread(fd, size - offset, offset)
+        if not part:
+            break
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)
 
 
 class _Image:
-    """One image as the fast path serves it: open file, identity, block memo."""
+    """One image as the fast path serves it: its bytes (or open file), identity, block
+    memo."""
 
     def __init__(
-        self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any]
+        self, digest: bytes, size: int, path: Any, slot: int, memo: dict[int, Any], cache: bool
     ) -> None:
         self.digest = digest
         self.size = size
@@ -86,17 +101,37 @@ class _Image:
         # request; shared by all images so that one cap bounds it.
         self.slot = slot
         self.memo = memo
+        # An image within the fast path's memory budget is read once and answered
+        # from memory (a block is a slice: no pread system call per response); a
+        # larger one is read per block from its open file. Either way the bytes are
+        # the blob's as stored: blobs are content-addressed and replaced only by an
+        # atomic rename. A file shorter than recorded gives a short block, which
+        # `handle` declines (FirmwareResource then reports it) as before.
+        # A memoryview: a block is then sliced without a copy, and copied once, into
+        # the response, by the join.
+        self.data: memoryview | None = None
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if cache:
+            try:
+                self.data = memoryview(_read_all(self.fd, size))
+            finally:
+                self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def key(self, block2: int, max_szx: int) -> int:
+        """The memo key of block `block2` (-1: no Block2 option) at `max_szx`."""
+        return ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
 
     def block(self, block2: int, max_szx: int) -> tuple[int, int, bytes] | None:
         """Where block `block2` (-1: no Block2 option) is and its response options, as
         core.block2_responder decides (the /fw resource answers with it too); None
         for a block it refuses (the 4.00 then comes from FirmwareResource)."""
-        key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | self.slot
+        key = self.key(block2, max_szx)
         hit = self.memo.get(key)
         if hit is not None:
             return hit
@@ -145,6 +180,7 @@ class FirmwareFastPath:
         # on a DTLS session object is only used while its generation is current.
         self._generation = 0
         self._max_szx = min(view.config.server.max_block_szx, blockwise.MAX_SZX)
+        self._cached = 0  # bytes of the open images held in memory (_MAX_CACHED)
         self.served = 0
 
     def close(self) -> None:
@@ -156,6 +192,7 @@ class FirmwareFastPath:
             image.close()
         self._images.clear()
         self._memo.clear()  # keyed by image slots, which are reused from here on
+        self._cached = 0
         self._epoch = self.view.epoch
         self._generation += 1
 
@@ -198,10 +235,13 @@ class FirmwareFastPath:
                 self._forget()
             try:
                 path = self.view.blobs.path_of(digest)
-                image = _Image(digest, size, path, len(self._images), self._memo)
+                cache = self._cached + size <= _MAX_CACHED
+                image = _Image(digest, size, path, len(self._images), self._memo, cache)
             except OSError:
                 return None  # FirmwareResource reports it (5.00, logged)
             self._images[digest] = image
+            if cache:
+                self._cached += size
         return image
 
     def handle(self, remote: Any, data: bytes) -> bytes | None:
@@ -222,28 +262,48 @@ class FirmwareFastPath:
             rest == 0
             or (0 < rest <= 4 and data[end] >> 4 == _B2_DELTA and rest == 1 + (data[end] & 0x0F))
         ):
-            image_id = data[i + len(_TYPICAL) : end]
-            block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
+            image_id = data[i + _TYPICAL_PATH : end]
+            # The Block2 value, 0-3 bytes big-endian (RFC 7959 §2.2); 1 and 2 bytes
+            # (blocks below 4096) spelled out, which costs less than int.from_bytes.
+            if rest == 3:
+                block2 = (data[end + 1] << 8) | data[end + 2]
+            elif rest == 2:
+                block2 = data[end + 1]
+            else:
+                block2 = int.from_bytes(data[end + 1 :], "big") if rest else -1
         else:
             parsed = _walk_options(data, i)
             if parsed is None:
                 return None
             image_id, block2 = parsed
-        try:
-            image = self._grant(remote)
-        except OtaError:
-            return None  # the store is unavailable: FirmwareResource answers 5.03
+        # `_grant`'s first answer, inline: the verdict on the session, still current.
+        cached = getattr(remote, "otacoap_fw_grant", None)
+        if cached is not None and cached[0] == self._generation and self._epoch == self.view.epoch:
+            image = cached[1]
+        else:
+            try:
+                image = self._grant(remote)
+            except OtaError:
+                return None  # the store is unavailable: FirmwareResource answers 5.03
         if image is None or image_id != image.image_id:
             return None  # 4.01/4.04 and the audit entry come from FirmwareResource
         max_szx = self._max_szx
         remote_max = getattr(remote, "maximum_block_size_exp", max_szx)
         if remote_max < max_szx:
             max_szx = remote_max
-        where = image.block(block2, max_szx)
+        # `image.block`'s memo hit, inline (the key as `_Image.key` makes it); a miss
+        # asks it.
+        key = ((((block2 + 1) << 3) | max_szx) << _IMAGE_BITS) | image.slot
+        where = self._memo.get(key) or image.block(block2, max_szx)
         if where is None:
             return None
         offset, length, options = where
-        payload = os.pread(image.fd, length, offset)
+        body = image.data
+        payload: bytes | memoryview
+        if body is not None:
+            payload = body[offset : offset + length]
+        else:
+            payload = os.pread(image.fd, length, offset)
         if len(payload) != length:
             return None  # the blob is shorter than recorded: FirmwareResource logs it
         self.served += 1
@@ -254,7 +314,8 @@ class FirmwareFastPath:
 
 # Uri-Path (delta 11, length 2) "fw", then Uri-Path (delta 0, length 13 + 3) <16 hex>.
 _TYPICAL = option(OPT_URI_PATH, _FW) + header(0, ids.IMAGE_ID_HEX_CHARS)
-_TYPICAL_LEN = len(_TYPICAL) + ids.IMAGE_ID_HEX_CHARS
+_TYPICAL_PATH = len(_TYPICAL)
+_TYPICAL_LEN = _TYPICAL_PATH + ids.IMAGE_ID_HEX_CHARS
 _B2_DELTA = OPT_BLOCK2 - OPT_URI_PATH  # Block2 right after the path: delta 12
 _ACK_CONTENT = [bytes(((VERSION << 6) | (TYPE_ACK << 4) | tkl, CONTENT)) for tkl in range(9)]
 

@@ -130,7 +130,8 @@ class SessionAddress(_AddressDTLS):
         # tinydtls only hands us plaintext after the Finished messages verified.
         if not self.established:
             self._protocol._established(self)
-        self.final_flight = None
+        if self.final_flight is not None:  # it arrived: no repeat needed
+            self.final_flight = None
         self._plaintext._received_datagram(self, data)
         return len(data)
 
@@ -281,11 +282,13 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
         else:
             conns.move_to_end(sockaddr)
         address.seen = now
-        if address.cookie_verified:
+        if address.established:  # the common case first (established implies cookie_verified)
             if address.final_flight is not None and address.repeat_final_flight(data):
                 return
-            if address.established:
-                self._message_interface._received_datagram(address, data)
+            self._message_interface._received_datagram(address, data)
+            return
+        if address.cookie_verified:
+            if address.final_flight is not None and address.repeat_final_flight(data):
                 return
             if sockaddr in self._handshaking:
                 self._handshaking.move_to_end(sockaddr)
