@@ -174,6 +174,21 @@ def test_workers_share_the_port_a_killed_one_is_restarted_and_sigterm_stops_all(
         _release(setup, 6, 20_000)
         (rig,) = rigs.values()
         assert _until_updated(rig, server.uri, FAST)[-1] is Outcome.UPDATED
+
+        # `server stats`: each worker's counters (each writes its own file).
+        def stats_pid(i: int) -> int | None:
+            try:
+                text = (setup.data / f"server-stats.worker-{i}.json").read_text()
+            except FileNotFoundError:
+                return None
+            return int(json.loads(text)["pid"])
+
+        _wait("both workers' stats", lambda: [stats_pid(0), stats_pid(1)] == [pids[0], again[1]])
+        out = cli_ok("server", "stats", "--data", setup.data)
+        assert "worker 0:\n  as of" in out and "worker 1:\n  as of" in out, out
+        doc = json.loads(cli_ok("server", "stats", "--data", setup.data, "--json"))
+        assert sorted(doc["workers"]) == ["0", "1"]
+        assert doc["workers"]["1"]["pid"] == again[1]
     finally:
         code = server.stop()
     assert code == 0 and server.lines[-1] == "stopped"

@@ -36,6 +36,8 @@ def stats_name(worker: int | None) -> str:
     own `server-stats.worker-I.json` under `serve --workers N` (`otacoap server stats`
     adds them up)."""
     return STATS_NAME if worker is None else f"server-stats.worker-{worker}.json"
+
+
 MAX_KEYS = 256
 _MAX_IDENTITY_SHOWN = 64  # characters of an identity kept in a key (identities are <= 32 B)
 _MAX_FILE = 1 << 20  # the stats file is a few KiB; refuse to parse anything huge
