@@ -202,7 +202,7 @@ def test_nothing_else_joins_the_port_or_the_data_directory(tmp_path: Path) -> No
     try:
         port = str(server.port)
         # A plain serve (no SO_REUSEPORT) on the workers' port: the kernel refuses it.
-        r = cli("serve", "--data", other.data, "--bind", HOST, "--port", port)
+        r = cli("serve", "--data", other.data, "--bind", HOST, "--port", port, "--workers", "1")
         assert r.code == 1 and "the port is in use" in r.err
         # Another parent on another data directory would join the SO_REUSEPORT group.
         r = cli("serve", "--data", other.data, "--bind", HOST, "--port", port, "--workers", "2")

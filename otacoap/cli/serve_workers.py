@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..store import DataDir
+
+if TYPE_CHECKING:
+    from ..server.app import ServeOptions
 
 # Like `python -m otacoap` (the package has no __main__): the entry point, by import.
 _ENTRY = "import sys; from otacoap.cli import main; sys.exit(main())"
 
 
 def add_worker_options(p: argparse.ArgumentParser, workers_help: str) -> None:
-    p.add_argument("--workers", type=_workers, metavar="N|auto", help=workers_help)
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto", help=workers_help)
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
 
 
@@ -52,9 +56,12 @@ def worker_command(args: argparse.Namespace, datadir: DataDir, config: Config) -
 
 
 def run_workers(
-    args: argparse.Namespace, datadir: DataDir, config: Config, plain_port: int | None
+    args: argparse.Namespace, datadir: DataDir, config: Config, options: ServeOptions
 ) -> int:
     """The parent of `serve --workers N` (config: the command line's overrides applied)."""
+    plain_port = args.plain_port
+    if args.insecure_plain_coap and plain_port is None and config.server.port:
+        plain_port = options.plain_port_for(config.server.port)
     from .. import eventloop
     from ..server.app import clean_uploads, default_logging, lock_datadir, mark_supervisor
     from ..server.workers import Supervisor

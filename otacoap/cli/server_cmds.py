@@ -308,8 +308,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_worker_options(
         p,
         "server processes sharing the port (SO_REUSEPORT), supervised and restarted by "
-        "this one; auto: one per core; 1 (default): this process serves alone. Each "
-        "worker's --metrics is on PORT+its index",
+        "this one (default auto: one per core; 1: this process serves alone). Worker I's "
+        "--metrics is on PORT+I",
     )
     p.set_defaults(handler=cmd_serve, _cmd_path=["serve"])
 
@@ -835,14 +835,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker=args.worker,
     )
     server = options.apply(config).server
-    if args.workers is not None and args.workers > 1 and args.worker is None:
-        from .serve_workers import run_workers
-
-        plain = args.plain_port
-        if args.insecure_plain_coap and plain is None and server.port:
-            plain = options.plain_port_for(server.port)
-        return run_workers(args, datadir, options.apply(config), plain)
     try:
+        if args.workers > 1 and args.worker is None:
+            from .serve_workers import run_workers
+
+            return run_workers(args, datadir, options.apply(config), options)
         # DESIGN.md: the command line chooses the event loop (uvloop by default).
         return eventloop.run(serve(datadir, config, options), server.loop)
     except OtaError:

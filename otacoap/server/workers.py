@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _LISTENING = re.compile(r"^listening on coaps://(.+):(\d+)$")
 _PLAIN = re.compile(r"^plain on coap://(.+):(\d+)$")
+_ERROR = re.compile(r"^otacoap serve: error: (.*)$")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 START_TIMEOUT = 120.0  # seconds a worker may take to print "listening on"
@@ -95,6 +96,8 @@ class _Worker:
     reader: asyncio.Task[None] | None = None
     backoff: Backoff = field(default_factory=Backoff)
     restarts: int = 0
+    relay: asyncio.Task[None] | None = None
+    error: str | None = None  # its one-line error, if it failed to start
 
 
 def claim_address(bind: str, port: int) -> socket.socket:
@@ -118,6 +121,14 @@ def claim_address(bind: str, port: int) -> socket.socket:
     return claim
 
 
+def probe_bind(bind: str, port: int) -> None:
+    """Raise the OSError a worker's bind of (bind, port) with SO_REUSEPORT would get."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((bind, port))
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies, so no orphan keeps the
     port (prctl(2) PR_SET_PDEATHSIG)."""
@@ -139,6 +150,7 @@ class Supervisor:
         plain_port: int | None = None,
         metrics: str | None = None,
         out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
@@ -151,6 +163,7 @@ class Supervisor:
         self.plain_port = plain_port
         self.metrics = metrics
         self.out = out
+        self.err = err
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.workers = [_Worker(i) for i in range(count)]
@@ -177,12 +190,14 @@ class Supervisor:
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=None,  # the worker's log lines name it ("worker 2 pid 4711 ...")
+            stderr=asyncio.subprocess.PIPE,  # relayed: its log lines name it
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         w.started = time.monotonic()
+        w.error = None
         w.reader = asyncio.create_task(self._read(w, w.proc, w.listening))
+        w.relay = asyncio.create_task(self._relay(w, w.proc))
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
 
     async def _read(
@@ -205,6 +220,18 @@ class Supervisor:
         if not listening.done():
             listening.set_exception(WorkerError(f"worker {w.index} exited before listening"))
 
+    async def _relay(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
+        """Pass a worker's stderr (its log) on to ours, line by line; keep its one-line
+        error for the parent's own (so a worker's "port in use" is what the operator
+        reads last, once)."""
+        assert proc.stderr is not None
+        while raw := await proc.stderr.readline():
+            line = raw.decode(errors="replace").rstrip("\n")
+            if m := _ERROR.match(line):
+                w.error = m.group(1)
+                continue
+            print(line, file=self.err, flush=True)
+
     async def _until_listening(self, w: _Worker) -> tuple[int, int | None]:
         assert w.listening is not None and w.proc is not None
         try:
@@ -216,13 +243,17 @@ class Supervisor:
             ) from None
         except WorkerError:
             code = await w.proc.wait()
+            await self._reap(w)
+            if w.error:
+                raise WorkerError(w.error) from None
             raise WorkerError(f"worker {w.index} did not start ({_how(code)})") from None
 
     async def _reap(self, w: _Worker) -> None:
-        if w.reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await w.reader
-            w.reader = None
+        for task in (w.reader, w.relay):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        w.reader = w.relay = None
 
     # --- the whole set ----------------------------------------------------------------
 
@@ -252,6 +283,11 @@ class Supervisor:
     async def _start_all(self) -> None:
         if self.port:
             self._claim = claim_address(self.bind, self.port)
+            # Taken by a server without SO_REUSEPORT: the operator's one-line error
+            # (`cli/server_cmds.py` `_serve_failure`), before any worker starts.
+            probe_bind(self.bind, self.port)
+            if self.plain_port:
+                probe_bind(self.bind, self.plain_port)
         first = self.workers[0]
         await self._spawn(first)
         self.port, plain = await self._until_listening(first)
