@@ -20,6 +20,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from evil_server import CLASS, FAST, VENDOR, make_rig, run_device
 from server_helpers import (
+    CLASS_A,
     HOST,
     DeviceSpec,
     ServerProcess,
@@ -39,12 +42,13 @@ from server_helpers import (
     make_setup,
     start_server,
 )
+from server_helpers import make_image as image_of
 
 from device_sim.agent import AgentConfig, Outcome
 from device_sim.firmware import Behaviour, make_image
-from otacoap.core.campaign import MemberState
+from otacoap.core.campaign import MemberState, Policy, Target, parse_waves
 from otacoap.server.workers import Backoff
-from otacoap.store import DataDir
+from otacoap.store import DataDir, Publisher
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -421,3 +425,85 @@ def test_workers_option_is_checked(tmp_path: Path) -> None:
     for bad in ("0", "many", "1000"):
         r = cli("serve", "--data", setup.data, "--workers", bad)
         assert r.code == 2 and "--workers" in r.err, r.err
+
+
+# Each process: evaluate the campaigns as a worker does, confirm the devices it sees
+# admitted (as their reports would), and record the most it ever saw admitted at once.
+_EVALUATOR = """
+import json, sys, time
+from pathlib import Path
+from otacoap.core.campaign import MemberState, Policy, Target, parse_waves
+from otacoap.core.report import Report, State
+from otacoap.store import DataDir, Publisher
+
+data, cid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+store = DataDir(Path(data)).open_store()
+most, ticks = 0, 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    store.tick_campaigns()
+    ticks += 1
+    admitted = [m.device_id for m in store.campaign_members(cid)
+                if m.state is MemberState.ADMITTED]
+    most = max(most, len(admitted))
+    for device in admitted[:1]:
+        dev = store.get_device(device)
+        report = Report((dev.last_counter or 0) + 1, State.CONFIRMED,
+                        sequence_number=11, installed_sequence=11)
+        try:
+            store.record_report(device, report, report.encode())
+        except Exception:
+            pass  # another process reported this counter first
+store.close()
+print(json.dumps({"most": most, "ticks": ticks}))
+"""
+
+
+def test_max_downloads_holds_when_several_processes_evaluate_at_once(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The admission count lives in the store: N processes evaluating the same campaign
+    at the same time (each in its own write transaction) never admit more than the cap."""
+
+    cap, n = 3, 24
+    setup = make_setup(
+        tmp_path, devices=[DeviceSpec(f"p{i:02d}", CLASS_A) for i in range(n)],
+        store_url=store_url,
+    )  # fmt: skip
+    setup.publish(setup.release(CLASS_A, 10, image_of("v10", 3000)))
+    rel = setup.release(CLASS_A, 11, image_of("v11", 3000))
+    d = DataDir(setup.data)
+    store = d.open_store()
+    try:
+        record = Publisher(store, d.blobs, d.config().publish).publish_file(
+            rel.envelope, rel.image_path, "test", make_current=False
+        )
+        c = store.create_campaign(
+            record.id, Target(), parse_waves("100%"), Policy(max_downloads=cap), "test"
+        )
+    finally:
+        store.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EVALUATOR, str(setup.data), str(c.id), "20"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert max(r["most"] for r in results) == cap, results
+    store = d.open_store()
+    try:
+        states = [m.state for m in store.campaign_members(c.id)]
+        admitted: list[str] = []
+        for e in store.audit_entries():
+            if e.action == "campaign.admit":
+                admitted += e.detail.split(": ", 1)[1].split()
+        store.verify_audit()
+    finally:
+        store.close()
+    # Progress was made by all of them together, and nobody was admitted twice.
+    assert states.count(MemberState.SUCCEEDED) >= n // 2, states
+    assert len(admitted) == len(set(admitted))
