@@ -507,3 +507,41 @@ def test_max_downloads_holds_when_several_processes_evaluate_at_once(
     # Progress was made by all of them together, and nobody was admitted twice.
     assert states.count(MemberState.SUCCEEDED) >= n // 2, states
     assert len(admitted) == len(set(admitted))
+
+
+def test_block_rate_budget_counts_every_worker_s_traffic(tmp_path: Path, store_url: str) -> None:
+    """--block-rate: each server process stores its measured rate; admission compares
+    the budget with their sum, so two workers at 60 % of the budget each admit nobody,
+    while one of them alone would (and a stopped worker's rate is forgotten)."""
+    setup = make_setup(
+        tmp_path, devices=[DeviceSpec(f"r{i}", CLASS_A) for i in range(4)], store_url=store_url
+    )
+    setup.publish(setup.release(CLASS_A, 10, image_of("v10", 3000)))
+    rel = setup.release(CLASS_A, 11, image_of("v11", 3000))
+    d = DataDir(setup.data)
+    store = d.open_store()
+    try:
+        record = Publisher(store, d.blobs, d.config().publish).publish_file(
+            rel.envelope, rel.image_path, "test", make_current=False
+        )
+        c = store.create_campaign(
+            record.id, Target(), parse_waves("100%"), Policy(block_rate=500.0), "test"
+        )
+        digest = record.image.digest
+
+        def admitted() -> int:
+            return sum(m.state is MemberState.ADMITTED for m in store.campaign_members(c.id))
+
+        t = time.time()
+        store.tick_campaigns(now=t, block_rates={digest: 300.0}, rate_source="host-a:1")
+        first = admitted()
+        assert first == 1  # 300 < 500: one admitted, as with one process
+        store.tick_campaigns(now=t + 1, block_rates={digest: 300.0}, rate_source="host-b:2")
+        assert admitted() == first  # 300 + 300 >= 500: the budget is used up
+        store.tick_campaigns(now=t + 2, block_rates={digest: 300.0}, rate_source="host-a:1")
+        assert admitted() == first
+        # host-b stopped reporting: after its rate went stale, host-a alone is under.
+        store.tick_campaigns(now=t + 8, block_rates={digest: 300.0}, rate_source="host-a:1")
+        assert admitted() == first + 1
+    finally:
+        store.close()
