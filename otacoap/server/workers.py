@@ -47,6 +47,7 @@ _LISTENING = re.compile(r"^listening on coaps://(.+):(\d+)$")
 _PLAIN = re.compile(r"^plain on coap://(.+):(\d+)$")
 _ERROR = re.compile(r"^otacoap serve: error: (.*)$")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LINE_LIMIT = 1 << 20  # bytes of one relayed log line (a JSON line with a traceback)
 
 START_TIMEOUT = 120.0  # seconds a worker may take to print "listening on"
 STOP_TIMEOUT = 20.0  # seconds a worker may take to stop cleanly after SIGTERM
@@ -193,6 +194,7 @@ class Supervisor:
             stderr=asyncio.subprocess.PIPE,  # relayed: its log lines name it
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            limit=_LINE_LIMIT,
         )
         w.started = time.monotonic()
         w.error = None
@@ -209,7 +211,8 @@ class Supervisor:
         """Follow a worker's stdout: learn its ports, pass its metrics line on."""
         assert proc.stdout is not None
         plain: int | None = None
-        while line := (await proc.stdout.readline()).decode(errors="replace").rstrip("\n"):
+        while raw := await _line(proc.stdout):
+            line = raw.decode(errors="replace").rstrip("\n")
             if m := _PLAIN.match(line):
                 plain = int(m.group(2))
             elif m := _LISTENING.match(line):
@@ -225,7 +228,7 @@ class Supervisor:
         error for the parent's own (so a worker's "port in use" is what the operator
         reads last, once)."""
         assert proc.stderr is not None
-        while raw := await proc.stderr.readline():
+        while raw := await _line(proc.stderr):
             line = raw.decode(errors="replace").rstrip("\n")
             if m := _ERROR.match(line):
                 w.error = m.group(1)
@@ -358,6 +361,14 @@ class Supervisor:
                 await w.proc.wait()
         for w in self.workers:
             await self._reap(w)
+
+
+async def _line(stream: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end); a line beyond _LINE_LIMIT is cut, not fatal."""
+    try:
+        return await stream.readline()
+    except ValueError:  # asyncio.LimitOverrunError: the buffer was dropped
+        return b"(a log line too long to relay)\n"
 
 
 def _signal(proc: asyncio.subprocess.Process, signum: int) -> None:
