@@ -300,13 +300,16 @@ def test_publish_and_rekey_reach_devices_on_every_worker(tmp_path: Path, store_u
                     os.urandom(16).hex(),
                 )
             await asyncio.sleep(3)
-            for ctx in contexts:
+
+            async def old_key_refused(ctx: aiocoap.Context) -> None:
                 msg = aiocoap.Message(code=Code.GET, uri=server.uri + "/m")
                 try:
                     r = await asyncio.wait_for(ctx.request(msg).response, 15)
                 except Exception:
-                    continue  # the session is gone and a new handshake fails: fine
+                    return  # the session is gone and a new handshake fails: fine
                 assert r.code != Code.CONTENT, r
+
+            await asyncio.gather(*(old_key_refused(ctx) for ctx in contexts))
         finally:
             for ctx in contexts:
                 await ctx.shutdown()
