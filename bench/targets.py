@@ -103,7 +103,8 @@ def start(target: str, transport: str, fx: Fixture, loop: str = "uvloop") -> Ite
     devices = tuple((d.identity, d.psk) for d in fx.devices)
     if target == "otacoap":
         cmd = [OTACOAP, "serve", "--data", str(fx.data), "--bind", "127.0.0.1"]
-        cmd += ["--port", str(port), "--loop", loop]
+        # One process: the bench reads the server's CPU and RSS by its pid.
+        cmd += ["--port", str(port), "--loop", loop, "--workers", "1"]
         if transport == "plain":
             plain = free_udp_port()
             ident = fx.devices[0].identity
