@@ -172,7 +172,8 @@ def run_fleet(
 @contextlib.contextmanager
 def server(data: Path) -> Iterator[tuple[str, int]]:
     port = free_udp_port()
-    cmd = [*OTACOAP_CMD, "serve", "--data", str(data), "--port", str(port)]
+    # One process: the server's RSS is read by its pid.
+    cmd = [*OTACOAP_CMD, "serve", "--data", str(data), "--port", str(port), "--workers", "1"]
     with running(cmd, ready_text="listening on", timeout=30) as proc:
         yield f"coaps://127.0.0.1:{port}", proc.pid
 

@@ -153,6 +153,8 @@ def start(
         if workers:
             cmd += ["--workers", str(workers)]
             ready = "workers: "
+        else:
+            cmd += ["--workers", "1"]  # one process: CPU and RSS read by its pid
         if transport == "plain":
             plain = free_udp_port()
             ident = fx.devices[0].identity

@@ -290,6 +290,10 @@ def start_server(
     if verbose:
         cmd.append("-vv")
     cmd += ["serve", "--data", str(data), "--bind", HOST, "--port", str(port), *args]
+    if "--workers" not in args:
+        # One process, as these tests were written for (`serve` defaults to one worker
+        # per core; tests/test_serve_workers.py asks for workers explicitly).
+        cmd += ["--workers", "1"]
     log_file = open(log_path, "w")  # noqa: SIM115 - owned by the child, closed below
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1

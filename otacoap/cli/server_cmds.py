@@ -31,6 +31,7 @@ from ..store.names import PSK_LENGTH, parse_psk_hex
 from .delta_cmds import publish_local
 from .manifest_cmds import load_anchor, read_envelope_file
 from .output import emit_list, emit_one, json_parent
+from .serve_workers import add_worker_options
 
 # Who the audit log names for local commands: the OS user, as far as we can tell.
 _CLI_ACTOR = "cli:" + getpass.getuser()
@@ -303,6 +304,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--log-format", choices=LOG_FORMATS, help="log as text or JSON lines (default: text)"
+    )
+    add_worker_options(
+        p,
+        "server processes sharing the port (SO_REUSEPORT), supervised and restarted by "
+        "this one (default auto: one per core; 1: this process serves alone). Worker I's "
+        "--metrics is on PORT+I",
     )
     p.set_defaults(handler=cmd_serve, _cmd_path=["serve"])
 
@@ -825,9 +832,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         plain_identity=args.insecure_plain_identity,
         metrics=args.metrics,
         log_format=args.log_format,
+        worker=args.worker,
     )
     server = options.apply(config).server
     try:
+        if args.workers > 1 and args.worker is None:
+            from .serve_workers import run_workers
+
+            return run_workers(args, datadir, options.apply(config), options)
         # DESIGN.md: the command line chooses the event loop (uvloop by default).
         return eventloop.run(serve(datadir, config, options), server.loop)
     except OtaError:

@@ -42,13 +42,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_server_stats(args: argparse.Namespace) -> int:
-    doc = read_stats(Path(args.data) / STATS_NAME)
-    if args.json:
-        print(json.dumps(doc, indent=1, sort_keys=True))
+    workers = _worker_files(Path(args.data))
+    if not workers:
+        doc = read_stats(Path(args.data) / STATS_NAME)
+        if args.json:
+            print(json.dumps(doc, indent=1, sort_keys=True))
+            return 0
+        for line in render(doc):
+            print(line)
         return 0
-    for line in render(doc):
-        print(line)
+    # `serve --workers N`: each worker's own counters (docs/decisions/several-workers.md).
+    docs = {index: read_stats(path) for index, path in workers.items()}
+    if args.json:
+        print(json.dumps({"workers": docs}, indent=1, sort_keys=True))
+        return 0
+    for index, doc in docs.items():
+        print(f"worker {index}:")
+        for line in render(doc):
+            print("  " + line)
     return 0
+
+
+def _worker_files(data: Path) -> dict[int, Path]:
+    """The stats files of `serve --workers N`'s workers, if they are newer than a single
+    server's `server-stats.json` (the data directory's last server had workers)."""
+    found: dict[int, Path] = {}
+    for path in data.glob("server-stats.worker-*.json"):
+        index = path.name[len("server-stats.worker-") : -len(".json")]
+        if index.isdigit():
+            found[int(index)] = path
+    single = data / STATS_NAME
+    try:
+        if found and single.stat().st_mtime > max(p.stat().st_mtime for p in found.values()):
+            return {}
+    except FileNotFoundError:
+        pass
+    return dict(sorted(found.items()))
 
 
 def _alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -27,11 +28,18 @@ from aiocoap.util import hostportjoin
 from ..config import Config, split_host_port
 from ..store import DataDir
 from ..store.errors import StoreError
-from .coap.listeners import DTLSServerInterface, PlainServerInterface, add_transport, shutdown
+from .coap.listeners import (
+    DTLSServerInterface,
+    PlainServerInterface,
+    SharedDTLSServerInterface,
+    SharedPlainServerInterface,
+    add_transport,
+    shutdown,
+)
 from .fastpath import FirmwareFastPath
 from .metrics import MetricsEndpoint
 from .resources import ManifestResource, build_site
-from .stats import STATS_NAME, HandshakeFailures, ServerStats
+from .stats import HandshakeFailures, ServerStats, stats_name
 from .store_view import StoreView
 from .uploads import UPLOAD_PREFIX, StagedImages, Uploads
 
@@ -62,6 +70,10 @@ class ServeOptions:
     plain_identity: str | None = None
     metrics: str | None = None  # [monitoring] metrics_bind
     log_format: str | None = None  # [monitoring] log_format
+    # Set only by `serve --workers N`'s parent (otacoap/server/workers.py) for the
+    # worker it starts: its index; the worker shares the port (SO_REUSEPORT) and the
+    # data directory's lock is the parent's.
+    worker: int | None = None
 
     def apply(self, config: Config) -> Config:
         """`config` with this command line's overrides (validated again)."""
@@ -126,7 +138,10 @@ class OtaServer:
             # aiocoap's DTLS server learns its reply address from the bind address.
             raise OSError(f"bind to one address, not {bind or 'the any-address'}")
         self.datadir.check()
-        self._lock = _lock_datadir(self.datadir)
+        if self.options.worker is None:
+            self._lock = lock_datadir(self.datadir)
+        else:
+            _check_parent_holds_lock(self.datadir)
         try:
             await self._start()
         except BaseException:
@@ -135,13 +150,10 @@ class OtaServer:
 
     async def _start(self) -> None:
         opts, cfg = self.options, self.config
-        blobs = self.datadir.blobs
-        # Half-done uploads of an earlier run are never published (ATTACKS.md #49):
-        # delete them all; old CLI temp files too (a crash left them).
-        removed = blobs.clean_tmp(prefix=UPLOAD_PREFIX)
-        removed += blobs.clean_tmp(older_than=_STALE_TEMP)
-        if removed:
-            log.info("removed %d stale temporary upload file(s)", removed)
+        # A worker of `serve --workers N` leaves its siblings' uploads alone: the parent
+        # removed the earlier run's before starting any worker.
+        if opts.worker is None:
+            clean_uploads(self.datadir)
         view = self.view = StoreView(self.datadir, cfg, plain_identity=opts.plain_identity)
         self.uploads = Uploads(view.blobs, cfg.uploads)
         self.staged = StagedImages(cfg.uploads)
@@ -152,9 +164,12 @@ class OtaServer:
             loop=loop, serversite=site, loggername="otacoap.coap", server_credentials=view.psks
         )
         s = cfg.server
+        shared = opts.worker is not None
+        dtls_cls = SharedDTLSServerInterface if shared else DTLSServerInterface
+        plain_cls = SharedPlainServerInterface if shared else PlainServerInterface
         self.dtls = await add_transport(
             ctx,
-            lambda mman: DTLSServerInterface.create_bound(
+            lambda mman: dtls_cls.create_bound(
                 (s.bind, s.port),
                 mman,
                 ctx.log,
@@ -176,7 +191,7 @@ class OtaServer:
         if opts.plain_coap:
             self.plain = await add_transport(
                 ctx,
-                lambda mman: PlainServerInterface.create_bound(
+                lambda mman: plain_cls.create_bound(
                     (s.bind, opts.plain_port_for(s.port)), mman, ctx.log, loop
                 ),
                 s.dedup_max_entries,
@@ -197,7 +212,7 @@ class OtaServer:
             self.metrics_address = await self.metrics.start(host, port)
 
     async def _write_stats(self) -> None:
-        path = self.datadir.root / STATS_NAME
+        path = self.datadir.root / stats_name(self.options.worker)
         while True:
             await asyncio.sleep(_STATS_INTERVAL)
             self.failures.flush_log()
@@ -271,7 +286,8 @@ class OtaServer:
 
 async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM; the exit code for `otacoap serve`."""
-    _default_logging(options.apply(config).monitoring.log_format)
+    who = None if options.worker is None else f"worker {options.worker}"
+    default_logging(options.apply(config).monitoring.log_format, who)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -293,6 +309,10 @@ async def serve(datadir: DataDir, config: Config, options: ServeOptions) -> int:
         log.info(
             "serving %s from %s (%s loop)", server.dtls_uri, datadir.root, server.config.server.loop
         )
+        if options.worker is not None and server.plain_port is not None:
+            # For the parent, which starts the other workers on the same ports.
+            plain = hostportjoin(server.config.server.bind, server.plain_port)
+            print(f"plain on coap://{plain}", flush=True)
         print(f"listening on {server.dtls_uri}", flush=True)
         if server.metrics_address is not None:
             host, port = server.metrics_address
@@ -314,25 +334,39 @@ def _revoked(count: int) -> None:
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line (`[monitoring] log_format = "json"`), for log shippers."""
+    """One JSON object per line (`[monitoring] log_format = "json"`), for log shippers;
+    a worker of `serve --workers N` adds its index and pid."""
+
+    def __init__(self, who: str | None = None) -> None:
+        super().__init__()
+        self.who = who
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.who is not None:
+            doc["process"] = self.who
+            doc["pid"] = record.process
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
-def _default_logging(log_format: str = "text") -> None:
-    """A server logs its publishes, refusals and reports at info level by default."""
+def default_logging(log_format: str = "text", who: str | None = None) -> None:
+    """A server logs its publishes, refusals and reports at info level by default; the
+    processes of `serve --workers N` name themselves on every line ("worker 2 pid 4711",
+    "supervisor pid 4700")."""
     if log_format == "json":
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
+            handler.setFormatter(JsonLogFormatter(who))
+    elif who is not None:
+        text = f"%(asctime)s {who} pid %(process)d %(levelname)s %(name)s: %(message)s"
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(text))
     ota = logging.getLogger("otacoap")
     if ota.getEffectiveLevel() > logging.INFO:
         ota.setLevel(logging.INFO)
@@ -342,7 +376,7 @@ def _default_logging(log_format: str = "text") -> None:
         logging.getLogger("otacoap.coap").setLevel(logging.ERROR)
 
 
-def _lock_datadir(datadir: DataDir) -> TextIO:
+def lock_datadir(datadir: DataDir) -> TextIO:
     """One server per data directory: its upload temp files and caches assume it."""
     f = open(datadir.root / LOCK_NAME, "a")  # noqa: SIM115 - held until stop()
     try:
@@ -351,3 +385,37 @@ def _lock_datadir(datadir: DataDir) -> TextIO:
         f.close()
         raise StoreError(f"another 'otacoap serve' is already using {datadir.root}") from None
     return f
+
+
+def clean_uploads(datadir: DataDir) -> None:
+    """Half-done uploads of an earlier run are never published (ATTACKS.md #49): delete
+    them all; old CLI temp files too (a crash left them)."""
+    blobs = datadir.blobs
+    removed = blobs.clean_tmp(prefix=UPLOAD_PREFIX)
+    removed += blobs.clean_tmp(older_than=_STALE_TEMP)
+    if removed:
+        log.info("removed %d stale temporary upload file(s)", removed)
+
+
+def mark_supervisor(lock: TextIO) -> None:
+    """Write this process's pid into the data directory's lock it holds: the workers of
+    `serve --workers N` check that it is their parent's (`_check_parent_holds_lock`)."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+
+
+def _check_parent_holds_lock(datadir: DataDir) -> None:
+    """A worker starts only under the parent that holds the data directory's lock: the
+    hidden worker option is no way around "one server per data directory"."""
+    path = datadir.root / LOCK_NAME
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            if f.read().strip() == str(os.getppid()):
+                return  # held by our parent (it started us, and we die with it)
+        else:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    raise StoreError(f"a worker needs its 'otacoap serve --workers' parent ({datadir.root})")

@@ -29,6 +29,15 @@ from ..fsutil import atomic_write, read_capped
 log = logging.getLogger(__name__)
 
 STATS_NAME = "server-stats.json"
+
+
+def stats_name(worker: int | None) -> str:
+    """The stats file of a server: one process's `server-stats.json`, or each worker's
+    own `server-stats.worker-I.json` under `serve --workers N` (`otacoap server stats`
+    adds them up)."""
+    return STATS_NAME if worker is None else f"server-stats.worker-{worker}.json"
+
+
 MAX_KEYS = 256
 _MAX_IDENTITY_SHOWN = 64  # characters of an identity kept in a key (identities are <= 32 B)
 _MAX_FILE = 1 << 20  # the stats file is a few KiB; refuse to parse anything huge

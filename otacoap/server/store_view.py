@@ -28,7 +28,10 @@ import collections
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -92,6 +95,9 @@ class StoreView:
         # Firmware blocks served per image (campaigns' --block-rate budgets) and bytes in
         # all (metrics), by the /fw resource and the fast path alike (count_served).
         self.blocks_served: collections.Counter[bytes] = collections.Counter()
+        # This process's name for the rates it stores (several workers and hosts add
+        # theirs up: CampaignStore.tick_campaigns).
+        self.rate_source = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.fw_bytes_served = 0
         self.reader.changed_elsewhere()
         self._generations = self.reader.generations()
@@ -344,7 +350,7 @@ class StoreView:
                 seen, since = collections.Counter(self.blocks_served), now
             started = self._clock()
             try:
-                events = await self.db(functools.partial(_tick_campaigns, rates))
+                events = await self.db(functools.partial(_tick_campaigns, rates, self.rate_source))
             except StoreUnavailable:
                 events = []  # the poll logs the outage; the next tick tries again
             except Exception:
@@ -381,8 +387,8 @@ class StoreView:
                 log.exception("polling the store for changes failed")
 
 
-def _tick_campaigns(rates: dict[bytes, float], store: Store) -> list[str]:
-    return store.tick_campaigns(block_rates=rates)
+def _tick_campaigns(rates: dict[bytes, float], source: str, store: Store) -> list[str]:
+    return store.tick_campaigns(block_rates=rates, rate_source=source)
 
 
 def _notify(listeners: list[Callable[[], None]], what: str) -> None:

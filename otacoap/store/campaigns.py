@@ -95,6 +95,23 @@ MIGRATION = (
 )
 
 _ACTIVE_SQL = "('running', 'paused', 'halted')"
+
+# Issue 14 §2: a campaign's --block-rate budget is for all server processes together.
+# Each one stores the rates it measured (one row per process and image); an evaluation
+# compares the sum of the fresh rows with the budget (docs/decisions/several-workers.md).
+BLOCK_RATES_MIGRATION = (
+    8,
+    "firmware block rates measured by each server process (--block-rate across workers)",
+    (
+        """CREATE TABLE block_rates (
+            source TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            rate REAL NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (source, digest))""",
+    ),
+)
+RATE_FRESH = 5.0  # seconds a process's measured rate counts after it stored it
 _OPEN_MEMBER_SQL = "('pending', 'admitted')"
 _CAMPAIGN_COLUMNS = (
     "c.id, c.release_id, r.class_label, r.seq, c.target, c.waves, c.policy, c.state, c.opened, "
@@ -398,14 +415,19 @@ class CampaignStore:
     # --- campaigns: progress -----------------------------------------------------------
 
     def tick_campaigns(
-        self, now: float | None = None, block_rates: Mapping[bytes, float] | None = None
+        self,
+        now: float | None = None,
+        block_rates: Mapping[bytes, float] | None = None,
+        rate_source: str | None = None,
     ) -> list[str]:
         """Evaluate every active campaign once (module docstring); the audit actions of
         the transitions that happened. Cheap when no campaign is active.
 
         `block_rates`: firmware blocks/s per image SHA-256 as the server measured them;
         a campaign with a --block-rate budget admits only when given one (the server's
-        evaluation), never from the CLI's."""
+        evaluation), never from the CLI's. With `rate_source` (one server process's
+        name) they are stored as that process's, and the campaigns are evaluated against
+        the sum of every process's fresh rates: the budget holds across workers."""
         active = [
             r[0]
             for r in self._db.execute(
@@ -417,6 +439,8 @@ class CampaignStore:
         t = self._clock() if now is None else now
         events: list[str] = []
         with self._tx():
+            if block_rates is not None and rate_source is not None:
+                block_rates = self._all_block_rates(rate_source, block_rates, t)
             served_changed = False
             # Newest first: a device joining the targets of two campaigns joins the newest.
             for cid in active:
@@ -426,6 +450,25 @@ class CampaignStore:
             if served_changed:
                 self._bump("release_generation")
         return events
+
+    def _all_block_rates(
+        self, source: str, measured: Mapping[bytes, float], now: float
+    ) -> dict[bytes, float]:
+        """Store this process's rates, forget stale ones; every process's, summed."""
+        for digest, rate in measured.items():
+            self._db.execute(
+                "INSERT INTO block_rates (source, digest, rate, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (source, digest) DO UPDATE SET rate = excluded.rate, "
+                "at = excluded.at",
+                (source, digest, rate, now),
+            )
+        self._db.execute("DELETE FROM block_rates WHERE at < ?", (now - RATE_FRESH,))
+        return {
+            bytes(digest): float(total)
+            for digest, total in self._db.execute(
+                "SELECT digest, SUM(rate) FROM block_rates GROUP BY digest"
+            ).fetchall()
+        }
 
     def _tick_one(
         self, cid: int, now: float, block_rates: Mapping[bytes, float] | None

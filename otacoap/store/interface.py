@@ -120,7 +120,10 @@ class Store(Protocol):
     def cancel_campaign(self, campaign_id: int, actor: str) -> CampaignRecord: ...
     def approve_campaign(self, campaign_id: int, actor: str) -> CampaignRecord: ...
     def tick_campaigns(
-        self, now: float | None = None, block_rates: Mapping[bytes, float] | None = None
+        self,
+        now: float | None = None,
+        block_rates: Mapping[bytes, float] | None = None,
+        rate_source: str | None = None,
     ) -> list[str]:
         """Evaluate every active campaign (outcomes, timeouts, waves, admissions) in one
         transaction; the audit actions of what happened. Idempotent."""

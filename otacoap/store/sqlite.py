@@ -31,8 +31,8 @@ from . import audit as chain
 from . import checkpoint as checkpoints
 from .audit import AuditEntry
 from .blobs import BlobStore
+from .campaigns import BLOCK_RATES_MIGRATION, CampaignStore, served_release
 from .campaigns import MIGRATION as CAMPAIGNS_MIGRATION
-from .campaigns import CampaignStore, served_release
 from .crosscheck import missing_entries
 from .deltas import MIGRATION as DELTA_MIGRATION
 from .deltas import DeltaTables
@@ -170,6 +170,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     ),
     anchor_lists.MIGRATION,  # 5: signed anchor lists per class (otacoap/store/anchor_lists.py)
     DELTA_MIGRATION,  # 6: delta envelopes (store/deltas.py)
+    BLOCK_RATES_MIGRATION,  # 8: block rates of every server process (store/campaigns.py)
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

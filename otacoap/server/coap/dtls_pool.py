@@ -260,6 +260,8 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
         }
         self.handshakes_completed = 0
 
+    reuse_port = False  # True only in SharedDTLSSocket (serve --workers)
+
     @classmethod
     async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
         # As in aiocoap: incoming datagrams go through the per-peer DTLS state first.
@@ -401,3 +403,10 @@ def _stage(address: SessionAddress) -> str:
     if address.established:
         return "established"
     return "handshaking" if address.cookie_verified else "unverified"
+
+
+class SharedDTLSSocket(BoundedDTLSSocket):
+    """One worker's DTLS socket of `serve --workers N`: bound with SO_REUSEPORT so the
+    workers share the port (docs/decisions/several-workers.md); nowhere else."""
+
+    reuse_port = True

@@ -27,8 +27,8 @@ from aiocoap.transports.simplesocketserver import MessageInterfaceSimpleServer
 from aiocoap.transports.tinydtls_server import MessageInterfaceTinyDTLSServer
 
 from .dedup import BoundedMessageManager
-from .dtls_pool import BoundedDTLSSocket
-from .sockets import PlainSocket, bound_port, set_local_hostinfo
+from .dtls_pool import BoundedDTLSSocket, SharedDTLSSocket
+from .sockets import PlainSocket, SharedPlainSocket, bound_port, set_local_hostinfo
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,12 @@ class DTLSServerInterface(_FastPathFirst, MessageInterfaceTinyDTLSServer):
         return dict(self._pool.dropped)
 
 
+class SharedDTLSServerInterface(DTLSServerInterface):
+    """A worker's DTLS listener under `serve --workers N` (SO_REUSEPORT, on purpose)."""
+
+    _serversocket = SharedDTLSSocket
+
+
 class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):
     """Unencrypted CoAP, only with --insecure-plain-coap."""
 
@@ -158,6 +164,12 @@ class PlainServerInterface(_FastPathFirst, MessageInterfaceSimpleServer):
         if message.code.is_response() and not message.code.is_successful():
             message.payload = b""
         super().send(message)
+
+
+class SharedPlainServerInterface(PlainServerInterface):
+    """A worker's plain CoAP listener under `serve --workers N` (SO_REUSEPORT)."""
+
+    _serversocket = SharedPlainSocket
 
 
 async def add_transport(

@@ -21,11 +21,16 @@ async def bind_exclusive(
 
     With SO_REUSEPORT a second server on the same port binds without error and the
     kernel splits datagrams between the two, which breaks DTLS sessions at random; we
-    want "address already in use" instead.
+    want "address already in use" instead. The one exception is the workers of one
+    `otacoap serve --workers N` (`cls.reuse_port`, set only by otacoap/server/workers.py's
+    worker mode): they share the port on purpose, and the kernel's SO_REUSEPORT hash of
+    the source address and port keeps each device's datagrams with one of them.
     """
     ready = loop.create_future()
     await loop.create_datagram_endpoint(
-        lambda: cls(ready.set_result, interface, log), local_addr=bind, reuse_port=False
+        lambda: cls(ready.set_result, interface, log),
+        local_addr=bind,
+        reuse_port=bool(getattr(cls, "reuse_port", False)),
     )
     self = await ready
     self._loop = loop
@@ -45,6 +50,14 @@ def set_local_hostinfo(pool: Any, host: str) -> None:
 class PlainSocket(_DatagramServerSocketSimple):
     """aiocoap's plain UDP server socket, bound without SO_REUSEPORT."""
 
+    reuse_port = False
+
     @classmethod
     async def create(cls, bind: Any, log: Any, loop: Any, message_interface: Any) -> Any:
         return await bind_exclusive(cls, bind, log, loop, message_interface)
+
+
+class SharedPlainSocket(PlainSocket):
+    """The plain socket of one worker of `serve --workers N`: SO_REUSEPORT on purpose."""
+
+    reuse_port = True
