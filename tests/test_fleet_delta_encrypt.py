@@ -26,6 +26,7 @@ server_helpers = pytest.importorskip("server_helpers", reason="tests/server_help
 from server_helpers import Setup, make_setup, running_server  # noqa: E402
 
 from device_sim.fleet.preparation import evolve, image_bytes  # noqa: E402
+from otacoap.core import ids  # noqa: E402
 from otacoap.fsutil import atomic_write  # noqa: E402
 from otacoap.store import DataDir  # noqa: E402
 
@@ -297,13 +298,187 @@ def test_encrypted_fleet_under_a_campaign(tmp_path: Path) -> None:
     assert all(d["server_payload"] == "encrypted" for d in per)
 
 
+# --------------------------------------------------------------------------- --delta --encrypt
+
+
+def _no_plaintext_blob(data: Path, *sha256_hex: str) -> None:
+    """The server holds ciphertext only: no stored blob is any of these plaintexts."""
+    blobs = [p.read_bytes() for p in (data / "blobs").rglob("*") if p.is_file()]
+    assert blobs
+    assert not {hashlib.sha256(b).hexdigest() for b in blobs} & set(sha256_hex)
+
+
+def _check_encrypted_delta_run(report: dict[str, Any], n: int, odd: int) -> list[dict[str, Any]]:
+    """Devices on the old image fetched only the encrypted patch, the mismatched ones
+    only the encrypted full image; all are verified on flash."""
+    per = _all_verified(report, n)
+    assert report["settings"]["encrypted"] is True
+    dx = report["settings"]["delta"]
+    patch_size, image_size = dx["patch_size"], report["image_size"]
+    assert 0 < patch_size < image_size // 4  # A128CTR: the ciphertext is the patch's size
+    same = [d for d in per if not d["mismatched"]]
+    assert len(same) == n - odd
+    for d in same:
+        assert d["payload"] == "delta" and d["patch_bytes"] == patch_size, d
+        assert d["image_bytes"] == 0
+    for d in (d for d in per if d["mismatched"]):
+        assert d["payload"] == "full" and d["image_bytes"] == image_size, d
+        assert d["patch_bytes"] == 0
+    summary = report["delta"]
+    assert summary["installed_by_delta"] == n - odd and summary["fell_back_to_full"] == odd
+    assert summary["mismatched_devices"] == odd == summary["mismatched_updated_by_full"]
+    return per
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_encrypted_delta_fleet_installs_by_encrypted_patch_and_falls_back_encrypted(
+    tmp_path: Path,
+) -> None:
+    """--delta --encrypt: the release, the old release and the patch are encrypted under
+    the class key (the server stores ciphertext only); devices on the old image install
+    by encrypted delta (their DOWNLOADED report says `delta+encrypted-a128ctr from
+    <source>`), the mismatched one falls back to the encrypted full image."""
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
+            "--devices", "5", "--image-size", "16K", "--concurrency", "5",
+            "--timeout", "90", "--max-time", "150", "--seed", "3",
+            "--delta", "--delta-mismatch-fraction", "0.2", "--encrypt",
+            "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _check_encrypted_delta_run(report, 5, 1)
+    assert all(d["server_confirmed"] for d in per)
+    # The server heard it from the devices: the patch was decrypted, not a plain delta.
+    assert report["server"]["downloaded_by_payload"] == {"encrypted delta": 4, "full": 1}
+    for d in per:
+        assert d["server_payload"] == ("full" if d["mismatched"] else "encrypted delta"), d
+    assert "delta: 4 installed by encrypted delta" in done.stdout, done.stdout
+    assert "fell back to the encrypted full image" in done.stdout, done.stdout
+
+    dx = report["settings"]["delta"]
+    store = DataDir(setup.data).open_store()
+    try:
+        for d in per:
+            details = [
+                r.detail
+                for r in store.list_reports(d["device"], 50)
+                if r.state == "downloaded" and r.sequence_number == 2
+            ]
+            want = (
+                "full image (running image is not the patch's source)"
+                if d["mismatched"]
+                else f"delta+encrypted-a128ctr from {dx['old_image_sha256'][:16]}"
+            )
+            assert details == [want], (d["device"], details)
+        klass = report["settings"]["class_info"]
+        releases = [
+            r for r in store.list_releases(current_only=False) if r.class_label.endswith(klass)
+        ]
+        assert sorted(r.sequence_number for r in releases) == [1, 2]
+        new = next(r for r in releases if r.sequence_number == 2)
+        (record,) = store.deltas_of(new.id)
+        assert record.source_digest.hex() == dx["old_image_sha256"]
+        assert dx["patch_uri"] == ids.image_uri(record.patch.digest)  # its ciphertext's id
+    finally:
+        store.close()
+    _no_plaintext_blob(setup.data, report["settings"]["image_sha256"], dx["old_image_sha256"])
+
+
+@pytest.mark.network
+@pytest.mark.timeout(240)
+def test_encrypted_delta_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
+    """--delta --encrypt with network publishing: the encrypted old release, the
+    encrypted release and the encrypted patch are uploaded over DTLS (the server finds
+    the patch by its URI's id); devices install by encrypted delta or fall back."""
+    from server_helpers import DeviceSpec
+
+    klass = "fleet-net-encdelta"
+    specs = [DeviceSpec(f"netencdelta-{i}", klass) for i in range(4)]
+    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
+    key = _key_file(setup, tmp_path)
+    devices_file = tmp_path / "devices.txt"
+    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--key", str(key), "--devices", "4",
+            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
+            "--devices-file", str(devices_file), "--class-info", klass,
+            "--vendor-domain", specs[0].vendor_domain, "--image-size", "12K",
+            "--timeout", "90", "--max-time", "150", "--delta",
+            "--delta-mismatch-fraction", "0.25", "--encrypt", "--report", str(out_json),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out_json.read_text())
+    per = _check_encrypted_delta_run(report, 4, 1)
+    dx = report["settings"]["delta"]
+    store = DataDir(setup.data).open_store()
+    try:
+        for d in per:
+            details = [
+                r.detail for r in store.list_reports(d["device"], 50) if r.state == "downloaded"
+            ]
+            assert details, d
+            if d["mismatched"]:
+                assert details[-1].startswith("full image"), details
+            else:
+                assert details[-1] == f"delta+encrypted-a128ctr from {dx['old_image_sha256'][:16]}"
+    finally:
+        store.close()
+    _no_plaintext_blob(setup.data, report["settings"]["image_sha256"], dx["old_image_sha256"])
+
+
 # --------------------------------------------------------------------------- refusals
+
+
+def test_a_given_encrypted_release_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The fleet cannot provision devices with the key of a release it did not encrypt
+    (nor encrypt a patch for its recipients): one line, before anything is registered."""
+    import os
+
+    from server_helpers import VENDOR
+
+    from otacoap.core import build, encryption, suit
+
+    setup = make_setup(tmp_path)
+    key = _key_file(setup, tmp_path)
+    image = image_bytes("given encrypted", 4000)
+    info, ct = encryption.encrypt(
+        image, [encryption.KekRecipient(os.urandom(16))], os.urandom, encryption.A128CTR
+    )
+    release = build.Release(
+        hashlib.sha256(image).digest(), len(image), VENDOR, "fleet-given-enc", 3,
+        ids.image_uri(hashlib.sha256(ct).digest()), encryption_info=info,
+    )  # fmt: skip
+    env = tmp_path / "rel.suit"
+    env.write_bytes(suit.encode_envelope(build.build_envelope(release, setup.key)))
+    img = tmp_path / "rel.bin"
+    img.write_bytes(image)
+    for extra in ([], ["--delta"]):
+        done = _fleet(
+            "--server", "coaps://127.0.0.1:1", "--data", str(setup.data), "--key", str(key),
+            "--devices", "1", "--class-info", "fleet-given-enc", "--vendor-domain", VENDOR,
+            "--release", str(env), str(img), *extra, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--release is encrypted" in lines[0], done.stderr
+    store = DataDir(setup.data).open_store()
+    try:
+        assert store.list_devices() == []  # nothing registered
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--delta", "--encrypt"], "--delta with --encrypt"),
         (["--old-image", "x.bin"], "need --delta"),
         (["--delta-mismatch-fraction", "0.5"], "need --delta"),
         (["--delta", "--old-image", "/nonexistent/old.bin"], "no such file"),

@@ -137,7 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encrypt",
         action="store_true",
         help="encrypt the generated release (A128CTR under a fresh class A128KW key that "
-        "every device is provisioned with); the server stores only the ciphertext. A "
+        "every device is provisioned with; with --delta the old release and the patch "
+        "too, each under its own CEK); the server stores only the ciphertext. A "
         "class key, not per-device ECDH: one recipient in the manifest whatever the fleet "
         "size (per-device keys need one recipient per device in the one envelope the "
         "class is served) and no ECDH on the device per update",
@@ -148,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="devices start on an OLD release (seq - 1, published first so the server "
         "knows what they run; each device checks in with its running seq) and the "
         "release carries a delta from it with the full image as fallback; the report "
-        "counts delta installs and fallbacks (not with --encrypt yet)",
+        "counts delta installs and fallbacks (with --encrypt: an encrypted delta, the "
+        "encrypted release as fallback)",
     )
     rel.add_argument(
         "--old-image",
@@ -440,9 +442,10 @@ def payload_lines(s: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         def per(v: float | None) -> str:
             return "-" if v is None else f"{v:,.0f} B"
 
+        enc = "encrypted " if settings.get("encrypted") else ""
         lines.append(
-            f"delta: {d['installed_by_delta']} installed by delta (patch "
-            f"{d['patch_size']:,} B), {d['fell_back_to_full']} fell back to the full image "
+            f"delta: {d['installed_by_delta']} installed by {enc}delta (patch "
+            f"{d['patch_size']:,} B), {d['fell_back_to_full']} fell back to the {enc}full image "
             f"({d['image_size']:,} B; {d['mismatched_devices']} devices ran another image)"
             + (
                 f", {d['served_plain_envelope']} were served the plain envelope"

@@ -270,9 +270,12 @@ def check_confirmed(data: Path, seq: int, outcomes: list[FleetDeviceOutcome]) ->
 
 def payload_of_detail(detail: str) -> str | None:
     """The payload a DOWNLOADED report names (update_machine `_payload_detail`):
-    "delta", "full" (a delta envelope's fallback), "encrypted"; None for a plain image."""
+    "delta", "encrypted delta" ("delta+encrypted-a128ctr from ..."), "full" (a delta
+    envelope's fallback, encrypted or not), "encrypted"; None for a plain image."""
     if detail.startswith("delta from"):
         return "delta"
+    if detail.startswith("delta+encrypted"):
+        return "encrypted delta"
     if detail.startswith("full image"):
         return "full"
     if detail.startswith("payload encrypted"):

@@ -96,16 +96,21 @@ class FleetOptions:
         return waves * self.timeout + 60.0
 
 
-def check_payload_modes(delta: bool, encrypt: bool) -> None:
-    """The one place that says which payload modes combine (lift it here when they do).
+def check_payload_modes(delta: bool, encrypt: bool, *, given_encrypted: bool = False) -> None:
+    """The one place that says which payload modes combine.
 
-    A delta of an encrypted release is refused by `manifest build`, by the publish and
-    by the device today (docs/decisions/delta-updates.md, "Not with encrypted payloads").
+    --delta with --encrypt is an encrypted delta (docs/decisions/delta-updates.md,
+    "Encrypted deltas"): the patch encrypted under the class key, the encrypted release
+    as fallback. A given --release that is already encrypted is refused: its devices
+    need a key the fleet does not have (--encrypt makes the class key itself), and a
+    delta of it would need the patch encrypted for that release's recipients.
     """
-    if delta and encrypt:
+    if given_encrypted:
         raise FleetError(
-            "--delta with --encrypt: an encrypted delta is not supported yet (otacoap "
-            "refuses a delta of an encrypted release); use one of them"
+            "--release is encrypted: the fleet holds no key of its recipients to "
+            "provision the devices with"
+            + (" or to encrypt the patch" if delta else "")
+            + "; use --encrypt with a generated release"
         )
 
 

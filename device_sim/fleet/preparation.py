@@ -11,6 +11,11 @@ slightly changed (`evolve`) and a delta envelope of it (patch from the old image
 image as fallback) is published after it. Devices picked by --delta-mismatch-fraction
 run a variant of the old image instead (signed, seq - 1), as if locally patched: the
 server serves them the delta too, their source check fails, they take the full image.
+
+With --encrypt every image the fleet publishes is encrypted under the one class key
+(the old release too, so the server never holds a plaintext image), and with --delta
+the patch as well, under its own CEK and IV: an encrypted delta whose fallback is the
+encrypted release's own fetch (docs/decisions/delta-updates.md, "Encrypted deltas").
 """
 
 from __future__ import annotations
@@ -116,6 +121,14 @@ def evolve(image: bytes, label: str) -> bytes:
     return bytes(out)
 
 
+def encrypt_payload(plaintext: bytes, kek: bytes) -> tuple[bytes, bytes]:
+    """(encryption info, ciphertext) of one payload: A128CTR under a fresh CEK and IV,
+    the CEK wrapped under the class key (A128KW); every payload gets its own."""
+    return encryption.encrypt(
+        plaintext, [encryption.KekRecipient(kek)], os.urandom, encryption.A128CTR
+    )
+
+
 def prepare(
     opts: FleetOptions, work: Path, progress: Progress, registered: list[str] | None = None
 ) -> tuple[Prepared, dict[str, Any]]:
@@ -133,6 +146,7 @@ def prepare(
     seq = opts.seq
 
     old_image = b""  # --delta: what the devices run before the update
+    encrypted_release: build.Release | None = None  # --encrypt: the generated release
     delta_uri: str | None = None  # a given release's image URI (the delta's fallback)
     given_old = b""
     if opts.delta and opts.old_image is not None:
@@ -165,8 +179,8 @@ def prepare(
         if seq < 1:
             raise FleetError("--release has sequence number 0; the factory needs one below it")
         image_path = img_path
-        if opts.delta and images[0].encryption_info is not None:
-            check_payload_modes(delta=True, encrypt=True)
+        encrypted = images[0].encryption_info is not None
+        check_payload_modes(opts.delta, opts.encrypt, given_encrypted=encrypted)
         old_image = given_old or evolve(image, f"otacoap-fleet:{token}:old")
     else:
         if opts.delta:
@@ -181,11 +195,9 @@ def prepare(
             # The server gets the ciphertext (its URI names it); devices the class key.
             kek = os.urandom(16)
             keks = (kek,)
-            info, payload = encryption.encrypt(
-                image, [encryption.KekRecipient(kek)], os.urandom, encryption.A128CTR
-            )
+            info, payload = encrypt_payload(image, kek)
             uri = ids.image_uri(hashlib.sha256(payload).digest())
-            release = build.Release(
+            release = encrypted_release = build.Release(
                 digest, len(image), vendor, class_info, seq, uri, encryption_info=info
             )
             image_path = work / "release.enc"
@@ -199,6 +211,23 @@ def prepare(
         )
         return suit.encode_envelope(build.build_envelope(r, key))
 
+    def published(firmware: bytes, number: int) -> tuple[bytes, bytes]:
+        """A release the fleet publishes: (envelope, the bytes the server stores),
+        encrypted under the class key with --encrypt."""
+        if not keks:
+            return signed(firmware, number), firmware
+        info, wire = encrypt_payload(firmware, keks[0])
+        r = build.Release(
+            hashlib.sha256(firmware).digest(),
+            len(firmware),
+            vendor,
+            class_info,
+            number,
+            ids.image_uri(hashlib.sha256(wire).digest()),
+            encryption_info=info,
+        )
+        return suit.encode_envelope(build.build_envelope(r, key)), wire
+
     delta_setup: DeltaSetup | None = None
     if opts.delta:
         if old_image == image:
@@ -209,21 +238,35 @@ def prepare(
         patch_info = delta.DeltaInfo(
             suit.SuitDigest.of(old_image), len(old_image), suit.SuitDigest.of(patch), len(patch)
         )
-        plain = build.Release(digest, image_size, vendor, class_info, seq, delta_uri)
+        encrypted_patch: build.EncryptedPatch | None = None
+        patch_wire = patch
+        if encrypted_release is not None:
+            # An encrypted delta: the patch under its own CEK and IV, the fallback the
+            # release's own (encrypted) fetch; digests stay the plaintext's.
+            patch_enc, patch_wire = encrypt_payload(patch, keks[0])
+            patch_uri = ids.image_uri(hashlib.sha256(patch_wire).digest())
+            encrypted_patch = build.EncryptedPatch(patch_enc, patch_uri)
+            of = encrypted_release
+        else:
+            patch_uri = ids.image_uri(patch_info.patch_digest.value)
+            of = build.Release(digest, image_size, vendor, class_info, seq, delta_uri)
+        delta_envelope = build.build_envelope(
+            of, key, patch=patch_info, encrypted_patch=encrypted_patch
+        )
         delta_setup = DeltaSetup(
-            suit.encode_envelope(build.build_envelope(plain, key, patch=patch_info)),
-            ids.image_uri(patch_info.patch_digest.value),
-            len(patch),
-            delta_uri or ids.image_uri(digest),
+            suit.encode_envelope(delta_envelope),
+            patch_uri,
+            len(patch_wire),
+            of.uri or ids.image_uri(digest),
             variant,
             signed(variant, seq - 1),
             hashlib.sha256(old_image).hexdigest(),
         )
         patch_path = work / "release.patch"
-        patch_path.write_bytes(patch)
+        patch_path.write_bytes(patch_wire)
     else:
         factory_image = image_bytes(f"otacoap-fleet:{token}:factory", image_size)
-    factory_envelope = signed(factory_image, seq - 1)
+    factory_envelope, factory_wire = published(factory_image, seq - 1)
 
     server_facts: dict[str, Any]
     if opts.data is not None:
@@ -235,13 +278,13 @@ def prepare(
         if delta_setup is not None:
             # The old release: the server maps a device's reported seq to its image.
             old_path = work / "old.bin"
-            old_path.write_bytes(factory_image)
+            old_path.write_bytes(factory_wire)
             served_first = (factory_envelope, old_path)
         elif opts.campaign is not None:
             # Devices outside the open waves are served the class's current release:
             # the factory one, which they already run.
             factory_path = work / "factory.bin"
-            factory_path.write_bytes(factory_image)
+            factory_path.write_bytes(factory_wire)
             served_first = (factory_envelope, factory_path)
         server_facts = register_and_publish(
             opts,
@@ -264,7 +307,7 @@ def prepare(
         items = [(envelope, image_path)]
         if delta_setup is not None:
             old_path = work / "old.bin"
-            old_path.write_bytes(factory_image)
+            old_path.write_bytes(factory_wire)
             items = [(factory_envelope, old_path), *items, (delta_setup.envelope, patch_path)]
         publish_over_network(opts, items)
         server_facts = {

@@ -163,7 +163,8 @@ class FleetDeviceOutcome(DeviceOutcome):
     # "delta+full" (the patch failed, then the image), "plain" (the server served it
     # the release's plain envelope); and the bytes of each. A device
     # picked by --delta-mismatch-fraction is `mismatched`. `server_payload`: what its
-    # DOWNLOADED report told the server ("delta", "full", "encrypted"; --data only).
+    # DOWNLOADED report told the server ("delta", "encrypted delta", "full",
+    # "encrypted"; --data only).
     payload: str | None = None
     patch_bytes: int = 0
     image_bytes: int = 0
