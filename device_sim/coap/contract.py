@@ -39,6 +39,15 @@ RELIES_ON: dict[str, str] = {
         "dtls_retransmit: started after _connection_for_address returns"
     ),
     f"{_CONN}._dtls_socket": "dtls_retransmit.run_dtls_retransmissions",
+    f"{_CONN}.shutdown(self)": "dtls_retransmit.shutdown_even_half_built: replaced per instance",
+    f"{_CONN}.__del__ ~ self.shutdown()": "dtls_retransmit: __del__ reaches the replacement",
+    f"{_CONN}.shutdown ~ self._retransmission_task.cancel()": (
+        "dtls_retransmit.shutdown_even_half_built: what fails on a half-built connection"
+    ),
+    f"{_CONN}._start ~ self._retransmission_task = ": "dtls_retransmit: set late in _start",
+    f"{_CONN}._remove_from_pool(self)": "dtls_retransmit.shutdown_even_half_built",
+    f"{_CONN}._startup": "dtls_retransmit.shutdown_even_half_built",
+    f"{_CONN}._start ~ self._transport, _ = await": "dtls_retransmit.shutdown_even_half_built",
     f"{_CONN}._queue": "dtls_retransmit: None once connected",
     "aiocoap.transports.tinydtls:DTLS_CLOCK_OFFSET": (
         "the clock base whose drift dtls_retransmit works around (tests shift it)"

@@ -45,6 +45,27 @@ async def run_dtls_retransmissions(self: DTLSClientConnection) -> None:
         await asyncio.sleep(DTLS_POLL)
 
 
+def shutdown_even_half_built(self: DTLSClientConnection) -> None:
+    """aiocoap's `shutdown`, also for a connection whose `_start` task never got as far
+    as creating its retransmission timer.
+
+    Why: a context shut down right after the request that created a connection (Ctrl-C
+    or SIGTERM in the fleet, a device giving up) tears the connection down before its
+    `_start` ran; aiocoap's `shutdown` then raises AttributeError on
+    `_retransmission_task`, out of `Context.shutdown` and again from `__del__`
+    ("Exception ignored in ... Traceback"). Such a connection has no DTLS session to
+    close: leave the pool, stop the start task, close the socket if there is one.
+    """
+    if "_retransmission_task" in vars(self):
+        DTLSClientConnection.shutdown(self)
+        return
+    self._remove_from_pool()
+    self._startup.cancel()
+    transport = vars(self).get("_transport")
+    if transport is not None:
+        transport.close()
+
+
 class Handshakes:
     """The DTLS client connections of one context, to tell a request that timed out
     because its handshake never completed (a wrong identity or PSK: tinydtls' server
@@ -63,8 +84,8 @@ class Handshakes:
 
 
 def harden_dtls(ctx: aiocoap.Context) -> Handshakes:
-    """Give this context's DTLS client connections `run_dtls_retransmissions`, and
-    return what watches their handshakes.
+    """Give this context's DTLS client connections `run_dtls_retransmissions` and
+    `shutdown_even_half_built`, and return what watches their handshakes.
 
     An instance attribute on each new connection, set when aiocoap's
     `_connection_for_address` creates it, before its handshake task first runs.
@@ -83,6 +104,7 @@ def harden_dtls(ctx: aiocoap.Context) -> Handshakes:
                 connection._run_retransmissions = types.MethodType(
                     run_dtls_retransmissions, connection
                 )
+                connection.shutdown = types.MethodType(shutdown_even_half_built, connection)
                 handshakes.add(connection)
             return connection
 
