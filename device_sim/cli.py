@@ -21,6 +21,7 @@ from otacoap.cliargs import (
     PSK_ENV,
     CliError,
     Parser,
+    add_block2_arguments,
     add_psk_options,
     maybe_hex,
     positive_seconds,
@@ -28,7 +29,6 @@ from otacoap.cliargs import (
     read_psk,
     read_small_file,
     size_type,
-    window_type,
 )
 from otacoap.core import cose
 from otacoap.core.check_pacing import PacingConfig
@@ -211,20 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--max-time", type=positive_seconds, metavar="SECONDS", help="stop --watch after this long"
     )
-    r.add_argument(
-        "--block-size",
-        type=int,
-        choices=[16, 32, 64, 128, 256, 512, 1024],
-        default=1024,
-        help="Block2 size to ask for (default 1024)",
-    )
-    r.add_argument(
-        "--window",
-        type=window_type(MAX_WINDOW),
-        default=DEFAULT_MAX_WINDOW,
-        metavar="N",
-        help="most Block2 requests outstanding for the image, adapted to loss and delay "
-        f"by a congestion controller (default {DEFAULT_MAX_WINDOW}; 1 = RFC 7959 "
+    add_block2_arguments(
+        r,
+        max_window=MAX_WINDOW,
+        window_default=DEFAULT_MAX_WINDOW,
+        who="to ask",
+        window_help="most Block2 requests outstanding for the image, adapted to loss and "
+        f"delay by a congestion controller (default {DEFAULT_MAX_WINDOW}; 1 = RFC 7959 "
         "lock-step)",
     )
     r.add_argument(

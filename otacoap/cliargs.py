@@ -165,6 +165,32 @@ def window_type(max_window: int) -> Callable[[str], int]:
     return parse
 
 
+def add_block2_arguments(
+    group: argparse._ActionsContainer,
+    *,
+    max_window: int,
+    window_default: int,
+    who: str,
+    window_help: str,
+) -> None:
+    """`--block-size` and `--window`, declared once for the device and the fleet CLIs
+    (only their defaults and wording differ). Block sizes: RFC 7959 §2.2 (SZX 0..6)."""
+    group.add_argument(
+        "--block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256, 512, 1024],
+        default=1024,
+        help=f"Block2 size {who} for (default 1024)",
+    )
+    group.add_argument(
+        "--window",
+        type=window_type(max_window),
+        default=window_default,
+        metavar="N",
+        help=window_help,
+    )
+
+
 def read_small_file(path: str | Path, cap: int) -> bytes:
     """A file's bytes, refusing a missing file or one over `cap` bytes without reading
     it all; the ValueError's text is the one-line message the commands print."""

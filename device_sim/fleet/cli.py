@@ -19,12 +19,12 @@ from typing import Any
 
 from otacoap.cliargs import (
     Parser,
+    add_block2_arguments,
     non_negative_float,
     positive_float_type,
     positive_int,
     probability,
     size_type,
-    window_type,
 )
 from otacoap.core.errors import OtaError
 
@@ -197,19 +197,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="M",
         help="worker processes, each with its own event loop (default 1)",
     )
-    run.add_argument(
-        "--block-size",
-        type=int,
-        choices=[16, 32, 64, 128, 256, 512, 1024],
-        default=1024,
-        help="Block2 size the devices ask for (default 1024)",
-    )
-    run.add_argument(
-        "--window",
-        type=window_type(MAX_WINDOW),
-        default=1,
-        metavar="N",
-        help="most Block2 requests each device keeps outstanding, adapted by its "
+    add_block2_arguments(
+        run,
+        max_window=MAX_WINDOW,
+        window_default=1,
+        who="the devices ask",
+        window_help="most Block2 requests each device keeps outstanding, adapted by its "
         "congestion controller (default 1, RFC 7959 lock-step: with many devices per "
         "process the simulator's CPU, not the round trip, is the limit)",
     )
