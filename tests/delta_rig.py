@@ -55,9 +55,11 @@ def make_delta_rig(
     slot_size: int = 64 * 1024,
     sector_size: int = 4096,
     key: cose.SigningKey | None = None,
+    keks: tuple[bytes, ...] = (),
     seal: bool = False,
 ) -> Rig:
-    """`seal`: a chip with a hardware key, so both slots are encrypted at rest."""
+    """`keks`: the class KEKs the device holds (encrypted releases);
+    `seal`: a chip with a hardware key, so both slots are encrypted at rest."""
     key = key or cose.generate_key("es256")
     env = sign(manifest_bytes(image=factory, seq=seq), key)
     path = tmp / "flash.bin"
@@ -74,6 +76,7 @@ def make_delta_rig(
         sector_size=sector_size,
         max_trial_boots=3,
         force=True,
+        decryption_keks=keks,
         seal=seal,
     )
     rig = Rig(path, key, factory, env, slot_size=slot_size)
