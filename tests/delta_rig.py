@@ -10,11 +10,13 @@ from pathlib import Path
 from conftest import SHARED
 from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, Rig, manifest_bytes, sign
 
-from device_sim.inprocess import InProcessServer
+from device_sim.agent import DeviceAgent, Outcome
+from device_sim.inprocess import InProcessServer, InProcessTransport
 from device_sim.provision import provision
 from otacoap import patching
 from otacoap.core import cose, delta, ids, suit
 from otacoap.core.build import Release, build_envelope
+from otacoap.core.report import State
 
 DELTA_DIR = SHARED / "delta"
 PAIRS = {
@@ -132,3 +134,33 @@ def delta_release(
         signed(build_envelope(release, key, patch=info, fallback=False)),
         signed(build_envelope(release, key)),
     )
+
+
+class Served:
+    """Counts the requests an in-process server gets, by path; `hook(path, block2)`, when
+    set, is called on each (a test that looks at the flash mid-transfer)."""
+
+    def __init__(self, server: InProcessServer) -> None:
+        self.paths: dict[str, int] = {}
+        self.hook: object = None
+        server.on_request = self.count
+
+    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
+        if callable(self.hook):
+            self.hook(path, block2)
+
+
+async def update(rig: Rig, server: InProcessServer) -> Outcome:
+    """One `run_once` of the device on `rig`'s flash against the in-process `server`."""
+    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
+    try:
+        result = await device.run_once()
+    finally:
+        await device.close()
+    return result.outcome
+
+
+def details(server: InProcessServer, state: State) -> list[str]:
+    """The details of the reports `server` received in `state`."""
+    return [r.detail for r in server.reports if r.state == state]

@@ -13,7 +13,17 @@ import random
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, DeltaRelease, delta_release, make_delta_rig, pair, synthetic_pair
+from delta_rig import (
+    DELTA_DIR,
+    DeltaRelease,
+    Served,
+    delta_release,
+    details,
+    make_delta_rig,
+    pair,
+    synthetic_pair,
+    update,
+)
 from evil_server import Rig
 
 from device_sim.agent import DeviceAgent, Outcome
@@ -148,28 +158,6 @@ def test_a_partial_delta_parameter_set_is_refused_by_the_gate() -> None:
 
 
 # --- the device ------------------------------------------------------------------------
-
-
-class Served:
-    def __init__(self, server: InProcessServer) -> None:
-        self.paths: dict[str, int] = {}
-        server.on_request = self.count
-
-    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
-        self.paths[path] = self.paths.get(path, 0) + 1
-
-
-async def update(rig: Rig, server: InProcessServer) -> Outcome:
-    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-    try:
-        result = await device.run_once()
-    finally:
-        await device.close()
-    return result.outcome
-
-
-def details(server: InProcessServer, state: State) -> list[str]:
-    return [r.detail for r in server.reports if r.state == state]
 
 
 def _setup(tmp_path: Path, **kw: bytes) -> tuple[Rig, DeltaRelease, InProcessServer, Served]:

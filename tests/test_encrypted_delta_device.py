@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, pair, synthetic_pair
+from delta_rig import DELTA_DIR, Served, details, pair, synthetic_pair, update
 from encdelta_rig import KEK, EncryptedDeltaRelease, encrypted_delta_release, make_encdelta_rig
 from evil_server import Rig
 
@@ -32,31 +32,6 @@ ALGS = pytest.mark.parametrize(
 needs_pairs = pytest.mark.skipif(
     not DELTA_DIR.is_dir(), reason="../shared/delta (OTACOAP_SHARED) not available"
 )
-
-
-class Served:
-    def __init__(self, server: InProcessServer) -> None:
-        self.paths: dict[str, int] = {}
-        self.hook: object = None
-        server.on_request = self.count
-
-    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
-        self.paths[path] = self.paths.get(path, 0) + 1
-        if callable(self.hook):
-            self.hook(path, block2)
-
-
-async def update(rig: Rig, server: InProcessServer) -> Outcome:
-    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-    try:
-        result = await device.run_once()
-    finally:
-        await device.close()
-    return result.outcome
-
-
-def details(server: InProcessServer, state: State) -> list[str]:
-    return [r.detail for r in server.reports if r.state == state]
 
 
 def _setup(
