@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from conftest import SHARED
 from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, Rig, manifest_bytes, sign
@@ -164,3 +165,33 @@ async def update(rig: Rig, server: InProcessServer) -> Outcome:
 def details(server: InProcessServer, state: State) -> list[str]:
     """The details of the reports `server` received in `state`."""
     return [r.detail for r in server.reports if r.state == state]
+
+
+class ServableRelease(Protocol):
+    """A release the in-process server can serve (a `DeltaRelease`, an
+    `encdelta_rig.EncryptedDeltaRelease`)."""
+
+    @property
+    def envelope(self) -> bytes: ...
+
+    def serve(self, server: InProcessServer) -> None: ...
+
+
+async def install_peak(rig: Rig, release: ServableRelease) -> tuple[int, InProcessServer]:
+    """The traced memory peak of one `run_once` that installs `release` on `rig` (it must
+    update), and the in-process server that served it (its reports)."""
+    from memory_probe import _measure
+
+    server = InProcessServer(envelope=release.envelope)
+    release.serve(server)
+    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
+
+    async def nothing() -> None:
+        return None
+
+    try:
+        measured, result, _ = await _measure(device, nothing)
+    finally:
+        await device.close()
+    assert result.outcome == Outcome.UPDATED
+    return measured, server
