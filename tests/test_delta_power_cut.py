@@ -16,7 +16,8 @@ import random
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, delta_release, make_delta_rig, pair, synthetic_pair
+from delta_rig import DELTA_DIR, DeltaRelease, delta_release, make_delta_rig, pair, synthetic_pair
+from encdelta_rig import EncryptedDeltaRelease
 from evil_server import Rig
 from test_power_cut_update import SMALL, Harness, Tally
 
@@ -27,17 +28,24 @@ from device_sim.inprocess import InProcessServer
 
 
 class DeltaHarness(Harness):
-    """The power-cut harness serving a delta release (patch + full fallback)."""
+    """The power-cut harness serving a delta release (patch + full fallback), or the
+    (encrypted) `release` given."""
 
     def __init__(
-        self, rig: Rig, source: bytes, image: bytes, seq: int, config: AgentConfig
+        self,
+        rig: Rig,
+        source: bytes,
+        image: bytes,
+        seq: int,
+        config: AgentConfig,
+        release: DeltaRelease | EncryptedDeltaRelease | None = None,
     ) -> None:
         self.rig = rig
         self.config = config
         self.new = hashlib.sha256(image).digest()
         self.seq = seq
         self.source = source
-        self.release = delta_release(rig.key, source, image, seq)
+        self.release = release or delta_release(rig.key, source, image, seq)
         self.server = InProcessServer(envelope=self.release.envelope)
         self.release.serve(self.server)
         self.fetched: dict[str, int] = {}
@@ -54,6 +62,45 @@ class DeltaHarness(Harness):
         return self.rig.slot_bytes(0)[: len(self.source)] == self.source
 
 
+async def cut_at_every_op(h: DeltaHarness, total: int, tally: Tally) -> int:
+    """Cut the power after each of the install's `total` flash ops (clean, then torn),
+    check the oracles, let the device finish; the number of cuts after which the old
+    image was running but its slot was no longer intact."""
+    source_written = 0
+    for torn in (False, True):
+        for k in range(1, total + 1):
+            h.reset()
+            outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
+            assert outcome is None, f"op {k} of {total} was not reached"
+            tally.cut_points += 1
+            seq = h.observe(tally, h.old_seq)
+            if seq == h.old_seq and not h.source_intact():
+                source_written += 1
+            await h.finish(tally, seq)
+    return source_written
+
+
+async def cut_at_random(h: DeltaHarness, total: int, tally: Tally, seeds: int) -> int:
+    """For each seed, 2 to 4 random cuts (clean or torn) in a row, the oracles after
+    each, then the device finishes; counted as in `cut_at_every_op`."""
+    source_written = 0
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        h.reset()
+        last_seq = h.old_seq
+        for _ in range(rng.randint(2, 4)):
+            faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
+            outcome, _ = await h.run(faults)
+            if outcome is not None:
+                break
+            tally.cut_points += 1
+            last_seq = h.observe(tally, last_seq)
+            if last_seq == h.old_seq and not h.source_intact():
+                source_written += 1
+        await h.finish(tally, last_seq)
+    return source_written
+
+
 async def _clean_run(h: DeltaHarness) -> int:
     outcome, flash = await h.run()
     assert outcome == Outcome.UPDATED
@@ -68,24 +115,12 @@ def test_power_cut_at_every_flash_op_of_a_delta_install(tmp_path: Path) -> None:
     rig = make_delta_rig(tmp_path, old, sector_size=1024, slot_size=16 * 1024)
     h = DeltaHarness(rig, old, new, 6, SMALL)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
+    async def go() -> tuple[int, int]:
         total = await _clean_run(h)
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                if seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-                await h.finish(tally, seq)
-        return total
+        return total, await cut_at_every_op(h, total, tally)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     print(f"\ndelta exhaustive ({total} ops per clean install): {tally.line()}")
     assert tally.cut_points == 2 * total and total > 30
     assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (
@@ -108,28 +143,12 @@ def test_random_power_cuts_during_a_delta_install_of_a_real_pair(
     config = AgentConfig(fetch=FetchConfig(szx=6), checkpoint_bytes=16 * 1024)
     h = DeltaHarness(rig, old, new, 6, config)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
+    async def go() -> tuple[int, int]:
         total = await _clean_run(h)
-        for seed in range(seeds):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 4)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-                if last_seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-            await h.finish(tally, last_seq)
-        return total
+        return total, await cut_at_random(h, total, tally, seeds)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     print(f"\ndelta random ({name}, {seeds} seeds, {total} ops per clean install): {tally.line()}")
     assert tally.cut_points >= seeds
     assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (
