@@ -516,15 +516,20 @@ async def dtls_relay(
         relay.close()
 
 
-def device_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-    """`python -m device_sim ARGS`, as a user would type it, from the repository root."""
+def python_m(module: str, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS`, as a user would type it, from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "device_sim", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
     )
+
+
+def device_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """`python -m device_sim ARGS`."""
+    return python_m("device_sim", *args, timeout=timeout)
 
 
 def device_provision(
@@ -589,3 +594,43 @@ class Author:
             "-o", self.dir / out, *extra,
         )  # fmt: skip
         return self.dir / out
+
+
+def report_trail(setup: Setup, device: str) -> list[tuple[int, str, int | None]]:
+    """(counter, state, sequence number) of each report the store holds for `device`, in
+    the store's order."""
+    from otacoap.store import DataDir
+
+    store = DataDir(setup.data).open_store()
+    try:
+        return [(r.counter, r.state, r.sequence_number) for r in store.list_reports(device, 1000)]
+    finally:
+        store.close()
+
+
+def assert_no_report_lost(setup: Setup, rigs: dict[str, object], seq: int) -> None:
+    """Every device's reports are stored, counters without a gap, ending in its
+    confirmation of `seq`; nothing is left in any device's outbox."""
+    for d, rig in rigs.items():
+        reports = report_trail(setup, d)
+        counters = [c for c, _, _ in reports]
+        assert counters == list(range(counters[0], counters[0] + len(counters))), d
+        assert reports[-1][1:] == ("confirmed", seq), d
+        assert rig.info()["queued_reports"] == 0  # type: ignore[attr-defined]
+
+
+def campaign_admissions(setup: Setup) -> list[str]:
+    """The devices the `campaign.admit` audit entries name, in order; the audit chain
+    must verify."""
+    from otacoap.store import DataDir
+
+    store = DataDir(setup.data).open_store()
+    try:
+        admitted: list[str] = []
+        for e in store.audit_entries():
+            if e.action == "campaign.admit":
+                admitted += e.detail.split(": ", 1)[1].split()
+        store.verify_audit()
+    finally:
+        store.close()
+    return admitted
