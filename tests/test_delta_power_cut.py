@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 from pathlib import Path
 
 import pytest
@@ -81,23 +80,15 @@ async def cut_at_every_op(h: DeltaHarness, total: int, tally: Tally) -> int:
 
 
 async def cut_at_random(h: DeltaHarness, total: int, tally: Tally, seeds: int) -> int:
-    """For each seed, 2 to 4 random cuts (clean or torn) in a row, the oracles after
-    each, then the device finishes; counted as in `cut_at_every_op`."""
+    """`Harness.random_cuts` with 2 to 4 cuts a seed; counted as in `cut_at_every_op`."""
     source_written = 0
-    for seed in range(seeds):
-        rng = random.Random(seed)
-        h.reset()
-        last_seq = h.old_seq
-        for _ in range(rng.randint(2, 4)):
-            faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-            outcome, _ = await h.run(faults)
-            if outcome is not None:
-                break
-            tally.cut_points += 1
-            last_seq = h.observe(tally, last_seq)
-            if last_seq == h.old_seq and not h.source_intact():
-                source_written += 1
-        await h.finish(tally, last_seq)
+
+    def check_source(seq: int) -> None:
+        nonlocal source_written
+        if seq == h.old_seq and not h.source_intact():
+            source_written += 1
+
+    await h.random_cuts(tally, total, seeds, most=4, after_cut=check_source)
     return source_written
 
 

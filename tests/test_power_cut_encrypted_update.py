@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -87,19 +86,7 @@ def test_random_repeated_power_cuts_of_an_encrypted_install(tmp_path: Path) -> N
     async def go() -> None:
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
-        total = flash.ops
-        for seed in range(60):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, flash.ops, 60)
 
     asyncio.run(go())
     print(f"\nencrypted random (60 seeds): {tally.line()}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,6 +116,32 @@ class Harness:
             tally.seq_down += 1
         return seq
 
+    async def random_cuts(
+        self,
+        tally: Tally,
+        total: int,
+        seeds: int,
+        most: int = 5,
+        after_cut: Callable[[int], None] | None = None,
+    ) -> None:
+        """For each seed: from the pristine flash, 2 to `most` random cuts (clean or torn,
+        within the `total` ops of a clean update) in a row, the oracles (and `after_cut`
+        with the sequence number found) after each, then `finish`."""
+        for seed in range(seeds):
+            rng = random.Random(seed)
+            self.reset()
+            last_seq = self.old_seq
+            for _ in range(rng.randint(2, most)):
+                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
+                outcome, _ = await self.run(faults)
+                if outcome is not None:
+                    break  # finished before the cut point came
+                tally.cut_points += 1
+                last_seq = self.observe(tally, last_seq)
+                if after_cut is not None:
+                    after_cut(last_seq)
+            await self.finish(tally, last_seq)
+
     async def finish(self, tally: Tally, last_seq: int) -> None:
         """Power on without faults until the device settles; it must end on the new image."""
         for _ in range(4):
@@ -189,18 +216,7 @@ def test_random_repeated_power_cuts(tmp_path: Path) -> None:
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
         total, clean_wear = flash.ops, max(flash.sector_erases)
-        for seed in range(200):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break  # finished before the cut point came
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, total, 200)
         return total, clean_wear
 
     total, clean_wear = asyncio.run(go())
@@ -311,18 +327,7 @@ def test_random_repeated_power_cuts_of_a_two_component_update(tmp_path: Path) ->
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
         total, clean_wear = flash.ops, max(flash.sector_erases)
-        for seed in range(100):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, total, 100)
         return total, clean_wear
 
     total, clean_wear = asyncio.run(go())
