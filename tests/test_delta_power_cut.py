@@ -22,7 +22,6 @@ from test_power_cut_update import SMALL, Harness, Tally
 
 from device_sim.agent import AgentConfig, Outcome
 from device_sim.fetcher import FetchConfig
-from device_sim.flash import FlashFaults
 from device_sim.inprocess import InProcessServer
 
 
@@ -62,20 +61,16 @@ class DeltaHarness(Harness):
 
 
 async def cut_at_every_op(h: DeltaHarness, total: int, tally: Tally) -> int:
-    """Cut the power after each of the install's `total` flash ops (clean, then torn),
-    check the oracles, let the device finish; the number of cuts after which the old
-    image was running but its slot was no longer intact."""
+    """`Harness.every_op_cuts`; the number of cuts after which the old image was running
+    but its slot was no longer intact."""
     source_written = 0
-    for torn in (False, True):
-        for k in range(1, total + 1):
-            h.reset()
-            outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-            assert outcome is None, f"op {k} of {total} was not reached"
-            tally.cut_points += 1
-            seq = h.observe(tally, h.old_seq)
-            if seq == h.old_seq and not h.source_intact():
-                source_written += 1
-            await h.finish(tally, seq)
+
+    async def check_source(torn: bool, seq: int) -> None:
+        nonlocal source_written
+        if seq == h.old_seq and not h.source_intact():
+            source_written += 1
+
+    await h.every_op_cuts(tally, total, check_source)
     return source_written
 
 
