@@ -87,7 +87,9 @@ async def cut_at_random(h: DeltaHarness, total: int, tally: Tally, seeds: int) -
     return source_written
 
 
-async def _clean_run(h: DeltaHarness) -> int:
+async def clean_delta_run(h: DeltaHarness) -> int:
+    """One update without cuts: by delta (no full-image byte), the source slot intact;
+    the flash ops it took."""
     outcome, flash = await h.run()
     assert outcome == Outcome.UPDATED
     assert h.fetched.get(h.release.image_path, 0) == 0, "the clean run used the delta"
@@ -103,7 +105,7 @@ def test_power_cut_at_every_flash_op_of_a_delta_install(tmp_path: Path) -> None:
     tally = Tally()
 
     async def go() -> tuple[int, int]:
-        total = await _clean_run(h)
+        total = await clean_delta_run(h)
         return total, await cut_at_every_op(h, total, tally)
 
     total, source_written = asyncio.run(go())
@@ -131,7 +133,7 @@ def test_random_power_cuts_during_a_delta_install_of_a_real_pair(
     tally = Tally()
 
     async def go() -> tuple[int, int]:
-        total = await _clean_run(h)
+        total = await clean_delta_run(h)
         return total, await cut_at_random(h, total, tally, seeds)
 
     total, source_written = asyncio.run(go())

@@ -21,10 +21,10 @@ import pytest
 from delta_rig import DELTA_DIR, pair, synthetic_pair
 from encdelta_rig import EncryptedDeltaRelease, encrypted_delta_release, make_encdelta_rig
 from evil_server import Rig
-from test_delta_power_cut import DeltaHarness, cut_at_every_op, cut_at_random
+from test_delta_power_cut import DeltaHarness, clean_delta_run, cut_at_every_op, cut_at_random
 from test_power_cut_update import SMALL, Tally
 
-from device_sim.agent import AgentConfig, Outcome
+from device_sim.agent import AgentConfig
 from device_sim.fetcher import FetchConfig
 from otacoap.core import encryption
 
@@ -51,15 +51,11 @@ class EncryptedDeltaHarness(DeltaHarness):
 
 
 async def _clean_run(h: EncryptedDeltaHarness) -> int:
-    outcome, flash = await h.run()
-    assert outcome == Outcome.UPDATED
-    assert h.fetched.get(h.release.image_path, 0) == 0, "the clean run used the delta"
-    assert h.fetched[h.release.patch_path] > 0
-    assert h.source_intact()
+    ops = await clean_delta_run(h)
     notes = [r.detail for r in h.server.reports if r.state.value == "downloaded"]
     assert notes and notes[-1].startswith("delta+encrypted-"), notes
     assert h.release.image[:256] not in h.rig.path.read_bytes(), "encrypted at rest"
-    return flash.ops
+    return ops
 
 
 @ALGS
