@@ -6,15 +6,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from conftest import SHARED
 from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, Rig, manifest_bytes, sign
 
-from device_sim.inprocess import InProcessServer
+from device_sim.agent import DeviceAgent, Outcome
+from device_sim.inprocess import InProcessServer, InProcessTransport
 from device_sim.provision import provision
 from otacoap import patching
 from otacoap.core import cose, delta, ids, suit
 from otacoap.core.build import Release, build_envelope
+from otacoap.core.report import State
 
 DELTA_DIR = SHARED / "delta"
 PAIRS = {
@@ -55,9 +58,11 @@ def make_delta_rig(
     slot_size: int = 64 * 1024,
     sector_size: int = 4096,
     key: cose.SigningKey | None = None,
+    keks: tuple[bytes, ...] = (),
     seal: bool = False,
 ) -> Rig:
-    """`seal`: a chip with a hardware key, so both slots are encrypted at rest."""
+    """`keks`: the class KEKs the device holds (encrypted releases);
+    `seal`: a chip with a hardware key, so both slots are encrypted at rest."""
     key = key or cose.generate_key("es256")
     env = sign(manifest_bytes(image=factory, seq=seq), key)
     path = tmp / "flash.bin"
@@ -74,6 +79,7 @@ def make_delta_rig(
         sector_size=sector_size,
         max_trial_boots=3,
         force=True,
+        decryption_keks=keks,
         seal=seal,
     )
     rig = Rig(path, key, factory, env, slot_size=slot_size)
@@ -129,3 +135,63 @@ def delta_release(
         signed(build_envelope(release, key, patch=info, fallback=False)),
         signed(build_envelope(release, key)),
     )
+
+
+class Served:
+    """Counts the requests an in-process server gets, by path; `hook(path, block2)`, when
+    set, is called on each (a test that looks at the flash mid-transfer)."""
+
+    def __init__(self, server: InProcessServer) -> None:
+        self.paths: dict[str, int] = {}
+        self.hook: object = None
+        server.on_request = self.count
+
+    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
+        if callable(self.hook):
+            self.hook(path, block2)
+
+
+async def update(rig: Rig, server: InProcessServer) -> Outcome:
+    """One `run_once` of the device on `rig`'s flash against the in-process `server`."""
+    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
+    try:
+        result = await device.run_once()
+    finally:
+        await device.close()
+    return result.outcome
+
+
+def details(server: InProcessServer, state: State) -> list[str]:
+    """The details of the reports `server` received in `state`."""
+    return [r.detail for r in server.reports if r.state == state]
+
+
+class ServableRelease(Protocol):
+    """A release the in-process server can serve (a `DeltaRelease`, an
+    `encdelta_rig.EncryptedDeltaRelease`)."""
+
+    @property
+    def envelope(self) -> bytes: ...
+
+    def serve(self, server: InProcessServer) -> None: ...
+
+
+async def install_peak(rig: Rig, release: ServableRelease) -> tuple[int, InProcessServer]:
+    """The traced memory peak of one `run_once` that installs `release` on `rig` (it must
+    update), and the in-process server that served it (its reports)."""
+    from memory_probe import _measure
+
+    server = InProcessServer(envelope=release.envelope)
+    release.serve(server)
+    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
+
+    async def nothing() -> None:
+        return None
+
+    try:
+        measured, result, _ = await _measure(device, nothing)
+    finally:
+        await device.close()
+    assert result.outcome == Outcome.UPDATED
+    return measured, server

@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evil_server import CLASS, DEVICE_ID, PSK, VENDOR, Rig, manifest_bytes, sign
+from delta_rig import make_delta_rig
+from evil_server import CLASS, VENDOR, Rig
 
 from device_sim.inprocess import InProcessServer
-from device_sim.provision import provision
 from otacoap import patching
 from otacoap.core import cose, delta, encryption, ids, suit
 from otacoap.core.build import EncryptedPatch, Release, build_envelope
@@ -33,28 +33,16 @@ def make_encdelta_rig(
     seal: bool = True,
 ) -> Rig:
     """A device running `factory` (seq `seq`) that holds `keks`; sealed by default."""
-    key = key or cose.generate_key("es256")
-    env = sign(manifest_bytes(image=factory, seq=seq), key)
-    path = tmp / "flash.bin"
-    provision(
-        path,
-        device_id=DEVICE_ID,
-        psk=PSK,
-        vendor_domain=VENDOR,
-        class_info=CLASS,
-        anchors_pem=(key.public.public_pem(),),
-        factory_image=factory,
-        factory_envelope=env,
+    return make_delta_rig(
+        tmp,
+        factory,
+        seq=seq,
         slot_size=slot_size,
         sector_size=sector_size,
-        max_trial_boots=3,
-        force=True,
-        decryption_keks=keks,
+        key=key,
+        keks=keks,
         seal=seal,
     )
-    rig = Rig(path, key, factory, env, slot_size=slot_size)
-    rig.accept(factory)
-    return rig
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiocoap
 from aiocoap.numbers.codes import Code
@@ -47,6 +47,9 @@ from otacoap.cli import main as cli_main
 from otacoap.core import cose, ids, suit
 from otacoap.core.build import Release, build_envelope
 from otacoap.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from otacoap.store import ReportRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 OTACOAP_CMD = [sys.executable, "-c", "import sys; from otacoap.cli import main; sys.exit(main())"]
@@ -511,3 +514,123 @@ async def dtls_relay(
         yield relay.get_extra_info("sockname")[1]
     finally:
         relay.close()
+
+
+def python_m(module: str, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS`, as a user would type it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def device_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """`python -m device_sim ARGS`."""
+    return python_m("device_sim", *args, timeout=timeout)
+
+
+def device_provision(
+    flash: Path,
+    setup: Setup,
+    device: str,
+    factory: ReleaseFiles,
+    *extra: str,
+    slot_size: str = "128K",
+) -> None:
+    """`python -m device_sim provision` for `device` of `setup` (its PSK, vendor and class),
+    trusting the setup's signing key, running `factory`; `extra`: more provision options."""
+    spec = setup.devices[device]
+    done = device_cli(
+        "provision", "--flash", str(flash), "--id", device, "--psk", spec.psk.hex(),
+        "--vendor-domain", spec.vendor_domain, "--class-info", spec.class_info,
+        "--trust", str(setup.key_pub), "--factory-image", str(factory.image_path),
+        "--factory-envelope", str(factory.envelope_path), "--slot-size", slot_size, *extra,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def device_run_once(flash: Path, uri: str) -> dict[str, Any]:
+    """`python -m device_sim run --once --json` against `uri`: it must exit 0; its last
+    JSON line (the outcome) is returned."""
+    run = device_cli("run", "--flash", str(flash), "--server", uri, "--once", "--json")
+    assert run.returncode == 0, run.stderr + run.stdout
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def device_reports(data: Path, device: str) -> list[ReportRecord]:
+    """The reports the server's store holds for `device`, in the device's counter order."""
+    from otacoap.store import DataDir
+
+    store = DataDir(data).open_store()
+    try:
+        return sorted(store.list_reports(device, 100), key=lambda r: r.counter)
+    finally:
+        store.close()
+
+
+class Author:
+    """A data directory (one device, `dev-1`) whose trust list holds an author key made
+    by `otacoap keygen`, and `otacoap manifest build` as that author types it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.setup = make_setup(tmp, devices=[DeviceSpec("dev-1")])
+        self.data = self.setup.data
+        self.dir = tmp
+        cli_ok("keygen", "--out", tmp / "author")
+        cli_ok("trust", "add", "--data", self.data, tmp / "author.pub")
+
+    def file(self, name: str, data: bytes) -> Path:
+        path = self.dir / name
+        atomic_write(path, data)
+        return path
+
+    def build(self, image: Path, seq: int, out: str, *extra: str | Path) -> Path:
+        cli_ok(
+            "manifest", "build", "--image", image, "--vendor-domain", VENDOR,
+            "--class-info", CLASS_A, "--seq", str(seq), "--key", self.dir / "author",
+            "-o", self.dir / out, *extra,
+        )  # fmt: skip
+        return self.dir / out
+
+
+def report_trail(setup: Setup, device: str) -> list[tuple[int, str, int | None]]:
+    """(counter, state, sequence number) of each report the store holds for `device`, in
+    the store's order."""
+    from otacoap.store import DataDir
+
+    store = DataDir(setup.data).open_store()
+    try:
+        return [(r.counter, r.state, r.sequence_number) for r in store.list_reports(device, 1000)]
+    finally:
+        store.close()
+
+
+def assert_no_report_lost(setup: Setup, rigs: dict[str, object], seq: int) -> None:
+    """Every device's reports are stored, counters without a gap, ending in its
+    confirmation of `seq`; nothing is left in any device's outbox."""
+    for d, rig in rigs.items():
+        reports = report_trail(setup, d)
+        counters = [c for c, _, _ in reports]
+        assert counters == list(range(counters[0], counters[0] + len(counters))), d
+        assert reports[-1][1:] == ("confirmed", seq), d
+        assert rig.info()["queued_reports"] == 0  # type: ignore[attr-defined]
+
+
+def campaign_admissions(setup: Setup) -> list[str]:
+    """The devices the `campaign.admit` audit entries name, in order; the audit chain
+    must verify."""
+    from otacoap.store import DataDir
+
+    store = DataDir(setup.data).open_store()
+    try:
+        admitted: list[str] = []
+        for e in store.audit_entries():
+            if e.action == "campaign.admit":
+                admitted += e.detail.split(": ", 1)[1].split()
+        store.verify_audit()
+    finally:
+        store.close()
+    return admitted

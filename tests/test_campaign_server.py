@@ -23,7 +23,17 @@ from pathlib import Path
 
 import pytest
 from evil_server import CLASS, FAST, VENDOR, make_rig, run_device
-from server_helpers import DeviceSpec, Setup, cli_ok, make_setup, running_server, start_server
+from server_helpers import (
+    DeviceSpec,
+    Setup,
+    assert_no_report_lost,
+    campaign_admissions,
+    cli_ok,
+    make_setup,
+    report_trail,
+    running_server,
+    start_server,
+)
 
 from device_sim.agent import AgentConfig, DeviceAgent, Outcome
 from device_sim.firmware import Behaviour, make_image
@@ -90,14 +100,6 @@ def _wait(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def _reports(setup: Setup, device: str) -> list[tuple[int, str, int | None]]:
-    store = DataDir(setup.data).open_store()
-    try:
-        return [(r.counter, r.state, r.sequence_number) for r in store.list_reports(device, 1000)]
-    finally:
-        store.close()
-
-
 def _run(rig: object, uri: str, config: AgentConfig = FAST) -> Outcome:
     async def go() -> Outcome:
         result, _ = await run_device(rig, uri, config=config)  # type: ignore[arg-type]
@@ -125,7 +127,7 @@ def test_bad_release_halts_in_canary_then_good_release_completes_by_observe(
         for device, rig in rigs.items():
             if device != canary:
                 assert rig.info()["sequence_number"] == 5  # type: ignore[attr-defined]
-                assert _reports(setup, device) == [], "a device outside the canary was touched"
+                assert report_trail(setup, device) == [], "a device outside the canary was touched"
         assert all(s is MemberState.PENDING for d, s in _members(setup, cid).items() if d != canary)
         cli_ok("campaign", "cancel", "--data", setup.data, str(cid))
 
@@ -192,7 +194,7 @@ def test_kill_9_mid_wave_loses_no_report_and_admits_nobody_twice(tmp_path: Path)
         worker.start()
         _wait(
             "the download to start",
-            lambda: any(s == "downloading" for _, s, _ in _reports(setup, first[1])),
+            lambda: any(s == "downloading" for _, s, _ in report_trail(setup, first[1])),
         )
         server.stop(signal.SIGKILL)
         worker.join(90)
@@ -212,23 +214,9 @@ def test_kill_9_mid_wave_loses_no_report_and_admits_nobody_twice(tmp_path: Path)
         server.stop()
     # No report lost: every device's reports are all stored, counters without a gap,
     # ending in its confirmation; nothing is left in any device's outbox.
-    for d, rig in rigs.items():
-        reports = _reports(setup, d)
-        counters = [c for c, _, _ in reports]
-        assert counters == list(range(counters[0], counters[0] + len(counters))), d
-        assert reports[-1][1:] == ("confirmed", 6), d
-        assert rig.info()["queued_reports"] == 0  # type: ignore[attr-defined]
+    assert_no_report_lost(setup, rigs, 6)
     # Nobody admitted twice: each device appears in exactly one admission entry.
-    store = DataDir(setup.data).open_store()
-    try:
-        admitted: list[str] = []
-        for e in store.audit_entries():
-            if e.action == "campaign.admit":
-                admitted += e.detail.split(": ", 1)[1].split()
-        store.verify_audit()
-    finally:
-        store.close()
-    assert sorted(admitted) == sorted(rigs)
+    assert sorted(campaign_admissions(setup)) == sorted(rigs)
 
 
 def test_block_rate_budget_paces_admissions_through_the_server(tmp_path: Path) -> None:

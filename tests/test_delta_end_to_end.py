@@ -12,9 +12,6 @@ patch, and its DOWNLOADED report says it used the delta.
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,12 +24,14 @@ from server_helpers import (  # noqa: E402
     VENDOR,
     DeviceSpec,
     cli_ok,
+    device_cli,
+    device_provision,
+    device_reports,
+    device_run_once,
     make_image,
     make_setup,
     running_server,
 )
-
-from otacoap.store import DataDir  # noqa: E402
 
 pytestmark = [
     pytest.mark.network,
@@ -40,19 +39,8 @@ pytestmark = [
     pytest.mark.skipif(not DELTA_DIR.is_dir(), reason="../shared/delta not available"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "delta-dev-1"
 PSK = bytes.fromhex("1f1e2d3c4b5a69788796a5b4c3d2e1f0")
-
-
-def device_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_sim", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def test_esp8266_micropython_v1_9_4_to_v1_10_by_delta_over_dtls(tmp_path: Path) -> None:
@@ -75,13 +63,9 @@ def test_esp8266_micropython_v1_9_4_to_v1_10_by_delta_over_dtls(tmp_path: Path) 
 
     factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
     flash = tmp_path / "device.flash"
-    done = device_cli(
-        "provision", "--flash", str(flash), "--id", DEVICE, "--psk", PSK.hex(),
-        "--vendor-domain", VENDOR, "--class-info", CLASS_A, "--trust", str(setup.key_pub),
-        "--trust", str(tmp_path / "author.pub"), "--factory-image", str(factory.image_path),
-        "--factory-envelope", str(factory.envelope_path), "--slot-size", "640K",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    device_provision(
+        flash, setup, DEVICE, factory, "--trust", str(tmp_path / "author.pub"), slot_size="640K"
+    )
 
     v2 = build(old_bin, 2, "v2.suit")
     v3 = build(new_bin, 3, "v3.suit")
@@ -92,9 +76,7 @@ def test_esp8266_micropython_v1_9_4_to_v1_10_by_delta_over_dtls(tmp_path: Path) 
     with running_server(setup.data) as server:
         remote = ("--server", server.uri, "--identity", "release-bot", "--psk", ops_psk.hex())
         cli_ok("publish", v2, old_bin, *remote)
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 2, outcome
 
         out = cli_ok(
@@ -102,9 +84,7 @@ def test_esp8266_micropython_v1_9_4_to_v1_10_by_delta_over_dtls(tmp_path: Path) 
             *remote,
         )  # fmt: skip
         assert out.count("published") == 2, out
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 3, outcome
         assert outcome["image_digest"] == hashlib.sha256(new).hexdigest()
 
@@ -112,11 +92,7 @@ def test_esp8266_micropython_v1_9_4_to_v1_10_by_delta_over_dtls(tmp_path: Path) 
         again = device_cli("run", "--flash", str(flash), "--server", server.uri)
         assert again.returncode == 0 and again.stdout.startswith("up-to-date"), again.stdout
 
-    store = DataDir(setup.data).open_store()
-    try:
-        records = sorted(store.list_reports(DEVICE, 100), key=lambda r: r.counter)
-    finally:
-        store.close()
+    records = device_reports(setup.data, DEVICE)
     v3_reports = [(r.state, r.detail, r.bytes_received) for r in records if r.sequence_number == 3]
     downloaded = [(d, n) for s, d, n in v3_reports if s == "downloaded"]
     assert len(downloaded) == 1 and downloaded[0][0].startswith("delta from "), v3_reports

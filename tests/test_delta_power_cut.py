@@ -12,32 +12,38 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, delta_release, make_delta_rig, pair, synthetic_pair
+from delta_rig import DELTA_DIR, DeltaRelease, delta_release, make_delta_rig, pair, synthetic_pair
+from encdelta_rig import EncryptedDeltaRelease
 from evil_server import Rig
 from test_power_cut_update import SMALL, Harness, Tally
 
 from device_sim.agent import AgentConfig, Outcome
 from device_sim.fetcher import FetchConfig
-from device_sim.flash import FlashFaults
 from device_sim.inprocess import InProcessServer
 
 
 class DeltaHarness(Harness):
-    """The power-cut harness serving a delta release (patch + full fallback)."""
+    """The power-cut harness serving a delta release (patch + full fallback), or the
+    (encrypted) `release` given."""
 
     def __init__(
-        self, rig: Rig, source: bytes, image: bytes, seq: int, config: AgentConfig
+        self,
+        rig: Rig,
+        source: bytes,
+        image: bytes,
+        seq: int,
+        config: AgentConfig,
+        release: DeltaRelease | EncryptedDeltaRelease | None = None,
     ) -> None:
         self.rig = rig
         self.config = config
         self.new = hashlib.sha256(image).digest()
         self.seq = seq
         self.source = source
-        self.release = delta_release(rig.key, source, image, seq)
+        self.release = release or delta_release(rig.key, source, image, seq)
         self.server = InProcessServer(envelope=self.release.envelope)
         self.release.serve(self.server)
         self.fetched: dict[str, int] = {}
@@ -54,7 +60,36 @@ class DeltaHarness(Harness):
         return self.rig.slot_bytes(0)[: len(self.source)] == self.source
 
 
-async def _clean_run(h: DeltaHarness) -> int:
+async def cut_at_every_op(h: DeltaHarness, total: int, tally: Tally) -> int:
+    """`Harness.every_op_cuts`; the number of cuts after which the old image was running
+    but its slot was no longer intact."""
+    source_written = 0
+
+    async def check_source(torn: bool, seq: int) -> None:
+        nonlocal source_written
+        if seq == h.old_seq and not h.source_intact():
+            source_written += 1
+
+    await h.every_op_cuts(tally, total, check_source)
+    return source_written
+
+
+async def cut_at_random(h: DeltaHarness, total: int, tally: Tally, seeds: int) -> int:
+    """`Harness.random_cuts` with 2 to 4 cuts a seed; counted as in `cut_at_every_op`."""
+    source_written = 0
+
+    def check_source(seq: int) -> None:
+        nonlocal source_written
+        if seq == h.old_seq and not h.source_intact():
+            source_written += 1
+
+    await h.random_cuts(tally, total, seeds, most=4, after_cut=check_source)
+    return source_written
+
+
+async def clean_delta_run(h: DeltaHarness) -> int:
+    """One update without cuts: by delta (no full-image byte), the source slot intact;
+    the flash ops it took."""
     outcome, flash = await h.run()
     assert outcome == Outcome.UPDATED
     assert h.fetched.get(h.release.image_path, 0) == 0, "the clean run used the delta"
@@ -68,24 +103,12 @@ def test_power_cut_at_every_flash_op_of_a_delta_install(tmp_path: Path) -> None:
     rig = make_delta_rig(tmp_path, old, sector_size=1024, slot_size=16 * 1024)
     h = DeltaHarness(rig, old, new, 6, SMALL)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
-        total = await _clean_run(h)
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                if seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-                await h.finish(tally, seq)
-        return total
+    async def go() -> tuple[int, int]:
+        total = await clean_delta_run(h)
+        return total, await cut_at_every_op(h, total, tally)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     print(f"\ndelta exhaustive ({total} ops per clean install): {tally.line()}")
     assert tally.cut_points == 2 * total and total > 30
     assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (
@@ -108,28 +131,12 @@ def test_random_power_cuts_during_a_delta_install_of_a_real_pair(
     config = AgentConfig(fetch=FetchConfig(szx=6), checkpoint_bytes=16 * 1024)
     h = DeltaHarness(rig, old, new, 6, config)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
-        total = await _clean_run(h)
-        for seed in range(seeds):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 4)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-                if last_seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-            await h.finish(tally, last_seq)
-        return total
+    async def go() -> tuple[int, int]:
+        total = await clean_delta_run(h)
+        return total, await cut_at_random(h, total, tally, seeds)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     print(f"\ndelta random ({name}, {seeds} seeds, {total} ops per clean install): {tally.line()}")
     assert tally.cut_points >= seeds
     assert (tally.bricked, tally.wrong_image, tally.seq_down, tally.not_finished) == (

@@ -12,35 +12,16 @@ from pathlib import Path
 
 import pytest
 from delta_rig import synthetic_pair
-from server_helpers import CLASS_A, VENDOR, DeviceSpec, cli, cli_ok, make_setup
+from server_helpers import CLASS_A, VENDOR, Author, DeviceSpec, cli, cli_ok
 
 from otacoap import patching
 from otacoap.core import delta, suit
 from otacoap.core.report import Report, State
-from otacoap.fsutil import atomic_write
 from otacoap.store import DataDir, Principal
 
 
-class Operator:
-    def __init__(self, tmp: Path) -> None:
-        self.setup = make_setup(tmp, devices=[DeviceSpec("dev-1")])
-        self.data = self.setup.data
-        self.dir = tmp
-        cli_ok("keygen", "--out", tmp / "author")
-        cli_ok("trust", "add", "--data", self.data, tmp / "author.pub")
-
-    def file(self, name: str, data: bytes) -> Path:
-        path = self.dir / name
-        atomic_write(path, data)
-        return path
-
-    def build(self, image: Path, seq: int, out: str, *extra: str | Path) -> Path:
-        cli_ok(
-            "manifest", "build", "--image", image, "--vendor-domain", VENDOR,
-            "--class-info", CLASS_A, "--seq", str(seq), "--key", self.dir / "author",
-            "-o", self.dir / out, *extra,
-        )  # fmt: skip
-        return self.dir / out
+class Operator(Author):
+    """The operator of these tests: a data directory trusting an author key."""
 
 
 @pytest.fixture

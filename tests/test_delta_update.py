@@ -13,7 +13,18 @@ import random
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, DeltaRelease, delta_release, make_delta_rig, pair, synthetic_pair
+from delta_rig import (
+    DELTA_DIR,
+    DeltaRelease,
+    Served,
+    delta_release,
+    details,
+    install_peak,
+    make_delta_rig,
+    pair,
+    synthetic_pair,
+    update,
+)
 from evil_server import Rig
 
 from device_sim.agent import DeviceAgent, Outcome
@@ -148,28 +159,6 @@ def test_a_partial_delta_parameter_set_is_refused_by_the_gate() -> None:
 
 
 # --- the device ------------------------------------------------------------------------
-
-
-class Served:
-    def __init__(self, server: InProcessServer) -> None:
-        self.paths: dict[str, int] = {}
-        server.on_request = self.count
-
-    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
-        self.paths[path] = self.paths.get(path, 0) + 1
-
-
-async def update(rig: Rig, server: InProcessServer) -> Outcome:
-    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-    try:
-        result = await device.run_once()
-    finally:
-        await device.close()
-    return result.outcome
-
-
-def details(server: InProcessServer, state: State) -> list[str]:
-    return [r.detail for r in server.reports if r.state == state]
 
 
 def _setup(tmp_path: Path, **kw: bytes) -> tuple[Rig, DeltaRelease, InProcessServer, Served]:
@@ -307,7 +296,6 @@ def test_device_memory_during_a_delta_install_is_flat_in_image_size(tmp_path: Pa
     """The decoder holds a block, a chunk of each buffer and the LZMA state, whatever the
     image: the peak of a 615 KB install is that of a 23 KB one (generous bound: the
     tracemalloc peak of the whole run_once, liblzma included, may differ by noise)."""
-    from memory_probe import _measure
 
     async def peak(name: str) -> int:
         old, new = pair(name)
@@ -315,19 +303,7 @@ def test_device_memory_during_a_delta_install_is_flat_in_image_size(tmp_path: Pa
         where.mkdir()
         slot = -(-max(len(old), len(new)) // 4096) * 4096 + 4096
         rig = make_delta_rig(where, old, slot_size=slot)
-        rel = delta_release(rig.key, old, new, 6)
-        server = InProcessServer(envelope=rel.envelope)
-        rel.serve(server)
-        device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-
-        async def nothing() -> None:
-            return None
-
-        try:
-            measured, result, _ = await _measure(device, nothing)
-        finally:
-            await device.close()
-        assert result.outcome == Outcome.UPDATED
+        measured, server = await install_peak(rig, delta_release(rig.key, old, new, 6))
         assert details(server, State.DOWNLOADED)[0].startswith("delta from")
         return measured
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,29 +22,21 @@ from server_helpers import (  # noqa: E402
     VENDOR,
     DeviceSpec,
     cli_ok,
+    device_cli,
+    device_provision,
+    device_reports,
+    device_run_once,
     make_image,
     make_setup,
     running_server,
 )
 
 from otacoap.core import cose  # noqa: E402
-from otacoap.store import DataDir  # noqa: E402
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "enc-dev-1"
 PSK = bytes.fromhex("00112233445566778899aabbccddeeff")
-
-
-def device_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_sim", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("scheme", ["ecdh-es", "a128kw", "a128kw-network"])
@@ -65,13 +55,7 @@ def test_encrypted_release_through_the_server(tmp_path: Path, scheme: str) -> No
         else ["--kek", str(tmp_path / "class.kek")]
     )
     flash = tmp_path / "device.flash"
-    done = device_cli(
-        "provision", "--flash", str(flash), "--id", DEVICE, "--psk", PSK.hex(),
-        "--vendor-domain", VENDOR, "--class-info", CLASS_A, "--trust", str(setup.key_pub),
-        "--factory-image", str(factory.image_path),
-        "--factory-envelope", str(factory.envelope_path), "--slot-size", "128K", *keys,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    device_provision(flash, setup, DEVICE, factory, *keys)
 
     image = make_image("v2-secret", 40_000)
     (tmp_path / "v2.bin").write_bytes(image)
@@ -106,20 +90,14 @@ def test_encrypted_release_through_the_server(tmp_path: Path, scheme: str) -> No
         blobs = [p for p in (setup.data / "blobs").rglob("*") if p.is_file()]
         stored = b"".join(p.read_bytes() for p in blobs)
         assert ciphertext in stored and image[:4096] not in stored
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 2
     status = device_cli("status", "--flash", str(flash), "--json")
     info = json.loads(status.stdout)
     assert info["image_digest"] == hashlib.sha256(image).hexdigest()
     assert info["boot_status"] == "confirmed"
 
-    store = DataDir(setup.data).open_store()
-    try:
-        records = sorted(store.list_reports(DEVICE, 100), key=lambda r: r.counter)
-    finally:
-        store.close()
+    records = device_reports(setup.data, DEVICE)
     downloaded = [r for r in records if r.state == "downloaded"]
     alg = "a128ctr" if scheme == "ecdh-es" else "a128gcm"
     assert downloaded and downloaded[-1].detail == f"payload encrypted-{alg}"

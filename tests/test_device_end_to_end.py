@@ -20,25 +20,23 @@ import pytest
 
 server_helpers = pytest.importorskip("server_helpers", reason="tests/server_helpers.py missing")
 
-from server_helpers import CLASS_A, DeviceSpec, make_image, make_setup, running_server  # noqa: E402
-
-from otacoap.store import DataDir  # noqa: E402
+from server_helpers import (  # noqa: E402
+    CLASS_A,
+    DeviceSpec,
+    device_cli,
+    device_provision,
+    device_reports,
+    device_run_once,
+    make_image,
+    make_setup,
+    running_server,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "e2e-dev-1"
 PSK = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
-
-
-def device_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_sim", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def status(flash: Path) -> dict[str, object]:
@@ -48,13 +46,7 @@ def status(flash: Path) -> dict[str, object]:
 
 
 def reports(data: Path) -> list[tuple[str, int, int | None]]:
-    store = DataDir(data).open_store()
-    try:
-        records = store.list_reports(DEVICE, 100)
-    finally:
-        store.close()
-    ordered = sorted(records, key=lambda r: r.counter)
-    return [(r.state, r.reason, r.sequence_number) for r in ordered]
+    return [(r.state, r.reason, r.sequence_number) for r in device_reports(data, DEVICE)]
 
 
 def test_provision_publish_update_confirm_and_watch(tmp_path: Path, store_url: str) -> None:
@@ -65,27 +57,13 @@ def test_provision_publish_update_confirm_and_watch(tmp_path: Path, store_url: s
     )
     factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
     flash = tmp_path / "device.flash"
-    done = device_cli(
-        "provision",
-        "--flash", str(flash),
-        "--id", DEVICE,
-        "--psk", PSK.hex(),
-        "--vendor-domain", setup.devices[DEVICE].vendor_domain,
-        "--class-info", CLASS_A,
-        "--trust", str(setup.key_pub),
-        "--factory-image", str(factory.image_path),
-        "--factory-envelope", str(factory.envelope_path),
-        "--slot-size", "128K",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    device_provision(flash, setup, DEVICE, factory)
     assert status(flash)["sequence_number"] == 1
 
     v2 = setup.release(CLASS_A, 2, make_image("v2", 40_000))
     setup.publish(v2)
     with running_server(setup.data) as server:
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 2
         info = status(flash)
         assert info["sequence_number"] == 2 and info["boot_status"] == "confirmed"

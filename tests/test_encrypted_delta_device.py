@@ -16,12 +16,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from delta_rig import DELTA_DIR, pair, synthetic_pair
+from delta_rig import DELTA_DIR, Served, details, pair, synthetic_pair, update
 from encdelta_rig import KEK, EncryptedDeltaRelease, encrypted_delta_release, make_encdelta_rig
 from evil_server import Rig
 
-from device_sim.agent import DeviceAgent, Outcome
-from device_sim.inprocess import InProcessServer, InProcessTransport
+from device_sim.agent import Outcome
+from device_sim.inprocess import InProcessServer
 from otacoap.core import cose, encryption, interpreter, payload_kind, suit, trust
 from otacoap.core.errors import ReportReason
 from otacoap.core.report import State
@@ -32,31 +32,6 @@ ALGS = pytest.mark.parametrize(
 needs_pairs = pytest.mark.skipif(
     not DELTA_DIR.is_dir(), reason="../shared/delta (OTACOAP_SHARED) not available"
 )
-
-
-class Served:
-    def __init__(self, server: InProcessServer) -> None:
-        self.paths: dict[str, int] = {}
-        self.hook: object = None
-        server.on_request = self.count
-
-    def count(self, path: str, block2: tuple[int, int, int] | None) -> None:
-        self.paths[path] = self.paths.get(path, 0) + 1
-        if callable(self.hook):
-            self.hook(path, block2)
-
-
-async def update(rig: Rig, server: InProcessServer) -> Outcome:
-    device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-    try:
-        result = await device.run_once()
-    finally:
-        await device.close()
-    return result.outcome
-
-
-def details(server: InProcessServer, state: State) -> list[str]:
-    return [r.detail for r in server.reports if r.state == state]
 
 
 def _setup(
@@ -271,8 +246,7 @@ def test_delta_only_for_another_source_is_refused_before_any_byte(tmp_path: Path
 def test_encrypted_delta_of_the_programmer_pair_with_bounded_memory(tmp_path: Path) -> None:
     """A real pair: the device decrypts and patches while streaming; its peak memory is
     that of a plain delta install plus the cipher's (generous margin for noise)."""
-    from delta_rig import delta_release, make_delta_rig
-    from memory_probe import _measure
+    from delta_rig import delta_release, install_peak, make_delta_rig
 
     old, new = pair("programmer")
 
@@ -281,22 +255,12 @@ def test_encrypted_delta_of_the_programmer_pair_with_bounded_memory(tmp_path: Pa
         slot = -(-max(len(old), len(new)) // 4096) * 4096 + 4096
         if encrypted:
             rig = make_encdelta_rig(where, old, slot_size=slot)
-            rel: object = encrypted_delta_release(rig.key, old, new, 6)
+            measured, server = await install_peak(
+                rig, encrypted_delta_release(rig.key, old, new, 6)
+            )
         else:
             rig = make_delta_rig(where, old, slot_size=slot, seal=True)
-            rel = delta_release(rig.key, old, new, 6)
-        server = InProcessServer(envelope=rel.envelope)  # type: ignore[attr-defined]
-        rel.serve(server)  # type: ignore[attr-defined]
-        device = DeviceAgent(rig.path, "coaps://in-process", transport=InProcessTransport(server))
-
-        async def nothing() -> None:
-            return None
-
-        try:
-            measured, result, _ = await _measure(device, nothing)
-        finally:
-            await device.close()
-        assert result.outcome == Outcome.UPDATED
+            measured, server = await install_peak(rig, delta_release(rig.key, old, new, 6))
         (note,) = details(server, State.DOWNLOADED)
         assert note.startswith("delta+encrypted" if encrypted else "delta from"), note
         assert rig.boots()[1] == hashlib.sha256(new).digest()

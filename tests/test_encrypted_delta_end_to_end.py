@@ -13,9 +13,6 @@ streaming, and its DOWNLOADED report says "delta+encrypted-<alg>".
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,12 +25,14 @@ from server_helpers import (  # noqa: E402
     VENDOR,
     DeviceSpec,
     cli_ok,
+    device_cli,
+    device_provision,
+    device_reports,
+    device_run_once,
     make_image,
     make_setup,
     running_server,
 )
-
-from otacoap.store import DataDir  # noqa: E402
 
 pytestmark = [
     pytest.mark.network,
@@ -41,19 +40,8 @@ pytestmark = [
     pytest.mark.skipif(not DELTA_DIR.is_dir(), reason="../shared/delta not available"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "encdelta-dev-1"
 PSK = bytes.fromhex("2f1e2d3c4b5a69788796a5b4c3d2e1f0")
-
-
-def device_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_sim", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def _chunks(data: bytes) -> list[bytes]:
@@ -82,14 +70,10 @@ def test_programmer_0_8_to_0_9_by_encrypted_delta_over_dtls(tmp_path: Path, alg:
 
     factory = setup.release(CLASS_A, 1, make_image("factory", 3000))
     flash = tmp_path / "device.flash"
-    done = device_cli(
-        "provision", "--flash", str(flash), "--id", DEVICE, "--psk", PSK.hex(),
-        "--vendor-domain", VENDOR, "--class-info", CLASS_A, "--trust", str(setup.key_pub),
-        "--trust", str(tmp_path / "author.pub"), "--factory-image", str(factory.image_path),
-        "--factory-envelope", str(factory.envelope_path), "--slot-size", "64K",
-        "--kek", str(tmp_path / "class.kek"),
+    device_provision(
+        flash, setup, DEVICE, factory, "--trust", str(tmp_path / "author.pub"),
+        "--kek", str(tmp_path / "class.kek"), slot_size="64K",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
 
     v2 = build(old_bin, 2, "v2.suit", "--payload-out", tmp_path / "v2.enc")
     v3 = build(new_bin, 3, "v3.suit", "--payload-out", tmp_path / "v3.enc")
@@ -102,9 +86,7 @@ def test_programmer_0_8_to_0_9_by_encrypted_delta_over_dtls(tmp_path: Path, alg:
     with running_server(setup.data) as server:
         remote = ("--server", server.uri, "--identity", "release-bot", "--psk", ops_psk.hex())
         cli_ok("publish", v2, tmp_path / "v2.enc", *remote)
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 2, outcome
 
         out = cli_ok(
@@ -118,20 +100,14 @@ def test_programmer_0_8_to_0_9_by_encrypted_delta_over_dtls(tmp_path: Path, alg:
         assert patch_ct in stored
         assert not [c for c in _chunks(new) + _chunks(old) if c in stored]
 
-        run = device_cli("run", "--flash", str(flash), "--server", server.uri, "--once", "--json")
-        assert run.returncode == 0, run.stderr + run.stdout
-        outcome = json.loads(run.stdout.strip().splitlines()[-1])
+        outcome = device_run_once(flash, server.uri)
         assert outcome["outcome"] == "updated" and outcome["sequence_number"] == 3, outcome
         assert outcome["image_digest"] == hashlib.sha256(new).hexdigest()
 
         again = device_cli("run", "--flash", str(flash), "--server", server.uri)
         assert again.returncode == 0 and again.stdout.startswith("up-to-date"), again.stdout
 
-    store = DataDir(setup.data).open_store()
-    try:
-        records = sorted(store.list_reports(DEVICE, 100), key=lambda r: r.counter)
-    finally:
-        store.close()
+    records = device_reports(setup.data, DEVICE)
     v3_reports = [(r.state, r.detail, r.bytes_received) for r in records if r.sequence_number == 3]
     downloaded = [d for s, d, _ in v3_reports if s == "downloaded"]
     assert len(downloaded) == 1, v3_reports

@@ -15,20 +15,17 @@ LZMA state nor GCM's GHASH is in flash), so resuming needs nothing but the recor
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 from pathlib import Path
 
 import pytest
 from delta_rig import DELTA_DIR, pair, synthetic_pair
-from encdelta_rig import encrypted_delta_release, make_encdelta_rig
+from encdelta_rig import EncryptedDeltaRelease, encrypted_delta_release, make_encdelta_rig
 from evil_server import Rig
-from test_power_cut_update import SMALL, Harness, Tally
+from test_delta_power_cut import DeltaHarness, clean_delta_run, cut_at_every_op, cut_at_random
+from test_power_cut_update import SMALL, Tally
 
-from device_sim.agent import AgentConfig, Outcome
+from device_sim.agent import AgentConfig
 from device_sim.fetcher import FetchConfig
-from device_sim.flash import FlashFaults
-from device_sim.inprocess import InProcessServer
 from otacoap.core import encryption
 
 ALGS = pytest.mark.parametrize(
@@ -36,28 +33,17 @@ ALGS = pytest.mark.parametrize(
 )
 
 
-class EncryptedDeltaHarness(Harness):
+class EncryptedDeltaHarness(DeltaHarness):
     """The power-cut harness serving an encrypted delta (patch + encrypted fallback)."""
+
+    release: EncryptedDeltaRelease
 
     def __init__(
         self, rig: Rig, source: bytes, image: bytes, seq: int, config: AgentConfig, alg: int
     ) -> None:
-        self.rig = rig
-        self.config = config
-        self.new = hashlib.sha256(image).digest()
-        self.seq = seq
-        self.release = encrypted_delta_release(rig.key, source, image, seq, alg=alg)
-        self.server = InProcessServer(envelope=self.release.envelope)
-        self.release.serve(self.server)
-        self.fetched: dict[str, int] = {}
-        self.server.on_request = self._count
-        rig.accept(image)
-        self.pristine = rig.path.read_bytes()
+        release = encrypted_delta_release(rig.key, source, image, seq, alg=alg)
+        super().__init__(rig, source, image, seq, config, release)
         self.source_raw = rig.slot_bytes(0)
-        self.old_seq = rig.info()["sequence_number"]
-
-    def _count(self, path: str, block2: tuple[int, int, int] | None) -> None:
-        self.fetched[path] = self.fetched.get(path, 0) + 1
 
     def source_intact(self) -> bool:
         """Slot 0 (the running image at the start) holds exactly its original bytes."""
@@ -65,15 +51,11 @@ class EncryptedDeltaHarness(Harness):
 
 
 async def _clean_run(h: EncryptedDeltaHarness) -> int:
-    outcome, flash = await h.run()
-    assert outcome == Outcome.UPDATED
-    assert h.fetched.get(h.release.image_path, 0) == 0, "the clean run used the delta"
-    assert h.fetched[h.release.patch_path] > 0
-    assert h.source_intact()
+    ops = await clean_delta_run(h)
     notes = [r.detail for r in h.server.reports if r.state.value == "downloaded"]
     assert notes and notes[-1].startswith("delta+encrypted-"), notes
     assert h.release.image[:256] not in h.rig.path.read_bytes(), "encrypted at rest"
-    return flash.ops
+    return ops
 
 
 @ALGS
@@ -84,24 +66,12 @@ def test_power_cut_at_every_flash_op_of_an_encrypted_delta_install(
     rig = make_encdelta_rig(tmp_path, old, sector_size=1024, slot_size=16 * 1024)
     h = EncryptedDeltaHarness(rig, old, new, 6, SMALL, alg)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
+    async def go() -> tuple[int, int]:
         total = await _clean_run(h)
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                if seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-                await h.finish(tally, seq)
-        return total
+        return total, await cut_at_every_op(h, total, tally)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     name = encryption.ALG_NAMES[alg]
     print(f"\nencrypted delta exhaustive ({name}, {total} ops per install): {tally.line()}")
     assert tally.cut_points == 2 * total and total > 30
@@ -127,28 +97,12 @@ def test_random_power_cuts_during_an_encrypted_delta_install_of_the_programmer_p
     config = AgentConfig(fetch=FetchConfig(szx=6), checkpoint_bytes=16 * 1024)
     h = EncryptedDeltaHarness(rig, old, new, 6, config, alg)
     tally = Tally()
-    source_written = 0
 
-    async def go() -> int:
-        nonlocal source_written
+    async def go() -> tuple[int, int]:
         total = await _clean_run(h)
-        for seed in range(seeds):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 4)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-                if last_seq == h.old_seq and not h.source_intact():
-                    source_written += 1
-            await h.finish(tally, last_seq)
-        return total
+        return total, await cut_at_random(h, total, tally, seeds)
 
-    total = asyncio.run(go())
+    total, source_written = asyncio.run(go())
     name = encryption.ALG_NAMES[alg]
     print(f"\nencrypted delta random ({name}, {seeds} seeds, {total} ops): {tally.line()}")
     assert tally.cut_points >= seeds

@@ -19,43 +19,27 @@ from pathlib import Path
 
 import pytest
 from delta_rig import synthetic_pair
-from server_helpers import CLASS_A, VENDOR, DeviceSpec, cli, cli_ok, make_setup
+from server_helpers import CLASS_A, VENDOR, Author, cli, cli_ok
 
 from otacoap import patching
 from otacoap.cli.manifest_cmds import load_signing_key
 from otacoap.core import delta, encryption, ids, suit, trust
 from otacoap.core.build import EncryptedPatch, Release, build_envelope
 from otacoap.core.report import Report, State
-from otacoap.fsutil import atomic_write
 from otacoap.store import DataDir
 
 KEK = bytes.fromhex("6b" * 16)
 
 
-class Operator:
+class Operator(Author):
+    """A data directory trusting an author key, a class KEK, an old/new image pair."""
+
     def __init__(self, tmp: Path) -> None:
-        self.setup = make_setup(tmp, devices=[DeviceSpec("dev-1")])
-        self.data = self.setup.data
-        self.dir = tmp
-        cli_ok("keygen", "--out", tmp / "author")
-        cli_ok("trust", "add", "--data", self.data, tmp / "author.pub")
+        super().__init__(tmp)
         (tmp / "class.kek").write_text(KEK.hex())
         self.old, self.new = synthetic_pair(20_000)
         self.old_bin = self.file("old.bin", self.old)
         self.new_bin = self.file("new.bin", self.new)
-
-    def file(self, name: str, data: bytes) -> Path:
-        path = self.dir / name
-        atomic_write(path, data)
-        return path
-
-    def build(self, image: Path, seq: int, out: str, *extra: str | Path) -> Path:
-        cli_ok(
-            "manifest", "build", "--image", image, "--vendor-domain", VENDOR,
-            "--class-info", CLASS_A, "--seq", str(seq), "--key", self.dir / "author",
-            "-o", self.dir / out, *extra,
-        )  # fmt: skip
-        return self.dir / out
 
     def encrypted(self, image: Path, seq: int, out: str) -> tuple[Path, Path]:
         enc = self.dir / f"{out}.enc"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,12 @@ import pytest
 
 server_helpers = pytest.importorskip("server_helpers", reason="tests/server_helpers.py missing")
 
-from server_helpers import Setup, make_setup, running_server  # noqa: E402
+from server_helpers import DeviceSpec, Setup, make_setup, python_m, running_server  # noqa: E402
 
 from device_sim.fleet.preparation import evolve, image_bytes  # noqa: E402
 from otacoap.core import ids  # noqa: E402
 from otacoap.fsutil import atomic_write  # noqa: E402
 from otacoap.store import DataDir  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _key_file(setup: Setup, base: Path) -> Path:
@@ -40,13 +37,36 @@ def _key_file(setup: Setup, base: Path) -> Path:
 
 
 def _fleet(*args: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_sim.fleet", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return python_m("device_sim.fleet", *args, timeout=timeout)
+
+
+def _run_fleet(
+    tmp_path: Path, setup: Setup, *args: str
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """`python -m device_sim.fleet` against a real server on `setup`'s data directory,
+    signing with `setup`'s key: it must exit 0; its JSON report and the process."""
+    key = _key_file(setup, tmp_path)
+    out_json = tmp_path / "fleet.json"
+    with running_server(setup.data) as server:
+        done = _fleet(
+            "--server", server.uri, "--key", str(key), *args, "--report", str(out_json)
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out_json.read_text()), done
+
+
+def _operator_setup(tmp_path: Path, klass: str, prefix: str) -> tuple[Setup, list[str]]:
+    """Four devices of class `klass` registered, an operator `ops`; and the fleet options
+    that use those devices and publish as that operator over DTLS."""
+    specs = [DeviceSpec(f"{prefix}-{i}", klass) for i in range(4)]
+    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
+    devices_file = tmp_path / "devices.txt"
+    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
+    return setup, [
+        "--devices", "4", "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
+        "--devices-file", str(devices_file), "--class-info", klass,
+        "--vendor-domain", specs[0].vendor_domain,
+    ]  # fmt: skip
 
 
 def _all_verified(report: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -66,17 +86,12 @@ def _all_verified(report: dict[str, Any], n: int) -> list[dict[str, Any]]:
 @pytest.mark.timeout(240)
 def test_delta_fleet_installs_by_patch_and_mismatching_devices_fall_back(tmp_path: Path) -> None:
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "8", "--image-size", "32K", "--concurrency", "8",
-            "--processes", "2", "--timeout", "90", "--max-time", "150", "--seed", "7",
-            "--delta", "--delta-mismatch-fraction", "0.25", "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, done = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "8", "--image-size", "32K", "--concurrency", "8",
+        "--processes", "2", "--timeout", "90", "--max-time", "150", "--seed", "7",
+        "--delta", "--delta-mismatch-fraction", "0.25",
+    )  # fmt: skip
     per = _all_verified(report, 8)
     assert all(d["server_confirmed"] for d in per)
 
@@ -126,18 +141,12 @@ def test_delta_fleet_under_a_campaign_installs_by_patch(tmp_path: Path) -> None:
     """--delta with --campaign: waiting devices are served the old release (what they
     run); admitted ones get the delta envelope."""
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "6", "--image-size", "16K", "--concurrency", "6",
-            "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
-            "--campaign", "--waves 50%,100% --success-threshold 100%", "--delta",
-            "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, _ = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "6", "--image-size", "16K", "--concurrency", "6",
+        "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
+        "--campaign", "--waves 50%,100% --success-threshold 100%", "--delta",
+    )  # fmt: skip
     per = _all_verified(report, 6)
     assert all(d["payload"] == "delta" and d["server_confirmed"] for d in per)
     assert report["campaign"]["state"] == "finished", report["campaign"]
@@ -151,27 +160,14 @@ def test_delta_fleet_from_a_given_old_image_over_the_operator_network_path(
 ) -> None:
     """--old-image FILE and network publishing (--operator): the old release, the
     release and its delta are uploaded over DTLS; devices install by delta."""
-    from server_helpers import DeviceSpec
-
     klass = "fleet-net-delta"
-    specs = [DeviceSpec(f"netdelta-{i}", klass) for i in range(4)]
-    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
-    key = _key_file(setup, tmp_path)
-    devices_file = tmp_path / "devices.txt"
-    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
+    setup, operator = _operator_setup(tmp_path, klass, "netdelta")
     old = tmp_path / "old.bin"
     old.write_bytes(image_bytes("a given old image", 20_000))
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--key", str(key), "--devices", "4",
-            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
-            "--devices-file", str(devices_file), "--class-info", klass,
-            "--vendor-domain", specs[0].vendor_domain, "--timeout", "90",
-            "--delta", "--old-image", str(old), "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, _ = _run_fleet(
+        tmp_path, setup, *operator, "--timeout", "90",
+        "--delta", "--old-image", str(old),
+    )  # fmt: skip
     per = _all_verified(report, 4)
     assert all(d["payload"] == "delta" for d in per)
     assert (
@@ -190,21 +186,15 @@ def test_delta_of_a_given_release_from_a_variant_of_it(tmp_path: Path) -> None:
     from server_helpers import VENDOR
 
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
     klass = "fleet-given-delta"
     image = image_bytes("a given release", 12_000)
     release = setup.release(klass, 5, image)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "3", "--class-info", klass, "--vendor-domain", VENDOR,
-            "--timeout", "90", "--delta",
-            "--release", str(release.envelope_path), str(release.image_path),
-            "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, _ = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "3", "--class-info", klass, "--vendor-domain", VENDOR,
+        "--timeout", "90", "--delta",
+        "--release", str(release.envelope_path), str(release.image_path),
+    )  # fmt: skip
     per = _all_verified(report, 3)
     assert report["settings"]["release_seq"] == 5
     assert report["settings"]["image_sha256"] == hashlib.sha256(image).hexdigest()
@@ -221,16 +211,11 @@ def test_encrypted_fleet_reports_encrypted_installs(tmp_path: Path) -> None:
     """--encrypt: every device decrypts (its DOWNLOADED report names the encrypted
     payload), ends on the plaintext image, and the report says the run was encrypted."""
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "6", "--image-size", "16K", "--concurrency", "6",
-            "--timeout", "90", "--max-time", "150", "--encrypt", "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, done = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "6", "--image-size", "16K", "--concurrency", "6",
+        "--timeout", "90", "--max-time", "150", "--encrypt",
+    )  # fmt: skip
     per = _all_verified(report, 6)
     assert report["settings"]["encrypted"] is True
     assert "A128KW" in report["settings"]["encryption"]
@@ -244,25 +229,12 @@ def test_encrypted_fleet_reports_encrypted_installs(tmp_path: Path) -> None:
 def test_encrypted_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
     """--encrypt with network publishing: the ciphertext is uploaded, the class key
     goes only into the devices' flash; every device ends on the plaintext image."""
-    from server_helpers import DeviceSpec
-
     klass = "fleet-net-enc"
-    specs = [DeviceSpec(f"netenc-{i}", klass) for i in range(4)]
-    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
-    key = _key_file(setup, tmp_path)
-    devices_file = tmp_path / "devices.txt"
-    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--key", str(key), "--devices", "4",
-            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
-            "--devices-file", str(devices_file), "--class-info", klass,
-            "--vendor-domain", specs[0].vendor_domain, "--image-size", "12K",
-            "--timeout", "90", "--encrypt", "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    setup, operator = _operator_setup(tmp_path, klass, "netenc")
+    report, _ = _run_fleet(
+        tmp_path, setup, *operator, "--image-size", "12K",
+        "--timeout", "90", "--encrypt",
+    )  # fmt: skip
     _all_verified(report, 4)
     assert report["settings"]["encrypted"] is True
     image_sha256 = report["settings"]["image_sha256"]
@@ -270,7 +242,7 @@ def test_encrypted_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
     assert blobs and all(hashlib.sha256(b).hexdigest() != image_sha256 for b in blobs)
     store = DataDir(setup.data).open_store()
     try:
-        for spec in specs:
+        for spec in setup.devices.values():
             details = [r.detail for r in store.list_reports(spec.id, 50) if r.state == "downloaded"]
             assert details and details[-1].startswith("payload encrypted"), details
     finally:
@@ -281,18 +253,12 @@ def test_encrypted_fleet_over_the_operator_network_path(tmp_path: Path) -> None:
 @pytest.mark.timeout(240)
 def test_encrypted_fleet_under_a_campaign(tmp_path: Path) -> None:
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "4", "--image-size", "8K", "--concurrency", "4",
-            "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
-            "--campaign", "--waves 50%,100% --success-threshold 100%", "--encrypt",
-            "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, _ = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "4", "--image-size", "8K", "--concurrency", "4",
+        "--timeout", "90", "--max-time", "150", "--poll-interval", "0.5",
+        "--campaign", "--waves 50%,100% --success-threshold 100%", "--encrypt",
+    )  # fmt: skip
     per = _all_verified(report, 4)
     assert report["campaign"]["state"] == "finished", report["campaign"]
     assert all(d["server_payload"] == "encrypted" for d in per)
@@ -340,18 +306,12 @@ def test_encrypted_delta_fleet_installs_by_encrypted_patch_and_falls_back_encryp
     by encrypted delta (their DOWNLOADED report says `delta+encrypted-a128ctr from
     <source>`), the mismatched one falls back to the encrypted full image."""
     setup = make_setup(tmp_path)
-    key = _key_file(setup, tmp_path)
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--data", str(setup.data), "--key", str(key),
-            "--devices", "5", "--image-size", "16K", "--concurrency", "5",
-            "--timeout", "90", "--max-time", "150", "--seed", "3",
-            "--delta", "--delta-mismatch-fraction", "0.2", "--encrypt",
-            "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    report, done = _run_fleet(
+        tmp_path, setup, "--data", str(setup.data),
+        "--devices", "5", "--image-size", "16K", "--concurrency", "5",
+        "--timeout", "90", "--max-time", "150", "--seed", "3",
+        "--delta", "--delta-mismatch-fraction", "0.2", "--encrypt",
+    )  # fmt: skip
     per = _check_encrypted_delta_run(report, 5, 1)
     assert all(d["server_confirmed"] for d in per)
     # The server heard it from the devices: the patch was decrypted, not a plain delta.
@@ -396,26 +356,13 @@ def test_encrypted_delta_fleet_over_the_operator_network_path(tmp_path: Path) ->
     """--delta --encrypt with network publishing: the encrypted old release, the
     encrypted release and the encrypted patch are uploaded over DTLS (the server finds
     the patch by its URI's id); devices install by encrypted delta or fall back."""
-    from server_helpers import DeviceSpec
-
     klass = "fleet-net-encdelta"
-    specs = [DeviceSpec(f"netencdelta-{i}", klass) for i in range(4)]
-    setup = make_setup(tmp_path, devices=specs, operators=["ops"])
-    key = _key_file(setup, tmp_path)
-    devices_file = tmp_path / "devices.txt"
-    devices_file.write_text("".join(f"{d.id} {d.psk.hex()}\n" for d in setup.devices.values()))
-    out_json = tmp_path / "fleet.json"
-    with running_server(setup.data) as server:
-        done = _fleet(
-            "--server", server.uri, "--key", str(key), "--devices", "4",
-            "--operator", "ops", "--operator-psk", setup.operators["ops"].hex(),
-            "--devices-file", str(devices_file), "--class-info", klass,
-            "--vendor-domain", specs[0].vendor_domain, "--image-size", "12K",
-            "--timeout", "90", "--max-time", "150", "--delta",
-            "--delta-mismatch-fraction", "0.25", "--encrypt", "--report", str(out_json),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out_json.read_text())
+    setup, operator = _operator_setup(tmp_path, klass, "netencdelta")
+    report, _ = _run_fleet(
+        tmp_path, setup, *operator, "--image-size", "12K",
+        "--timeout", "90", "--max-time", "150", "--delta",
+        "--delta-mismatch-fraction", "0.25", "--encrypt",
+    )  # fmt: skip
     per = _check_encrypted_delta_run(report, 4, 1)
     dx = report["settings"]["delta"]
     store = DataDir(setup.data).open_store()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from test_power_cut_update import SMALL, Harness, Tally
 from device_sim.agent import AgentConfig, Outcome
 from device_sim.fetcher import FetchConfig
 from device_sim.firmware import make_image
-from device_sim.flash import FlashFaults
 from otacoap.core import encryption, ids
 
 KEK = bytes(range(16, 32))
@@ -56,14 +54,7 @@ def test_power_cut_after_every_flash_op_of_an_encrypted_install(tmp_path: Path, 
         assert image[:256] not in h.rig.path.read_bytes(), "slots are encrypted at rest"
         total = flash.ops
         assert total > (60 if alg == encryption.A128CTR else 40)  # GCM: no checkpoints
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                await h.finish(tally, seq)
+        await h.every_op_cuts(tally, total)
 
     asyncio.run(go())
     print(f"\nencrypted exhaustive ({encryption.ALG_NAMES[alg]}): {tally.line()}")
@@ -87,19 +78,7 @@ def test_random_repeated_power_cuts_of_an_encrypted_install(tmp_path: Path) -> N
     async def go() -> None:
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
-        total = flash.ops
-        for seed in range(60):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, flash.ops, 60)
 
     asyncio.run(go())
     print(f"\nencrypted random (60 seeds): {tally.line()}")

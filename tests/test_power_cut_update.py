@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,6 +116,51 @@ class Harness:
             tally.seq_down += 1
         return seq
 
+    async def every_op_cuts(
+        self,
+        tally: Tally,
+        total: int,
+        after_cut: Callable[[bool, int], Awaitable[None]] | None = None,
+    ) -> None:
+        """Cut the power after each of the `total` ops of a clean update, clean then torn,
+        from the pristine flash: the oracles (and `after_cut(torn, seq)`), then `finish`."""
+        for torn in (False, True):
+            for k in range(1, total + 1):
+                self.reset()
+                outcome, _ = await self.run(FlashFaults(cut_after=k, torn=torn))
+                assert outcome is None, f"op {k} of {total} was not reached"
+                tally.cut_points += 1
+                seq = self.observe(tally, self.old_seq)
+                if after_cut is not None:
+                    await after_cut(torn, seq)
+                await self.finish(tally, seq)
+
+    async def random_cuts(
+        self,
+        tally: Tally,
+        total: int,
+        seeds: int,
+        most: int = 5,
+        after_cut: Callable[[int], None] | None = None,
+    ) -> None:
+        """For each seed: from the pristine flash, 2 to `most` random cuts (clean or torn,
+        within the `total` ops of a clean update) in a row, the oracles (and `after_cut`
+        with the sequence number found) after each, then `finish`."""
+        for seed in range(seeds):
+            rng = random.Random(seed)
+            self.reset()
+            last_seq = self.old_seq
+            for _ in range(rng.randint(2, most)):
+                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
+                outcome, _ = await self.run(faults)
+                if outcome is not None:
+                    break  # finished before the cut point came
+                tally.cut_points += 1
+                last_seq = self.observe(tally, last_seq)
+                if after_cut is not None:
+                    after_cut(last_seq)
+            await self.finish(tally, last_seq)
+
     async def finish(self, tally: Tally, last_seq: int) -> None:
         """Power on without faults until the device settles; it must end on the new image."""
         for _ in range(4):
@@ -145,24 +191,21 @@ def test_power_cut_after_every_flash_op(tmp_path: Path) -> None:
         assert total > 60, "the whole update is under test, not just the download"
         old_manifest = rig.factory_envelope
         refused = 0
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                if not torn and seq == h.seq:
-                    # ATTACKS.md #6: image 6 was committed; the genuine seq-5 manifest
-                    # replayed now must be refused (its number is below the trusted one).
-                    new_envelope = h.server.envelope
-                    h.server.envelope = old_manifest
-                    replay, _ = await h.run()
-                    h.server.envelope = new_envelope
-                    assert replay == Outcome.REJECTED
-                    assert h.rig.boots()[1] == h.new
-                    refused += 1
-                await h.finish(tally, seq)
+
+        async def replay_old(torn: bool, seq: int) -> None:
+            nonlocal refused
+            if not torn and seq == h.seq:
+                # ATTACKS.md #6: image 6 was committed; the genuine seq-5 manifest
+                # replayed now must be refused (its number is below the trusted one).
+                new_envelope = h.server.envelope
+                h.server.envelope = old_manifest
+                replay, _ = await h.run()
+                h.server.envelope = new_envelope
+                assert replay == Outcome.REJECTED
+                assert h.rig.boots()[1] == h.new
+                refused += 1
+
+        await h.every_op_cuts(tally, total, replay_old)
         return refused
 
     rollback_refused = asyncio.run(go())
@@ -189,18 +232,7 @@ def test_random_repeated_power_cuts(tmp_path: Path) -> None:
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
         total, clean_wear = flash.ops, max(flash.sector_erases)
-        for seed in range(200):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break  # finished before the cut point came
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, total, 200)
         return total, clean_wear
 
     total, clean_wear = asyncio.run(go())
@@ -278,14 +310,7 @@ def test_power_cut_after_every_flash_op_of_a_two_component_update(tmp_path: Path
         assert outcome == Outcome.UPDATED
         total = flash.ops
         assert total > 80, "both images, stage, trial and confirm are under test"
-        for torn in (False, True):
-            for k in range(1, total + 1):
-                h.reset()
-                outcome, _ = await h.run(FlashFaults(cut_after=k, torn=torn))
-                assert outcome is None, f"op {k} of {total} was not reached"
-                tally.cut_points += 1
-                seq = h.observe(tally, h.old_seq)
-                await h.finish(tally, seq)
+        await h.every_op_cuts(tally, total)
         return total
 
     total = asyncio.run(go())
@@ -311,18 +336,7 @@ def test_random_repeated_power_cuts_of_a_two_component_update(tmp_path: Path) ->
         outcome, flash = await h.run()
         assert outcome == Outcome.UPDATED
         total, clean_wear = flash.ops, max(flash.sector_erases)
-        for seed in range(100):
-            rng = random.Random(seed)
-            h.reset()
-            last_seq = h.old_seq
-            for _ in range(rng.randint(2, 5)):
-                faults = FlashFaults(cut_after=rng.randint(1, total), torn=rng.random() < 0.5)
-                outcome, _ = await h.run(faults)
-                if outcome is not None:
-                    break
-                tally.cut_points += 1
-                last_seq = h.observe(tally, last_seq)
-            await h.finish(tally, last_seq)
+        await h.random_cuts(tally, total, 100)
         return total, clean_wear
 
     total, clean_wear = asyncio.run(go())

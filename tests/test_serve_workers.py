@@ -37,9 +37,12 @@ from server_helpers import (
     DeviceSpec,
     ServerProcess,
     Setup,
+    assert_no_report_lost,
+    campaign_admissions,
     cli,
     cli_ok,
     make_setup,
+    report_trail,
     start_server,
 )
 from server_helpers import make_image as image_of
@@ -49,6 +52,7 @@ from device_sim.firmware import Behaviour, make_image
 from otacoap.core.campaign import MemberState, Policy, Target, parse_waves
 from otacoap.server.workers import Backoff
 from otacoap.store import DataDir, Publisher
+from otacoap.store.models import CampaignRecord
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -116,14 +120,6 @@ def _release(setup: Setup, seq: int, size: int, *, rollout: str = "all") -> None
            rel.image_path)  # fmt: skip
 
 
-def _reports(setup: Setup, device: str) -> list[tuple[int, str, int | None]]:
-    store = DataDir(setup.data).open_store()
-    try:
-        return [(r.counter, r.state, r.sequence_number) for r in store.list_reports(device, 1000)]
-    finally:
-        store.close()
-
-
 def _until_updated(rig: object, uri: str, config: AgentConfig, tries: int = 6) -> list[Outcome]:
     """Run the device until it is updated (a worker's death may cost it a run)."""
     outcomes: list[Outcome] = []
@@ -137,17 +133,6 @@ def _until_updated(rig: object, uri: str, config: AgentConfig, tries: int = 6) -
         if outcomes[-1] is Outcome.UPDATED:
             break
     return outcomes
-
-
-def _assert_no_report_lost(setup: Setup, rigs: dict[str, object], seq: int) -> None:
-    """Every device's reports are stored, counters without a gap, ending in its
-    confirmation of `seq`; nothing is left in any device's outbox."""
-    for d, rig in rigs.items():
-        reports = _reports(setup, d)
-        counters = [c for c, _, _ in reports]
-        assert counters == list(range(counters[0], counters[0] + len(counters))), d
-        assert reports[-1][1:] == ("confirmed", seq), d
-        assert rig.info()["queued_reports"] == 0  # type: ignore[attr-defined]
 
 
 # --- the parent and its workers ------------------------------------------------------
@@ -372,7 +357,7 @@ def test_max_downloads_holds_across_workers(tmp_path: Path) -> None:
     assert set(outcomes) == set(rigs)
     assert seen and max(seen) <= cap, max(seen)
     assert max(seen) == cap  # the cap was reached, so it was what held them back
-    _assert_no_report_lost(setup, rigs, 6)
+    assert_no_report_lost(setup, rigs, 6)
 
 
 # --- kill -9 of a worker in the middle of a rollout -------------------------------------
@@ -396,7 +381,7 @@ def test_kill_9_of_a_worker_mid_rollout_loses_no_report(tmp_path: Path, store_ur
             t.start()
 
         def downloading() -> list[str]:
-            return [d for d in rigs if (r := _reports(setup, d)) and r[-1][1] == "downloading"]
+            return [d for d in rigs if (r := report_trail(setup, d)) and r[-1][1] == "downloading"]
 
         # The victim holds sessions (its stats file says so) while downloads run.
         _wait(
@@ -415,7 +400,7 @@ def test_kill_9_of_a_worker_mid_rollout_loses_no_report(tmp_path: Path, store_ur
     assert code == 0
     assert {d: o[-1] for d, o in outcomes.items()} == {d: Outcome.UPDATED for d in rigs}
     assert "exited (killed by SIGKILL)" in server.log()
-    _assert_no_report_lost(setup, rigs, 6)
+    assert_no_report_lost(setup, rigs, 6)
     store = DataDir(setup.data).open_store()
     try:
         store.verify_audit()
@@ -462,6 +447,23 @@ print(json.dumps({"most": most, "ticks": ticks}))
 """
 
 
+def _v11_campaign(setup: Setup, policy: Policy) -> tuple[DataDir, CampaignRecord, bytes]:
+    """v10 current, v11 published but not made current, and a campaign (every device,
+    one wave) for v11 under `policy`: the data directory, the campaign, v11's digest."""
+    setup.publish(setup.release(CLASS_A, 10, image_of("v10", 3000)))
+    rel = setup.release(CLASS_A, 11, image_of("v11", 3000))
+    d = DataDir(setup.data)
+    store = d.open_store()
+    try:
+        record = Publisher(store, d.blobs, d.config().publish).publish_file(
+            rel.envelope, rel.image_path, "test", make_current=False
+        )
+        c = store.create_campaign(record.id, Target(), parse_waves("100%"), policy, "test")
+    finally:
+        store.close()
+    return d, c, record.image.digest
+
+
 def test_max_downloads_holds_when_several_processes_evaluate_at_once(
     tmp_path: Path, store_url: str
 ) -> None:
@@ -473,19 +475,7 @@ def test_max_downloads_holds_when_several_processes_evaluate_at_once(
         tmp_path, devices=[DeviceSpec(f"p{i:02d}", CLASS_A) for i in range(n)],
         store_url=store_url,
     )  # fmt: skip
-    setup.publish(setup.release(CLASS_A, 10, image_of("v10", 3000)))
-    rel = setup.release(CLASS_A, 11, image_of("v11", 3000))
-    d = DataDir(setup.data)
-    store = d.open_store()
-    try:
-        record = Publisher(store, d.blobs, d.config().publish).publish_file(
-            rel.envelope, rel.image_path, "test", make_current=False
-        )
-        c = store.create_campaign(
-            record.id, Target(), parse_waves("100%"), Policy(max_downloads=cap), "test"
-        )
-    finally:
-        store.close()
+    d, c, _ = _v11_campaign(setup, Policy(max_downloads=cap))
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _EVALUATOR, str(setup.data), str(c.id), "20"],
@@ -500,13 +490,9 @@ def test_max_downloads_holds_when_several_processes_evaluate_at_once(
     store = d.open_store()
     try:
         states = [m.state for m in store.campaign_members(c.id)]
-        admitted: list[str] = []
-        for e in store.audit_entries():
-            if e.action == "campaign.admit":
-                admitted += e.detail.split(": ", 1)[1].split()
-        store.verify_audit()
     finally:
         store.close()
+    admitted = campaign_admissions(setup)
     # Progress was made by all of them together, and nobody was admitted twice.
     assert states.count(MemberState.SUCCEEDED) >= n // 2, states
     assert len(admitted) == len(set(admitted))
@@ -519,18 +505,9 @@ def test_block_rate_budget_counts_every_worker_s_traffic(tmp_path: Path, store_u
     setup = make_setup(
         tmp_path, devices=[DeviceSpec(f"r{i}", CLASS_A) for i in range(4)], store_url=store_url
     )
-    setup.publish(setup.release(CLASS_A, 10, image_of("v10", 3000)))
-    rel = setup.release(CLASS_A, 11, image_of("v11", 3000))
-    d = DataDir(setup.data)
+    d, c, digest = _v11_campaign(setup, Policy(block_rate=500.0))
     store = d.open_store()
     try:
-        record = Publisher(store, d.blobs, d.config().publish).publish_file(
-            rel.envelope, rel.image_path, "test", make_current=False
-        )
-        c = store.create_campaign(
-            record.id, Target(), parse_waves("100%"), Policy(block_rate=500.0), "test"
-        )
-        digest = record.image.digest
 
         def admitted() -> int:
             return sum(m.state is MemberState.ADMITTED for m in store.campaign_members(c.id))
