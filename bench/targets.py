@@ -35,7 +35,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # installed from, e.g. another worktree's): run from ROOT with ROOT on the path.
 OTACOAP = [PYTHON, "-c", "import sys; from otacoap.cli import main; sys.exit(main())"]
 OTACOAP_ENV = {"PYTHONPATH": str(ROOT)}
-TARGETS = ("otacoap", "stock", "libcoap")
+# otacoap-sw: otacoap with tinydtls's table AES instead of the CPU's AES instructions
+# (scripts/dtlssocket_aesni.sh), the in-run baseline for what the instructions save.
+TARGETS = ("otacoap", "otacoap-sw", "stock", "libcoap")
+SOFTWARE_AES_ENV = {"OTACOAP_TINYDTLS_AESNI": "0"}
 TRANSPORTS = ("dtls", "plain")
 LOADGENS = {"lean": "bench.leanload", "aiocoap": "bench.aiocoapload"}
 
@@ -144,7 +147,8 @@ def start(
     (otacoap only): `serve --workers N`, N processes on the one port."""
     port = free_udp_port()
     devices = tuple((d.identity, d.psk) for d in fx.devices)
-    if target == "otacoap":
+    if target in ("otacoap", "otacoap-sw"):
+        env = {**OTACOAP_ENV, **(SOFTWARE_AES_ENV if target == "otacoap-sw" else {})}
         cmd = [*OTACOAP, "serve", "--data", str(fx.data), "--bind", "127.0.0.1"]
         cmd += ["--port", str(port), "--loop", loop]
         # With workers each one prints its own "worker I: listening on ..." first; the
@@ -161,7 +165,7 @@ def start(
             cmd += ["--insecure-plain-coap", "--plain-port", str(plain)]
             cmd += ["--insecure-plain-identity", ident]
             port = plain
-        with running(cmd, env=OTACOAP_ENV, ready_text=ready) as proc:
+        with running(cmd, env=env, ready_text=ready) as proc:
             yield Running(target, transport, proc.pid, port, fx.image_path, devices)
     elif target == "stock":
         cmd = [PYTHON, "-m", "bench.stock_aiocoap_server", "--port", str(port)]

@@ -47,3 +47,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+
+# tinydtls with the CPU's AES instructions (docs/decisions/tinydtls-aesni.md);
+# does nothing once installed.
+bash scripts/dtlssocket_aesni.sh
