@@ -292,12 +292,13 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         )
     print()
     for r in rows:
+        rate = (r.sessions - args.busy) / r.establish_seconds if r.establish_seconds else 0.0
         print(
-            f"workers={r.workers}: sessions established in {r.establish_seconds:.0f} s "
-            f"({(r.sessions - args.busy) / r.establish_seconds:.0f}/s, held ones); sessions per worker "
-            f"at the end {r.server_sessions}; dropped {r.dropped}; clients that needed a "
-            f"new session {r.rehandshaked}; supervisor RSS {r.supervisor_rss:.1f} MiB; "
-            f"largest load process {r.loadgen_rss:.0f} MiB; load {r.seconds:.0f} s"
+            f"workers={r.workers}: held sessions established in {r.establish_seconds:.0f} s "
+            f"({rate:.0f}/s); sessions per worker at the end {r.server_sessions}; "
+            f"dropped {r.dropped}; clients that needed a new session {r.rehandshaked}; "
+            f"supervisor RSS {r.supervisor_rss:.1f} MiB; largest load process "
+            f"{r.loadgen_rss:.0f} MiB; load {r.seconds:.0f} s"
         )
     print(f"uptime: {_uptime()}")
 
