@@ -91,3 +91,13 @@ def make_fixture(base: Path, devices: int, image_size: int) -> Fixture:
     devices_json = base / "devices.json"
     devices_json.write_text(json.dumps([[d.identity, d.psk.hex()] for d in devs]))
     return Fixture(base, data, image, "fw/" + digest.hex()[:16], tuple(devs), devices_json)
+
+
+def open_fixture(base: Path) -> Fixture:
+    """A fixture `make_fixture` built earlier in `base` (a large one takes minutes to
+    build: each device is added by the CLI, as an operator would)."""
+    devices_json = base / "devices.json"
+    devs = tuple(Device(i, bytes.fromhex(p)) for i, p in json.loads(devices_json.read_text()))
+    image = base / "image.bin"
+    digest = hashlib.sha256(image.read_bytes()).digest()
+    return Fixture(base, base / "data", image, "fw/" + digest.hex()[:16], devs, devices_json)

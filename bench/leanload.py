@@ -15,6 +15,15 @@ server answering garbage fails loudly rather than scoring.
 Timing is absolute: the parent passes `start_at`/`end_at` (time.time()), so it can read
 the server's CPU at the same instants the children start and stop counting. Run as
 `python -m bench.leanload SPEC_JSON`; prints one JSON result line.
+
+Held sessions (bench/bench_server_sessions.py, issue 14 §4): with `interval` > 0 each
+client sends one request every `interval` seconds instead of flat out (enough to keep
+its session from idle expiry); `max_handshaking` paces the handshakes (the server keeps
+at most `max_dtls_handshakes` in progress and lets newer ones push out older ones);
+`control`: print an `{"event": "established"}` line once every client's first
+handshake is done, then take `start_at`/`end_at` as one JSON line on stdin; `verify`:
+after `end_at`, send every client one more request and count the sessions that answer
+without a new handshake ("alive").
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ OPT_URI_PATH, OPT_BLOCK2 = 11, 23
 REQUEST_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 5.0
 VERIFY_EVERY = 64
+VERIFY_WINDOW = 256  # final liveness requests in flight at once (one per client)
+VERIFY_ATTEMPTS = 3
 
 
 def _opt_header(delta: int, length: int) -> bytes:
@@ -132,6 +143,10 @@ class Client:
     token: int = 0
     num: int = 0
     inflight: dict[bytes, tuple[int, float]] = field(default_factory=dict)
+    handshakes: int = 0  # started by this client (a retried one counts again)
+    sessions: int = 0  # handshakes completed: 1 means its first session held
+    next_at: float = 0.0  # with `interval`: when the next request is due
+    answered: bool = False  # the final liveness request got a 2.05
 
     def __post_init__(self) -> None:
         self.sock = self._socket()
@@ -148,6 +163,7 @@ class Client:
 
     def start(self, now: float) -> None:
         self.started = now
+        self.handshakes += 1
         self.inflight.clear()
         if not self.secure:
             self.connected = True
@@ -178,6 +194,7 @@ class Client:
     def _event(self, level: int, code: int) -> None:
         if code == DTLS_EVENT_CONNECTED:
             self.connected = True
+            self.sessions += 1
             self.gen.fill(self)
         elif level == LEVEL_FATAL:
             self.connected = False
@@ -227,6 +244,10 @@ class Load:
         self._header = struct.Struct(">BBHI").pack
         self.verify_tick = 0
         self.now = time.monotonic()
+        self.interval = float(spec.get("interval", 0.0))  # 0: flat out
+        self.max_handshaking = int(spec.get("max_handshaking", 0))  # 0: all at once
+        self.verifying = False
+        self.waiting = 0  # clients not started yet (handshake pacing)
 
     def request(self, c: Client, now: float) -> None:
         c.mid = mid = (c.mid + 1) & 0xFFFF
@@ -235,13 +256,18 @@ class Load:
         c.num = (num + 1) % self.blocks
         head = self._header(0x44, 0x01, mid, tok)  # CON GET, 4-byte token
         c.inflight[head[4:]] = (num, now)
+        c.next_at = now + self.interval
         c.send(head + self.tails[num])
 
     def fill(self, c: Client) -> None:
         now = time.monotonic()
         self.now = now
+        if self.verifying or (self.interval and now < c.next_at):
+            return
         while c.connected and len(c.inflight) < self.window:
             self.request(c, now)
+            if self.interval:
+                break
 
     def on_response(self, c: Client, data: bytes) -> None:
         if len(data) < 4:
@@ -255,6 +281,9 @@ class Load:
         sent = c.inflight.pop(token, None)
         if sent is None:
             return
+        if self.verifying:
+            c.answered = data[1] == CODE_CONTENT
+            return
         st = self.stats
         if st.counting:
             if data[1] == CODE_CONTENT:
@@ -264,7 +293,8 @@ class Load:
                     self._verify(data, sent[0])
             else:
                 st.errors += 1
-        self.request(c, self.now)
+        if not self.interval:
+            self.request(c, self.now)
 
     def _verify(self, data: bytes, asked: int) -> None:
         _, _, _, num, payload = parse_response(data)
@@ -273,8 +303,12 @@ class Load:
             self.stats.bad_payload += 1
 
     def housekeeping(self, now: float) -> None:
+        handshaking = 0
         for c in self.clients:
+            if c.secure and not c.handshakes:
+                continue  # not started yet: `admit` starts it
             if not c.connected:
+                handshaking += 1
                 if now - c.started > HANDSHAKE_TIMEOUT:
                     c.start(now)
                 elif c.dtls is not None:
@@ -287,21 +321,50 @@ class Load:
                     self.stats.timeouts += 1
             if stale or not c.inflight:
                 self.fill(c)
+        self.admit(now, handshaking)
+
+    def admit(self, now: float, handshaking: int) -> None:
+        """Start waiting clients while fewer than `max_handshaking` handshakes run."""
+        limit = self.max_handshaking or len(self.clients)
+        while self.waiting and handshaking < limit:
+            c = self.clients[len(self.clients) - self.waiting]
+            self.waiting -= 1
+            c.start(now)
+            if not c.secure:
+                self.fill(c)
+            handshaking += c.secure
+
+    def pump(self, ep: select.epoll, timeout: float) -> float:
+        """Wait up to `timeout` for datagrams and hand each to its client."""
+        events = ep.poll(timeout)
+        self.now = now = time.monotonic()
+        by_fd = self.by_fd
+        for fd, _ in events:
+            # One datagram per readiness: epoll is level-triggered, so anything
+            # left is reported by the next poll, and no recv ends in EAGAIN.
+            c = by_fd[fd]
+            try:
+                data = c.sock.recv(4096)
+            except (BlockingIOError, ConnectionRefusedError):
+                continue
+            c.received(data)
+        return now
 
     def run(self) -> dict[str, Any]:
-        start_at, end_at = float(self.spec["start_at"]), float(self.spec["end_at"])
+        control = bool(self.spec.get("control"))
+        start_at = float(self.spec.get("start_at") or "inf")
+        end_at = float(self.spec.get("end_at") or "inf")
         ep = select.epoll()
         for fd in self.by_fd:
             ep.register(fd, select.EPOLLIN)
         now = time.monotonic()
-        for c in self.clients:
-            c.start(now)
-            if not c.secure:
-                self.fill(c)
+        self.waiting = len(self.clients)
+        self.admit(now, 0)
         last_hk = now
         usage0: resource.struct_rusage | None = None
         t0 = 0.0
-        by_fd = self.by_fd
+        began = time.time()
+        established_at: float | None = None
         while True:
             wall = time.time()
             if usage0 is None and wall >= start_at:
@@ -309,24 +372,30 @@ class Load:
                 self.stats.counting = True
             if wall >= end_at:
                 break
-            events = ep.poll(0.05)
-            self.now = now = time.monotonic()
-            for fd, _ in events:
-                # One datagram per readiness: epoll is level-triggered, so anything
-                # left is reported by the next poll, and no recv ends in EAGAIN.
-                c = by_fd[fd]
-                try:
-                    data = c.sock.recv(4096)
-                except (BlockingIOError, ConnectionRefusedError):
-                    continue
-                c.received(data)
+            now = self.pump(ep, 0.05)
             if now - last_hk > 0.1:
                 last_hk = now
                 self.housekeeping(now)
+                if (
+                    control
+                    and established_at is None
+                    and not self.waiting
+                    and all(c.connected for c in self.clients)
+                ):
+                    established_at = time.time()
+                    event = {"event": "established", "seconds": established_at - began}
+                    print(json.dumps(event), flush=True)
+                if control and select.select([sys.stdin], [], [], 0)[0]:
+                    line = sys.stdin.readline()  # the parent's times, or EOF: stop now
+                    times = json.loads(line) if line.strip() else {}
+                    start_at = float(times.get("start_at", time.time()))
+                    end_at = float(times.get("end_at", time.time()))
+                    control = False
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
         elapsed = time.time() - t0 if usage0 is not None else 0.0
         self.stats.counting = False
         connected = sum(c.connected for c in self.clients)
+        verified = self.verify(ep) if self.spec.get("verify") else {}
         for c in self.clients:
             c.close()
         cpu = 0.0
@@ -342,11 +411,55 @@ class Load:
             "connected": connected,
             "seconds": elapsed,
             "cpu": cpu,
+            "sessions": sum(c.sessions for c in self.clients),
+            "established": sum(c.sessions > 0 for c in self.clients),
+            "held": sum(c.connected and c.sessions == 1 for c in self.clients),
+            "rehandshaked": sum(c.sessions > 1 for c in self.clients),
+            **verified,
         }
+
+    def verify(self, ep: select.epoll) -> dict[str, int]:
+        """One more request per client: "alive" counts the sessions that answer it
+        2.05 and never completed a second handshake (their first session held)."""
+        self.verifying = True
+        queue = [c for c in reversed(self.clients) if c.connected]
+        attempts: dict[int, int] = {}
+        waiting: dict[int, tuple[Client, float]] = {}
+        deadline = time.monotonic() + 60.0 + len(self.clients) / 50
+        for c in self.clients:
+            c.inflight.clear()
+            c.answered = False
+        while (queue or waiting) and time.monotonic() < deadline:
+            now = time.monotonic()
+            while queue and len(waiting) < VERIFY_WINDOW:
+                c = queue.pop()
+                attempts[id(c)] = attempts.get(id(c), 0) + 1
+                c.inflight.clear()
+                self.request(c, now)
+                waiting[id(c)] = (c, now)
+            now = self.pump(ep, 0.02)
+            for key, (c, sent) in list(waiting.items()):
+                if c.answered:
+                    del waiting[key]
+                elif now - sent > REQUEST_TIMEOUT or not c.connected:
+                    del waiting[key]
+                    if c.connected and attempts[key] < VERIFY_ATTEMPTS:
+                        queue.append(c)
+        alive = sum(c.answered and c.sessions == 1 for c in self.clients)
+        return {"alive": alive, "answered": sum(c.answered for c in self.clients)}
+
+
+def raise_fd_limit(needed: int) -> None:
+    """One UDP socket per client: lift the soft RLIMIT_NOFILE up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    raise_fd_limit(len(spec["devices"]) + 64)
     print(json.dumps(Load(spec).run()), flush=True)
 
 
