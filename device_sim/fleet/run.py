@@ -125,7 +125,9 @@ def check_outputs(opts: FleetOptions) -> None:
             raise FleetError(f"--work {opts.work}: cannot create or write {existing}")
 
 
-def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> list[WorkerJob]:
+def _jobs(
+    opts: FleetOptions, prepared: Prepared, server: str, work: Path, lazy: bool = False
+) -> list[WorkerJob]:
     upstream = None
     if opts.impairment != LinkProfile():
         upstream = _server_address(server)
@@ -183,6 +185,7 @@ def _jobs(opts: FleetOptions, prepared: Prepared, server: str, work: Path) -> li
                 variant_envelope=dx.variant_envelope if dx is not None else b"",
                 patch_uri=dx.patch_uri if dx is not None else "",
                 image_uri=dx.image_uri if dx is not None else "",
+                lazy_flash=lazy,
             )
         )
     return jobs
@@ -216,7 +219,11 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
     sink: list[FleetDeviceOutcome] = []
     try:
         prepared, server_facts = prepare(opts, work, progress, registered)
-        jobs = _jobs(opts, prepared, server, work)
+        # Without --work nobody reads the flash files after the run: each device makes
+        # its own when it starts and removes it when done (campaign mode still makes
+        # them all up front: every device polls from the start).
+        lazy = not keep and opts.campaign is None
+        jobs = _jobs(opts, prepared, server, work, lazy)
         if opts.campaign is None:
             progress.phase("checking that the server offers the release")
             eventloop.run(preflight(server, prepared.devices[0], prepared.seq, jobs[0].szx))
@@ -241,7 +248,8 @@ def run_fleet(opts: FleetOptions, stream: TextIO | None = None) -> FleetRunRepor
             watch = CampaignWatch(opts.data, cid, t0, work / STOP_FILE)
             watch.start()
 
-        progress.phase(f"provisioning {opts.devices} flash files in {work}")
+        if not lazy:
+            progress.phase(f"provisioning {opts.devices} flash files in {work}")
         t0 = time.monotonic()
         try:
             if len(jobs) == 1:

@@ -83,6 +83,10 @@ class WorkerJob:
     variant_envelope: bytes = b""
     patch_uri: str = ""
     image_uri: str = ""
+    # No --work (issue 14 §4): a device's flash file is made right before it starts and
+    # removed once its outcome is recorded, so disk grows with the concurrency, not
+    # the fleet (100,000 files of ~200 KiB each would be ~20 GB up front).
+    lazy_flash: bool = False
 
 
 @dataclass
@@ -99,26 +103,34 @@ def flash_path(job: WorkerJob, device_id: str) -> Path:
 
 
 def provision_worker(job: WorkerJob) -> None:
-    """Make every device's flash file: identity, PSK, anchors, factory image + envelope."""
+    """Make every device's flash file (with `lazy_flash`, each device makes its own
+    when it starts: see provision_device)."""
     Path(job.flash_dir).mkdir(parents=True, exist_ok=True)
+    if job.lazy_flash:
+        return
     for device_id, psk in job.devices:
-        odd = device_id in job.mismatched
-        provision(
-            flash_path(job, device_id),
-            device_id=device_id,
-            psk=psk,
-            vendor_domain=job.vendor_domain,
-            class_info=job.class_info,
-            anchors_pem=job.anchors_pem,
-            factory_image=job.variant_image if odd else job.factory_image,
-            factory_envelope=job.variant_envelope if odd else job.factory_envelope,
-            slot_size=job.slot_size,
-            sector_size=SECTOR_SIZE,
-            force=True,
-            decryption_keks=job.decryption_keks,
-        )
-        if job.check_in:
-            queue_check_in(flash_path(job, device_id))
+        provision_device(job, device_id, psk)
+
+
+def provision_device(job: WorkerJob, device_id: str, psk: bytes) -> None:
+    """One device's flash file: identity, PSK, anchors, factory image + envelope."""
+    odd = device_id in job.mismatched
+    provision(
+        flash_path(job, device_id),
+        device_id=device_id,
+        psk=psk,
+        vendor_domain=job.vendor_domain,
+        class_info=job.class_info,
+        anchors_pem=job.anchors_pem,
+        factory_image=job.variant_image if odd else job.factory_image,
+        factory_envelope=job.variant_envelope if odd else job.factory_envelope,
+        slot_size=job.slot_size,
+        sector_size=SECTOR_SIZE,
+        force=True,
+        decryption_keks=job.decryption_keks,
+    )
+    if job.check_in:
+        queue_check_in(flash_path(job, device_id))
 
 
 def queue_check_in(path: Path) -> None:
@@ -198,14 +210,34 @@ async def run_worker(
         sink.extend(outcomes)  # the caller's view, for a partial report on Ctrl-C
 
     async def device(i: int) -> None:
-        if job.campaign and not await _wait_admitted(job, i, outcomes[i], target, sem, rng, t0):
-            tally.failed += 1
-            return
-        async with sem:
-            await _update_device(job, i, outcomes[i], target, config, tally, t0, rng)
+        device_id, psk = job.devices[i]
+        if job.lazy_flash:
+            provision_device(job, device_id, psk)
+        try:
+            if job.campaign and not await _wait_admitted(job, i, outcomes[i], target, sem, rng, t0):
+                tally.failed += 1
+                return
+            async with sem:
+                await _update_device(job, i, outcomes[i], target, config, tally, t0, rng)
+        finally:
+            if job.lazy_flash:  # verified (or failed) and recorded: the file has served
+                flash_path(job, device_id).unlink(missing_ok=True)
+
+    todo = iter(range(len(job.devices)))
+
+    async def runner() -> None:
+        """Outside campaign mode at most `concurrency` devices run at once anyway: a
+        few runners taking the next device keep the number of tasks (and their
+        memory) bounded by the concurrency rather than the fleet."""
+        for i in todo:
+            await device(i)
 
     sampler: asyncio.Task[None] | None = None
-    tasks = [asyncio.create_task(device(i)) for i in range(len(job.devices))]
+    if job.campaign:  # every device polls /m until admitted: one task each
+        tasks = [asyncio.create_task(device(i)) for i in range(len(job.devices))]
+    else:
+        n_runners = min(job.concurrency, len(job.devices))
+        tasks = [asyncio.create_task(runner()) for _ in range(n_runners)]
     try:
         if progress is not None:
             sampler = asyncio.create_task(_sample(job.index, tally, progress))
