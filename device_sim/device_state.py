@@ -42,7 +42,6 @@ accept seq 0").
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -324,6 +323,7 @@ class StateFile:
 
     def __init__(self, flash: SimFlash, layout: FlashLayout) -> None:
         self._store = StateStore(flash, layout.state_offset, layout.state_copy_size)
+        self._memo: tuple[bytes, DeviceState] | None = None  # see _decode
 
     @property
     def store(self) -> StateStore:
@@ -370,31 +370,28 @@ class StateFile:
         """(copy index, state) of the newest copy whose record decodes, if any."""
         for index, _counter, payload in self._store.load_all():
             try:
-                return index, _decode_cached(payload)
+                return index, self._decode(payload)
             except StateError:
                 continue
         return None
 
+    def _decode(self, payload: bytes) -> DeviceState:
+        """DeviceState.decode, remembering the last record this StateFile decoded.
 
-# The simulator decodes the same record many times per update (agent, bootloader and
-# every save look for the newest decodable copy): 9 % of a fleet device's CPU went to
-# it (issue 14 §4). Decoding is a pure function of the record's bytes (after their CRC
-# held) and DeviceState is immutable, so a small per-process memo keyed by those bytes
-# answers exactly what decoding would; a record that does not decode is never cached.
-_DECODED: OrderedDict[bytes, DeviceState] = OrderedDict()
-_DECODED_MAX = 256
-
-
-def _decode_cached(payload: bytes) -> DeviceState:
-    state = _DECODED.get(payload)
-    if state is not None:
-        _DECODED.move_to_end(payload)
+        The agent and the bootloader each look for the newest decodable copy on every
+        load and save, mostly finding the record they decoded last: in a fleet that was
+        9 % of a simulated device's CPU (issue 14 §4). Decoding is a pure function of the
+        bytes and DeviceState is immutable, so the memo answers exactly what decoding
+        would; an undecodable record is never remembered. One entry per StateFile: the
+        device holds its current state anyway, so its memory bound is unchanged
+        (tests/test_device_memory.py).
+        """
+        memo = self._memo
+        if memo is not None and memo[0] == payload:
+            return memo[1]
+        state = DeviceState.decode(payload)
+        self._memo = (bytes(payload), state)
         return state
-    state = DeviceState.decode(payload)
-    _DECODED[bytes(payload)] = state
-    if len(_DECODED) > _DECODED_MAX:
-        _DECODED.popitem(last=False)
-    return state
 
 
 def sha256(data: bytes) -> bytes:
