@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         fx = make_fixture(Path(tmp), args.clients, 256 * 1024)
         out = args.out or Path(tmp) / ("perf.data" if args.perf else "server.prof")
         port = free_udp_port()
-        serve = ["serve", "--data", str(fx.data), "--bind", "127.0.0.1", "--port", str(port)]
+        # One process (the default is one per core): the pid profiled is the one serving.
+        serve = [
+            *("serve", "--data", str(fx.data), "--bind", "127.0.0.1", "--port", str(port)),
+            *("--workers", "1"),
+        ]
         serve += ["--loop", args.loop]
         script = _PLAIN if args.perf else _SERVE
         proc = subprocess.Popen(

@@ -36,7 +36,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTACOAP = [PYTHON, "-c", "import sys; from otacoap.cli import main; sys.exit(main())"]
 OTACOAP_ENV = {"PYTHONPATH": str(ROOT)}
 # otacoap-sw: otacoap with tinydtls's table AES instead of the CPU's AES instructions
-# (scripts/dtlssocket_aesni.sh), the in-run baseline for what the instructions save.
+# (scripts/dtlssocket_build.sh), the in-run baseline for what the instructions save.
 TARGETS = ("otacoap", "otacoap-sw", "stock", "libcoap")
 SOFTWARE_AES_ENV = {"OTACOAP_TINYDTLS_AESNI": "0"}
 TRANSPORTS = ("dtls", "plain")
@@ -151,12 +151,14 @@ def start(
         env = {**OTACOAP_ENV, **(SOFTWARE_AES_ENV if target == "otacoap-sw" else {})}
         cmd = [*OTACOAP, "serve", "--data", str(fx.data), "--bind", "127.0.0.1"]
         cmd += ["--port", str(port), "--loop", loop]
-        # With workers each one prints its own "worker I: listening on ..." first; the
-        # parent's "workers: N (...)" line comes once all of them listen.
+        # With workers the parent's "workers: N (worker:pid ...)" line comes once all
+        # of them listen. Not just "workers: ": the supervisor's first log line
+        # ("otacoap.server.workers: worker 0 started") holds that too, and waiting for
+        # it started the load (and read the process tree) before the other workers ran.
         ready = "listening on"
         if workers:
             cmd += ["--workers", str(workers)]
-            ready = "workers: "
+            ready = f"workers: {workers} (worker:pid"
         else:
             cmd += ["--workers", "1"]  # one process: CPU and RSS read by its pid
         if transport == "plain":

@@ -1,10 +1,11 @@
 /*
  * Self-test of patches/tinydtls-aesni.patch, built and run by
- * scripts/dtlssocket_aesni.sh before the patched DTLSSocket is installed.
- * Checks the FIPS-197 Appendix C.1 AES-128 vector and RFC 3610 packet vector
- * #1 (AES-CCM), that CCM decryption inverts encryption and refuses a changed
- * tag, then prints a running digest of 100,000 chained AES blocks and of CCM
- * records of every length from 0 to 1,100 octets. The script runs it once with
+ * scripts/dtlssocket_build.sh before the patched DTLSSocket is installed.
+ * Checks the FIPS-197 Appendix A.1 key expansion and C.1 AES-128 vectors and
+ * RFC 3610 packet vector #1 (AES-CCM), that CCM decryption inverts encryption
+ * and refuses a changed tag, then prints a running digest of 100 key schedules,
+ * 100,000 chained AES blocks and CCM records of every length from 0 to 1,100
+ * octets. The script runs it once with
  * the CPU's AES instructions and once with tinydtls's table code
  * (OTACOAP_TINYDTLS_AESNI=0) and installs only if both runs pass and print the
  * same digest.
@@ -54,11 +55,21 @@ main(void)
 	    0xf0, 0x66, 0xd0, 0xc2, 0xc0, 0xf9, 0x89, 0x80,
 	    0x6d, 0x5f, 0x6b, 0x61, 0xda, 0xc3, 0x84, 0x17,
 	    0xe8, 0xd1, 0x2c, 0xfd, 0xf9, 0x26, 0xe0};
+	/* FIPS-197 Appendix A.1: the key, and the last word of its schedule */
+	static const aes_u8 a1_key[16] = {
+	    0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6,
+	    0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f, 0x3c};
 	rijndael_ctx ctx;
 	aes_u8 block[16], k[16];
 	unsigned char aad[13], nonce[16] = {0}, msg[1100 + 16], copy[1100 + 16];
 	size_t n;
 	int i;
+
+	if (rijndael_set_key_enc_only(&ctx, a1_key, 128) != 0)
+		return 2;
+	if (ctx.Nr != 10 || ctx.ek[0] != 0x2b7e1516 || ctx.ek[4] != 0xa0fafe17 ||
+	    ctx.ek[43] != 0xb6630ca6)
+		return fail("FIPS-197 A.1 key expansion: wrong round keys");
 
 	if (rijndael_set_key_enc_only(&ctx, key, 128) != 0)
 		return 2;
@@ -81,6 +92,7 @@ main(void)
 			memcpy(k, block, sizeof k);
 			if (rijndael_set_key_enc_only(&ctx, k, 128) != 0)
 				return 2;
+			absorb((const unsigned char *)ctx.ek, 44 * sizeof ctx.ek[0]);
 		}
 		rijndael_encrypt(&ctx, block, block);
 		absorb(block, sizeof block);

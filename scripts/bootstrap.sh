@@ -48,6 +48,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# tinydtls with the CPU's AES instructions (docs/decisions/tinydtls-aesni.md);
+# DTLSSocket with the project's patches: AES on the CPU's instructions, less per record
+# (docs/decisions/tinydtls-aesni.md);
 # does nothing once installed.
-bash scripts/dtlssocket_aesni.sh
+bash scripts/dtlssocket_build.sh

@@ -47,6 +47,7 @@ class _NoRetransmission:
 
 
 _NO_RETRANSMISSION = _NoRetransmission()
+_APPLICATION_DATA = 23  # RFC 6347 §4.1 / RFC 5246 §6.2.1: ContentType application_data
 
 
 class Decrypting(GoingThroughMessageDecryption):
@@ -286,6 +287,17 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
         address.seen = now
         if address.established:  # the common case first (established implies cookie_verified)
             if address.final_flight is not None and address.repeat_final_flight(data):
+                return
+            if (
+                data[0] == _APPLICATION_DATA
+                and len(data) == 13 + ((data[11] << 8) | data[12])
+                and address._retransmission_task is _NO_RETRANSMISSION
+            ):
+                # One application-data record (RFC 6347 §4.1: a 13-byte header, then
+                # as many bytes as its length field says): tinydtls decrypts it and
+                # hands us the plaintext, and has no handshake flight to retransmit
+                # after it, so `Decrypting`'s retransmission check is skipped.
+                address._dtls_socket.handleMessage(address._dtls_session, data)
                 return
             self._message_interface._received_datagram(address, data)
             return
