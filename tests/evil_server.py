@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,9 +50,23 @@ PSK = bytes.fromhex("00112233445566778899aabbccddeeff")
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A UDP port free now, for a server started next. Taken below the kernel's
+    ephemeral range: a port the kernel handed out for port 0 could be handed out again
+    to any client socket before the server binds it ("Address already in use", seen
+    with a fleet running beside the suite); below the range only an explicit bind can
+    take it."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 8192), low) if low > 2048 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free UDP port below the ephemeral range")
 
 
 # --- crafting manifests -------------------------------------------------------------------
