@@ -403,6 +403,39 @@ class RawDtlsClient:
         self.sock.close()
 
 
+def test_short_and_malformed_datagrams_on_an_established_session_change_nothing(
+    world: World,
+) -> None:
+    """From an established session's own address (anyone can send from it): an empty
+    datagram, bytes shorter than a record header, an application-data header whose
+    length field disagrees with the datagram, and a record of garbage. The server drops
+    each without an answer and without an error in its log, and the session goes on
+    serving Block2 (the one-record shortcut in dtls_pool must not read past the end)."""
+    client = RawDtlsClient(world.addr, b"t1", world.psk("t1"))
+    try:
+        assert client.handshake()
+        log_before = world.server.log()
+        junk = [
+            b"",
+            bytes([CT_APP]),
+            dtls_record(CT_APP, 7, b"", epoch=1)[:12],
+            dtls_record(CT_APP, 7, os.urandom(40), epoch=1)[:30],  # says 40, holds 17
+            dtls_record(CT_APP, 7, os.urandom(40), epoch=1) + b"\x00",  # one byte more
+            dtls_record(CT_APP, 7, os.urandom(40), epoch=1),  # does not decrypt
+        ]
+        for datagram in junk:
+            client.sock.sendto(datagram, world.addr)
+        assert client.collect(quiet=0.3) == []
+        client.plaintext.clear()
+        client.send_app(coap_get_bytes(("fw", world.a2.image_id), block2=(1, 0, 6)))
+        assert _wait_for(lambda: bool(client.collect(quiet=0.05)) or bool(client.plaintext), 5)
+        assert client.plaintext and client.plaintext[-1][1] == 0x45  # 2.05 Content
+        new_log = world.server.log()[len(log_before) :]
+        assert "Traceback" not in new_log and "Error" not in new_log, new_log[-2000:]
+    finally:
+        client.close()
+
+
 def coap_get_bytes(
     path: Sequence[str],
     *,

@@ -289,7 +289,8 @@ class BoundedDTLSSocket(_DatagramServerSocketSimpleDTLS):
             if address.final_flight is not None and address.repeat_final_flight(data):
                 return
             if (
-                data[0] == _APPLICATION_DATA
+                len(data) > 13
+                and data[0] == _APPLICATION_DATA
                 and len(data) == 13 + ((data[11] << 8) | data[12])
                 and address._retransmission_task is _NO_RETRANSMISSION
             ):
