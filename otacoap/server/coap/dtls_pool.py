@@ -50,6 +50,10 @@ _NO_RETRANSMISSION = _NoRetransmission()
 _APPLICATION_DATA = 23  # RFC 6347 §4.1 / RFC 5246 §6.2.1: ContentType application_data
 
 
+def _discard(data: bytes, addr: Any) -> None:
+    """The send function of an evicted peer (SessionAddress.evict)."""
+
+
 class Decrypting(GoingThroughMessageDecryption):
     """aiocoap's DTLS decryption adapter without a new task per datagram."""
 
@@ -195,6 +199,13 @@ class SessionAddress(_AddressDTLS):
                 self._dtls_socket.close(self._dtls_session)
             except Exception:  # best effort: the peer may already be gone
                 log.debug("close_notify to %s failed", self.hostinfo, exc_info=True)
+        # Nothing more goes out to this peer. tinydtls sends a close_notify to every
+        # peer left in a context when the context is freed (dtls_free_context), which
+        # happens whenever the garbage collector breaks the cycle between this address
+        # and its DTLSSocket: a handshake dropped for a bad key, crowding or idleness
+        # got a plaintext alert at some random later moment, or none (ATTACKS.md #30
+        # wants the same silence for every failed handshake).
+        self._sendto = _discard
         self._inject_error(error.LibraryShutdown(f"DTLS session dropped ({why})"))
 
     def _inject_error(self, e: Exception) -> None:
