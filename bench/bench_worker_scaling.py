@@ -106,7 +106,7 @@ def serving_pids(srv: Running, workers: int) -> list[int]:
             return children
 
 
-def throttled_fraction(pids: list[int], before: dict[int, float], seconds: float) -> float:
+def busiest_fraction(pids: list[int], before: dict[int, float], seconds: float) -> float:
     """The busiest serving process's CPU over the window, as a fraction of one core."""
     return max(
         ((cpu_seconds(p) - before.get(p, 0.0)) / seconds for p in pids if p in before),
@@ -138,7 +138,7 @@ def _measure(target: str, workers: int, cores: float, fx: Fixture, args: argpars
                     warmup=args.warmup,
                     quiet_wait=args.quiet_wait,
                 )
-                busiest = throttled_fraction(pids, before, time.monotonic() - t0)
+                busiest = busiest_fraction(pids, before, time.monotonic() - t0)
         label = f"{target} ({workers or 1} × {cores:g} core)"
         tries.append(Row(label, workers or 1, r, busiest))
     return max(tries, key=lambda row: row.result.rate)
